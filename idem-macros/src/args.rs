@@ -1,0 +1,440 @@
+//! Parsing and validating the attribute's arguments. Every error is collected, each spanned on
+//! the offending token with a fix, so one compile shows them all.
+
+use proc_macro2::Span;
+use syn::parse::Parser;
+use syn::punctuated::Punctuated;
+use syn::spanned::Spanned;
+use syn::{Expr, ExprLit, Ident, Lit, LitStr, Meta, Token};
+
+use crate::errors::Errors;
+
+const ARGUMENTS: &[&str] = &[
+    "key",
+    "store",
+    "strategy",
+    "scope",
+    "ttl",
+    "constraint",
+    "replay",
+    "fingerprint",
+    "crate",
+];
+
+/// Longest scope the runtime accepts (`idem_runtime::key::MAX_SCOPE_BYTES`).
+const MAX_SCOPE_BYTES: usize = 200;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StoreKind {
+    Pg,
+    Sqlite,
+    Memory,
+}
+
+impl StoreKind {
+    const NAMES: &'static [&'static str] = &["pg", "sqlite", "memory"];
+
+    fn parse(value: &str) -> Result<Self, String> {
+        match value {
+            "pg" => Ok(Self::Pg),
+            "sqlite" => Ok(Self::Sqlite),
+            "memory" => Ok(Self::Memory),
+            "postgres" | "postgresql" | "postgre" | "psql" => {
+                Err(format!("unknown store `{value}`; use `pg` for PostgreSQL"))
+            }
+            "sqlite3" => Err(format!("unknown store `{value}`; use `sqlite`")),
+            "mysql" | "mariadb" | "redis" => Err(format!(
+                "store `{value}` is not supported yet; supported stores: `pg`, `sqlite`, `memory`"
+            )),
+            other => Err(unknown("store", other, Self::NAMES)),
+        }
+    }
+
+    pub(crate) fn type_name(self) -> &'static str {
+        match self {
+            Self::Pg => "PgStore",
+            Self::Sqlite => "SqliteStore",
+            Self::Memory => "MemoryStore",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StrategyKind {
+    DedupTable,
+    UniqueConstraint,
+}
+
+impl StrategyKind {
+    const NAMES: &'static [&'static str] = &["dedup_table", "unique_constraint"];
+
+    fn parse(value: &str) -> Result<Self, String> {
+        match value {
+            "dedup_table" => Ok(Self::DedupTable),
+            "unique_constraint" => Ok(Self::UniqueConstraint),
+            "state_machine" | "lock" | "token" | "offset" | "natural" => Err(format!(
+                "strategy `{value}` is not implemented yet; available: `dedup_table`, `unique_constraint`"
+            )),
+            other => Err(unknown("strategy", other, Self::NAMES)),
+        }
+    }
+}
+
+/// One part of the key: a field path on the message, e.g. `order.id`.
+#[derive(Debug, Clone)]
+pub(crate) struct KeyField {
+    /// The path as written, e.g. `"order.id"`: the field's name in key errors at runtime.
+    pub(crate) text: String,
+    /// Its segments, each spanned on the key literal.
+    pub(crate) segments: Vec<syn::Member>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct KeySpec {
+    pub(crate) fields: Vec<KeyField>,
+    pub(crate) span: Span,
+}
+
+/// Validated arguments. Options are `None` when absent or invalid (the error is recorded).
+#[derive(Debug, Default)]
+pub(crate) struct Args {
+    pub(crate) key: Option<KeySpec>,
+    pub(crate) store: Option<(StoreKind, Span)>,
+    pub(crate) strategy: Option<(StrategyKind, Span)>,
+    pub(crate) scope: Option<LitStr>,
+    pub(crate) ttl_millis: Option<u64>,
+    pub(crate) constraint: Option<(LitStr, Span)>,
+    pub(crate) replay: Option<Span>,
+    pub(crate) fingerprint: Option<Span>,
+    pub(crate) krate: Option<syn::Path>,
+    /// Every argument written, valid or not: an invalid one is not also reported missing.
+    pub(crate) present: Vec<String>,
+}
+
+fn unknown(what: &str, value: &str, valid: &[&str]) -> String {
+    let list = valid
+        .iter()
+        .map(|v| format!("`{v}`"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    match closest(value, valid) {
+        Some(best) => format!("unknown {what} `{value}`; did you mean `{best}`? (valid: {list})"),
+        None => format!("unknown {what} `{value}`; valid: {list}"),
+    }
+}
+
+fn closest<'a>(value: &str, valid: &[&'a str]) -> Option<&'a str> {
+    valid
+        .iter()
+        .map(|candidate| (strsim::jaro_winkler(value, candidate), *candidate))
+        .filter(|(score, _)| *score > 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, candidate)| candidate)
+}
+
+/// Parses the attribute's token stream. Returns whatever was valid, with every error recorded.
+pub(crate) fn parse(tokens: proc_macro2::TokenStream, errors: &mut Errors) -> Args {
+    let mut args = Args::default();
+    let metas = match Punctuated::<Meta, Token![,]>::parse_terminated.parse2(tokens) {
+        Ok(metas) => metas,
+        Err(error) => {
+            errors.push(syn::Error::new(
+                error.span(),
+                format!(
+                    "{error}; arguments are `name = \"value\"` pairs or the flags `replay` and `fingerprint`, separated by commas"
+                ),
+            ));
+            return args;
+        }
+    };
+    for meta in metas {
+        let path = meta.path();
+        let name = path
+            .get_ident()
+            .map(Ident::to_string)
+            .or_else(|| {
+                // `crate` is a keyword: it parses as a path segment, not an ident.
+                path.segments
+                    .first()
+                    .filter(|_| path.segments.len() == 1)
+                    .map(|s| s.ident.to_string())
+            })
+            .unwrap_or_default();
+        if !ARGUMENTS.contains(&name.as_str()) {
+            let shown = quote::ToTokens::to_token_stream(path).to_string();
+            errors.error(path.span(), unknown("argument", &shown, ARGUMENTS));
+            continue;
+        }
+        if args.present.contains(&name) {
+            errors.error(
+                path.span(),
+                format!("duplicate argument `{name}`; give it once"),
+            );
+            continue;
+        }
+        args.present.push(name.clone());
+        match name.as_str() {
+            "replay" => args.replay = flag(&meta, errors),
+            "fingerprint" => args.fingerprint = flag(&meta, errors),
+            _ => {
+                let Some(lit) = string_value(&meta, &name, errors) else {
+                    continue;
+                };
+                apply(&mut args, &name, &lit, errors);
+            }
+        }
+    }
+    args
+}
+
+fn apply(args: &mut Args, name: &str, lit: &LitStr, errors: &mut Errors) {
+    let value = lit.value();
+    let span = lit.span();
+    match name {
+        "key" => args.key = parse_key(lit, errors),
+        "store" => match StoreKind::parse(&value) {
+            Ok(kind) => args.store = Some((kind, span)),
+            Err(message) => errors.error(span, message),
+        },
+        "strategy" => match StrategyKind::parse(&value) {
+            Ok(kind) => args.strategy = Some((kind, span)),
+            Err(message) => errors.error(span, message),
+        },
+        "scope" => {
+            if value.is_empty() || value.len() > MAX_SCOPE_BYTES {
+                errors.error(
+                    span,
+                    format!(
+                        "`scope` must be 1 to {MAX_SCOPE_BYTES} bytes; pick a short, stable name such as \"billing.order_paid\""
+                    ),
+                );
+            } else {
+                args.scope = Some(lit.clone());
+            }
+        }
+        "ttl" => args.ttl_millis = parse_ttl(&value, span, errors),
+        "constraint" => {
+            let valid = !value.is_empty()
+                && value.chars().all(|c| {
+                    c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ',' | ' ' | '$')
+                });
+            if valid {
+                args.constraint = Some((lit.clone(), span));
+            } else {
+                errors.error(
+                    span,
+                    "`constraint` must name a unique constraint or index, e.g. \"payments_order_id_key\" (letters, digits, `_`, `.`)",
+                );
+            }
+        }
+        "crate" => match syn::parse_str::<syn::Path>(&value) {
+            Ok(path) => args.krate = Some(path),
+            Err(_) => errors.error(
+                span,
+                format!(
+                    "`crate` must be a path to idem-runtime as your Cargo.toml renames it, e.g. \"idem\" or \"::my_idem\"; `{value}` is not a path"
+                ),
+            ),
+        },
+        _ => unreachable!("every name in ARGUMENTS is handled"),
+    }
+}
+
+fn flag(meta: &Meta, errors: &mut Errors) -> Option<Span> {
+    match meta {
+        Meta::Path(path) => Some(path.span()),
+        Meta::NameValue(nv) => match &nv.value {
+            Expr::Lit(ExprLit {
+                lit: Lit::Bool(b), ..
+            }) => b.value.then(|| nv.path.span()),
+            other => {
+                let name = quote::ToTokens::to_token_stream(&nv.path).to_string();
+                errors.error(
+                    other.span(),
+                    format!("`{name}` is a flag: write `{name}` or `{name} = true`"),
+                );
+                None
+            }
+        },
+        Meta::List(list) => {
+            let name = quote::ToTokens::to_token_stream(&list.path).to_string();
+            errors.error(
+                list.delimiter.span().join(),
+                format!("`{name}` takes no list: write `{name}` or `{name} = true`"),
+            );
+            None
+        }
+    }
+}
+
+fn string_value(meta: &Meta, name: &str, errors: &mut Errors) -> Option<LitStr> {
+    let hint = match name {
+        "key" => "key = \"order_id\"",
+        "store" => "store = \"pg\"",
+        "strategy" => "strategy = \"dedup_table\"",
+        "scope" => "scope = \"billing.order_paid\"",
+        "ttl" => "ttl = \"7d\"",
+        "constraint" => "constraint = \"payments_order_id_key\"",
+        _ => "crate = \"idem\"",
+    };
+    match meta {
+        Meta::NameValue(nv) => match &nv.value {
+            Expr::Lit(ExprLit {
+                lit: Lit::Str(lit), ..
+            }) => Some(lit.clone()),
+            other => {
+                errors.error(
+                    other.span(),
+                    format!("`{name}` takes a string literal: `{hint}`"),
+                );
+                None
+            }
+        },
+        Meta::Path(path) => {
+            errors.error(path.span(), format!("`{name}` needs a value: `{hint}`"));
+            None
+        }
+        Meta::List(list) => {
+            errors.error(
+                list.delimiter.span().join(),
+                format!("`{name}` takes a string literal, not a list: `{hint}`"),
+            );
+            None
+        }
+    }
+}
+
+fn parse_key(lit: &LitStr, errors: &mut Errors) -> Option<KeySpec> {
+    let span = lit.span();
+    let value = lit.value();
+    if value.trim().is_empty() {
+        errors.error(
+            span,
+            "`key` is empty; name the message field(s) that identify it, e.g. `key = \"order_id\"` (an empty key would make every message a duplicate of the first)",
+        );
+        return None;
+    }
+    let mut fields: Vec<KeyField> = Vec::new();
+    for part in value.split(',') {
+        let text = part.trim();
+        if text.is_empty() {
+            errors.error(
+                span,
+                "`key` has an empty part; separate field paths with commas: `key = \"user_id, op\"`",
+            );
+            return None;
+        }
+        let mut segments = Vec::new();
+        for segment in text.split('.') {
+            let segment = segment.trim();
+            let member = if let Ok(index) = segment.parse::<u32>() {
+                syn::Member::Unnamed(syn::Index { index, span })
+            } else if is_identifier(segment) {
+                syn::Member::Named(Ident::new(segment, span))
+            } else {
+                errors.error(
+                    span,
+                    format!(
+                        "`{segment}` in key `{value}` is not a field name; use field paths such as \"order_id\", \"order.id\" or \"user_id, op\""
+                    ),
+                );
+                return None;
+            };
+            segments.push(member);
+        }
+        if fields.iter().any(|f| f.text == text) {
+            errors.error(
+                span,
+                format!("`{text}` appears twice in the key; list each field once"),
+            );
+            return None;
+        }
+        fields.push(KeyField {
+            text: text.to_owned(),
+            segments,
+        });
+    }
+    Some(KeySpec { fields, span })
+}
+
+fn is_identifier(text: &str) -> bool {
+    let mut chars = text.chars();
+    let starts_well = chars.next().is_some_and(|c| c.is_alphabetic() || c == '_');
+    starts_well
+        && chars.all(|c| c.is_alphanumeric() || c == '_')
+        && text != "_"
+        && syn::parse_str::<Ident>(text).is_ok()
+}
+
+fn parse_ttl(value: &str, span: Span, errors: &mut Errors) -> Option<u64> {
+    match humantime::parse_duration(value) {
+        Ok(duration) if duration.as_millis() == 0 => {
+            errors.error(
+                span,
+                "`ttl` must be longer than zero; omit it to keep records forever",
+            );
+            None
+        }
+        Ok(duration) => match u64::try_from(duration.as_millis()) {
+            Ok(millis) => Some(millis),
+            Err(_) => {
+                errors.error(span, "`ttl` is too long; omit it to keep records forever");
+                None
+            }
+        },
+        Err(error) => {
+            errors.error(
+                span,
+                format!(
+                    "`ttl = \"{value}\"` is not a duration ({error}); write a number and a unit, e.g. \"7d\", \"12h\", \"30m\", \"90s\" or \"500ms\""
+                ),
+            );
+            None
+        }
+    }
+}
+
+/// Checks between arguments: what is required, and what fits together.
+pub(crate) fn validate(args: &Args, attribute_span: Span, errors: &mut Errors) {
+    let missing = |name: &str, example: &str| {
+        format!("missing `{name}`; add `{example}` to #[idempotent(...)]")
+    };
+    let absent = |name: &str| !args.present.iter().any(|p| p == name);
+    if absent("key") {
+        errors.error(attribute_span, missing("key", "key = \"<message field>\""));
+    }
+    if absent("store") {
+        errors.error(
+            attribute_span,
+            missing("store", "store = \"pg\" (or \"sqlite\", \"memory\")"),
+        );
+    }
+    if absent("strategy") {
+        errors.error(
+            attribute_span,
+            missing(
+                "strategy",
+                "strategy = \"dedup_table\" (or \"unique_constraint\")",
+            ),
+        );
+    }
+    if let (Some((StoreKind::Memory, _)), Some((StrategyKind::UniqueConstraint, span))) =
+        (args.store, args.strategy)
+    {
+        errors.error(
+            span,
+            "`unique_constraint` needs a database whose unique index can reject the duplicate; the `memory` store has none: use `strategy = \"dedup_table\"`, or `store = \"pg\"` / `\"sqlite\"`",
+        );
+    }
+    if let Some((_, span)) = &args.constraint {
+        if !matches!(
+            args.strategy,
+            Some((StrategyKind::UniqueConstraint, _)) | None
+        ) {
+            errors.error(
+                *span,
+                "`constraint` only applies to `strategy = \"unique_constraint\"`; remove it",
+            );
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! Emitting the rewritten handler: the original name and attributes, a new signature, and a
+//! body that is one call into `idem_runtime::__private::run`.
+
+use proc_macro2::{Span, TokenStream};
+use quote::{format_ident, quote, quote_spanned};
+use syn::{GenericArgument, ItemFn, PathArguments, Type};
+
+use crate::args::{Args, StoreKind, StrategyKind};
+use crate::handler::Handler;
+
+/// Everything the expansion needs, already validated.
+pub(crate) struct Expansion<'a> {
+    pub(crate) item: &'a ItemFn,
+    pub(crate) args: &'a Args,
+    pub(crate) store: StoreKind,
+    pub(crate) strategy: StrategyKind,
+    pub(crate) handler: Handler,
+}
+
+/// `Result<T, E>` written out: the two types, for a readable generated signature.
+fn result_parts(ty: &Type) -> Option<(&Type, &Type)> {
+    let Type::Path(path) = ty else { return None };
+    let last = path.path.segments.last()?;
+    if last.ident != "Result" {
+        return None;
+    }
+    let PathArguments::AngleBracketed(generics) = &last.arguments else {
+        return None;
+    };
+    let mut types = generics.args.iter().filter_map(|arg| match arg {
+        GenericArgument::Type(ty) => Some(ty),
+        _ => None,
+    });
+    let (ok, err) = (types.next()?, types.next()?);
+    types.next().is_none().then_some((ok, err))
+}
+
+pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
+    let Expansion {
+        item,
+        args,
+        store,
+        strategy,
+        handler,
+    } = expansion;
+    let krate = args
+        .krate
+        .as_ref()
+        .map_or_else(|| quote!(::idem_runtime), |path| quote!(#path));
+    let private = quote!(#krate::__private);
+
+    // Our own locals and parameters are hygienic (mixed-site), so they never clash with the
+    // user's names, and the user's names in the body never see ours.
+    let mixed = Span::mixed_site();
+    let store_param = format_ident!("store", span = mixed);
+    let message_param = format_ident!("message", span = mixed);
+    let ack_param = format_ident!("ack", span = mixed);
+    let spec = format_ident!("SPEC", span = mixed);
+    let key = format_ident!("key", span = mixed);
+    let fingerprint = format_ident!("fingerprint", span = mixed);
+
+    let attrs = &item.attrs;
+    let vis = &item.vis;
+    let sig = &item.sig;
+    let ident = &sig.ident;
+    let generics = &sig.generics;
+    let where_clause = &generics.where_clause;
+    let body = &item.block;
+    let receiver = handler.receiver.as_ref().map(|r| quote!(#r,));
+    let store_type = format_ident!("{}", store.type_name());
+    let message_type = &handler.message.ty;
+    let message_pat = &handler.message.pat;
+    let tx_pat = &handler.tx.pat;
+    let tx_type = &handler.tx.ty;
+    let output = &handler.output;
+
+    let returns = match result_parts(output) {
+        Some((ok, err)) => quote! {
+            #private::core::result::Result<#private::Outcome<#ok>, #private::Error<#err>>
+        },
+        None => quote! {
+            #private::core::result::Result<
+                #private::Outcome<<#output as #private::HandlerResult>::Ok>,
+                #private::Error<<#output as #private::HandlerResult>::Err>,
+            >
+        },
+    };
+
+    let scope = match &args.scope {
+        Some(scope) => quote!(#scope),
+        None => {
+            let name = ident.to_string();
+            quote!(#private::core::concat!(#private::core::module_path!(), "::", #name))
+        }
+    };
+    let ttl = args
+        .ttl_millis
+        .map(|millis| quote!(.with_ttl_millis(#millis)));
+
+    let key_spec = args
+        .key
+        .as_ref()
+        .expect("validated: a key is present when expanding");
+    let key_parts = key_spec.fields.iter().map(|field| {
+        let text = &field.text;
+        let segments = &field.segments;
+        // Spanned on the key literal: a missing field, a private field or a type that cannot
+        // be a key part is reported there.
+        quote_spanned! {key_spec.span=>
+            (#text, #private::key_part(&#message_param #(.#segments)*))
+        }
+    });
+
+    let strategy_value = match strategy {
+        StrategyKind::DedupTable => quote!(#private::DedupTable),
+        StrategyKind::UniqueConstraint => {
+            let constraint = match &args.constraint {
+                Some((name, _)) => quote!(#private::core::option::Option::Some(#name)),
+                None => quote!(#private::core::option::Option::None),
+            };
+            quote!(#private::UniqueConstraint::new(#constraint))
+        }
+    };
+
+    let (codec, replay_check) = match args.replay {
+        Some(span) => (
+            quote!(#private::JsonReplay),
+            quote_spanned! {span=>
+                #private::assert_replayable::<<#output as #private::HandlerResult>::Ok>();
+            },
+        ),
+        None => (quote!(#private::NoReplay), TokenStream::new()),
+    };
+    let fingerprint_value = match args.fingerprint {
+        Some(span) => quote_spanned! {span=> #private::fingerprint(&#message_param) },
+        None => quote!(#private::no_fingerprint()),
+    };
+
+    quote! {
+        #(#attrs)*
+        #vis async fn #ident #generics (
+            #receiver
+            #store_param: &#private::#store_type,
+            #message_param: #message_type,
+            #ack_param: impl #private::Acknowledger,
+        ) -> #returns #where_clause {
+            const #spec: #private::HandlerSpec = #private::HandlerSpec::new(#scope) #ttl;
+            #replay_check
+            let #key = #private::key(#spec.scope(), &[#(#key_parts),*]);
+            let #fingerprint = #fingerprint_value;
+            #private::run(
+                #store_param,
+                #strategy_value,
+                &#spec,
+                #key,
+                #fingerprint,
+                #codec,
+                #ack_param,
+                async move |#tx_pat: #tx_type| -> #output {
+                    let #message_pat = #message_param;
+                    #body
+                },
+            )
+            .await
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! Checking the annotated function's signature: `async fn name([self,] tx: &mut Tx, msg: M)
+//! -> Result<T, E>`.
+
+use syn::spanned::Spanned;
+use syn::{FnArg, PatType, ReturnType, Signature, Type};
+
+use crate::args::StoreKind;
+use crate::errors::Errors;
+
+/// The parts of the signature the expansion needs.
+pub(crate) struct Handler {
+    pub(crate) receiver: Option<syn::Receiver>,
+    pub(crate) tx: PatType,
+    pub(crate) message: PatType,
+    pub(crate) output: Type,
+}
+
+fn tx_example(store: Option<StoreKind>) -> &'static str {
+    match store {
+        Some(StoreKind::Sqlite) => "tx: &mut SqliteTx<'_>",
+        Some(StoreKind::Memory) => "tx: &mut MemoryTx",
+        _ => "tx: &mut PgTx<'_>",
+    }
+}
+
+pub(crate) fn check(
+    sig: &Signature,
+    store: Option<StoreKind>,
+    errors: &mut Errors,
+) -> Option<Handler> {
+    let tx_example = tx_example(store);
+    if let Some(token) = &sig.constness {
+        errors.error(
+            token.span,
+            "an `#[idempotent]` handler cannot be a `const fn`: it runs a database transaction; remove `const`",
+        );
+    }
+    if let Some(token) = &sig.unsafety {
+        errors.error(
+            token.span,
+            "an `#[idempotent]` handler cannot be an `unsafe fn`; remove `unsafe` and keep unsafe code in a block inside the body",
+        );
+    }
+    if let Some(abi) = &sig.abi {
+        errors.error(
+            abi.span(),
+            "an `#[idempotent]` handler cannot have an `extern` ABI; remove it and call the handler from a Rust wrapper",
+        );
+    }
+    if sig.asyncness.is_none() {
+        errors.error(
+            sig.fn_token.span,
+            "`#[idempotent]` handlers must be `async fn`: the gate, the body and the commit are awaited; add `async`",
+        );
+    }
+    if let Some(variadic) = &sig.variadic {
+        errors.error(
+            variadic.span(),
+            "an `#[idempotent]` handler cannot be variadic",
+        );
+    }
+
+    let mut receiver = None;
+    let mut typed = Vec::new();
+    for input in &sig.inputs {
+        match input {
+            FnArg::Receiver(r) => receiver = Some(r.clone()),
+            FnArg::Typed(pat_type) => typed.push(pat_type.clone()),
+        }
+    }
+    let shape = format!("`({tx_example}, msg: YourMessage)`");
+    let (tx, message) = match typed.len() {
+        0 => {
+            errors.error(
+                sig.paren_token.span.join(),
+                format!(
+                    "an `#[idempotent]` handler takes the transaction and the message: {shape}"
+                ),
+            );
+            (None, None)
+        }
+        1 => {
+            errors.error(
+                typed[0].span(),
+                format!(
+                    "an `#[idempotent]` handler takes two parameters, the transaction then the message: {shape}"
+                ),
+            );
+            (None, None)
+        }
+        2 => (Some(typed[0].clone()), Some(typed[1].clone())),
+        _ => {
+            for extra in &typed[2..] {
+                errors.error(
+                    extra.span(),
+                    format!(
+                        "unexpected parameter: an `#[idempotent]` handler takes the transaction and the message only, {shape}; reach other state through `self` or the message"
+                    ),
+                );
+            }
+            (None, None)
+        }
+    };
+    if let Some(tx) = &tx {
+        let is_mut_ref = matches!(&*tx.ty, Type::Reference(r) if r.mutability.is_some());
+        if !is_mut_ref {
+            errors.error(
+                tx.ty.span(),
+                format!(
+                    "the first parameter is the handler's transaction and must be a mutable reference: `{tx_example}`"
+                ),
+            );
+        }
+    }
+    if let Some(message) = &message {
+        if matches!(&*message.ty, Type::Reference(r) if r.mutability.is_some()) {
+            errors.error(
+                message.ty.span(),
+                "the message must be taken by value or shared reference, not `&mut`: the handler may not change what it was given",
+            );
+        }
+    }
+    let output = match &sig.output {
+        ReturnType::Type(_, ty) => Some((**ty).clone()),
+        ReturnType::Default => {
+            errors.error(
+                sig.paren_token.span.close(),
+                "an `#[idempotent]` handler must return `Result<T, E>` so that a failure rolls back and requeues; add `-> Result<(), YourError>`",
+            );
+            None
+        }
+    };
+    Some(Handler {
+        receiver,
+        tx: tx?,
+        message: message?,
+        output: output?,
+    })
+}

@@ -1,0 +1,311 @@
+//! Errors, and how each one is settled with the broker.
+//!
+//! Every failure has a [`Disposition`]: either a redelivery may succeed ([`Disposition::Retry`]:
+//! roll back, requeue with backoff) or it never will ([`Disposition::DeadLetter`]: roll back,
+//! dead-letter the message so that it is kept, never silently dropped).
+
+use std::error::Error as StdError;
+
+use crate::key::KeyError;
+
+/// What the broker should do with a message whose handling failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Disposition {
+    /// A redelivery may succeed: connection lost, pool timeout, deadlock, serialization
+    /// failure, a lease held elsewhere, or a handler error its type calls retryable.
+    Retry,
+    /// A redelivery never will: the key or payload is invalid, the same key came with a
+    /// different payload, or a handler error its type calls permanent.
+    DeadLetter,
+}
+
+/// A handler's error type: says whether a redelivery of the failed message may succeed.
+///
+/// `#[idempotent]` handlers return `Result<T, E>` with `E: HandlerError`. The default
+/// [`disposition`](HandlerError::disposition) looks for a [`sqlx::Error`] in the error's
+/// [`source`](std::error::Error::source) chain (so `#[from] sqlx::Error` variants are
+/// classified for you) and otherwise retries. Override it to dead-letter the errors that a
+/// redelivery cannot fix:
+///
+/// ```
+/// use idem_runtime::{Disposition, HandlerError};
+///
+/// #[derive(Debug, thiserror::Error)]
+/// enum AppError {
+///     #[error(transparent)]
+///     Db(#[from] sqlx::Error),
+///     #[error("amount must be positive, got {0}")]
+///     BadAmount(i64),
+/// }
+///
+/// impl HandlerError for AppError {
+///     fn disposition(&self) -> Disposition {
+///         match self {
+///             AppError::BadAmount(_) => Disposition::DeadLetter,
+///             other => idem_runtime::classify_error_chain(other),
+///         }
+///     }
+/// }
+/// ```
+#[diagnostic::on_unimplemented(
+    message = "the handler's error type `{Self}` does not implement `idem_runtime::HandlerError`",
+    label = "the error type of this `Result` must say whether a redelivery may succeed",
+    note = "add `impl idem_runtime::HandlerError for {Self} {{}}` (errors are retried by default; override `disposition` to dead-letter the permanent ones)"
+)]
+pub trait HandlerError: StdError + Send + Sync + Sized + 'static {
+    /// Whether a redelivery may succeed. The default is [`classify_error_chain`].
+    fn disposition(&self) -> Disposition {
+        classify_error_chain(self)
+    }
+}
+
+impl HandlerError for sqlx::Error {}
+impl HandlerError for std::io::Error {}
+impl HandlerError for std::convert::Infallible {}
+
+/// Classifies an error by the first database error in its source chain (itself included):
+/// a [`sqlx::Error`] with [`classify_sqlx_error`], or a driver's database error (which is what
+/// the chain holds when an `#[error(transparent)]` variant wraps the `sqlx::Error`). An error
+/// chain without one is [`Disposition::Retry`].
+pub fn classify_error_chain(error: &(dyn StdError + 'static)) -> Disposition {
+    match find_database_error(error) {
+        Some(FoundDatabaseError::Sqlx(error)) => classify_sqlx_error(error),
+        Some(FoundDatabaseError::Driver(db)) => classify_database_error(db),
+        None => Disposition::Retry,
+    }
+}
+
+/// A database error found in a source chain.
+pub(crate) enum FoundDatabaseError<'a> {
+    Sqlx(&'a sqlx::Error),
+    Driver(&'a dyn sqlx::error::DatabaseError),
+}
+
+impl<'a> FoundDatabaseError<'a> {
+    /// The driver's error, when the database reported one.
+    pub(crate) fn database(&self) -> Option<&'a dyn sqlx::error::DatabaseError> {
+        match *self {
+            Self::Sqlx(sqlx::Error::Database(db)) => Some(db.as_ref()),
+            Self::Sqlx(_) => None,
+            Self::Driver(db) => Some(db),
+        }
+    }
+}
+
+/// The first `sqlx::Error` or driver database error in `error`'s source chain.
+pub(crate) fn find_database_error<'a>(
+    error: &'a (dyn StdError + 'static),
+) -> Option<FoundDatabaseError<'a>> {
+    let mut current = Some(error);
+    while let Some(err) = current {
+        if let Some(sqlx_error) = err.downcast_ref::<sqlx::Error>() {
+            return Some(FoundDatabaseError::Sqlx(sqlx_error));
+        }
+        #[cfg(feature = "pg")]
+        if let Some(db) = err.downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+            return Some(FoundDatabaseError::Driver(db));
+        }
+        #[cfg(feature = "sqlite")]
+        if let Some(db) = err.downcast_ref::<sqlx::sqlite::SqliteError>() {
+            return Some(FoundDatabaseError::Driver(db));
+        }
+        current = err.source();
+    }
+    None
+}
+
+/// Classifies a database error.
+///
+/// Retryable: I/O, TLS and protocol failures, pool time-outs, a closed pool, serialization
+/// failures and deadlocks (`40001`, `40P01`), lock time-outs (`55P03`), SQLite's `BUSY` and
+/// `LOCKED`, foreign-key violations (the parent row may arrive with a later message), a missing
+/// row, and database errors not otherwise known. Permanent: unique, not-null, check and
+/// exclusion violations, and errors that only a code change can fix (encoding, decoding,
+/// configuration, a missing column).
+pub fn classify_sqlx_error(error: &sqlx::Error) -> Disposition {
+    match error {
+        sqlx::Error::Database(db) => classify_database_error(db.as_ref()),
+        sqlx::Error::Configuration(_)
+        | sqlx::Error::InvalidArgument(_)
+        | sqlx::Error::ColumnNotFound(_)
+        | sqlx::Error::ColumnIndexOutOfBounds { .. }
+        | sqlx::Error::ColumnDecode { .. }
+        | sqlx::Error::TypeNotFound { .. }
+        | sqlx::Error::Encode(_)
+        | sqlx::Error::Decode(_)
+        | sqlx::Error::Migrate(_) => Disposition::DeadLetter,
+        _ => Disposition::Retry,
+    }
+}
+
+fn classify_database_error(db: &dyn sqlx::error::DatabaseError) -> Disposition {
+    use sqlx::error::ErrorKind;
+    if is_retryable_database_code(db) {
+        return Disposition::Retry;
+    }
+    match db.kind() {
+        ErrorKind::UniqueViolation
+        | ErrorKind::NotNullViolation
+        | ErrorKind::CheckViolation
+        | ErrorKind::ExclusionViolation => Disposition::DeadLetter,
+        _ => Disposition::Retry,
+    }
+}
+
+fn is_retryable_database_code(db: &dyn sqlx::error::DatabaseError) -> bool {
+    #[cfg(feature = "sqlite")]
+    if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+        // Primary result code is the low byte of the extended code.
+        let primary = db
+            .code()
+            .and_then(|code| code.parse::<i32>().ok())
+            .map(|code| code & 0xff);
+        const SQLITE_BUSY: i32 = 5;
+        const SQLITE_LOCKED: i32 = 6;
+        return matches!(primary, Some(SQLITE_BUSY | SQLITE_LOCKED));
+    }
+    matches!(db.code().as_deref(), Some("40001" | "40P01" | "55P03"))
+}
+
+/// A failure to handle one delivery.
+///
+/// `E` is the handler's own error type. [`Error::disposition`] says what the broker is told.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error<E> {
+    /// The handler's body failed; its transaction was rolled back.
+    #[error("handler failed: {0}")]
+    Handler(#[source] E),
+    /// The message does not yield a valid key.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// A record exists for this key with a different payload fingerprint: the same key was
+    /// reused for a different message. Permanent; compare the producer's keys.
+    #[error(
+        "payload mismatch for key `{key}` in scope `{scope}`: a message with this key but a different payload was already processed; the producer reuses keys for different messages"
+    )]
+    PayloadMismatch {
+        /// The handler's scope.
+        scope: String,
+        /// The encoded key.
+        key: String,
+    },
+    /// The dedup store failed (begin, gate, record or commit).
+    #[error("idempotency store failed: {0}")]
+    Database(#[source] sqlx::Error),
+    /// The payload (for `fingerprint`) or the result (for `replay`) could not be serialized.
+    #[error("could not serialize the {what} for the dedup record: {source}")]
+    Serialize {
+        /// `"payload"` or `"result"`.
+        what: &'static str,
+        /// The serializer's error.
+        source: serde_json::Error,
+    },
+    /// A stored result could not be decoded into the handler's result type; the type changed
+    /// since the record was written.
+    #[error(
+        "the stored result for key `{key}` in scope `{scope}` does not decode into the handler's result type (did the type change?): {source}"
+    )]
+    Replay {
+        /// The handler's scope.
+        scope: String,
+        /// The encoded key.
+        key: String,
+        /// The decoder's error.
+        source: serde_json::Error,
+    },
+}
+
+impl<E: HandlerError> Error<E> {
+    /// What the broker should do with the message.
+    pub fn disposition(&self) -> Disposition {
+        match self {
+            Self::Handler(error) => error.disposition(),
+            Self::Database(error) => classify_sqlx_error(error),
+            Self::Key(_)
+            | Self::PayloadMismatch { .. }
+            | Self::Serialize { .. }
+            | Self::Replay { .. } => Disposition::DeadLetter,
+        }
+    }
+
+    /// `true` when a redelivery may succeed.
+    pub fn is_retryable(&self) -> bool {
+        self.disposition() == Disposition::Retry
+    }
+}
+
+impl<E> Error<E> {
+    /// The handler's own error, when the body failed.
+    pub fn handler_error(&self) -> Option<&E> {
+        match self {
+            Self::Handler(error) => Some(error),
+            _ => None,
+        }
+    }
+
+    /// A short name for logs and metrics.
+    pub fn kind_str(&self) -> &'static str {
+        match self {
+            Self::Handler(_) => "handler",
+            Self::Key(_) => "key",
+            Self::PayloadMismatch { .. } => "payload_mismatch",
+            Self::Database(_) => "database",
+            Self::Serialize { .. } => "serialize",
+            Self::Replay { .. } => "replay",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    enum AppError {
+        #[error("database: {0}")]
+        Db(#[from] sqlx::Error),
+        #[error("wrapped: {0}")]
+        Wrapped(#[source] std::io::Error),
+        #[error("plain")]
+        Plain,
+    }
+    impl HandlerError for AppError {}
+
+    #[test]
+    fn chain_walk_finds_sqlx_errors() {
+        assert_eq!(
+            AppError::Db(sqlx::Error::PoolTimedOut).disposition(),
+            Disposition::Retry
+        );
+        assert_eq!(
+            AppError::Db(sqlx::Error::ColumnNotFound("x".into())).disposition(),
+            Disposition::DeadLetter
+        );
+        assert_eq!(AppError::Plain.disposition(), Disposition::Retry);
+        assert_eq!(
+            AppError::Wrapped(std::io::Error::other("x")).disposition(),
+            Disposition::Retry
+        );
+    }
+
+    #[test]
+    fn runtime_errors_are_classified() {
+        let key_error: Error<AppError> = Error::Key(KeyError::EmptyPart {
+            scope: "s".into(),
+            field: "f".into(),
+        });
+        assert_eq!(key_error.disposition(), Disposition::DeadLetter);
+        let mismatch: Error<AppError> = Error::PayloadMismatch {
+            scope: "s".into(),
+            key: "k".into(),
+        };
+        assert!(!mismatch.is_retryable());
+        let lost: Error<AppError> = Error::Database(sqlx::Error::Io(std::io::Error::other("x")));
+        assert!(lost.is_retryable());
+        let handler: Error<AppError> = Error::Handler(AppError::Plain);
+        assert!(handler.is_retryable());
+        assert!(handler.handler_error().is_some());
+    }
+}

@@ -1,0 +1,71 @@
+//! # idem: exactly-once effects for message handlers
+//!
+//! Brokers deliver at least once: a lost ack, a consumer crash, a failover, a producer retry or
+//! a manual replay all deliver the same message again. `idem` makes the *handler* idempotent
+//! with one attribute: it takes a key from the message, gates the work on it inside the
+//! handler's own database transaction, commits, and only then acknowledges the message.
+//!
+//! ```
+//! use idem_runtime::{idempotent, MemoryStore, MemoryTx, NoAck, Outcome};
+//!
+//! #[derive(serde::Serialize)]
+//! struct OrderPaid { order_id: String, amount: i64 }
+//!
+//! #[derive(Debug, thiserror::Error)]
+//! #[error("payment failed")]
+//! struct AppError;
+//! impl idem_runtime::HandlerError for AppError {}
+//!
+//! #[idempotent(key = "order_id", store = "memory", strategy = "dedup_table")]
+//! async fn on_order_paid(tx: &mut MemoryTx, msg: OrderPaid) -> Result<i64, AppError> {
+//!     Ok(msg.amount) // business writes go through `tx`
+//! }
+//!
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+//! let store = MemoryStore::new();
+//! let paid = || OrderPaid { order_id: "o-1".into(), amount: 250 };
+//! // The generated function takes the store, the message and an acknowledger.
+//! let first = on_order_paid(&store, paid(), NoAck).await?;
+//! let again = on_order_paid(&store, paid(), NoAck).await?;
+//! assert_eq!(first, Outcome::Processed(250));
+//! assert!(again.is_duplicate());
+//! # Ok::<(), idem_runtime::Error<AppError>>(())
+//! # }).unwrap();
+//! ```
+//!
+//! See [`idempotent`] for every argument and the exact expansion, [`strategy`] for how each
+//! strategy recognises a duplicate, and [`store`] for the backends.
+//!
+//! ## Cargo features
+//!
+//! - `pg`: the PostgreSQL store, [`PgStore`].
+//! - `sqlite`: the SQLite store, [`SqliteStore`].
+//!
+//! The [`MemoryStore`], for unit tests, is always available.
+
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+pub mod ack;
+pub mod error;
+pub mod key;
+pub mod outcome;
+pub mod payload;
+pub mod store;
+pub mod strategy;
+
+#[doc(hidden)]
+pub mod __private;
+
+pub use ack::{Acknowledger, Committed, NoAck, RequeueReason};
+pub use error::{Disposition, Error, HandlerError, classify_error_chain, classify_sqlx_error};
+pub use key::{Key, KeyError, KeyPart};
+pub use outcome::Outcome;
+pub use payload::fingerprint;
+pub use store::Store;
+pub use store::memory::{MemoryStore, MemoryTx};
+#[cfg(feature = "pg")]
+pub use store::pg::{PgStore, PgTx};
+#[cfg(feature = "sqlite")]
+pub use store::sqlite::{SqliteStore, SqliteTx};
+
+pub use idem_macros::idempotent;

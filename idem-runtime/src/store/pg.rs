@@ -1,0 +1,202 @@
+//! PostgreSQL (`store = "pg"`, feature `pg`).
+//!
+//! What happens to a duplicate here: the gate's `INSERT … ON CONFLICT DO NOTHING` on
+//! `idem_records` finds the committed row and inserts nothing, or, when a twin's transaction is
+//! still in flight, waits on that row until the twin commits (then it is a duplicate) or rolls
+//! back (then this delivery claims the key). Read Committed, the default isolation, is enough.
+
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::{Postgres, Transaction};
+
+use super::{Claim, NewRecord, Store, StoredRecord};
+use crate::key::Key;
+
+/// The transaction an `#[idempotent(store = "pg")]` handler's body receives.
+pub type PgTx<'c> = Transaction<'c, Postgres>;
+
+/// Dedup records and handler transactions on PostgreSQL, through a sqlx pool.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), sqlx::Error> {
+/// use idem_runtime::PgStore;
+///
+/// let store = PgStore::connect("postgres://postgres@127.0.0.1/test").await?;
+/// store.migrate().await?; // creates idem_records if missing; safe to run twice
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+const MIGRATION_LOCK: &str = "SELECT pg_advisory_xact_lock(7280321149621735001)";
+const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS idem_records (
+    scope         TEXT   NOT NULL,
+    record_key    TEXT   NOT NULL,
+    fingerprint   TEXT,
+    response      TEXT,
+    created_at_ms BIGINT NOT NULL,
+    expires_at_ms BIGINT,
+    PRIMARY KEY (scope, record_key)
+)";
+const CREATE_EXPIRY_INDEX: &str = "CREATE INDEX IF NOT EXISTS idem_records_expires_at_ms \
+    ON idem_records (expires_at_ms) WHERE expires_at_ms IS NOT NULL";
+const INSERT: &str = "INSERT INTO idem_records \
+    (scope, record_key, fingerprint, response, created_at_ms, expires_at_ms) \
+    VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (scope, record_key) DO NOTHING";
+const SELECT: &str = "SELECT fingerprint, response, expires_at_ms FROM idem_records \
+    WHERE scope = $1 AND record_key = $2";
+const TAKE_OVER_EXPIRED: &str = "UPDATE idem_records \
+    SET fingerprint = $3, response = $4, created_at_ms = $5, expires_at_ms = $6 \
+    WHERE scope = $1 AND record_key = $2 AND expires_at_ms IS NOT NULL AND expires_at_ms <= $5";
+const SAVE_RESPONSE: &str =
+    "UPDATE idem_records SET response = $3 WHERE scope = $1 AND record_key = $2";
+const PURGE_EXPIRED: &str =
+    "DELETE FROM idem_records WHERE expires_at_ms IS NOT NULL AND expires_at_ms <= $1";
+
+type RecordRow = (Option<String>, Option<String>, Option<i64>);
+
+impl PgStore {
+    /// Uses an existing pool: the store shares your service's connections and transactions.
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    /// Connects a new pool to `url`.
+    pub async fn connect(url: &str) -> Result<Self, sqlx::Error> {
+        Ok(Self::new(PgPoolOptions::new().connect(url).await?))
+    }
+
+    /// The pool, for the rest of your queries.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Creates `idem_records` and its expiry index if missing. Safe to run any number of times,
+    /// also from several processes at once (it serialises on an advisory lock).
+    pub async fn migrate(&self) -> Result<(), sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(MIGRATION_LOCK).execute(&mut *tx).await?;
+        sqlx::query(CREATE_TABLE).execute(&mut *tx).await?;
+        sqlx::query(CREATE_EXPIRY_INDEX).execute(&mut *tx).await?;
+        tx.commit().await
+    }
+
+    /// Deletes records that expired before now; returns how many.
+    pub async fn purge_expired(&self) -> Result<u64, sqlx::Error> {
+        let done = sqlx::query(PURGE_EXPIRED)
+            .bind(crate::strategy::now_ms())
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn read(
+        conn: &mut sqlx::PgConnection,
+        key: &Key,
+    ) -> Result<Option<RecordRow>, sqlx::Error> {
+        sqlx::query_as::<_, RecordRow>(SELECT)
+            .bind(key.scope())
+            .bind(key.value())
+            .fetch_optional(conn)
+            .await
+    }
+}
+
+fn live(row: Option<RecordRow>, now_ms: i64) -> Option<StoredRecord> {
+    match row {
+        Some((fingerprint, response, expires_at_ms))
+            if expires_at_ms.is_none_or(|e| e > now_ms) =>
+        {
+            Some(StoredRecord {
+                fingerprint,
+                response,
+            })
+        }
+        _ => None,
+    }
+}
+
+impl Store for PgStore {
+    type Tx = PgTx<'static>;
+    const NAME: &'static str = "pg";
+
+    async fn begin(&self) -> Result<Self::Tx, sqlx::Error> {
+        self.pool.begin().await
+    }
+
+    async fn commit(tx: Self::Tx) -> Result<(), sqlx::Error> {
+        tx.commit().await
+    }
+
+    async fn rollback(tx: Self::Tx) -> Result<(), sqlx::Error> {
+        tx.rollback().await
+    }
+
+    async fn claim(&self, tx: &mut Self::Tx, record: &NewRecord<'_>) -> Result<Claim, sqlx::Error> {
+        let bind = |sql| {
+            sqlx::query(sql)
+                .bind(record.key.scope())
+                .bind(record.key.value())
+                .bind(record.fingerprint)
+                .bind(record.response)
+                .bind(record.now_ms)
+                .bind(record.expires_at_ms)
+        };
+        // Fresh key: one statement. A twin in flight makes it wait here, on the row.
+        if bind(INSERT).execute(&mut **tx).await?.rows_affected() == 1 {
+            return Ok(Claim::Claimed);
+        }
+        let row = Self::read(tx, record.key).await?;
+        if let Some(existing) = live(row, record.now_ms) {
+            return Ok(Claim::Existing(existing));
+        }
+        // Expired (or deleted since the insert): take it over. A racing twin blocks on the row
+        // lock and then sees the renewed expiry, so at most one of them claims it.
+        if bind(TAKE_OVER_EXPIRED)
+            .execute(&mut **tx)
+            .await?
+            .rows_affected()
+            == 1
+        {
+            return Ok(Claim::Claimed);
+        }
+        let row = Self::read(tx, record.key).await?;
+        Ok(Claim::Existing(
+            live(row, record.now_ms).unwrap_or_default(),
+        ))
+    }
+
+    async fn save_response(
+        &self,
+        tx: &mut Self::Tx,
+        key: &Key,
+        response: &str,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(SAVE_RESPONSE)
+            .bind(key.scope())
+            .bind(key.value())
+            .bind(response)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    async fn find_record(
+        &self,
+        key: &Key,
+        now_ms: i64,
+    ) -> Result<Option<StoredRecord>, sqlx::Error> {
+        let mut conn = self.pool.acquire().await?;
+        Ok(live(Self::read(&mut conn, key).await?, now_ms))
+    }
+
+    fn is_unique_violation(
+        &self,
+        error: &dyn sqlx::error::DatabaseError,
+        constraint: Option<&str>,
+    ) -> bool {
+        error.kind() == sqlx::error::ErrorKind::UniqueViolation
+            && constraint.is_none_or(|name| error.constraint() == Some(name))
+    }
+}

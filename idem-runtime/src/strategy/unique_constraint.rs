@@ -1,0 +1,70 @@
+//! `strategy = "unique_constraint"` (数据库唯一约束): the *optimistic* gate.
+//!
+//! No statement before the body: the body's own insert into a table with a unique constraint
+//! on the message's key is the gate. A first delivery costs exactly what the hand-written
+//! handler costs. A duplicate's insert violates the constraint; the runtime finds that
+//! violation in the body's error (anywhere in its `source()` chain) or in the commit's error
+//! (a deferred constraint), rolls the transaction back, and reports a duplicate, which is
+//! acked. A twin in flight makes the insert wait on the twin's uncommitted row, as with any
+//! unique index.
+//!
+//! Only a violation of the named `constraint` counts; without one, **any** unique violation in
+//! the body counts as a duplicate, so name it whenever the body writes to more than one unique
+//! index. Every other error propagates.
+//!
+//! With `replay` or `fingerprint`, the dedup record is written after the body, in the same
+//! transaction (one extra statement), so that a duplicate can be checked and answered.
+
+use std::error::Error as StdError;
+
+use super::{Delivery, Gate, Strategy};
+use crate::store::{Claim, Store};
+
+/// The unique-constraint gate. See the [module docs](self).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UniqueConstraint {
+    constraint: Option<&'static str>,
+}
+
+impl UniqueConstraint {
+    /// Treats violations of `constraint` (or of any unique constraint, when `None`) as
+    /// duplicates. See the store's `is_unique_violation` for how names are matched.
+    pub const fn new(constraint: Option<&'static str>) -> Self {
+        Self { constraint }
+    }
+}
+
+impl<S: Store> Strategy<S> for UniqueConstraint {
+    const NAME: &'static str = "unique_constraint";
+
+    async fn enter(
+        &self,
+        _store: &S,
+        _tx: &mut S::Tx,
+        _delivery: &Delivery<'_>,
+    ) -> Result<Gate, sqlx::Error> {
+        Ok(Gate::Open)
+    }
+
+    async fn leave(
+        &self,
+        store: &S,
+        tx: &mut S::Tx,
+        delivery: &Delivery<'_>,
+        response: Option<&str>,
+    ) -> Result<Gate, sqlx::Error> {
+        if !delivery.wants_record {
+            return Ok(Gate::Open);
+        }
+        Ok(match store.claim(tx, &delivery.record(response)).await? {
+            Claim::Claimed => Gate::Open,
+            Claim::Existing(record) => Gate::Duplicate(Some(record)),
+        })
+    }
+
+    fn is_duplicate_failure(&self, store: &S, error: &(dyn StdError + 'static)) -> bool {
+        crate::error::find_database_error(error)
+            .and_then(|found| found.database())
+            .is_some_and(|db| store.is_unique_violation(db, self.constraint))
+    }
+}
