@@ -58,6 +58,10 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
     let spec = format_ident!("SPEC", span = mixed);
     let key = format_ident!("key", span = mixed);
     let fingerprint = format_ident!("fingerprint", span = mixed);
+    let tx_param = format_ident!("tx", span = mixed);
+    let gate = format_ident!("gate", span = mixed);
+    let span_var = format_ident!("span", span = mixed);
+    let result = format_ident!("result", span = mixed);
 
     let attrs = &item.attrs;
     let vis = &item.vis;
@@ -148,7 +152,11 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
             #replay_check
             let #key = #private::key(#spec.scope(), &[#(#key_parts),*]);
             let #fingerprint = #fingerprint_value;
-            #private::run(
+            // Three steps rather than one call taking the body as a closure: a closure over
+            // `&mut Tx` needs a higher-ranked bound, and rustc cannot then prove the handler's
+            // future `Send` (rust-lang/rust#110338). The body is an async block instead, so
+            // `return` and `?` in it behave as in the original function.
+            let mut #gate = match #private::open(
                 #store_param,
                 #strategy_value,
                 &#spec,
@@ -156,12 +164,20 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
                 #fingerprint,
                 #codec,
                 #ack_param,
-                async move |#tx_pat: #tx_type| -> #output {
-                    let #message_pat = #message_param;
-                    #body
-                },
             )
             .await
+            {
+                #private::core::result::Result::Ok(gate) => gate,
+                #private::core::result::Result::Err(settled) => return settled,
+            };
+            let (#tx_param, #span_var) = #gate.parts();
+            let #result = #private::body::<#output, _>(#span_var, async {
+                let #tx_pat: #tx_type = #tx_param;
+                let #message_pat = #message_param;
+                #body
+            })
+            .await;
+            #gate.finish(#result).await
         }
     }
 }

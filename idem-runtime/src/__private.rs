@@ -17,6 +17,9 @@ pub use ::core;
 pub use ::std;
 
 use crate::key::KeyError;
+
+/// The transaction type a store's handlers receive.
+pub type StoreTx<S> = <S as crate::store::Store>::Tx;
 use crate::strategy::FingerprintInput;
 
 /// Builds the key from `(field name, value)` pairs, in the key's order.
@@ -52,27 +55,14 @@ pub const fn assert_replayable<T: serde::Serialize + serde::de::DeserializeOwned
 #[inline(always)]
 pub const fn assert_fingerprintable<M: serde::Serialize + ?Sized>() {}
 
-/// Runs one delivery. The generated function's body is this one call.
-#[allow(clippy::too_many_arguments)]
+pub use crate::strategy::{OpenGate, open};
+
+/// Runs the handler's body in the delivery's span. `R` is the handler's declared return type,
+/// given explicitly so that `?` inside the body's async block knows what to convert into.
 #[inline]
-pub async fn run<S, G, C, A, B, R>(
-    store: &S,
-    strategy: G,
-    spec: &HandlerSpec,
-    key: Result<Key, KeyError>,
-    fingerprint: FingerprintInput,
-    codec: C,
-    ack: A,
-    body: B,
-) -> Result<Outcome<R::Ok>, Error<R::Err>>
-where
-    S: crate::store::Store,
-    G: crate::strategy::Strategy<S>,
-    C: crate::payload::ResultCodec<R::Ok>,
-    A: Acknowledger,
-    B: AsyncFnOnce(&mut S::Tx) -> R,
-    R: HandlerResult,
-    R::Err: HandlerError,
-{
-    crate::strategy::execute(store, &strategy, spec, key, fingerprint, codec, ack, body).await
+pub fn body<R, F: core::future::Future<Output = R>>(
+    span: tracing::Span,
+    body: F,
+) -> tracing::instrument::Instrumented<F> {
+    tracing::Instrument::instrument(body, span)
 }

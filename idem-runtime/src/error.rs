@@ -102,6 +102,10 @@ pub(crate) fn find_database_error<'a>(
         if let Some(sqlx_error) = err.downcast_ref::<sqlx::Error>() {
             return Some(FoundDatabaseError::Sqlx(sqlx_error));
         }
+        // `sqlx::Error::Database`'s source is the box itself.
+        if let Some(db) = err.downcast_ref::<Box<dyn sqlx::error::DatabaseError>>() {
+            return Some(FoundDatabaseError::Driver(db.as_ref()));
+        }
         #[cfg(feature = "pg")]
         if let Some(db) = err.downcast_ref::<sqlx::postgres::PgDatabaseError>() {
             return Some(FoundDatabaseError::Driver(db));

@@ -1,1 +1,180 @@
+//! Shared harness for idem's integration tests: live services, a recording acknowledger,
+//! failure injection, and the store conformance suite ([`conformance_suite!`]).
+//!
+//! Services are real. A missing service is a loud failure, never a skip: the test command
+//! (`scripts/test`) starts the ones that are installed but stopped.
 
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use idem_runtime::{Acknowledger, Committed, HandlerError, RequeueReason};
+
+pub mod conformance;
+pub mod pg;
+pub mod sqlite;
+
+/// A message for the conformance handlers.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Payment {
+    /// The idempotency key.
+    pub order_id: String,
+    /// Written to the business table.
+    pub amount: i64,
+    /// The receipt number (unique in `idem_conf_payments`); a fresh one per delivery when `None`.
+    pub receipt: Option<String>,
+}
+
+impl Payment {
+    /// A payment of `amount` for `order_id`.
+    pub fn new(order_id: impl Into<String>, amount: i64) -> Self {
+        Self {
+            order_id: order_id.into(),
+            amount,
+            receipt: None,
+        }
+    }
+}
+
+/// The conformance handlers' error.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// A database error from the body.
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+    /// An injected transient failure (see [`fail_once`]).
+    #[error("injected transient failure for order {0}")]
+    Transient(String),
+}
+
+impl HandlerError for AppError {}
+
+/// A prefix unique to this test process, so runs never see each other's keys.
+pub fn run_id() -> &'static str {
+    static RUN_ID: OnceLock<String> = OnceLock::new();
+    RUN_ID.get_or_init(|| {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        format!("r{}-{nanos:x}", std::process::id())
+    })
+}
+
+/// A key unique to this run and call: `<run>-<label>-<n>`.
+pub fn unique_key(label: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{}-{label}-{n}", run_id())
+}
+
+fn poisoned() -> &'static Mutex<HashSet<String>> {
+    static POISONED: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
+    POISONED.get_or_init(Mutex::default)
+}
+
+/// Makes the next handling of `key` fail in the body, after its business write, once.
+pub fn fail_once(key: &str) {
+    poisoned()
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(key.to_owned());
+}
+
+/// Called by the handlers' bodies after their business write: fails once for a poisoned key.
+pub fn maybe_fail(key: &str) -> Result<(), AppError> {
+    let hit = poisoned()
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .remove(key);
+    if hit {
+        Err(AppError::Transient(key.to_owned()))
+    } else {
+        Ok(())
+    }
+}
+
+/// What an acknowledger was told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AckEvent {
+    /// Acked after commit.
+    Ack,
+    /// Requeued.
+    Requeue(RequeueReason),
+    /// Dead-lettered, with the reason.
+    DeadLetter(String),
+}
+
+/// An acknowledger that records what it was told, and can fail its ack (a consumer that
+/// crashed between commit and ack, or a lost ack).
+#[derive(Debug, Clone, Default)]
+pub struct RecordingAck {
+    events: Arc<Mutex<Vec<AckEvent>>>,
+    fail_ack: bool,
+}
+
+/// The error of a [`RecordingAck`] told to fail.
+#[derive(Debug, thiserror::Error)]
+#[error("simulated broker failure: connection lost before the ack reached the broker")]
+pub struct AckLost;
+
+impl RecordingAck {
+    /// Records and succeeds.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records, but its ack fails as if the connection dropped after the commit.
+    pub fn losing_acks() -> Self {
+        Self {
+            fail_ack: true,
+            ..Self::default()
+        }
+    }
+
+    /// Everything it was told, in order.
+    pub fn events(&self) -> Vec<AckEvent> {
+        self.events
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn record(&self, event: AckEvent) {
+        self.events
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(event);
+    }
+}
+
+impl Acknowledger for RecordingAck {
+    type Error = AckLost;
+
+    async fn ack(self, _proof: Committed) -> Result<(), AckLost> {
+        self.record(AckEvent::Ack);
+        if self.fail_ack { Err(AckLost) } else { Ok(()) }
+    }
+
+    async fn requeue(self, reason: RequeueReason) -> Result<(), AckLost> {
+        self.record(AckEvent::Requeue(reason));
+        Ok(())
+    }
+
+    async fn dead_letter(self, reason: &str) -> Result<(), AckLost> {
+        self.record(AckEvent::DeadLetter(reason.to_owned()));
+        Ok(())
+    }
+}
+
+/// Installs a tracing subscriber once (controlled by `RUST_LOG`), so failing tests can show
+/// the handlers' spans.
+pub fn init_tracing() {
+    static INIT: OnceLock<()> = OnceLock::new();
+    INIT.get_or_init(|| {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    });
+}

@@ -1,12 +1,12 @@
 //! Idempotency strategies: how a duplicate is recognised. One file per strategy.
 //!
-//! Every strategy runs inside the same pipeline, [`execute`], which owns the order that makes
-//! the guarantee:
+//! Every strategy runs inside the same pipeline, [`open`] then [`OpenGate::finish`], which owns
+//! the order that makes the guarantee:
 //!
 //! 1. build the key (an invalid key is a permanent error: dead-letter);
 //! 2. begin the store's transaction;
 //! 3. [`Strategy::enter`]: the gate before the body (may find a duplicate);
-//! 4. run the body with the transaction;
+//! 4. run the body with the transaction (generated code, between `open` and `finish`);
 //! 5. [`Strategy::leave`]: the gate after the body (may write the record, may find a duplicate);
 //! 6. commit;
 //! 7. only then acknowledge, with the [`Committed`] proof the commit produced.
@@ -161,27 +161,60 @@ pub(crate) fn now_ms() -> i64 {
 /// The payload's fingerprint as the macro computed it: `None` without `fingerprint`.
 pub type FingerprintInput = Option<Result<String, serde_json::Error>>;
 
-/// Runs one delivery through `strategy` on `store`, then settles it with `ack`. See the
-/// [module docs](self) for the order of steps.
-#[allow(clippy::too_many_arguments)] // one call site, generated; a builder would only hide it
-pub async fn execute<S, G, C, A, B, R>(
-    store: &S,
-    strategy: &G,
+type Settled<T, E> = Result<Outcome<T>, Error<E>>;
+type Attempt<T, E> = Result<(Outcome<T>, Committed), Error<E>>;
+
+/// A delivery whose gate opened: it holds the transaction the body runs in, and everything
+/// [`finish`](Self::finish) needs to record, commit and acknowledge.
+///
+/// Made by [`open`]. The generated code runs the body between the two, as an ordinary async
+/// block borrowing [`parts`](Self::parts): no closure, so no higher-ranked bound that would
+/// defeat the `Send` check of the handler's future.
+#[must_use = "an open gate holds a transaction: finish it"]
+pub struct OpenGate<'s, S: Store, G, C, A> {
+    store: &'s S,
+    strategy: G,
+    key: Key,
+    fingerprint: Option<String>,
+    now_ms: i64,
+    expires_at_ms: Option<i64>,
+    wants_record: bool,
+    codec: C,
+    ack: A,
+    tx: S::Tx,
+    span: tracing::Span,
+}
+
+impl<S: Store, G, C, A> std::fmt::Debug for OpenGate<'_, S, G, C, A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenGate")
+            .field("store", &S::NAME)
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Step one: builds the key, begins the transaction and runs the gate before the body.
+///
+/// `Ok` means the body should run (see [`OpenGate`]). `Err` carries the final result of a
+/// delivery that is already settled with the broker: a duplicate (acked), or a failure
+/// (requeued or dead-lettered).
+#[allow(clippy::too_many_arguments)] // called once, by generated code
+pub async fn open<'s, S, G, C, A, T, E>(
+    store: &'s S,
+    strategy: G,
     spec: &HandlerSpec,
     key: Result<Key, KeyError>,
     fingerprint: FingerprintInput,
     codec: C,
     ack: A,
-    body: B,
-) -> Result<Outcome<R::Ok>, Error<R::Err>>
+) -> Result<OpenGate<'s, S, G, C, A>, Settled<T, E>>
 where
     S: Store,
     G: Strategy<S>,
-    C: ResultCodec<R::Ok>,
+    C: ResultCodec<T>,
     A: Acknowledger,
-    B: AsyncFnOnce(&mut S::Tx) -> R,
-    R: HandlerResult,
-    R::Err: HandlerError,
+    E: HandlerError,
 {
     let span = tracing::info_span!(
         "idem.handle",
@@ -191,80 +224,180 @@ where
         store = S::NAME,
         outcome = tracing::field::Empty,
     );
-    async move {
-        let attempt = attempt(store, strategy, spec, key, fingerprint, &codec, body).await;
-        let span = tracing::Span::current();
-        match &attempt {
-            Ok((outcome, _)) => {
-                span.record("outcome", outcome.as_str());
-            }
-            Err(error) => {
-                span.record("outcome", error.kind_str());
-            }
-        }
-        ack::settle(ack, attempt).await
+    let opened = enter(store, strategy, spec, key, fingerprint, codec)
+        .instrument(span.clone())
+        .await;
+    match opened {
+        Ok(Ok((parts, tx))) => Ok(OpenGate {
+            store,
+            strategy: parts.strategy,
+            key: parts.key,
+            fingerprint: parts.fingerprint,
+            now_ms: parts.now_ms,
+            expires_at_ms: parts.expires_at_ms,
+            wants_record: parts.wants_record,
+            codec: parts.codec,
+            ack,
+            tx,
+            span,
+        }),
+        Ok(Err(attempt)) | Err(attempt) => Err(conclude(ack, attempt).instrument(span).await),
     }
-    .instrument(span)
-    .await
 }
 
-type Attempt<T, E> = Result<(Outcome<T>, Committed), Error<E>>;
+/// What `enter` hands to the gate.
+struct Entered<G, C> {
+    strategy: G,
+    key: Key,
+    fingerprint: Option<String>,
+    now_ms: i64,
+    expires_at_ms: Option<i64>,
+    wants_record: bool,
+    codec: C,
+}
 
-async fn attempt<S, G, C, B, R>(
+impl<G, C> Entered<G, C> {
+    fn delivery(&self) -> Delivery<'_> {
+        Delivery {
+            key: &self.key,
+            fingerprint: self.fingerprint.as_deref(),
+            now_ms: self.now_ms,
+            expires_at_ms: self.expires_at_ms,
+            wants_record: self.wants_record,
+        }
+    }
+}
+
+/// `Err` = could not open; `Ok(Err)` = settled early (a duplicate); `Ok(Ok)` = run the body.
+#[allow(clippy::type_complexity)]
+async fn enter<S, G, C, T, E>(
     store: &S,
-    strategy: &G,
+    strategy: G,
     spec: &HandlerSpec,
     key: Result<Key, KeyError>,
     fingerprint: FingerprintInput,
-    codec: &C,
-    body: B,
-) -> Attempt<R::Ok, R::Err>
+    codec: C,
+) -> Result<Result<(Entered<G, C>, S::Tx), Attempt<T, E>>, Attempt<T, E>>
 where
     S: Store,
     G: Strategy<S>,
-    C: ResultCodec<R::Ok>,
-    B: AsyncFnOnce(&mut S::Tx) -> R,
-    R: HandlerResult,
-    R::Err: HandlerError,
+    C: ResultCodec<T>,
 {
-    let key = key?;
+    let key = key.map_err(|error| Err(Error::Key(error)))?;
     tracing::Span::current().record("key", key.value());
-    let fingerprint = fingerprint.transpose().map_err(|source| Error::Serialize {
-        what: "payload",
-        source,
+    let fingerprint = fingerprint.transpose().map_err(|source| {
+        Err(Error::Serialize {
+            what: "payload",
+            source,
+        })
     })?;
     let now_ms = now_ms();
-    let delivery = Delivery {
-        key: &key,
-        fingerprint: fingerprint.as_deref(),
+    let expires_at_ms = spec.ttl().map(|ttl| {
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        now_ms.saturating_add(ttl_ms)
+    });
+    let wants_record = fingerprint.is_some() || C::STORES_RESULTS;
+    let entered = Entered {
+        strategy,
+        key,
+        fingerprint,
         now_ms,
-        expires_at_ms: spec.ttl().map(|ttl| {
-            let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
-            now_ms.saturating_add(ttl_ms)
-        }),
-        wants_record: fingerprint.is_some() || C::STORES_RESULTS,
+        expires_at_ms,
+        wants_record,
+        codec,
     };
-    let duplicate = |record| accept_duplicate(&delivery, codec, record);
 
-    let mut tx = store.begin().await.map_err(Error::Database)?;
-    match strategy.enter(store, &mut tx, &delivery).await {
-        Ok(Gate::Open) => {}
+    let mut tx = store
+        .begin()
+        .await
+        .map_err(|error| Err(Error::Database(error)))?;
+    let delivery = entered.delivery();
+    match entered.strategy.enter(store, &mut tx, &delivery).await {
+        Ok(Gate::Open) => Ok(Ok((entered, tx))),
         Ok(Gate::Duplicate(record)) => {
             rollback::<S>(tx).await;
-            return duplicate(record);
+            Ok(Err(accept_duplicate(&delivery, &entered.codec, record)))
         }
         Err(error) => {
             rollback::<S>(tx).await;
-            return Err(Error::Database(error));
+            Err(Err(Error::Database(error)))
         }
     }
+}
 
-    let value = match body(&mut tx).await.into_result() {
+impl<'s, S, G, C, A> OpenGate<'s, S, G, C, A>
+where
+    S: Store,
+    G: Strategy<S>,
+    A: Acknowledger,
+{
+    /// The transaction for the body, and the delivery's span to run the body in.
+    pub fn parts(&mut self) -> (&mut S::Tx, tracing::Span) {
+        (&mut self.tx, self.span.clone())
+    }
+
+    /// Step two, after the body: on success, the gate after the body, the commit, then the
+    /// ack; on failure, the rollback, then requeue or dead-letter (or, when the strategy
+    /// recognises the failure as a duplicate, the ack).
+    pub async fn finish<R>(self, result: R) -> Settled<R::Ok, R::Err>
+    where
+        R: HandlerResult,
+        R::Err: HandlerError,
+        C: ResultCodec<R::Ok>,
+    {
+        let span = self.span.clone();
+        let Self {
+            store,
+            strategy,
+            key,
+            fingerprint,
+            now_ms,
+            expires_at_ms,
+            wants_record,
+            codec,
+            ack,
+            tx,
+            span: _,
+        } = self;
+        let entered = Entered {
+            strategy,
+            key,
+            fingerprint,
+            now_ms,
+            expires_at_ms,
+            wants_record,
+            codec,
+        };
+        async move {
+            let attempt = complete(store, &entered, tx, result.into_result()).await;
+            conclude(ack, attempt).await
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+async fn complete<S, G, C, T, E>(
+    store: &S,
+    entered: &Entered<G, C>,
+    mut tx: S::Tx,
+    result: Result<T, E>,
+) -> Attempt<T, E>
+where
+    S: Store,
+    G: Strategy<S>,
+    C: ResultCodec<T>,
+    E: HandlerError,
+{
+    let delivery = entered.delivery();
+    let strategy = &entered.strategy;
+    let codec = &entered.codec;
+    let value = match result {
         Ok(value) => value,
         Err(error) => {
             rollback::<S>(tx).await;
             if strategy.is_duplicate_failure(store, &error) {
-                return duplicate(read_record(store, &delivery).await?);
+                return accept_duplicate(&delivery, codec, read_record(store, &delivery).await?);
             }
             return Err(Error::Handler(error));
         }
@@ -287,7 +420,7 @@ where
         Ok(Gate::Open) => {}
         Ok(Gate::Duplicate(record)) => {
             rollback::<S>(tx).await;
-            return duplicate(record);
+            return accept_duplicate(&delivery, codec, record);
         }
         Err(error) => {
             rollback::<S>(tx).await;
@@ -298,12 +431,25 @@ where
     match S::commit(tx).await {
         Ok(()) => Ok((Outcome::Processed(value), Committed::new())),
         Err(error) if strategy.is_duplicate_failure(store, &error) => {
-            duplicate(read_record(store, &delivery).await?)
+            accept_duplicate(&delivery, codec, read_record(store, &delivery).await?)
         }
         // The commit's outcome may be unknown (connection lost mid-commit): requeue, and let
         // the gate sort the redelivery out.
         Err(error) => Err(Error::Database(error)),
     }
+}
+
+/// Records the outcome on the span, then settles with the broker.
+async fn conclude<T, E: HandlerError, A: Acknowledger>(
+    ack: A,
+    attempt: Attempt<T, E>,
+) -> Settled<T, E> {
+    let span = tracing::Span::current();
+    match &attempt {
+        Ok((outcome, _)) => span.record("outcome", outcome.as_str()),
+        Err(error) => span.record("outcome", error.kind_str()),
+    };
+    ack::settle(ack, attempt).await
 }
 
 async fn read_record<S: Store, E>(

@@ -1,0 +1,454 @@
+//! The store conformance suite: the same cases, through real `#[idempotent]` handlers, on
+//! every SQL store. A store's test target instantiates it with [`conformance_suite!`]:
+//!
+//! ```ignore
+//! idem_tests::conformance_suite! {
+//!     store = "pg",
+//!     tx = idem_runtime::PgTx<'_>,
+//!     open = idem_tests::pg::store().await,
+//!     constraint = "idem_conf_payments_order_id_key",
+//! }
+//! ```
+//!
+//! Cases, for `dedup_table` and `unique_constraint` alike: first delivery; sequential
+//! duplicate; 16 concurrent deliveries of one key; a failure in the body (nothing committed,
+//! the redelivery succeeds); a lost ack after commit (the redelivery is a duplicate); payload
+//! mismatch (dead-lettered); replay of the first result; bad input (an empty key is
+//! dead-lettered); plus expiry for `dedup_table` and constraint matching for
+//! `unique_constraint`.
+
+/// The business tables the conformance handlers write to. Portable DDL (PostgreSQL, SQLite).
+///
+/// `idem_conf_ledger` has no unique constraint: a second row for a key means the body ran
+/// twice to commit, so it is what proves a gate. `idem_conf_payments` has a unique order id
+/// (the `unique_constraint` gate) and a second unique column, `receipt`, which must not be
+/// mistaken for a duplicate when the gate names its constraint.
+pub const BUSINESS_TABLES: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS idem_conf_ledger (
+        order_id TEXT   NOT NULL,
+        amount   BIGINT NOT NULL
+    )",
+    "CREATE TABLE IF NOT EXISTS idem_conf_payments (
+        order_id TEXT   NOT NULL,
+        amount   BIGINT NOT NULL,
+        receipt  TEXT   NOT NULL,
+        CONSTRAINT idem_conf_payments_order_id_key UNIQUE (order_id),
+        CONSTRAINT idem_conf_payments_receipt_key UNIQUE (receipt)
+    )",
+];
+
+/// Instantiates the conformance suite for one SQL store. See the [module docs](self).
+#[macro_export]
+macro_rules! conformance_suite {
+    (
+        store = $store:tt,
+        tx = $tx:ty,
+        open = $open:expr,
+        constraint = $constraint:tt $(,)?
+    ) => {
+        mod handlers {
+            use ::idem_runtime::idempotent;
+            use $crate::{AppError, Payment};
+
+            async fn write_ledger(tx: &mut $tx, msg: &Payment) -> Result<(), AppError> {
+                ::sqlx::query("INSERT INTO idem_conf_ledger (order_id, amount) VALUES ($1, $2)")
+                    .bind(&msg.order_id)
+                    .bind(msg.amount)
+                    .execute(&mut **tx)
+                    .await?;
+                $crate::maybe_fail(&msg.order_id)
+            }
+
+            async fn write_payment(tx: &mut $tx, msg: &Payment) -> Result<(), AppError> {
+                // A fresh receipt per delivery unless the test sets one: a duplicate then
+                // violates the order id's constraint only.
+                let receipt = msg.receipt.clone().unwrap_or_else(|| $crate::unique_key("receipt"));
+                ::sqlx::query(
+                    "INSERT INTO idem_conf_payments (order_id, amount, receipt) VALUES ($1, $2, $3)",
+                )
+                .bind(&msg.order_id)
+                .bind(msg.amount)
+                .bind(receipt)
+                .execute(&mut **tx)
+                .await?;
+                $crate::maybe_fail(&msg.order_id)
+            }
+
+            #[idempotent(key = "order_id", store = $store, strategy = "dedup_table", scope = "conf.dedup")]
+            pub async fn dedup(tx: &mut $tx, msg: Payment) -> Result<i64, AppError> {
+                write_ledger(tx, &msg).await?;
+                Ok(msg.amount)
+            }
+
+            #[idempotent(key = "order_id", store = $store, strategy = "dedup_table", scope = "conf.dedup.replay", replay)]
+            pub async fn dedup_replay(tx: &mut $tx, msg: Payment) -> Result<i64, AppError> {
+                write_ledger(tx, &msg).await?;
+                Ok(msg.amount)
+            }
+
+            #[idempotent(key = "order_id", store = $store, strategy = "dedup_table", scope = "conf.dedup.fingerprint", fingerprint)]
+            pub async fn dedup_fingerprint(tx: &mut $tx, msg: Payment) -> Result<i64, AppError> {
+                write_ledger(tx, &msg).await?;
+                Ok(msg.amount)
+            }
+
+            #[idempotent(key = "order_id", store = $store, strategy = "dedup_table", scope = "conf.dedup.ttl", ttl = "300ms")]
+            pub async fn dedup_ttl(tx: &mut $tx, msg: Payment) -> Result<i64, AppError> {
+                write_ledger(tx, &msg).await?;
+                Ok(msg.amount)
+            }
+
+            #[idempotent(key = "order_id", store = $store, strategy = "unique_constraint", scope = "conf.unique", constraint = $constraint)]
+            pub async fn unique(tx: &mut $tx, msg: Payment) -> Result<i64, AppError> {
+                write_payment(tx, &msg).await?;
+                Ok(msg.amount)
+            }
+
+            #[idempotent(key = "order_id", store = $store, strategy = "unique_constraint", scope = "conf.unique.any")]
+            pub async fn unique_any(tx: &mut $tx, msg: Payment) -> Result<i64, AppError> {
+                write_payment(tx, &msg).await?;
+                Ok(msg.amount)
+            }
+
+            #[idempotent(key = "order_id", store = $store, strategy = "unique_constraint", scope = "conf.unique.replay", constraint = $constraint, replay)]
+            pub async fn unique_replay(tx: &mut $tx, msg: Payment) -> Result<i64, AppError> {
+                write_payment(tx, &msg).await?;
+                Ok(msg.amount)
+            }
+
+            #[idempotent(key = "order_id", store = $store, strategy = "unique_constraint", scope = "conf.unique.fingerprint", constraint = $constraint, fingerprint)]
+            pub async fn unique_fingerprint(tx: &mut $tx, msg: Payment) -> Result<i64, AppError> {
+                write_payment(tx, &msg).await?;
+                Ok(msg.amount)
+            }
+        }
+
+        /// Rows for `key` in a business table.
+        async fn business_rows(store: &impl HasPool, table: &str, key: &str) -> i64 {
+            let sql = match table {
+                "ledger" => "SELECT COUNT(*) FROM idem_conf_ledger WHERE order_id = $1",
+                _ => "SELECT COUNT(*) FROM idem_conf_payments WHERE order_id = $1",
+            };
+            store.count(sql, &[key]).await
+        }
+
+        /// Dedup records for `key` in `scope`.
+        async fn dedup_records(store: &impl HasPool, scope: &str, key: &str) -> i64 {
+            store
+                .count(
+                    "SELECT COUNT(*) FROM idem_records WHERE scope = $1 AND record_key = $2",
+                    &[scope, key],
+                )
+                .await
+        }
+
+        trait HasPool {
+            async fn count(&self, sql: &'static str, binds: &[&str]) -> i64;
+        }
+
+        $crate::__impl_has_pool!($store);
+
+        mod dedup_table {
+            use super::*;
+            $crate::__strategy_cases!(
+                open = $open,
+                plain = handlers::dedup,
+                replay = handlers::dedup_replay,
+                fingerprint = handlers::dedup_fingerprint,
+                table = "ledger",
+                plain_scope = "conf.dedup",
+            );
+
+            #[tokio::test]
+            async fn expired_record_no_longer_deduplicates() {
+                $crate::init_tracing();
+                let store = $open;
+                let key = $crate::unique_key("ttl");
+                let first = handlers::dedup_ttl(&store, $crate::Payment::new(&key, 1), ::idem_runtime::NoAck)
+                    .await
+                    .expect("first delivery");
+                assert!(first.is_processed());
+                let live = handlers::dedup_ttl(&store, $crate::Payment::new(&key, 1), ::idem_runtime::NoAck)
+                    .await
+                    .expect("redelivery within the ttl");
+                assert!(live.is_duplicate(), "within the ttl the record counts: {live:?}");
+                ::tokio::time::sleep(::std::time::Duration::from_millis(400)).await;
+                let after = handlers::dedup_ttl(&store, $crate::Payment::new(&key, 1), ::idem_runtime::NoAck)
+                    .await
+                    .expect("redelivery after the ttl");
+                assert!(after.is_processed(), "an expired record must not deduplicate: {after:?}");
+                assert_eq!(business_rows(&store, "ledger", &key).await, 2);
+                assert_eq!(dedup_records(&store, "conf.dedup.ttl", &key).await, 1, "the expired record is taken over, not duplicated");
+            }
+
+            #[tokio::test]
+            async fn dedup_record_is_written_in_the_transaction() {
+                let store = $open;
+                let key = $crate::unique_key("record");
+                handlers::dedup(&store, $crate::Payment::new(&key, 3), ::idem_runtime::NoAck)
+                    .await
+                    .expect("first delivery");
+                assert_eq!(dedup_records(&store, "conf.dedup", &key).await, 1);
+            }
+        }
+
+        mod unique_constraint {
+            use super::*;
+            $crate::__strategy_cases!(
+                open = $open,
+                plain = handlers::unique,
+                replay = handlers::unique_replay,
+                fingerprint = handlers::unique_fingerprint,
+                table = "payments",
+                plain_scope = "conf.unique",
+            );
+
+            #[tokio::test]
+            async fn writes_no_dedup_record_without_replay_or_fingerprint() {
+                let store = $open;
+                let key = $crate::unique_key("norecord");
+                handlers::unique(&store, $crate::Payment::new(&key, 3), ::idem_runtime::NoAck)
+                    .await
+                    .expect("first delivery");
+                assert_eq!(dedup_records(&store, "conf.unique", &key).await, 0);
+                assert_eq!(business_rows(&store, "payments", &key).await, 1);
+            }
+
+            #[tokio::test]
+            async fn violation_of_another_constraint_is_an_error_not_a_duplicate() {
+                let store = $open;
+                let receipt = $crate::unique_key("receipt");
+                let mut first = $crate::Payment::new($crate::unique_key("a"), 1);
+                first.receipt = Some(receipt.clone());
+                let mut second = $crate::Payment::new($crate::unique_key("b"), 2);
+                second.receipt = Some(receipt);
+                handlers::unique(&store, first, ::idem_runtime::NoAck).await.expect("first");
+                let ack = $crate::RecordingAck::new();
+                let result = handlers::unique(&store, second.clone(), ack.clone()).await;
+                match &result {
+                    Err(::idem_runtime::Error::Handler($crate::AppError::Db(_))) => {}
+                    other => panic!("a receipt clash is not a duplicate of this order: {other:?}"),
+                }
+                assert!(matches!(ack.events().as_slice(), [$crate::AckEvent::DeadLetter(_)]), "{:?}", ack.events());
+                assert_eq!(business_rows(&store, "payments", &second.order_id).await, 0);
+            }
+
+            #[tokio::test]
+            async fn without_a_named_constraint_any_unique_violation_is_a_duplicate() {
+                let store = $open;
+                let receipt = $crate::unique_key("receipt-any");
+                let mut first = $crate::Payment::new($crate::unique_key("a"), 1);
+                first.receipt = Some(receipt.clone());
+                let mut second = $crate::Payment::new($crate::unique_key("b"), 2);
+                second.receipt = Some(receipt);
+                handlers::unique_any(&store, first, ::idem_runtime::NoAck).await.expect("first");
+                let outcome = handlers::unique_any(&store, second, ::idem_runtime::NoAck)
+                    .await
+                    .expect("documented: any unique violation counts when no constraint is named");
+                assert!(outcome.is_duplicate());
+            }
+        }
+    };
+}
+
+/// Implementation detail of [`conformance_suite!`]: counting rows through the store's pool.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __impl_has_pool {
+    ("pg") => {
+        impl HasPool for ::idem_runtime::PgStore {
+            async fn count(&self, sql: &'static str, binds: &[&str]) -> i64 {
+                let mut query = ::sqlx::query_scalar::<_, i64>(sql);
+                for bind in binds {
+                    query = query.bind(*bind);
+                }
+                query.fetch_one(self.pool()).await.expect("count rows")
+            }
+        }
+    };
+    ("sqlite") => {
+        impl HasPool for ::idem_runtime::SqliteStore {
+            async fn count(&self, sql: &'static str, binds: &[&str]) -> i64 {
+                let mut query = ::sqlx::query_scalar::<_, i64>(sql);
+                for bind in binds {
+                    query = query.bind(*bind);
+                }
+                query.fetch_one(self.pool()).await.expect("count rows")
+            }
+        }
+    };
+}
+
+/// Implementation detail of [`conformance_suite!`]: the cases every strategy passes.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __strategy_cases {
+    (
+        open = $open:expr,
+        plain = $plain:path,
+        replay = $replay:path,
+        fingerprint = $fingerprint:path,
+        table = $table:literal,
+        plain_scope = $scope:literal $(,)?
+    ) => {
+        use ::idem_runtime::{Error, NoAck, Outcome, RequeueReason};
+        use $crate::{AckEvent, Payment, RecordingAck, unique_key};
+
+        #[tokio::test]
+        async fn first_delivery_is_processed_then_acked() {
+            $crate::init_tracing();
+            let store = $open;
+            let key = unique_key("first");
+            let ack = RecordingAck::new();
+            let outcome = $plain(&store, Payment::new(&key, 250), ack.clone())
+                .await
+                .expect("first delivery");
+            assert_eq!(outcome, Outcome::Processed(250));
+            assert_eq!(ack.events(), vec![AckEvent::Ack]);
+            assert_eq!(business_rows(&store, $table, &key).await, 1);
+        }
+
+        #[tokio::test]
+        async fn sequential_duplicate_is_acked_without_running_the_body() {
+            let store = $open;
+            let key = unique_key("seq");
+            $plain(&store, Payment::new(&key, 10), NoAck).await.expect("first delivery");
+            let ack = RecordingAck::new();
+            let again = $plain(&store, Payment::new(&key, 10), ack.clone())
+                .await
+                .expect("redelivery");
+            assert_eq!(again, Outcome::Duplicate { replayed: None });
+            assert_eq!(ack.events(), vec![AckEvent::Ack], "a duplicate is acked");
+            assert_eq!(business_rows(&store, $table, &key).await, 1, "the body ran once");
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn concurrent_duplicates_process_exactly_once() {
+            let store = $open;
+            let key = unique_key("race");
+            let acks: Vec<RecordingAck> = (0..16).map(|_| RecordingAck::new()).collect();
+            let tasks: Vec<_> = acks
+                .iter()
+                .map(|ack| {
+                    let store = store.clone();
+                    let message = Payment::new(&key, 7);
+                    let ack = ack.clone();
+                    ::tokio::spawn(async move { $plain(&store, message, ack).await })
+                })
+                .collect();
+            let mut processed = 0;
+            let mut duplicates = 0;
+            for task in tasks {
+                match task.await.expect("task panicked") {
+                    Ok(Outcome::Processed(7)) => processed += 1,
+                    Ok(Outcome::Duplicate { .. }) => duplicates += 1,
+                    other => panic!("unexpected result under contention: {other:?}"),
+                }
+            }
+            assert_eq!((processed, duplicates), (1, 15));
+            assert_eq!(business_rows(&store, $table, &key).await, 1);
+            for ack in &acks {
+                assert_eq!(ack.events(), vec![AckEvent::Ack], "every twin is acked once");
+            }
+        }
+
+        #[tokio::test]
+        async fn body_failure_commits_nothing_and_redelivery_succeeds() {
+            let store = $open;
+            let key = unique_key("fail");
+            $crate::fail_once(&key);
+            let ack = RecordingAck::new();
+            let failed = $plain(&store, Payment::new(&key, 5), ack.clone()).await;
+            assert!(
+                matches!(failed, Err(Error::Handler($crate::AppError::Transient(_)))),
+                "{failed:?}"
+            );
+            assert_eq!(ack.events(), vec![AckEvent::Requeue(RequeueReason::Retryable)]);
+            assert_eq!(business_rows(&store, $table, &key).await, 0, "the write rolled back");
+            assert_eq!(dedup_records(&store, $scope, &key).await, 0, "the record rolled back");
+
+            let ack = RecordingAck::new();
+            let retried = $plain(&store, Payment::new(&key, 5), ack.clone())
+                .await
+                .expect("redelivery");
+            assert_eq!(retried, Outcome::Processed(5));
+            assert_eq!(ack.events(), vec![AckEvent::Ack]);
+            assert_eq!(business_rows(&store, $table, &key).await, 1);
+        }
+
+        #[tokio::test]
+        async fn lost_ack_after_commit_makes_the_redelivery_a_duplicate() {
+            let store = $open;
+            let key = unique_key("lostack");
+            let ack = RecordingAck::losing_acks();
+            let first = $plain(&store, Payment::new(&key, 9), ack.clone())
+                .await
+                .expect("a lost ack after commit is not a handling failure");
+            assert_eq!(first, Outcome::Processed(9));
+            assert_eq!(ack.events(), vec![AckEvent::Ack], "the ack was attempted after commit");
+
+            // The broker never heard the ack, so it redelivers.
+            let ack = RecordingAck::new();
+            let redelivered = $plain(&store, Payment::new(&key, 9), ack.clone())
+                .await
+                .expect("redelivery");
+            assert!(redelivered.is_duplicate(), "{redelivered:?}");
+            assert_eq!(ack.events(), vec![AckEvent::Ack]);
+            assert_eq!(business_rows(&store, $table, &key).await, 1);
+        }
+
+        #[tokio::test]
+        async fn same_key_with_a_different_payload_is_dead_lettered() {
+            let store = $open;
+            let key = unique_key("mismatch");
+            $fingerprint(&store, Payment::new(&key, 100), NoAck).await.expect("first");
+            let same = $fingerprint(&store, Payment::new(&key, 100), NoAck)
+                .await
+                .expect("an identical redelivery");
+            assert!(same.is_duplicate());
+            let ack = RecordingAck::new();
+            let changed = $fingerprint(&store, Payment::new(&key, 200), ack.clone()).await;
+            match &changed {
+                Err(Error::PayloadMismatch { key: k, .. }) => assert_eq!(k, &key),
+                other => panic!("expected PayloadMismatch, got {other:?}"),
+            }
+            assert!(!changed.as_ref().unwrap_err().is_retryable());
+            assert!(
+                matches!(ack.events().as_slice(), [AckEvent::DeadLetter(reason)] if reason.contains("payload mismatch")),
+                "{:?}",
+                ack.events()
+            );
+            assert_eq!(business_rows(&store, $table, &key).await, 1);
+        }
+
+        #[tokio::test]
+        async fn duplicate_replays_the_first_result() {
+            let store = $open;
+            let key = unique_key("replay");
+            let first = $replay(&store, Payment::new(&key, 41), NoAck).await.expect("first");
+            assert_eq!(first, Outcome::Processed(41));
+            // No fingerprint: a redelivery with other fields still gets the first result.
+            let again = $replay(&store, Payment::new(&key, 99), NoAck).await.expect("again");
+            assert_eq!(again, Outcome::Duplicate { replayed: Some(41) });
+            assert_eq!(business_rows(&store, $table, &key).await, 1);
+        }
+
+        #[tokio::test]
+        async fn empty_key_is_dead_lettered_not_dropped() {
+            let store = $open;
+            let ack = RecordingAck::new();
+            let result = $plain(&store, Payment::new("", 1), ack.clone()).await;
+            match &result {
+                Err(Error::Key(error)) => {
+                    assert!(error.to_string().contains("`order_id` is empty"), "{error}")
+                }
+                other => panic!("expected a key error, got {other:?}"),
+            }
+            assert!(
+                matches!(ack.events().as_slice(), [AckEvent::DeadLetter(reason)] if reason.contains("order_id")),
+                "{:?}",
+                ack.events()
+            );
+        }
+    };
+}
