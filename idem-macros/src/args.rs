@@ -163,6 +163,10 @@ pub(crate) fn parse(tokens: proc_macro2::TokenStream, errors: &mut Errors) -> Ar
         if !ARGUMENTS.contains(&name.as_str()) {
             let shown = quote::ToTokens::to_token_stream(path).to_string();
             errors.error(path.span(), unknown("argument", &shown, ARGUMENTS));
+            // A misspelt argument is not also reported missing.
+            if let Some(meant) = closest(&shown, ARGUMENTS) {
+                args.present.push(meant.to_owned());
+            }
             continue;
         }
         if args.present.contains(&name) {

@@ -1,8 +1,9 @@
 //! Emitting the rewritten handler: the original name and attributes, a new signature, and a
 //! body that is one call into `idem_runtime::__private::run`.
 
-use proc_macro2::{Span, TokenStream};
-use quote::{format_ident, quote, quote_spanned};
+use proc_macro2::{Group, Span, TokenStream, TokenTree};
+use quote::{format_ident, quote};
+use syn::spanned::Spanned;
 use syn::{GenericArgument, ItemFn, PathArguments, Type};
 
 use crate::args::{Args, StoreKind, StrategyKind};
@@ -15,6 +16,25 @@ pub(crate) struct Expansion<'a> {
     pub(crate) store: StoreKind,
     pub(crate) strategy: StrategyKind,
     pub(crate) handler: Handler,
+}
+
+/// Moves every token of `tokens` to `span`, so that a compiler error about the call they make
+/// points at the attribute argument or signature part that asked for it.
+fn respan(tokens: TokenStream, span: Span) -> TokenStream {
+    tokens
+        .into_iter()
+        .map(|token| match token {
+            TokenTree::Group(group) => {
+                let mut respanned = Group::new(group.delimiter(), respan(group.stream(), span));
+                respanned.set_span(span);
+                TokenTree::Group(respanned)
+            }
+            mut other => {
+                other.set_span(span);
+                other
+            }
+        })
+        .collect()
 }
 
 /// `Result<T, E>` written out: the two types, for a readable generated signature.
@@ -58,7 +78,6 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
     let spec = format_ident!("SPEC", span = mixed);
     let key = format_ident!("key", span = mixed);
     let fingerprint = format_ident!("fingerprint", span = mixed);
-    let tx_param = format_ident!("tx", span = mixed);
     let gate = format_ident!("gate", span = mixed);
     let span_var = format_ident!("span", span = mixed);
     let result = format_ident!("result", span = mixed);
@@ -69,7 +88,9 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
     let ident = &sig.ident;
     let generics = &sig.generics;
     let where_clause = &generics.where_clause;
-    let body = &item.block;
+    // The body's statements, not its block: a block in tail position would trip
+    // `unused_braces` in the user's code.
+    let body = &item.block.stmts;
     let receiver = handler.receiver.as_ref().map(|r| quote!(#r,));
     let store_type = format_ident!("{}", store.type_name());
     let message_type = &handler.message.ty;
@@ -77,6 +98,12 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
     let tx_pat = &handler.tx.pat;
     let tx_type = &handler.tx.ty;
     let output = &handler.output;
+    let output_span = output.span();
+    let handler_errors = respan(quote!(#private::HandlerErrors::of()), output_span);
+    let into_result = respan(quote!(#private::into_result), output_span);
+    // Bound with the user's type, and located on it: a wrong transaction type is reported as a
+    // mismatch on that type.
+    let tx_arg = format_ident!("tx", span = mixed.located_at(handler.tx.ty.span()));
 
     let returns = match result_parts(output) {
         Some((ok, err)) => quote! {
@@ -105,14 +132,16 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
         .key
         .as_ref()
         .expect("validated: a key is present when expanding");
+    // Spanned on the key literal: a missing field, a private field or a type that cannot be a
+    // key part is reported there.
+    let key_part = respan(quote!(#private::key_part), key_spec.span);
+    let message_at_key = format_ident!("message", span = mixed.located_at(key_spec.span));
     let key_parts = key_spec.fields.iter().map(|field| {
         let text = &field.text;
         let segments = &field.segments;
-        // Spanned on the key literal: a missing field, a private field or a type that cannot
-        // be a key part is reported there.
-        quote_spanned! {key_spec.span=>
-            (#text, #private::key_part(&#message_param #(.#segments)*))
-        }
+        let amp = syn::Token![&](key_spec.span);
+        let dot = syn::Token![.](key_spec.span);
+        quote! { (#text, #key_part(#amp #message_at_key #(#dot #segments)*)) }
     });
 
     let strategy_value = match strategy {
@@ -126,17 +155,17 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
         }
     };
 
-    let (codec, replay_check) = match args.replay {
-        Some(span) => (
-            quote!(#private::JsonReplay),
-            quote_spanned! {span=>
-                #private::assert_replayable::<<#output as #private::HandlerResult>::Ok>();
-            },
-        ),
-        None => (quote!(#private::NoReplay), TokenStream::new()),
+    let codec = match args.replay {
+        Some(span) => respan(quote!(#private::JsonReplay::new()), span),
+        None => quote!(#private::NoReplay),
     };
     let fingerprint_value = match args.fingerprint {
-        Some(span) => quote_spanned! {span=> #private::fingerprint(&#message_param) },
+        Some(span) => {
+            let fingerprint_fn = respan(quote!(#private::fingerprint), span);
+            let message = format_ident!("message", span = mixed.located_at(span));
+            let amp = syn::Token![&](span);
+            quote!(#fingerprint_fn(#amp #message))
+        }
         None => quote!(#private::no_fingerprint()),
     };
 
@@ -149,7 +178,6 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
             #ack_param: impl #private::Acknowledger,
         ) -> #returns #where_clause {
             const #spec: #private::HandlerSpec = #private::HandlerSpec::new(#scope) #ttl;
-            #replay_check
             let #key = #private::key(#spec.scope(), &[#(#key_parts),*]);
             let #fingerprint = #fingerprint_value;
             // Three steps rather than one call taking the body as a closure: a closure over
@@ -163,6 +191,7 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
                 #key,
                 #fingerprint,
                 #codec,
+                #handler_errors,
                 #ack_param,
             )
             .await
@@ -170,14 +199,14 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
                 #private::core::result::Result::Ok(gate) => gate,
                 #private::core::result::Result::Err(settled) => return settled,
             };
-            let (#tx_param, #span_var) = #gate.parts();
+            let (#tx_arg, #span_var) = #gate.parts();
             let #result = #private::body::<#output, _>(#span_var, async {
-                let #tx_pat: #tx_type = #tx_param;
+                let #tx_pat: #tx_type = #tx_arg;
                 let #message_pat = #message_param;
-                #body
+                #(#body)*
             })
             .await;
-            #gate.finish(#result).await
+            #gate.finish(#into_result(#result)).await
         }
     }
 }

@@ -121,6 +121,16 @@ pub(crate) fn check(
         }
     }
     let output = match &sig.output {
+        ReturnType::Type(_, ty) if is_never_a_result(ty) => {
+            let shown = quote::ToTokens::to_token_stream(ty).to_string();
+            errors.error(
+                ty.span(),
+                format!(
+                    "an `#[idempotent]` handler must return `Result<T, E>`, not `{shown}`, so that a failure rolls back and requeues; return `Result<{shown}, YourError>`"
+                ),
+            );
+            None
+        }
         ReturnType::Type(_, ty) => Some((**ty).clone()),
         ReturnType::Default => {
             errors.error(
@@ -136,4 +146,35 @@ pub(crate) fn check(
         message: message?,
         output: output?,
     })
+}
+
+/// Types that are certainly not a `Result` (an alias such as `AppResult<T>` may be one, so
+/// other paths are left to the compiler's `HandlerResult` check).
+fn is_never_a_result(ty: &Type) -> bool {
+    const NOT_RESULTS: &[&str] = &[
+        "bool", "char", "str", "String", "Option", "Vec", "Box", "i8", "i16", "i32", "i64", "i128",
+        "isize", "u8", "u16", "u32", "u64", "u128", "usize", "f32", "f64",
+    ];
+    match ty {
+        Type::Path(path) => {
+            path.qself.is_none()
+                && path
+                    .path
+                    .segments
+                    .last()
+                    .is_some_and(|last| NOT_RESULTS.iter().any(|name| last.ident == name))
+        }
+        Type::Paren(inner) => is_never_a_result(&inner.elem),
+        Type::Group(inner) => is_never_a_result(&inner.elem),
+        Type::Array(_)
+        | Type::Never(_)
+        | Type::Ptr(_)
+        | Type::Reference(_)
+        | Type::Slice(_)
+        | Type::Tuple(_)
+        | Type::BareFn(_)
+        | Type::ImplTrait(_)
+        | Type::TraitObject(_) => true,
+        _ => false,
+    }
 }

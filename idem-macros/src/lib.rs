@@ -59,6 +59,10 @@ fn idempotent_impl(
         }
         _ => {
             let mut out = errors.into_compile_errors();
+            // The original function, so that one mistake gives one message; without `const`,
+            // which rustc would reject again next to our error about it.
+            let mut function = function;
+            function.sig.constness = None;
             out.extend(function.into_token_stream());
             out
         }

@@ -2,7 +2,7 @@
 //! without notice, in lockstep with `idem-macros`.
 
 pub use crate::ack::{Acknowledger, NoAck};
-pub use crate::error::{Error, HandlerError};
+pub use crate::error::{Error, HandlerError, HandlerErrors};
 pub use crate::key::{Key, KeyPart};
 pub use crate::outcome::Outcome;
 pub use crate::payload::{JsonReplay, NoReplay};
@@ -47,13 +47,11 @@ pub fn no_fingerprint() -> FingerprintInput {
     None
 }
 
-/// Compile-time check that `replay` can store the handler's result.
+/// The handler's `Result`, from whatever its declared return type is called.
 #[inline(always)]
-pub const fn assert_replayable<T: serde::Serialize + serde::de::DeserializeOwned>() {}
-
-/// Compile-time check that the message can be fingerprinted.
-#[inline(always)]
-pub const fn assert_fingerprintable<M: serde::Serialize + ?Sized>() {}
+pub fn into_result<R: HandlerResult>(result: R) -> Result<R::Ok, R::Err> {
+    result.into_result()
+}
 
 pub use crate::strategy::{OpenGate, open};
 

@@ -101,10 +101,10 @@ impl Acknowledger for NoAck {
 /// anyway.
 pub(crate) async fn settle<T, E, A>(
     acknowledger: A,
+    errors: crate::error::HandlerErrors<E>,
     attempt: Result<(crate::Outcome<T>, Committed), crate::Error<E>>,
 ) -> Result<crate::Outcome<T>, crate::Error<E>>
 where
-    E: crate::HandlerError,
     A: Acknowledger,
 {
     match attempt {
@@ -118,14 +118,15 @@ where
             Ok(outcome)
         }
         Err(error) => {
-            let told = match error.disposition() {
+            let told = match errors.disposition(&error) {
                 crate::Disposition::Retry => {
-                    tracing::warn!(%error, "handling failed; requeueing");
+                    tracing::warn!(error = %errors.display(&error), "handling failed; requeueing");
                     acknowledger.requeue(RequeueReason::Retryable).await
                 }
                 crate::Disposition::DeadLetter => {
-                    tracing::error!(%error, "handling failed permanently; dead-lettering");
-                    acknowledger.dead_letter(&error.to_string()).await
+                    let reason = errors.display(&error).to_string();
+                    tracing::error!(error = %reason, "handling failed permanently; dead-lettering");
+                    acknowledger.dead_letter(&reason).await
                 }
             };
             if let Err(ack_error) = told {

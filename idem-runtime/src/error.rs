@@ -5,6 +5,7 @@
 //! dead-letter the message so that it is kept, never silently dropped).
 
 use std::error::Error as StdError;
+use std::fmt;
 
 use crate::key::KeyError;
 
@@ -175,20 +176,15 @@ fn is_retryable_database_code(db: &dyn sqlx::error::DatabaseError) -> bool {
 /// A failure to handle one delivery.
 ///
 /// `E` is the handler's own error type. [`Error::disposition`] says what the broker is told.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug)]
 #[non_exhaustive]
 pub enum Error<E> {
     /// The handler's body failed; its transaction was rolled back.
-    #[error("handler failed: {0}")]
-    Handler(#[source] E),
+    Handler(E),
     /// The message does not yield a valid key.
-    #[error(transparent)]
-    Key(#[from] KeyError),
+    Key(KeyError),
     /// A record exists for this key with a different payload fingerprint: the same key was
     /// reused for a different message. Permanent; compare the producer's keys.
-    #[error(
-        "payload mismatch for key `{key}` in scope `{scope}`: a message with this key but a different payload was already processed; the producer reuses keys for different messages"
-    )]
     PayloadMismatch {
         /// The handler's scope.
         scope: String,
@@ -196,10 +192,8 @@ pub enum Error<E> {
         key: String,
     },
     /// The dedup store failed (begin, gate, record or commit).
-    #[error("idempotency store failed: {0}")]
-    Database(#[source] sqlx::Error),
+    Database(sqlx::Error),
     /// The payload (for `fingerprint`) or the result (for `replay`) could not be serialized.
-    #[error("could not serialize the {what} for the dedup record: {source}")]
     Serialize {
         /// `"payload"` or `"result"`.
         what: &'static str,
@@ -208,9 +202,6 @@ pub enum Error<E> {
     },
     /// A stored result could not be decoded into the handler's result type; the type changed
     /// since the record was written.
-    #[error(
-        "the stored result for key `{key}` in scope `{scope}` does not decode into the handler's result type (did the type change?): {source}"
-    )]
     Replay {
         /// The handler's scope.
         scope: String,
@@ -221,17 +212,124 @@ pub enum Error<E> {
     },
 }
 
+impl<E> Error<E> {
+    /// Formats the error, with `handler` formatting the handler's own error: `Display` for
+    /// `Error<E>` passes `E`'s, the runtime passes the `dyn Error` view it keeps (so it needs no
+    /// `E: Display` bound).
+    pub(crate) fn fmt_with(
+        &self,
+        f: &mut fmt::Formatter<'_>,
+        handler: impl FnOnce(&E, &mut fmt::Formatter<'_>) -> fmt::Result,
+    ) -> fmt::Result {
+        match self {
+            Self::Handler(error) => {
+                f.write_str("handler failed: ")?;
+                handler(error, f)
+            }
+            Self::Key(error) => fmt::Display::fmt(error, f),
+            Self::PayloadMismatch { scope, key } => write!(
+                f,
+                "payload mismatch for key `{key}` in scope `{scope}`: a message with this key but a different payload was already processed; the producer reuses keys for different messages"
+            ),
+            Self::Database(error) => write!(f, "idempotency store failed: {error}"),
+            Self::Serialize { what, source } => write!(
+                f,
+                "could not serialize the {what} for the dedup record: {source}"
+            ),
+            Self::Replay { scope, key, source } => write!(
+                f,
+                "the stored result for key `{key}` in scope `{scope}` does not decode into the handler's result type (did the type change?): {source}"
+            ),
+        }
+    }
+}
+
+impl<E: fmt::Display> fmt::Display for Error<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.fmt_with(f, |error, f| fmt::Display::fmt(error, f))
+    }
+}
+
+impl<E: StdError + 'static> StdError for Error<E> {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        match self {
+            Self::Handler(error) => Some(error),
+            Self::Key(error) => Some(error),
+            Self::Database(error) => Some(error),
+            Self::Serialize { source, .. } | Self::Replay { source, .. } => Some(source),
+            Self::PayloadMismatch { .. } => None,
+        }
+    }
+}
+
+impl<E> From<KeyError> for Error<E> {
+    fn from(error: KeyError) -> Self {
+        Self::Key(error)
+    }
+}
+
+/// How the runtime inspects a handler's error type `E`: checked once, where the handler is
+/// declared (`E: HandlerError`), then carried as plain function pointers, so that no other
+/// runtime function needs the bound (and a missing impl is reported once, on the handler's
+/// return type).
+pub struct HandlerErrors<E> {
+    disposition: fn(&E) -> Disposition,
+    as_error: fn(&E) -> &(dyn StdError + 'static),
+}
+
+impl<E> Clone for HandlerErrors<E> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<E> Copy for HandlerErrors<E> {}
+
+impl<E> std::fmt::Debug for HandlerErrors<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HandlerErrors")
+    }
+}
+
+impl<E: HandlerError> HandlerErrors<E> {
+    /// The inspector of `E`.
+    pub const fn of() -> Self {
+        Self {
+            disposition: E::disposition,
+            as_error: |error| error,
+        }
+    }
+}
+
+impl<E> HandlerErrors<E> {
+    /// What the broker should do with a message that failed with `error`.
+    pub fn disposition(&self, error: &Error<E>) -> Disposition {
+        match error {
+            Error::Handler(error) => (self.disposition)(error),
+            Error::Database(error) => classify_sqlx_error(error),
+            Error::Key(_)
+            | Error::PayloadMismatch { .. }
+            | Error::Serialize { .. }
+            | Error::Replay { .. } => Disposition::DeadLetter,
+        }
+    }
+
+    /// Displays `error` without an `E: Display` bound.
+    pub(crate) fn display<'e>(&self, error: &'e Error<E>) -> impl fmt::Display + 'e {
+        let as_error = self.as_error;
+        DisplayWith { error, as_error }
+    }
+
+    /// The handler's error as a `dyn Error`, to search its source chain.
+    pub fn as_error<'e>(&self, error: &'e E) -> &'e (dyn StdError + 'static) {
+        (self.as_error)(error)
+    }
+}
+
 impl<E: HandlerError> Error<E> {
     /// What the broker should do with the message.
     pub fn disposition(&self) -> Disposition {
-        match self {
-            Self::Handler(error) => error.disposition(),
-            Self::Database(error) => classify_sqlx_error(error),
-            Self::Key(_)
-            | Self::PayloadMismatch { .. }
-            | Self::Serialize { .. }
-            | Self::Replay { .. } => Disposition::DeadLetter,
-        }
+        HandlerErrors::<E>::of().disposition(self)
     }
 
     /// `true` when a redelivery may succeed.
@@ -311,5 +409,17 @@ mod tests {
         let handler: Error<AppError> = Error::Handler(AppError::Plain);
         assert!(handler.is_retryable());
         assert!(handler.handler_error().is_some());
+    }
+}
+
+struct DisplayWith<'e, E> {
+    error: &'e Error<E>,
+    as_error: fn(&E) -> &(dyn StdError + 'static),
+}
+
+impl<E> fmt::Display for DisplayWith<'_, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.error
+            .fmt_with(f, |error, f| fmt::Display::fmt((self.as_error)(error), f))
     }
 }

@@ -52,19 +52,56 @@ impl<T> ResultCodec<T> for NoReplay {
     }
 }
 
-/// Results are stored as JSON and replayed to duplicates.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct JsonReplay;
+/// A result type that `replay` can store: `Serialize` and `Deserialize`.
+#[diagnostic::on_unimplemented(
+    message = "`replay` stores the handler's result, but `{Self}` is not `Serialize` and `Deserialize`",
+    label = "`replay` needs the result type to round-trip through JSON",
+    note = "derive `serde::Serialize` and `serde::Deserialize` for `{Self}`, or remove `replay`"
+)]
+pub trait Replayable: Serialize + DeserializeOwned {}
 
-impl<T: Serialize + DeserializeOwned> ResultCodec<T> for JsonReplay {
+impl<T: Serialize + DeserializeOwned> Replayable for T {}
+
+/// Results are stored as JSON and replayed to duplicates.
+///
+/// Built by [`JsonReplay::new`], the one place that requires `T:`[`Replayable`]; it keeps the
+/// encoder and decoder as function pointers, so nothing else needs the bound.
+pub struct JsonReplay<T> {
+    encode: fn(&T) -> Result<String, serde_json::Error>,
+    decode: fn(&str) -> Result<T, serde_json::Error>,
+}
+
+impl<T: Replayable> JsonReplay<T> {
+    /// The JSON codec of `T`.
+    pub const fn new() -> Self {
+        Self {
+            encode: |value| serde_json::to_string(value),
+            decode: |text| serde_json::from_str(text),
+        }
+    }
+}
+
+impl<T: Replayable> Default for JsonReplay<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T> std::fmt::Debug for JsonReplay<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JsonReplay")
+    }
+}
+
+impl<T> ResultCodec<T> for JsonReplay<T> {
     const STORES_RESULTS: bool = true;
 
     fn encode(&self, value: &T) -> Result<Option<String>, serde_json::Error> {
-        serde_json::to_string(value).map(Some)
+        (self.encode)(value).map(Some)
     }
 
     fn decode(&self, stored: Option<&str>) -> Result<Option<T>, serde_json::Error> {
-        stored.map(serde_json::from_str).transpose()
+        stored.map(self.decode).transpose()
     }
 }
 
@@ -81,8 +118,9 @@ mod tests {
 
     #[test]
     fn json_replay_round_trips() {
-        let stored = JsonReplay.encode(&vec![1, 2]).unwrap();
-        let back: Option<Vec<i32>> = JsonReplay.decode(stored.as_deref()).unwrap();
+        let codec = JsonReplay::<Vec<i32>>::new();
+        let stored = codec.encode(&vec![1, 2]).unwrap();
+        let back = codec.decode(stored.as_deref()).unwrap();
         assert_eq!(back, Some(vec![1, 2]));
         let nothing: Option<i32> = NoReplay.decode(Some("1")).unwrap();
         assert_eq!(nothing, None);

@@ -22,7 +22,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tracing::Instrument as _;
 
 use crate::ack::{self, Acknowledger, Committed};
-use crate::error::{Error, HandlerError};
+use crate::error::{Error, HandlerErrors};
 use crate::key::{Key, KeyError};
 use crate::outcome::Outcome;
 use crate::payload::ResultCodec;
@@ -171,7 +171,7 @@ type Attempt<T, E> = Result<(Outcome<T>, Committed), Error<E>>;
 /// block borrowing [`parts`](Self::parts): no closure, so no higher-ranked bound that would
 /// defeat the `Send` check of the handler's future.
 #[must_use = "an open gate holds a transaction: finish it"]
-pub struct OpenGate<'s, S: Store, G, C, A> {
+pub struct OpenGate<'s, S: Store, G, C, A, E> {
     store: &'s S,
     strategy: G,
     key: Key,
@@ -181,11 +181,12 @@ pub struct OpenGate<'s, S: Store, G, C, A> {
     wants_record: bool,
     codec: C,
     ack: A,
+    errors: HandlerErrors<E>,
     tx: S::Tx,
     span: tracing::Span,
 }
 
-impl<S: Store, G, C, A> std::fmt::Debug for OpenGate<'_, S, G, C, A> {
+impl<S: Store, G, C, A, E> std::fmt::Debug for OpenGate<'_, S, G, C, A, E> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("OpenGate")
             .field("store", &S::NAME)
@@ -207,14 +208,14 @@ pub async fn open<'s, S, G, C, A, T, E>(
     key: Result<Key, KeyError>,
     fingerprint: FingerprintInput,
     codec: C,
+    errors: HandlerErrors<E>,
     ack: A,
-) -> Result<OpenGate<'s, S, G, C, A>, Settled<T, E>>
+) -> Result<OpenGate<'s, S, G, C, A, E>, Settled<T, E>>
 where
     S: Store,
     G: Strategy<S>,
     C: ResultCodec<T>,
     A: Acknowledger,
-    E: HandlerError,
 {
     let span = tracing::info_span!(
         "idem.handle",
@@ -238,10 +239,13 @@ where
             wants_record: parts.wants_record,
             codec: parts.codec,
             ack,
+            errors,
             tx,
             span,
         }),
-        Ok(Err(attempt)) | Err(attempt) => Err(conclude(ack, attempt).instrument(span).await),
+        Ok(Err(attempt)) | Err(attempt) => {
+            Err(conclude(ack, errors, attempt).instrument(span).await)
+        }
     }
 }
 
@@ -325,7 +329,7 @@ where
     }
 }
 
-impl<'s, S, G, C, A> OpenGate<'s, S, G, C, A>
+impl<'s, S, G, C, A, E> OpenGate<'s, S, G, C, A, E>
 where
     S: Store,
     G: Strategy<S>,
@@ -339,11 +343,9 @@ where
     /// Step two, after the body: on success, the gate after the body, the commit, then the
     /// ack; on failure, the rollback, then requeue or dead-letter (or, when the strategy
     /// recognises the failure as a duplicate, the ack).
-    pub async fn finish<R>(self, result: R) -> Settled<R::Ok, R::Err>
+    pub async fn finish<T>(self, result: Result<T, E>) -> Settled<T, E>
     where
-        R: HandlerResult,
-        R::Err: HandlerError,
-        C: ResultCodec<R::Ok>,
+        C: ResultCodec<T>,
     {
         let span = self.span.clone();
         let Self {
@@ -356,6 +358,7 @@ where
             wants_record,
             codec,
             ack,
+            errors,
             tx,
             span: _,
         } = self;
@@ -369,8 +372,8 @@ where
             codec,
         };
         async move {
-            let attempt = complete(store, &entered, tx, result.into_result()).await;
-            conclude(ack, attempt).await
+            let attempt = complete(store, &entered, errors, tx, result).await;
+            conclude(ack, errors, attempt).await
         }
         .instrument(span)
         .await
@@ -380,6 +383,7 @@ where
 async fn complete<S, G, C, T, E>(
     store: &S,
     entered: &Entered<G, C>,
+    errors: HandlerErrors<E>,
     mut tx: S::Tx,
     result: Result<T, E>,
 ) -> Attempt<T, E>
@@ -387,7 +391,6 @@ where
     S: Store,
     G: Strategy<S>,
     C: ResultCodec<T>,
-    E: HandlerError,
 {
     let delivery = entered.delivery();
     let strategy = &entered.strategy;
@@ -396,7 +399,7 @@ where
         Ok(value) => value,
         Err(error) => {
             rollback::<S>(tx).await;
-            if strategy.is_duplicate_failure(store, &error) {
+            if strategy.is_duplicate_failure(store, errors.as_error(&error)) {
                 return accept_duplicate(&delivery, codec, read_record(store, &delivery).await?);
             }
             return Err(Error::Handler(error));
@@ -440,8 +443,9 @@ where
 }
 
 /// Records the outcome on the span, then settles with the broker.
-async fn conclude<T, E: HandlerError, A: Acknowledger>(
+async fn conclude<T, E, A: Acknowledger>(
     ack: A,
+    errors: HandlerErrors<E>,
     attempt: Attempt<T, E>,
 ) -> Settled<T, E> {
     let span = tracing::Span::current();
@@ -449,7 +453,7 @@ async fn conclude<T, E: HandlerError, A: Acknowledger>(
         Ok((outcome, _)) => span.record("outcome", outcome.as_str()),
         Err(error) => span.record("outcome", error.kind_str()),
     };
-    ack::settle(ack, attempt).await
+    ack::settle(ack, errors, attempt).await
 }
 
 async fn read_record<S: Store, E>(

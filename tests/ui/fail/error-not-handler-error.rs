@@ -1,0 +1,20 @@
+use idem_runtime::{idempotent, PgTx};
+
+#[derive(serde::Serialize)]
+pub struct OrderPaid {
+    pub order_id: String,
+    pub amount: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("app error")]
+pub struct AppError;
+impl idem_runtime::HandlerError for AppError {}
+
+#[derive(Debug)]
+pub struct PlainError;
+
+#[idempotent(key = "order_id", store = "pg", strategy = "dedup_table")]
+async fn handler(_tx: &mut PgTx<'_>, _msg: OrderPaid) -> Result<(), PlainError> { Ok(()) }
+
+fn main() {}

@@ -1,0 +1,23 @@
+use idem_runtime::{idempotent, PgTx};
+
+#[derive(serde::Serialize)]
+pub struct OrderPaid {
+    pub order_id: String,
+    pub amount: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("app error")]
+pub struct AppError;
+impl idem_runtime::HandlerError for AppError {}
+
+mod messages {
+    pub struct Shipped {
+        secret_id: String,
+    }
+}
+
+#[idempotent(key = "secret_id", store = "pg", strategy = "dedup_table")]
+async fn handler(_tx: &mut PgTx<'_>, _msg: messages::Shipped) -> Result<(), AppError> { Ok(()) }
+
+fn main() {}
