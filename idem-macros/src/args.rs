@@ -430,15 +430,15 @@ pub(crate) fn validate(args: &Args, attribute_span: Span, errors: &mut Errors) {
             "`unique_constraint` needs a database whose unique index can reject the duplicate; the `memory` store has none: use `strategy = \"dedup_table\"`, or `store = \"pg\"` / `\"sqlite\"`",
         );
     }
-    if let Some((_, span)) = &args.constraint {
-        if !matches!(
+    if let Some((_, span)) = &args.constraint
+        && !matches!(
             args.strategy,
             Some((StrategyKind::UniqueConstraint, _)) | None
-        ) {
-            errors.error(
-                *span,
-                "`constraint` only applies to `strategy = \"unique_constraint\"`; remove it",
-            );
-        }
+        )
+    {
+        errors.error(
+            *span,
+            "`constraint` only applies to `strategy = \"unique_constraint\"`; remove it",
+        );
     }
 }

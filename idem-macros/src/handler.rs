@@ -112,13 +112,13 @@ pub(crate) fn check(
             );
         }
     }
-    if let Some(message) = &message {
-        if matches!(&*message.ty, Type::Reference(r) if r.mutability.is_some()) {
-            errors.error(
-                message.ty.span(),
-                "the message must be taken by value or shared reference, not `&mut`: the handler may not change what it was given",
-            );
-        }
+    if let Some(message) = &message
+        && matches!(&*message.ty, Type::Reference(r) if r.mutability.is_some())
+    {
+        errors.error(
+            message.ty.span(),
+            "the message must be taken by value or shared reference, not `&mut`: the handler may not change what it was given",
+        );
     }
     let output = match &sig.output {
         ReturnType::Type(_, ty) if is_never_a_result(ty) => {

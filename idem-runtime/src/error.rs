@@ -360,6 +360,18 @@ impl<E> Error<E> {
     }
 }
 
+struct DisplayWith<'e, E> {
+    error: &'e Error<E>,
+    as_error: fn(&E) -> &(dyn StdError + 'static),
+}
+
+impl<E> fmt::Display for DisplayWith<'_, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.error
+            .fmt_with(f, |error, f| fmt::Display::fmt((self.as_error)(error), f))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -409,17 +421,5 @@ mod tests {
         let handler: Error<AppError> = Error::Handler(AppError::Plain);
         assert!(handler.is_retryable());
         assert!(handler.handler_error().is_some());
-    }
-}
-
-struct DisplayWith<'e, E> {
-    error: &'e Error<E>,
-    as_error: fn(&E) -> &(dyn StdError + 'static),
-}
-
-impl<E> fmt::Display for DisplayWith<'_, E> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.error
-            .fmt_with(f, |error, f| fmt::Display::fmt((self.as_error)(error), f))
     }
 }

@@ -68,4 +68,5 @@ pub use store::pg::{PgStore, PgTx};
 #[cfg(feature = "sqlite")]
 pub use store::sqlite::{SqliteStore, SqliteTx};
 
+#[doc = include_str!("idempotent.md")]
 pub use idem_macros::idempotent;

@@ -143,10 +143,10 @@ impl Store for MemoryStore {
         let key_lock = Arc::clone(lock(&self.inner.key_locks).entry(id.clone()).or_default());
         let guard = key_lock.lock_owned().await;
         tx.held.push((id.clone(), guard));
-        if let Some(existing) = lock(&self.inner.records).get(&id) {
-            if existing.is_live(record.now_ms) {
-                return Ok(Claim::Existing(existing.stored.clone()));
-            }
+        if let Some(existing) = lock(&self.inner.records).get(&id)
+            && existing.is_live(record.now_ms)
+        {
+            return Ok(Claim::Existing(existing.stored.clone()));
         }
         tx.pending.push((
             id,

@@ -476,13 +476,13 @@ fn accept_duplicate<T, E, C: ResultCodec<T>>(
     record: Option<StoredRecord>,
 ) -> Attempt<T, E> {
     let record = record.unwrap_or_default();
-    if let (Some(ours), Some(theirs)) = (delivery.fingerprint, record.fingerprint.as_deref()) {
-        if ours != theirs {
-            return Err(Error::PayloadMismatch {
-                scope: delivery.key.scope().to_owned(),
-                key: delivery.key.value().to_owned(),
-            });
-        }
+    if let (Some(ours), Some(theirs)) = (delivery.fingerprint, record.fingerprint.as_deref())
+        && ours != theirs
+    {
+        return Err(Error::PayloadMismatch {
+            scope: delivery.key.scope().to_owned(),
+            key: delivery.key.value().to_owned(),
+        });
     }
     let replayed = codec
         .decode(record.response.as_deref())
