@@ -55,6 +55,20 @@ pub struct StoredRecord {
     pub response: Option<String>,
 }
 
+/// A dedup row as SQL stores read it: fingerprint, response, expiry.
+pub(crate) type RecordRow = (Option<String>, Option<String>, Option<i64>);
+
+/// The record in `row`, if there is one and it has not expired at `now_ms`.
+pub(crate) fn live_record(row: Option<RecordRow>, now_ms: i64) -> Option<StoredRecord> {
+    let (fingerprint, response, expires_at_ms) = row?;
+    expires_at_ms
+        .is_none_or(|expires| expires > now_ms)
+        .then_some(StoredRecord {
+            fingerprint,
+            response,
+        })
+}
+
 /// The result of writing a dedup record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {

@@ -8,7 +8,7 @@
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{Postgres, Transaction};
 
-use super::{Claim, NewRecord, Store, StoredRecord};
+use super::{Claim, NewRecord, RecordRow, Store, StoredRecord, live_record};
 use crate::key::Key;
 
 /// The transaction an `#[idempotent(store = "pg")]` handler's body receives.
@@ -53,8 +53,6 @@ const SAVE_RESPONSE: &str =
     "UPDATE idem_records SET response = $3 WHERE scope = $1 AND record_key = $2";
 const PURGE_EXPIRED: &str =
     "DELETE FROM idem_records WHERE expires_at_ms IS NOT NULL AND expires_at_ms <= $1";
-
-type RecordRow = (Option<String>, Option<String>, Option<i64>);
 
 impl PgStore {
     /// Uses an existing pool: the store shares your service's connections and transactions.
@@ -103,20 +101,6 @@ impl PgStore {
     }
 }
 
-fn live(row: Option<RecordRow>, now_ms: i64) -> Option<StoredRecord> {
-    match row {
-        Some((fingerprint, response, expires_at_ms))
-            if expires_at_ms.is_none_or(|e| e > now_ms) =>
-        {
-            Some(StoredRecord {
-                fingerprint,
-                response,
-            })
-        }
-        _ => None,
-    }
-}
-
 impl Store for PgStore {
     type Tx = PgTx<'static>;
     const NAME: &'static str = "pg";
@@ -148,7 +132,7 @@ impl Store for PgStore {
             return Ok(Claim::Claimed);
         }
         let row = Self::read(tx, record.key).await?;
-        if let Some(existing) = live(row, record.now_ms) {
+        if let Some(existing) = live_record(row, record.now_ms) {
             return Ok(Claim::Existing(existing));
         }
         // Expired (or deleted since the insert): take it over. A racing twin blocks on the row
@@ -163,7 +147,7 @@ impl Store for PgStore {
         }
         let row = Self::read(tx, record.key).await?;
         Ok(Claim::Existing(
-            live(row, record.now_ms).unwrap_or_default(),
+            live_record(row, record.now_ms).unwrap_or_default(),
         ))
     }
 
@@ -188,7 +172,7 @@ impl Store for PgStore {
         now_ms: i64,
     ) -> Result<Option<StoredRecord>, sqlx::Error> {
         let mut conn = self.pool.acquire().await?;
-        Ok(live(Self::read(&mut conn, key).await?, now_ms))
+        Ok(live_record(Self::read(&mut conn, key).await?, now_ms))
     }
 
     fn is_unique_violation(

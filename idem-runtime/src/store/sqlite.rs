@@ -15,7 +15,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{Sqlite, Transaction};
 
-use super::{Claim, NewRecord, Store, StoredRecord};
+use super::{Claim, NewRecord, RecordRow, Store, StoredRecord, live_record};
 use crate::key::Key;
 
 /// The transaction an `#[idempotent(store = "sqlite")]` handler's body receives.
@@ -63,8 +63,6 @@ const SAVE_RESPONSE: &str =
     "UPDATE idem_records SET response = ?3 WHERE scope = ?1 AND record_key = ?2";
 const PURGE_EXPIRED: &str =
     "DELETE FROM idem_records WHERE expires_at_ms IS NOT NULL AND expires_at_ms <= ?1";
-
-type RecordRow = (Option<String>, Option<String>, Option<i64>);
 
 impl SqliteStore {
     /// Opens (creating if missing) the database file at `path` with the settings this store
@@ -134,20 +132,6 @@ impl SqliteStore {
     }
 }
 
-fn live(row: Option<RecordRow>, now_ms: i64) -> Option<StoredRecord> {
-    match row {
-        Some((fingerprint, response, expires_at_ms))
-            if expires_at_ms.is_none_or(|e| e > now_ms) =>
-        {
-            Some(StoredRecord {
-                fingerprint,
-                response,
-            })
-        }
-        _ => None,
-    }
-}
-
 impl Store for SqliteStore {
     type Tx = SqliteTx<'static>;
     const NAME: &'static str = "sqlite";
@@ -178,7 +162,7 @@ impl Store for SqliteStore {
             return Ok(Claim::Claimed);
         }
         // We hold the write lock (BEGIN IMMEDIATE): nothing changes between these statements.
-        if let Some(existing) = live(Self::read(tx, record.key).await?, record.now_ms) {
+        if let Some(existing) = live_record(Self::read(tx, record.key).await?, record.now_ms) {
             return Ok(Claim::Existing(existing));
         }
         bind(TAKE_OVER_EXPIRED).execute(&mut **tx).await?;
@@ -206,7 +190,7 @@ impl Store for SqliteStore {
         now_ms: i64,
     ) -> Result<Option<StoredRecord>, sqlx::Error> {
         let mut conn = self.pool.acquire().await?;
-        Ok(live(Self::read(&mut conn, key).await?, now_ms))
+        Ok(live_record(Self::read(&mut conn, key).await?, now_ms))
     }
 
     /// SQLite reports no constraint names: its message lists the columns

@@ -11,7 +11,7 @@
 //! record with `replay`. A duplicate costs the `INSERT` and one `SELECT`.
 
 use super::{Delivery, Gate, Strategy};
-use crate::store::{Claim, Store};
+use crate::store::Store;
 
 /// The dedup-table gate. See the [module docs](self).
 #[derive(Debug, Clone, Copy, Default)]
@@ -26,10 +26,7 @@ impl<S: Store> Strategy<S> for DedupTable {
         tx: &mut S::Tx,
         delivery: &Delivery<'_>,
     ) -> Result<Gate, sqlx::Error> {
-        Ok(match store.claim(tx, &delivery.record(None)).await? {
-            Claim::Claimed => Gate::Open,
-            Claim::Existing(record) => Gate::Duplicate(Some(record)),
-        })
+        Ok(store.claim(tx, &delivery.record(None)).await?.into())
     }
 
     async fn leave(

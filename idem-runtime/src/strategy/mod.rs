@@ -26,7 +26,7 @@ use crate::error::{Error, HandlerErrors};
 use crate::key::{Key, KeyError};
 use crate::outcome::Outcome;
 use crate::payload::ResultCodec;
-use crate::store::{NewRecord, Store, StoredRecord};
+use crate::store::{Claim, NewRecord, Store, StoredRecord};
 
 pub mod dedup_table;
 pub mod unique_constraint;
@@ -41,6 +41,16 @@ pub enum Gate {
     Open,
     /// An earlier delivery committed this message; its record, when one was read.
     Duplicate(Option<StoredRecord>),
+}
+
+impl From<Claim> for Gate {
+    /// A claimed record opens the gate; a live one means an earlier delivery committed.
+    fn from(claim: Claim) -> Self {
+        match claim {
+            Claim::Claimed => Self::Open,
+            Claim::Existing(record) => Self::Duplicate(Some(record)),
+        }
+    }
 }
 
 /// The per-delivery facts a gate works with.
@@ -173,13 +183,7 @@ type Attempt<T, E> = Result<(Outcome<T>, Committed), Error<E>>;
 #[must_use = "an open gate holds a transaction: finish it"]
 pub struct OpenGate<'s, S: Store, G, C, A, E> {
     store: &'s S,
-    strategy: G,
-    key: Key,
-    fingerprint: Option<String>,
-    now_ms: i64,
-    expires_at_ms: Option<i64>,
-    wants_record: bool,
-    codec: C,
+    entered: Entered<G, C>,
     ack: A,
     errors: HandlerErrors<E>,
     tx: S::Tx,
@@ -190,7 +194,7 @@ impl<S: Store, G, C, A, E> std::fmt::Debug for OpenGate<'_, S, G, C, A, E> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("OpenGate")
             .field("store", &S::NAME)
-            .field("key", &self.key)
+            .field("key", &self.entered.key)
             .finish_non_exhaustive()
     }
 }
@@ -229,15 +233,9 @@ where
         .instrument(span.clone())
         .await;
     match opened {
-        Ok(Ok((parts, tx))) => Ok(OpenGate {
+        Ok(Ok((entered, tx))) => Ok(OpenGate {
             store,
-            strategy: parts.strategy,
-            key: parts.key,
-            fingerprint: parts.fingerprint,
-            now_ms: parts.now_ms,
-            expires_at_ms: parts.expires_at_ms,
-            wants_record: parts.wants_record,
-            codec: parts.codec,
+            entered,
             ack,
             errors,
             tx,
@@ -347,30 +345,14 @@ where
     where
         C: ResultCodec<T>,
     {
-        let span = self.span.clone();
         let Self {
             store,
-            strategy,
-            key,
-            fingerprint,
-            now_ms,
-            expires_at_ms,
-            wants_record,
-            codec,
+            entered,
             ack,
             errors,
             tx,
-            span: _,
+            span,
         } = self;
-        let entered = Entered {
-            strategy,
-            key,
-            fingerprint,
-            now_ms,
-            expires_at_ms,
-            wants_record,
-            codec,
-        };
         async move {
             let attempt = complete(store, &entered, errors, tx, result).await;
             conclude(ack, errors, attempt).await

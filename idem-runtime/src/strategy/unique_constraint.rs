@@ -18,7 +18,7 @@
 use std::error::Error as StdError;
 
 use super::{Delivery, Gate, Strategy};
-use crate::store::{Claim, Store};
+use crate::store::Store;
 
 /// The unique-constraint gate. See the [module docs](self).
 #[derive(Debug, Clone, Copy, Default)]
@@ -56,10 +56,7 @@ impl<S: Store> Strategy<S> for UniqueConstraint {
         if !delivery.wants_record {
             return Ok(Gate::Open);
         }
-        Ok(match store.claim(tx, &delivery.record(response)).await? {
-            Claim::Claimed => Gate::Open,
-            Claim::Existing(record) => Gate::Duplicate(Some(record)),
-        })
+        Ok(store.claim(tx, &delivery.record(response)).await?.into())
     }
 
     fn is_duplicate_failure(&self, store: &S, error: &(dyn StdError + 'static)) -> bool {
