@@ -14,6 +14,7 @@ use idem_runtime::{Acknowledger, Committed, HandlerError, RequeueReason};
 pub mod conformance;
 pub mod pg;
 pub mod sqlite;
+pub mod ui;
 
 /// A message for the conformance handlers.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -1,15 +1,5 @@
 use idem_runtime::{idempotent, PgTx};
-
-#[derive(serde::Serialize)]
-pub struct OrderPaid {
-    pub order_id: String,
-    pub amount: i64,
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("app error")]
-pub struct AppError;
-impl idem_runtime::HandlerError for AppError {}
+use idem_tests::ui::AppError;
 
 pub struct Opaque {
     pub order_id: String,
