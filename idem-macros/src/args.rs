@@ -109,6 +109,8 @@ pub(crate) struct Args {
     pub(crate) krate: Option<syn::Path>,
     /// Every argument written, valid or not: an invalid one is not also reported missing.
     pub(crate) present: Vec<String>,
+    /// The arguments did not parse; nothing more is said about them.
+    pub(crate) unparsable: bool,
 }
 
 fn unknown(what: &str, value: &str, valid: &[&str]) -> String {
@@ -144,6 +146,7 @@ pub(crate) fn parse(tokens: proc_macro2::TokenStream, errors: &mut Errors) -> Ar
                     "{error}; arguments are `name = \"value\"` pairs or the flags `replay` and `fingerprint`, separated by commas"
                 ),
             ));
+            args.unparsable = true;
             return args;
         }
     };
@@ -403,6 +406,9 @@ pub(crate) fn validate(args: &Args, attribute_span: Span, errors: &mut Errors) {
     let missing = |name: &str, example: &str| {
         format!("missing `{name}`; add `{example}` to #[idempotent(...)]")
     };
+    if args.unparsable {
+        return;
+    }
     let absent = |name: &str| !args.present.iter().any(|p| p == name);
     if absent("key") {
         errors.error(attribute_span, missing("key", "key = \"<message field>\""));

@@ -37,6 +37,21 @@ fn respan(tokens: TokenStream, span: Span) -> TokenStream {
         .collect()
 }
 
+/// The transaction's type with every lifetime elided. The transaction is a local borrow of the
+/// store's, so a lifetime the user named on the parameter (`&'t mut PgTx<'c>`) cannot be one of
+/// the function's lifetimes any more.
+fn elide_lifetimes(ty: &Type) -> Type {
+    struct Elide;
+    impl syn::visit_mut::VisitMut for Elide {
+        fn visit_lifetime_mut(&mut self, lifetime: &mut syn::Lifetime) {
+            *lifetime = syn::Lifetime::new("'_", lifetime.span());
+        }
+    }
+    let mut ty = ty.clone();
+    syn::visit_mut::VisitMut::visit_type_mut(&mut Elide, &mut ty);
+    ty
+}
+
 /// `Result<T, E>` written out: the two types, for a readable generated signature.
 fn result_parts(ty: &Type) -> Option<(&Type, &Type)> {
     let Type::Path(path) = ty else { return None };
@@ -96,7 +111,7 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
     let message_type = &handler.message.ty;
     let message_pat = &handler.message.pat;
     let tx_pat = &handler.tx.pat;
-    let tx_type = &handler.tx.ty;
+    let tx_type = elide_lifetimes(&handler.tx.ty);
     let output = &handler.output;
     let output_span = output.span();
     let handler_errors = respan(quote!(#private::HandlerErrors::of()), output_span);
@@ -201,7 +216,10 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
             };
             let (#tx_arg, #span_var) = #gate.parts();
             let #result = #private::body::<#output, _>(#span_var, async {
+                // These were parameters: `_tx` there is not a lint, here it would be.
+                #[allow(clippy::no_effect_underscore_binding)]
                 let #tx_pat: #tx_type = #tx_arg;
+                #[allow(clippy::no_effect_underscore_binding)]
                 let #message_pat = #message_param;
                 #(#body)*
             })
