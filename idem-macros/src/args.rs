@@ -19,7 +19,28 @@ const ARGUMENTS: &[&str] = &[
     "replay",
     "fingerprint",
     "crate",
+    "table",
+    "column",
+    "key_column",
+    "from",
+    "to",
+    "done",
+    "on_missing",
 ];
+
+/// Arguments that only `state_machine` takes.
+const STATE_MACHINE_ARGUMENTS: &[&str] = &[
+    "table",
+    "column",
+    "key_column",
+    "from",
+    "to",
+    "done",
+    "on_missing",
+];
+
+/// PostgreSQL truncates identifiers past 63 bytes; refuse them instead.
+const MAX_IDENTIFIER_BYTES: usize = 63;
 
 /// Longest scope the runtime accepts (`idem_runtime::key::MAX_SCOPE_BYTES`).
 const MAX_SCOPE_BYTES: usize = 200;
@@ -63,17 +84,19 @@ impl StoreKind {
 pub(crate) enum StrategyKind {
     DedupTable,
     UniqueConstraint,
+    StateMachine,
 }
 
 impl StrategyKind {
-    const NAMES: &'static [&'static str] = &["dedup_table", "unique_constraint"];
+    const NAMES: &'static [&'static str] = &["dedup_table", "unique_constraint", "state_machine"];
 
     fn parse(value: &str) -> Result<Self, String> {
         match value {
             "dedup_table" => Ok(Self::DedupTable),
             "unique_constraint" => Ok(Self::UniqueConstraint),
-            "state_machine" | "lock" | "token" | "offset" | "natural" => Err(format!(
-                "strategy `{value}` is not implemented yet; available: `dedup_table`, `unique_constraint`"
+            "state_machine" => Ok(Self::StateMachine),
+            "lock" | "token" | "offset" | "natural" => Err(format!(
+                "strategy `{value}` is not implemented yet; available: `dedup_table`, `unique_constraint`, `state_machine`"
             )),
             other => Err(unknown("strategy", other, Self::NAMES)),
         }
@@ -103,6 +126,7 @@ pub(crate) struct Args {
     pub(crate) strategy: Option<(StrategyKind, Span)>,
     pub(crate) scope: Option<LitStr>,
     pub(crate) ttl_millis: Option<u64>,
+    pub(crate) ttl_span: Option<Span>,
     pub(crate) constraint: Option<(LitStr, Span)>,
     pub(crate) replay: Option<Span>,
     pub(crate) fingerprint: Option<Span>,
@@ -111,6 +135,19 @@ pub(crate) struct Args {
     pub(crate) present: Vec<String>,
     /// The arguments did not parse; nothing more is said about them.
     pub(crate) unparsable: bool,
+    /// `state_machine`: the table, status column and key column, as written.
+    pub(crate) table: Option<(String, Span)>,
+    pub(crate) column: Option<(String, Span)>,
+    pub(crate) key_column: Option<(String, Span)>,
+    /// `state_machine`: the states this step moves from, and to.
+    pub(crate) from: Option<(Vec<String>, Span)>,
+    pub(crate) to: Option<(String, Span)>,
+    /// `state_machine`: states that mean "already past this step".
+    pub(crate) done: Option<(Vec<String>, Span)>,
+    /// `state_machine`: `on_missing = "dead_letter"`.
+    pub(crate) dead_letter_missing: Option<Span>,
+    /// Where each state-machine argument was written, for "only applies to" errors.
+    pub(crate) state_machine_spans: Vec<(String, Span)>,
 }
 
 fn unknown(what: &str, value: &str, valid: &[&str]) -> String {
@@ -180,9 +217,20 @@ pub(crate) fn parse(tokens: proc_macro2::TokenStream, errors: &mut Errors) -> Ar
             continue;
         }
         args.present.push(name.clone());
+        if STATE_MACHINE_ARGUMENTS.contains(&name.as_str()) {
+            args.state_machine_spans.push((name.clone(), path.span()));
+        }
         match name.as_str() {
             "replay" => args.replay = flag(&meta, errors),
             "fingerprint" => args.fingerprint = flag(&meta, errors),
+            "from" | "done" => {
+                let states = state_list(&meta, &name, errors);
+                if name == "from" {
+                    args.from = states;
+                } else {
+                    args.done = states;
+                }
+            }
             _ => {
                 let Some(lit) = string_value(&meta, &name, errors) else {
                     continue;
@@ -219,7 +267,10 @@ fn apply(args: &mut Args, name: &str, lit: &LitStr, errors: &mut Errors) {
                 args.scope = Some(lit.clone());
             }
         }
-        "ttl" => args.ttl_millis = parse_ttl(&value, span, errors),
+        "ttl" => {
+            args.ttl_span = Some(span);
+            args.ttl_millis = parse_ttl(&value, span, errors);
+        }
         "constraint" => {
             let valid = !value.is_empty()
                 && value.chars().all(|c| {
@@ -234,6 +285,21 @@ fn apply(args: &mut Args, name: &str, lit: &LitStr, errors: &mut Errors) {
                 );
             }
         }
+        "table" => args.table = sql_identifier(lit, true, errors).map(|v| (v, span)),
+        "column" => args.column = sql_identifier(lit, false, errors).map(|v| (v, span)),
+        "key_column" => args.key_column = sql_identifier(lit, false, errors).map(|v| (v, span)),
+        "to" => {
+            if value.is_empty() {
+                errors.error(span, "`to` is empty; name the state this step moves to, e.g. `to = \"paid\"`");
+            } else {
+                args.to = Some((value, span));
+            }
+        }
+        "on_missing" => match value.as_str() {
+            "retry" => {}
+            "dead_letter" => args.dead_letter_missing = Some(span),
+            other => errors.error(span, unknown("`on_missing` value", other, &["retry", "dead_letter"])),
+        },
         "crate" => match syn::parse_str::<syn::Path>(&value) {
             Ok(path) => args.krate = Some(path),
             Err(_) => errors.error(
@@ -282,6 +348,11 @@ fn string_value(meta: &Meta, name: &str, errors: &mut Errors) -> Option<LitStr> 
         "scope" => "scope = \"billing.order_paid\"",
         "ttl" => "ttl = \"7d\"",
         "constraint" => "constraint = \"payments_order_id_key\"",
+        "table" => "table = \"orders\"",
+        "column" => "column = \"status\"",
+        "key_column" => "key_column = \"order_id\"",
+        "to" => "to = \"paid\"",
+        "on_missing" => "on_missing = \"dead_letter\"",
         _ => "crate = \"idem\"",
     };
     match meta {
@@ -308,6 +379,75 @@ fn string_value(meta: &Meta, name: &str, errors: &mut Errors) -> Option<LitStr> 
             );
             None
         }
+    }
+}
+
+/// `from = "pending"` or `from = ["pending", "held"]`: non-empty string literals.
+fn state_list(meta: &Meta, name: &str, errors: &mut Errors) -> Option<(Vec<String>, Span)> {
+    let hint = format!("`{name} = \"pending\"` or `{name} = [\"pending\", \"held\"]`");
+    let Meta::NameValue(nv) = meta else {
+        errors.error(
+            meta.span(),
+            format!("`{name}` needs a state or a list of states: {hint}"),
+        );
+        return None;
+    };
+    let literals: Vec<&Expr> = match &nv.value {
+        Expr::Array(array) => array.elems.iter().collect(),
+        single => vec![single],
+    };
+    let mut states = Vec::new();
+    for literal in literals {
+        match literal {
+            Expr::Lit(ExprLit {
+                lit: Lit::Str(state),
+                ..
+            }) if !state.value().is_empty() => states.push(state.value()),
+            other => {
+                errors.error(
+                    other.span(),
+                    format!("states are non-empty strings, as stored in the status column: {hint}"),
+                );
+                return None;
+            }
+        }
+    }
+    if states.is_empty() {
+        errors.error(nv.value.span(), format!("`{name}` lists no state: {hint}"));
+        return None;
+    }
+    Some((states, nv.value.span()))
+}
+
+/// A table or column name: `[A-Za-z_][A-Za-z0-9_]*` (and `schema.table` for tables), at most
+/// 63 bytes a part. The runtime quotes it; this keeps anything but a name out of the SQL text.
+fn sql_identifier(lit: &LitStr, allow_schema: bool, errors: &mut Errors) -> Option<String> {
+    let value = lit.value();
+    let parts: Vec<&str> = value.split('.').collect();
+    let well_formed = (parts.len() == 1 || (allow_schema && parts.len() == 2))
+        && parts.iter().all(|part| {
+            let mut chars = part.chars();
+            chars
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && part.len() <= MAX_IDENTIFIER_BYTES
+        });
+    if well_formed {
+        Some(value)
+    } else {
+        let shape = if allow_schema {
+            "`orders` or `shop.orders`"
+        } else {
+            "`status`"
+        };
+        errors.error(
+            lit.span(),
+            format!(
+                "`{value}` is not a SQL identifier: use letters, digits and `_`, starting with a letter or `_`, at most {MAX_IDENTIFIER_BYTES} bytes, e.g. {shape}"
+            ),
+        );
+        None
     }
 }
 
@@ -436,6 +576,7 @@ pub(crate) fn validate(args: &Args, attribute_span: Span, errors: &mut Errors) {
             "`unique_constraint` needs a database whose unique index can reject the duplicate; the `memory` store has none: use `strategy = \"dedup_table\"`, or `store = \"pg\"` / `\"sqlite\"`",
         );
     }
+    validate_state_machine(args, attribute_span, errors);
     if let Some((_, span)) = &args.constraint
         && !matches!(
             args.strategy,
@@ -446,5 +587,79 @@ pub(crate) fn validate(args: &Args, attribute_span: Span, errors: &mut Errors) {
             *span,
             "`constraint` only applies to `strategy = \"unique_constraint\"`; remove it",
         );
+    }
+}
+
+fn validate_state_machine(args: &Args, attribute_span: Span, errors: &mut Errors) {
+    let Some((StrategyKind::StateMachine, strategy_span)) = args.strategy else {
+        if args.strategy.is_some() {
+            for (name, span) in &args.state_machine_spans {
+                errors.error(
+                    *span,
+                    format!("`{name}` only applies to `strategy = \"state_machine\"`; remove it"),
+                );
+            }
+        }
+        return;
+    };
+    for (name, present, example) in [
+        ("table", args.table.is_some(), "table = \"orders\""),
+        ("column", args.column.is_some(), "column = \"status\""),
+        ("from", args.from.is_some(), "from = \"pending\""),
+        ("to", args.to.is_some(), "to = \"paid\""),
+    ] {
+        if !present && !args.present.iter().any(|p| p == name) {
+            errors.error(
+                attribute_span,
+                format!("`state_machine` needs `{name}`; add `{example}` to #[idempotent(...)]"),
+            );
+        }
+    }
+    if let (Some((from, span)), Some((to, _))) = (&args.from, &args.to)
+        && from.contains(to)
+    {
+        errors.error(
+            *span,
+            format!("`from` contains `{to}`, the state this step moves to; a transition must change the state: remove `{to}` from `from` (and list it in `done` if it means \"already done\")"),
+        );
+    }
+    if let Some((StoreKind::Memory, _)) = args.store {
+        errors.error(
+            strategy_span,
+            "`state_machine` moves a status column in a database table; the `memory` store has none: use `store = \"pg\"` or `\"sqlite\"`",
+        );
+    }
+    for (span, name) in [(args.replay, "replay"), (args.fingerprint, "fingerprint")] {
+        if let Some(span) = span {
+            errors.error(
+                span,
+                format!("`{name}` needs a dedup record, and `state_machine` keeps none (the status is the record): remove it, or use `strategy = \"dedup_table\"`"),
+            );
+        }
+    }
+    if let Some(span) = args.ttl_span {
+        errors.error(
+            span,
+            "`ttl` expires dedup records, and `state_machine` keeps none (the status is the record): remove it",
+        );
+    }
+    if let Some(key) = &args.key {
+        if key.fields.len() > 1 {
+            errors.error(
+                key.span,
+                "`state_machine` finds the row by one key column: key on one field (and set `key_column` if its column is named differently)",
+            );
+        } else if args.key_column.is_none()
+            && key
+                .fields
+                .first()
+                .and_then(|f| f.segments.last())
+                .is_some_and(|m| matches!(m, syn::Member::Unnamed(_)))
+        {
+            errors.error(
+                key.span,
+                "the key is a tuple field, which names no column: set `key_column = \"...\"`",
+            );
+        }
     }
 }

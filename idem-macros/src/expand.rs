@@ -159,6 +159,7 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
         quote! { (#text, #key_part(#amp #message_at_key #(#dot #segments)*)) }
     });
 
+    let mut strategy_items = TokenStream::new();
     let strategy_value = match strategy {
         StrategyKind::DedupTable => quote!(#private::DedupTable),
         StrategyKind::UniqueConstraint => {
@@ -167,6 +168,50 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
                 None => quote!(#private::core::option::Option::None),
             };
             quote!(#private::UniqueConstraint::new(#constraint))
+        }
+        StrategyKind::StateMachine => {
+            let field = key_spec
+                .fields
+                .first()
+                .expect("validated: state_machine keys on one field");
+            let (table, column, from, to) = (
+                args.table.as_ref().map(|t| &t.0),
+                args.column.as_ref().map(|c| &c.0),
+                args.from.as_ref().map(|f| &f.0),
+                args.to.as_ref().map(|t| &t.0),
+            );
+            let key_column = args.key_column.as_ref().map_or_else(
+                || match field.segments.last() {
+                    Some(syn::Member::Named(ident)) => ident.to_string(),
+                    _ => String::new(),
+                },
+                |k| k.0.clone(),
+            );
+            let from = from.into_iter().flatten();
+            let done = args.done.iter().flat_map(|d| d.0.iter());
+            let missing = args
+                .dead_letter_missing
+                .map(|_| quote!(.on_missing(#private::OnMissing::DeadLetter)));
+            let transition = format_ident!("TRANSITION", span = mixed);
+            let statements = format_ident!("STATEMENTS", span = mixed);
+            strategy_items = quote! {
+                const #transition: #private::Transition =
+                    #private::Transition::new(#table, #column, #key_column, &[#(#from),*], #to)
+                        .with_done(&[#(#done),*])
+                        #missing;
+                // Built by the store on first use, then shared by every delivery.
+                static #statements: #private::OnceLock<#private::TransitionSql> =
+                    #private::OnceLock::new();
+            };
+            let clone = respan(quote!(#private::core::clone::Clone::clone), key_spec.span);
+            let amp = syn::Token![&](key_spec.span);
+            let dot = syn::Token![.](key_spec.span);
+            let segments = &field.segments;
+            quote!(#private::StateMachine::new(
+                &#transition,
+                &#statements,
+                #clone(#amp #message_at_key #(#dot #segments)*),
+            ))
         }
     };
 
@@ -193,6 +238,7 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
             #ack_param: impl #private::Acknowledger,
         ) -> #returns #where_clause {
             const #spec: #private::HandlerSpec = #private::HandlerSpec::new(#scope) #ttl;
+            #strategy_items
             let #key = #private::key(#spec.scope(), &[#(#key_parts),*]);
             let #fingerprint = #fingerprint_value;
             // Three steps rather than one call taking the body as a closure: a closure over

@@ -6,12 +6,16 @@ pub use crate::error::{Error, HandlerError, HandlerErrors};
 pub use crate::key::{Key, KeyPart};
 pub use crate::outcome::Outcome;
 pub use crate::payload::{JsonReplay, NoReplay};
+pub use crate::store::TransitionSql;
 pub use crate::store::memory::{MemoryStore, MemoryTx};
 #[cfg(feature = "pg")]
 pub use crate::store::pg::{PgStore, PgTx};
 #[cfg(feature = "sqlite")]
 pub use crate::store::sqlite::{SqliteStore, SqliteTx};
-pub use crate::strategy::{DedupTable, HandlerResult, HandlerSpec, UniqueConstraint};
+pub use crate::strategy::{
+    DedupTable, HandlerResult, HandlerSpec, OnMissing, StateMachine, Transition, UniqueConstraint,
+};
+pub use std::sync::OnceLock;
 
 pub use ::core;
 pub use ::std;

@@ -193,6 +193,30 @@ pub enum Error<E> {
     },
     /// The dedup store failed (begin, gate, record or commit).
     Database(sqlx::Error),
+    /// `state_machine`: the entity is in a state this step cannot move from, and not in one
+    /// that means "already done". Permanent: the message is dead-lettered with the state.
+    InvalidTransition {
+        /// The handler's scope.
+        scope: String,
+        /// The encoded key.
+        key: String,
+        /// The entity's state when the delivery arrived (`None`: the column is NULL).
+        current: Option<String>,
+        /// The states this step moves from.
+        expected: Vec<String>,
+    },
+    /// `state_machine`: the entity does not exist (yet). Retryable by default, since messages
+    /// arrive out of order; dead-lettered with `on_missing = "dead_letter"`.
+    NotFound {
+        /// The handler's scope.
+        scope: String,
+        /// The encoded key.
+        key: String,
+        /// The table the entity was looked for in.
+        table: String,
+        /// Whether a redelivery may find it (`on_missing = "retry"`).
+        retryable: bool,
+    },
     /// The payload (for `fingerprint`) or the result (for `replay`) could not be serialized.
     Serialize {
         /// `"payload"` or `"result"`.
@@ -232,6 +256,37 @@ impl<E> Error<E> {
                 "payload mismatch for key `{key}` in scope `{scope}`: a message with this key but a different payload was already processed; the producer reuses keys for different messages"
             ),
             Self::Database(error) => write!(f, "idempotency store failed: {error}"),
+            Self::InvalidTransition {
+                scope,
+                key,
+                current,
+                expected,
+            } => write!(
+                f,
+                "invalid transition for key `{key}` in scope `{scope}`: the entity is in state {}, and this step moves only from {}",
+                current
+                    .as_deref()
+                    .map_or_else(|| "NULL".to_owned(), |s| format!("`{s}`")),
+                expected
+                    .iter()
+                    .map(|s| format!("`{s}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Self::NotFound {
+                scope,
+                key,
+                table,
+                retryable,
+            } => write!(
+                f,
+                "no row in `{table}` for key `{key}` in scope `{scope}`{}",
+                if *retryable {
+                    "; retrying, as the message that creates it may not have arrived yet"
+                } else {
+                    ""
+                }
+            ),
             Self::Serialize { what, source } => write!(
                 f,
                 "could not serialize the {what} for the dedup record: {source}"
@@ -257,7 +312,9 @@ impl<E: StdError + 'static> StdError for Error<E> {
             Self::Key(error) => Some(error),
             Self::Database(error) => Some(error),
             Self::Serialize { source, .. } | Self::Replay { source, .. } => Some(source),
-            Self::PayloadMismatch { .. } => None,
+            Self::PayloadMismatch { .. }
+            | Self::InvalidTransition { .. }
+            | Self::NotFound { .. } => None,
         }
     }
 }
@@ -307,7 +364,12 @@ impl<E> HandlerErrors<E> {
         match error {
             Error::Handler(error) => (self.disposition)(error),
             Error::Database(error) => classify_sqlx_error(error),
-            Error::Key(_)
+            Error::NotFound {
+                retryable: true, ..
+            } => Disposition::Retry,
+            Error::NotFound { .. }
+            | Error::InvalidTransition { .. }
+            | Error::Key(_)
             | Error::PayloadMismatch { .. }
             | Error::Serialize { .. }
             | Error::Replay { .. } => Disposition::DeadLetter,
@@ -354,6 +416,8 @@ impl<E> Error<E> {
             Self::Key(_) => "key",
             Self::PayloadMismatch { .. } => "payload_mismatch",
             Self::Database(_) => "database",
+            Self::InvalidTransition { .. } => "invalid_transition",
+            Self::NotFound { .. } => "not_found",
             Self::Serialize { .. } => "serialize",
             Self::Replay { .. } => "replay",
         }

@@ -24,6 +24,10 @@
 /// (the `unique_constraint` gate) and a second unique column, `receipt`, which must not be
 /// mistaken for a duplicate when the gate names its constraint.
 pub const BUSINESS_TABLES: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS idem_conf_orders (
+        order_id TEXT NOT NULL PRIMARY KEY,
+        status   TEXT NOT NULL
+    )",
     "CREATE TABLE IF NOT EXISTS idem_conf_ledger (
         order_id TEXT   NOT NULL,
         amount   BIGINT NOT NULL
@@ -72,6 +76,44 @@ macro_rules! conformance_suite {
                 .execute(&mut **tx)
                 .await?;
                 $crate::maybe_fail(&msg.order_id)
+            }
+
+            /// One ledger row per body run of a lifecycle step: `<order>/<step>`.
+            async fn write_step(tx: &mut $tx, order_id: &str, step: &str) -> Result<(), AppError> {
+                let entry = format!("{order_id}/{step}");
+                ::sqlx::query("INSERT INTO idem_conf_ledger (order_id, amount) VALUES ($1, 0)")
+                    .bind(&entry)
+                    .execute(&mut **tx)
+                    .await?;
+                $crate::maybe_fail(&entry)
+            }
+
+            #[idempotent(key = "order_id", store = $store, strategy = "dedup_table", scope = "conf.sm.create")]
+            pub async fn sm_create(tx: &mut $tx, msg: Payment) -> Result<(), AppError> {
+                ::sqlx::query("INSERT INTO idem_conf_orders (order_id, status) VALUES ($1, 'pending')")
+                    .bind(&msg.order_id)
+                    .execute(&mut **tx)
+                    .await?;
+                Ok(())
+            }
+
+            #[idempotent(key = "order_id", store = $store, strategy = "state_machine", scope = "conf.sm.pay",
+                         table = "idem_conf_orders", column = "status", from = "pending", to = "paid", done = ["shipped"])]
+            pub async fn sm_pay(tx: &mut $tx, msg: Payment) -> Result<(), AppError> {
+                write_step(tx, &msg.order_id, "paid").await
+            }
+
+            #[idempotent(key = "order_id", store = $store, strategy = "state_machine", scope = "conf.sm.ship",
+                         table = "idem_conf_orders", column = "status", from = ["paid"], to = "shipped")]
+            pub async fn sm_ship(tx: &mut $tx, msg: Payment) -> Result<(), AppError> {
+                write_step(tx, &msg.order_id, "shipped").await
+            }
+
+            #[idempotent(key = "order_id", store = $store, strategy = "state_machine", scope = "conf.sm.pay_strict",
+                         table = "idem_conf_orders", column = "status", key_column = "order_id",
+                         from = "pending", to = "paid", on_missing = "dead_letter")]
+            pub async fn sm_pay_strict(tx: &mut $tx, msg: Payment) -> Result<(), AppError> {
+                write_step(tx, &msg.order_id, "paid").await
             }
 
             #[idempotent(key = "order_id", store = $store, strategy = "dedup_table", scope = "conf.dedup")]
@@ -144,6 +186,7 @@ macro_rules! conformance_suite {
 
         trait HasPool {
             async fn count(&self, sql: &'static str, binds: &[&str]) -> i64;
+            async fn status(&self, order_id: &str) -> Option<String>;
         }
 
         $crate::__impl_has_pool!($store);
@@ -189,6 +232,139 @@ macro_rules! conformance_suite {
                     .await
                     .expect("first delivery");
                 assert_eq!(dedup_records(&store, "conf.dedup", &key).await, 1);
+            }
+        }
+
+        mod state_machine {
+            use super::*;
+            use ::idem_runtime::{Error, NoAck, Outcome, RequeueReason};
+            use $crate::{AckEvent, Payment, RecordingAck, unique_key};
+
+            async fn steps(store: &impl HasPool, key: &str, step: &str) -> i64 {
+                business_rows(store, "ledger", &format!("{key}/{step}")).await
+            }
+
+            #[tokio::test]
+            async fn lifecycle_with_a_duplicate_of_every_step() {
+                $crate::init_tracing();
+                let store = $open;
+                let key = unique_key("life");
+                let msg = || Payment::new(&key, 0);
+                assert!(handlers::sm_create(&store, msg(), NoAck).await.expect("create").is_processed());
+                assert!(handlers::sm_create(&store, msg(), NoAck).await.expect("create again").is_duplicate());
+                assert_eq!(store.status(&key).await.as_deref(), Some("pending"));
+
+                let ack = RecordingAck::new();
+                assert_eq!(handlers::sm_pay(&store, msg(), ack.clone()).await.expect("pay"), Outcome::Processed(()));
+                assert_eq!(handlers::sm_pay(&store, msg(), ack.clone()).await.expect("pay again"), Outcome::Duplicate { replayed: None });
+                assert_eq!(ack.events(), vec![AckEvent::Ack, AckEvent::Ack]);
+                assert_eq!(store.status(&key).await.as_deref(), Some("paid"));
+
+                assert!(handlers::sm_ship(&store, msg(), NoAck).await.expect("ship").is_processed());
+                assert!(handlers::sm_ship(&store, msg(), NoAck).await.expect("ship again").is_duplicate());
+                // `shipped` is in pay's `done`: a late redelivery of "pay" is a duplicate too.
+                assert!(handlers::sm_pay(&store, msg(), NoAck).await.expect("late pay").is_duplicate());
+                assert_eq!(store.status(&key).await.as_deref(), Some("shipped"));
+                assert_eq!(steps(&store, &key, "paid").await, 1, "pay's body ran once");
+                assert_eq!(steps(&store, &key, "shipped").await, 1, "ship's body ran once");
+            }
+
+            #[tokio::test]
+            async fn step_before_its_entity_exists_is_retried_then_succeeds() {
+                let store = $open;
+                let key = unique_key("early");
+                let ack = RecordingAck::new();
+                let early = handlers::sm_pay(&store, Payment::new(&key, 0), ack.clone()).await;
+                match &early {
+                    Err(Error::NotFound { retryable: true, table, .. }) => assert_eq!(table, "idem_conf_orders"),
+                    other => panic!("expected a retryable NotFound, got {other:?}"),
+                }
+                assert!(early.as_ref().unwrap_err().is_retryable());
+                assert_eq!(ack.events(), vec![AckEvent::Requeue(RequeueReason::Retryable)]);
+                assert_eq!(steps(&store, &key, "paid").await, 0);
+
+                handlers::sm_create(&store, Payment::new(&key, 0), NoAck).await.expect("create lands");
+                let retried = handlers::sm_pay(&store, Payment::new(&key, 0), NoAck).await.expect("redelivery");
+                assert!(retried.is_processed());
+                assert_eq!(store.status(&key).await.as_deref(), Some("paid"));
+            }
+
+            #[tokio::test]
+            async fn missing_entity_is_dead_lettered_with_on_missing_dead_letter() {
+                let store = $open;
+                let key = unique_key("strict");
+                let ack = RecordingAck::new();
+                let result = handlers::sm_pay_strict(&store, Payment::new(&key, 0), ack.clone()).await;
+                assert!(matches!(result, Err(Error::NotFound { retryable: false, .. })), "{result:?}");
+                assert!(matches!(ack.events().as_slice(), [AckEvent::DeadLetter(_)]), "{:?}", ack.events());
+            }
+
+            #[tokio::test]
+            async fn invalid_transition_is_dead_lettered_with_the_current_state() {
+                let store = $open;
+                let key = unique_key("invalid");
+                handlers::sm_create(&store, Payment::new(&key, 0), NoAck).await.expect("create");
+                let ack = RecordingAck::new();
+                // Ship moves only from `paid`; the order is still `pending`.
+                let result = handlers::sm_ship(&store, Payment::new(&key, 0), ack.clone()).await;
+                match &result {
+                    Err(Error::InvalidTransition { current, expected, .. }) => {
+                        assert_eq!(current.as_deref(), Some("pending"));
+                        assert_eq!(expected, &vec!["paid".to_owned()]);
+                    }
+                    other => panic!("expected InvalidTransition, got {other:?}"),
+                }
+                assert!(
+                    matches!(ack.events().as_slice(), [AckEvent::DeadLetter(reason)] if reason.contains("`pending`")),
+                    "{:?}",
+                    ack.events()
+                );
+                assert_eq!(store.status(&key).await.as_deref(), Some("pending"), "nothing moved");
+                assert_eq!(steps(&store, &key, "shipped").await, 0);
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn concurrent_deliveries_of_one_transition_process_exactly_once() {
+                let store = $open;
+                let key = unique_key("sm-race");
+                handlers::sm_create(&store, Payment::new(&key, 0), NoAck).await.expect("create");
+                let tasks: Vec<_> = (0..16)
+                    .map(|_| {
+                        let store = store.clone();
+                        let message = Payment::new(&key, 0);
+                        ::tokio::spawn(async move { handlers::sm_pay(&store, message, NoAck).await })
+                    })
+                    .collect();
+                let mut processed = 0;
+                let mut duplicates = 0;
+                for task in tasks {
+                    match task.await.expect("task panicked") {
+                        Ok(Outcome::Processed(())) => processed += 1,
+                        Ok(Outcome::Duplicate { .. }) => duplicates += 1,
+                        other => panic!("unexpected result under contention: {other:?}"),
+                    }
+                }
+                assert_eq!((processed, duplicates), (1, 15));
+                assert_eq!(steps(&store, &key, "paid").await, 1);
+                assert_eq!(store.status(&key).await.as_deref(), Some("paid"));
+            }
+
+            #[tokio::test]
+            async fn body_failure_rolls_the_transition_back() {
+                let store = $open;
+                let key = unique_key("sm-fail");
+                handlers::sm_create(&store, Payment::new(&key, 0), NoAck).await.expect("create");
+                $crate::fail_once(&format!("{key}/paid"));
+                let ack = RecordingAck::new();
+                let failed = handlers::sm_pay(&store, Payment::new(&key, 0), ack.clone()).await;
+                assert!(matches!(failed, Err(Error::Handler($crate::AppError::Transient(_)))), "{failed:?}");
+                assert_eq!(ack.events(), vec![AckEvent::Requeue(RequeueReason::Retryable)]);
+                assert_eq!(store.status(&key).await.as_deref(), Some("pending"), "the transition rolled back");
+                assert_eq!(steps(&store, &key, "paid").await, 0);
+
+                let retried = handlers::sm_pay(&store, Payment::new(&key, 0), NoAck).await.expect("redelivery");
+                assert!(retried.is_processed());
+                assert_eq!(store.status(&key).await.as_deref(), Some("paid"));
             }
         }
 
@@ -264,6 +440,14 @@ macro_rules! __impl_has_pool {
                 }
                 query.fetch_one(self.pool()).await.expect("count rows")
             }
+
+            async fn status(&self, order_id: &str) -> Option<String> {
+                ::sqlx::query_scalar("SELECT status FROM idem_conf_orders WHERE order_id = $1")
+                    .bind(order_id)
+                    .fetch_optional(self.pool())
+                    .await
+                    .expect("read the order's status")
+            }
         }
     };
     ("sqlite") => {
@@ -274,6 +458,14 @@ macro_rules! __impl_has_pool {
                     query = query.bind(*bind);
                 }
                 query.fetch_one(self.pool()).await.expect("count rows")
+            }
+
+            async fn status(&self, order_id: &str) -> Option<String> {
+                ::sqlx::query_scalar("SELECT status FROM idem_conf_orders WHERE order_id = $1")
+                    .bind(order_id)
+                    .fetch_optional(self.pool())
+                    .await
+                    .expect("read the order's status")
             }
         }
     };

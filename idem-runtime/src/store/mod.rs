@@ -22,8 +22,10 @@
 //! expired rows with the store's `purge_expired()`.
 
 use std::future::Future;
+use std::sync::Arc;
 
 use crate::key::Key;
+use crate::strategy::Transition;
 
 pub mod memory;
 #[cfg(feature = "pg")]
@@ -130,4 +132,125 @@ pub trait Store: Send + Sync {
         error: &dyn sqlx::error::DatabaseError,
         constraint: Option<&str>,
     ) -> bool;
+}
+
+/// A value a SQL store can bind as a parameter: what a `state_machine` key field must be.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be bound as the key of a `state_machine` transition",
+    label = "the key column is compared with this value",
+    note = "key on a field whose type sqlx can encode for this database (String, &str, an integer, uuid::Uuid with sqlx's `uuid` feature)"
+)]
+pub trait SqlValue<DB: sqlx::Database>:
+    for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB> + Clone + Send + Sync
+{
+}
+
+impl<DB, T> SqlValue<DB> for T
+where
+    DB: sqlx::Database,
+    T: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB> + Clone + Send + Sync,
+{
+}
+
+/// The statements of one [`Transition`] in a store's dialect, built once per handler.
+#[derive(Debug, Clone)]
+pub struct TransitionSql {
+    /// The guarded update: `$1` = `to`, `$2` = key, `$3…` = `from`.
+    pub update: Arc<str>,
+    /// The read that classifies a delivery that moved nothing: `$1` = key.
+    pub select: Arc<str>,
+}
+
+/// What the guarded update found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TransitionOutcome {
+    /// The row moved: this delivery owns the transition.
+    Moved,
+    /// Nothing moved. `current`: `None` = no row; `Some(state)` = the row's status (`None` if NULL).
+    Unmoved {
+        /// What the read found.
+        current: Option<Option<String>>,
+    },
+}
+
+/// A store whose business tables can be the gate of `state_machine`.
+pub trait TransitionStore: Store {
+    /// The sqlx database.
+    type Database: sqlx::Database;
+
+    /// The statements of `transition`, quoted for this dialect.
+    fn transition_sql(transition: &Transition) -> TransitionSql;
+
+    /// Runs the guarded update and, when it moves nothing, the classifying read, in `tx`.
+    fn transition<K: SqlValue<Self::Database>>(
+        &self,
+        tx: &mut Self::Tx,
+        statements: &TransitionSql,
+        transition: &Transition,
+        key: &K,
+    ) -> impl Future<Output = Result<TransitionOutcome, sqlx::Error>> + Send;
+}
+
+/// Quotes a validated identifier (`name` or `schema.name`) with double quotes, as PostgreSQL
+/// and SQLite both read them. The macro admits only `[A-Za-z_][A-Za-z0-9_]*` parts; doubling
+/// any quote is defence in depth.
+pub(crate) fn quote_identifier(name: &str) -> String {
+    name.split('.')
+        .map(|part| format!("\"{}\"", part.replace('"', "\"\"")))
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+/// The guarded update and the read for `transition`, with `placeholder(n)` giving the n-th
+/// (1-based) parameter marker of the dialect.
+pub(crate) fn transition_statements(
+    transition: &Transition,
+    placeholder: impl Fn(usize) -> String,
+) -> TransitionSql {
+    let table = quote_identifier(transition.table());
+    let column = quote_identifier(transition.column());
+    let key_column = quote_identifier(transition.key_column());
+    let from = (0..transition.from().len())
+        .map(|i| placeholder(i + 3))
+        .collect::<Vec<_>>()
+        .join(", ");
+    TransitionSql {
+        update: format!(
+            "UPDATE {table} SET {column} = {to} WHERE {key_column} = {key} AND {column} IN ({from})",
+            to = placeholder(1),
+            key = placeholder(2),
+        )
+        .into(),
+        select: format!(
+            "SELECT {column} FROM {table} WHERE {key_column} = {key}",
+            key = placeholder(1)
+        )
+        .into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statements_quote_identifiers_and_bind_values() {
+        const STEP: Transition = Transition::new(
+            "shop.orders",
+            "status",
+            "order_id",
+            &["new", "held"],
+            "paid",
+        );
+        let sql = transition_statements(&STEP, |n| format!("${n}"));
+        assert_eq!(
+            &*sql.update,
+            r#"UPDATE "shop"."orders" SET "status" = $1 WHERE "order_id" = $2 AND "status" IN ($3, $4)"#
+        );
+        assert_eq!(
+            &*sql.select,
+            r#"SELECT "status" FROM "shop"."orders" WHERE "order_id" = $1"#
+        );
+        assert_eq!(quote_identifier(r#"a"b"#), r#""a""b""#);
+    }
 }

@@ -8,8 +8,12 @@
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{Postgres, Transaction};
 
-use super::{Claim, NewRecord, RecordRow, Store, StoredRecord, live_record};
+use super::{
+    Claim, NewRecord, RecordRow, SqlValue, Store, StoredRecord, TransitionOutcome, TransitionSql,
+    TransitionStore, live_record, transition_statements,
+};
 use crate::key::Key;
+use crate::strategy::Transition;
 
 /// The transaction an `#[idempotent(store = "pg")]` handler's body receives.
 pub type PgTx<'c> = Transaction<'c, Postgres>;
@@ -182,5 +186,40 @@ impl Store for PgStore {
     ) -> bool {
         error.kind() == sqlx::error::ErrorKind::UniqueViolation
             && constraint.is_none_or(|name| error.constraint() == Some(name))
+    }
+}
+impl TransitionStore for PgStore {
+    type Database = Postgres;
+
+    fn transition_sql(transition: &Transition) -> TransitionSql {
+        transition_statements(transition, |n| format!("${n}"))
+    }
+
+    async fn transition<K: SqlValue<Postgres>>(
+        &self,
+        tx: &mut Self::Tx,
+        statements: &TransitionSql,
+        transition: &Transition,
+        key: &K,
+    ) -> Result<TransitionOutcome, sqlx::Error> {
+        // Built from identifiers the macro validated and this store quoted; values are bound.
+        let mut update = sqlx::query(sqlx::AssertSqlSafe(std::sync::Arc::clone(
+            &statements.update,
+        )))
+        .bind(transition.to())
+        .bind(key.clone());
+        for state in transition.from() {
+            update = update.bind(*state);
+        }
+        if update.execute(&mut **tx).await?.rows_affected() > 0 {
+            return Ok(TransitionOutcome::Moved);
+        }
+        let current: Option<Option<String>> = sqlx::query_scalar(sqlx::AssertSqlSafe(
+            std::sync::Arc::clone(&statements.select),
+        ))
+        .bind(key.clone())
+        .fetch_optional(&mut **tx)
+        .await?;
+        Ok(TransitionOutcome::Unmoved { current })
     }
 }

@@ -15,8 +15,12 @@ use sqlx::sqlite::{
 };
 use sqlx::{Sqlite, Transaction};
 
-use super::{Claim, NewRecord, RecordRow, Store, StoredRecord, live_record};
+use super::{
+    Claim, NewRecord, RecordRow, SqlValue, Store, StoredRecord, TransitionOutcome, TransitionSql,
+    TransitionStore, live_record, transition_statements,
+};
 use crate::key::Key;
+use crate::strategy::Transition;
 
 /// The transaction an `#[idempotent(store = "sqlite")]` handler's body receives.
 pub type SqliteTx<'c> = Transaction<'c, Sqlite>;
@@ -225,6 +229,42 @@ fn sqlite_detail_matches(detail: &str, constraint: &str) -> bool {
     }
     let columns = detail.split(',').map(str::trim);
     columns.eq(constraint.split(',').map(str::trim))
+}
+
+impl TransitionStore for SqliteStore {
+    type Database = Sqlite;
+
+    fn transition_sql(transition: &Transition) -> TransitionSql {
+        transition_statements(transition, |n| format!("?{n}"))
+    }
+
+    async fn transition<K: SqlValue<Sqlite>>(
+        &self,
+        tx: &mut Self::Tx,
+        statements: &TransitionSql,
+        transition: &Transition,
+        key: &K,
+    ) -> Result<TransitionOutcome, sqlx::Error> {
+        // Built from identifiers the macro validated and this store quoted; values are bound.
+        let mut update = sqlx::query(sqlx::AssertSqlSafe(std::sync::Arc::clone(
+            &statements.update,
+        )))
+        .bind(transition.to())
+        .bind(key.clone());
+        for state in transition.from() {
+            update = update.bind(*state);
+        }
+        if update.execute(&mut **tx).await?.rows_affected() > 0 {
+            return Ok(TransitionOutcome::Moved);
+        }
+        let current: Option<Option<String>> = sqlx::query_scalar(sqlx::AssertSqlSafe(
+            std::sync::Arc::clone(&statements.select),
+        ))
+        .bind(key.clone())
+        .fetch_optional(&mut **tx)
+        .await?;
+        Ok(TransitionOutcome::Unmoved { current })
+    }
 }
 
 #[cfg(test)]

@@ -29,9 +29,11 @@ use crate::payload::ResultCodec;
 use crate::store::{Claim, NewRecord, Store, StoredRecord};
 
 pub mod dedup_table;
+pub mod state_machine;
 pub mod unique_constraint;
 
 pub use dedup_table::DedupTable;
+pub use state_machine::{OnMissing, StateMachine, Transition};
 pub use unique_constraint::UniqueConstraint;
 
 /// The gate's verdict.
@@ -41,6 +43,48 @@ pub enum Gate {
     Open,
     /// An earlier delivery committed this message; its record, when one was read.
     Duplicate(Option<StoredRecord>),
+    /// The delivery cannot proceed (`state_machine`: the entity is missing or in another state).
+    Refused(Refusal),
+}
+
+/// Why a gate refused a delivery that is not a duplicate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// The entity is in a state this step does not move from (`None`: NULL).
+    InvalidTransition {
+        /// Its state.
+        current: Option<String>,
+        /// The states the step moves from.
+        expected: Vec<String>,
+    },
+    /// The entity's row does not exist.
+    NotFound {
+        /// Where it was looked for.
+        table: String,
+        /// Whether to retry (`on_missing = "retry"`) or dead-letter.
+        retryable: bool,
+    },
+}
+
+impl Refusal {
+    fn into_error<E>(self, key: &Key) -> Error<E> {
+        let (scope, key) = (key.scope().to_owned(), key.value().to_owned());
+        match self {
+            Self::InvalidTransition { current, expected } => Error::InvalidTransition {
+                scope,
+                key,
+                current,
+                expected,
+            },
+            Self::NotFound { table, retryable } => Error::NotFound {
+                scope,
+                key,
+                table,
+                retryable,
+            },
+        }
+    }
 }
 
 impl From<Claim> for Gate {
@@ -320,6 +364,10 @@ where
             rollback::<S>(tx).await;
             Ok(Err(accept_duplicate(&delivery, &entered.codec, record)))
         }
+        Ok(Gate::Refused(refusal)) => {
+            rollback::<S>(tx).await;
+            Err(Err(refusal.into_error(&entered.key)))
+        }
         Err(error) => {
             rollback::<S>(tx).await;
             Err(Err(Error::Database(error)))
@@ -406,6 +454,10 @@ where
         Ok(Gate::Duplicate(record)) => {
             rollback::<S>(tx).await;
             return accept_duplicate(&delivery, codec, record);
+        }
+        Ok(Gate::Refused(refusal)) => {
+            rollback::<S>(tx).await;
+            return Err(refusal.into_error(&entered.key));
         }
         Err(error) => {
             rollback::<S>(tx).await;
