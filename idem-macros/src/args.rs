@@ -25,6 +25,7 @@ const ARGUMENTS: &[&str] = &[
     "from",
     "to",
     "done",
+    "early",
     "on_missing",
 ];
 
@@ -36,6 +37,7 @@ const STATE_MACHINE_ARGUMENTS: &[&str] = &[
     "from",
     "to",
     "done",
+    "early",
     "on_missing",
 ];
 
@@ -144,6 +146,8 @@ pub(crate) struct Args {
     pub(crate) to: Option<(String, Span)>,
     /// `state_machine`: states that mean "already past this step".
     pub(crate) done: Option<(Vec<String>, Span)>,
+    /// `state_machine`: states that mean "this step is early".
+    pub(crate) early: Option<(Vec<String>, Span)>,
     /// `state_machine`: `on_missing = "dead_letter"`.
     pub(crate) dead_letter_missing: Option<Span>,
     /// Where each state-machine argument was written, for "only applies to" errors.
@@ -223,12 +227,12 @@ pub(crate) fn parse(tokens: proc_macro2::TokenStream, errors: &mut Errors) -> Ar
         match name.as_str() {
             "replay" => args.replay = flag(&meta, errors),
             "fingerprint" => args.fingerprint = flag(&meta, errors),
-            "from" | "done" => {
+            "from" | "done" | "early" => {
                 let states = state_list(&meta, &name, errors);
-                if name == "from" {
-                    args.from = states;
-                } else {
-                    args.done = states;
+                match name.as_str() {
+                    "from" => args.from = states,
+                    "done" => args.done = states,
+                    _ => args.early = states,
                 }
             }
             _ => {
@@ -622,6 +626,28 @@ fn validate_state_machine(args: &Args, attribute_span: Span, errors: &mut Errors
             *span,
             format!("`from` contains `{to}`, the state this step moves to; a transition must change the state: remove `{to}` from `from` (and list it in `done` if it means \"already done\")"),
         );
+    }
+    if let Some((early, span)) = &args.early {
+        let taken: Vec<&String> = early
+            .iter()
+            .filter(|state| {
+                args.to.as_ref().is_some_and(|(to, _)| to == *state)
+                    || args
+                        .from
+                        .as_ref()
+                        .is_some_and(|(from, _)| from.contains(state))
+                    || args
+                        .done
+                        .as_ref()
+                        .is_some_and(|(done, _)| done.contains(state))
+            })
+            .collect();
+        if let Some(state) = taken.first() {
+            errors.error(
+                *span,
+                format!("`early` lists `{state}`, which is also in `from`, `to` or `done`; a state has one meaning per step: `early` is for states before `from`"),
+            );
+        }
     }
     if let Some((StoreKind::Memory, _)) = args.store {
         errors.error(

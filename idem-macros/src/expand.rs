@@ -189,6 +189,7 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
             );
             let from = from.into_iter().flatten();
             let done = args.done.iter().flat_map(|d| d.0.iter());
+            let early = args.early.iter().flat_map(|e| e.0.iter());
             let missing = args
                 .dead_letter_missing
                 .map(|_| quote!(.on_missing(#private::OnMissing::DeadLetter)));
@@ -198,19 +199,20 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
                 const #transition: #private::Transition =
                     #private::Transition::new(#table, #column, #key_column, &[#(#from),*], #to)
                         .with_done(&[#(#done),*])
+                        .with_early(&[#(#early),*])
                         #missing;
                 // Built by the store on first use, then shared by every delivery.
                 static #statements: #private::OnceLock<#private::TransitionSql> =
                     #private::OnceLock::new();
             };
-            let clone = respan(quote!(#private::core::clone::Clone::clone), key_spec.span);
+            let state_key = respan(quote!(#private::state_key), key_spec.span);
             let amp = syn::Token![&](key_spec.span);
             let dot = syn::Token![.](key_spec.span);
             let segments = &field.segments;
             quote!(#private::StateMachine::new(
                 &#transition,
                 &#statements,
-                #clone(#amp #message_at_key #(#dot #segments)*),
+                #state_key(#amp #message_at_key #(#dot #segments)*),
             ))
         }
     };

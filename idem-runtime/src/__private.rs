@@ -7,6 +7,13 @@ pub use crate::key::{Key, KeyPart};
 pub use crate::outcome::Outcome;
 pub use crate::payload::{JsonReplay, NoReplay};
 pub use crate::store::TransitionSql;
+pub use crate::strategy::state_machine::{StateKey, StateKeyPart};
+
+/// The key value of a `state_machine` gate, checked where the key is written.
+#[inline]
+pub fn state_key<T: StateKeyPart + ?Sized>(value: &T) -> StateKey {
+    value.state_key()
+}
 pub use crate::store::memory::{MemoryStore, MemoryTx};
 #[cfg(feature = "pg")]
 pub use crate::store::pg::{PgStore, PgTx};

@@ -205,6 +205,16 @@ pub enum Error<E> {
         /// The states this step moves from.
         expected: Vec<String>,
     },
+    /// `state_machine`: the entity is in one of the step's `early` states: the step arrived
+    /// before its predecessor. Retryable.
+    TooEarly {
+        /// The handler's scope.
+        scope: String,
+        /// The encoded key.
+        key: String,
+        /// The entity's state.
+        current: String,
+    },
     /// `state_machine`: the entity does not exist (yet). Retryable by default, since messages
     /// arrive out of order; dead-lettered with `on_missing = "dead_letter"`.
     NotFound {
@@ -273,6 +283,14 @@ impl<E> Error<E> {
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
+            Self::TooEarly {
+                scope,
+                key,
+                current,
+            } => write!(
+                f,
+                "too early for key `{key}` in scope `{scope}`: the entity is still `{current}`, before this step; retrying once its predecessor lands"
+            ),
             Self::NotFound {
                 scope,
                 key,
@@ -314,6 +332,7 @@ impl<E: StdError + 'static> StdError for Error<E> {
             Self::Serialize { source, .. } | Self::Replay { source, .. } => Some(source),
             Self::PayloadMismatch { .. }
             | Self::InvalidTransition { .. }
+            | Self::TooEarly { .. }
             | Self::NotFound { .. } => None,
         }
     }
@@ -366,7 +385,8 @@ impl<E> HandlerErrors<E> {
             Error::Database(error) => classify_sqlx_error(error),
             Error::NotFound {
                 retryable: true, ..
-            } => Disposition::Retry,
+            }
+            | Error::TooEarly { .. } => Disposition::Retry,
             Error::NotFound { .. }
             | Error::InvalidTransition { .. }
             | Error::Key(_)
@@ -418,6 +438,7 @@ impl<E> Error<E> {
             Self::Database(_) => "database",
             Self::InvalidTransition { .. } => "invalid_transition",
             Self::NotFound { .. } => "not_found",
+            Self::TooEarly { .. } => "too_early",
             Self::Serialize { .. } => "serialize",
             Self::Replay { .. } => "replay",
         }

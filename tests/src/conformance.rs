@@ -24,6 +24,10 @@
 /// (the `unique_constraint` gate) and a second unique column, `receipt`, which must not be
 /// mistaken for a duplicate when the gate names its constraint.
 pub const BUSINESS_TABLES: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS idem_conf_tickets (
+        id     BIGINT NOT NULL PRIMARY KEY,
+        status TEXT   NOT NULL
+    )",
     "CREATE TABLE IF NOT EXISTS idem_conf_orders (
         order_id TEXT NOT NULL PRIMARY KEY,
         status   TEXT NOT NULL
@@ -109,11 +113,23 @@ macro_rules! conformance_suite {
                 write_step(tx, &msg.order_id, "shipped").await
             }
 
+            #[idempotent(key = "order_id", store = $store, strategy = "state_machine", scope = "conf.sm.ship_patient",
+                         table = "idem_conf_orders", column = "status", from = "paid", to = "shipped", early = ["pending"])]
+            pub async fn sm_ship_patient(tx: &mut $tx, msg: Payment) -> Result<(), AppError> {
+                write_step(tx, &msg.order_id, "shipped").await
+            }
+
             #[idempotent(key = "order_id", store = $store, strategy = "state_machine", scope = "conf.sm.pay_strict",
                          table = "idem_conf_orders", column = "status", key_column = "order_id",
                          from = "pending", to = "paid", on_missing = "dead_letter")]
             pub async fn sm_pay_strict(tx: &mut $tx, msg: Payment) -> Result<(), AppError> {
                 write_step(tx, &msg.order_id, "paid").await
+            }
+
+            #[idempotent(key = "id", store = $store, strategy = "state_machine", scope = "conf.sm.close",
+                         table = "idem_conf_tickets", column = "status", from = "open", to = "closed")]
+            pub async fn sm_close_ticket(_tx: &mut $tx, _msg: $crate::Ticket) -> Result<(), AppError> {
+                Ok(())
             }
 
             #[idempotent(key = "order_id", store = $store, strategy = "dedup_table", scope = "conf.dedup")]
@@ -187,6 +203,7 @@ macro_rules! conformance_suite {
         trait HasPool {
             async fn count(&self, sql: &'static str, binds: &[&str]) -> i64;
             async fn status(&self, order_id: &str) -> Option<String>;
+            async fn execute_with_int(&self, sql: &'static str, value: i64);
         }
 
         $crate::__impl_has_pool!($store);
@@ -270,6 +287,16 @@ macro_rules! conformance_suite {
             }
 
             #[tokio::test]
+            async fn integer_key_column_is_compared_as_an_integer() {
+                let store = $open;
+                let id = $crate::unique_int();
+                store.execute_with_int("INSERT INTO idem_conf_tickets (id, status) VALUES ($1, 'open')", id).await;
+                let ticket = $crate::Ticket { id };
+                assert!(handlers::sm_close_ticket(&store, ticket.clone(), NoAck).await.expect("close").is_processed());
+                assert!(handlers::sm_close_ticket(&store, ticket, NoAck).await.expect("close again").is_duplicate());
+            }
+
+            #[tokio::test]
             async fn step_before_its_entity_exists_is_retried_then_succeeds() {
                 let store = $open;
                 let key = unique_key("early");
@@ -287,6 +314,25 @@ macro_rules! conformance_suite {
                 let retried = handlers::sm_pay(&store, Payment::new(&key, 0), NoAck).await.expect("redelivery");
                 assert!(retried.is_processed());
                 assert_eq!(store.status(&key).await.as_deref(), Some("paid"));
+            }
+
+            #[tokio::test]
+            async fn step_finding_an_early_state_is_retried_until_its_predecessor_lands() {
+                let store = $open;
+                let key = unique_key("patient");
+                handlers::sm_create(&store, Payment::new(&key, 0), NoAck).await.expect("create");
+                let ack = RecordingAck::new();
+                let early = handlers::sm_ship_patient(&store, Payment::new(&key, 0), ack.clone()).await;
+                match &early {
+                    Err(Error::TooEarly { current, .. }) => assert_eq!(current, "pending"),
+                    other => panic!("expected TooEarly, got {other:?}"),
+                }
+                assert_eq!(ack.events(), vec![AckEvent::Requeue(RequeueReason::Retryable)]);
+                handlers::sm_pay(&store, Payment::new(&key, 0), NoAck).await.expect("pay lands");
+                let shipped = handlers::sm_ship_patient(&store, Payment::new(&key, 0), NoAck).await.expect("redelivery");
+                assert!(shipped.is_processed());
+                assert_eq!(store.status(&key).await.as_deref(), Some("shipped"));
+                assert_eq!(steps(&store, &key, "shipped").await, 1);
             }
 
             #[tokio::test]
@@ -448,6 +494,14 @@ macro_rules! __impl_has_pool {
                     .await
                     .expect("read the order's status")
             }
+
+            async fn execute_with_int(&self, sql: &'static str, value: i64) {
+                ::sqlx::query(sql)
+                    .bind(value)
+                    .execute(self.pool())
+                    .await
+                    .expect("execute a setup statement");
+            }
         }
     };
     ("sqlite") => {
@@ -466,6 +520,14 @@ macro_rules! __impl_has_pool {
                     .fetch_optional(self.pool())
                     .await
                     .expect("read the order's status")
+            }
+
+            async fn execute_with_int(&self, sql: &'static str, value: i64) {
+                ::sqlx::query(sql)
+                    .bind(value)
+                    .execute(self.pool())
+                    .await
+                    .expect("execute a setup statement");
             }
         }
     };

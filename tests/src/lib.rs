@@ -69,6 +69,24 @@ pub fn unique_key(label: &str) -> String {
     format!("{}-{label}-{n}", run_id())
 }
 
+/// An integer unique to this run and call (for integer-keyed tables).
+pub fn unique_int() -> i64 {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let base = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros());
+    // Microseconds since the epoch fit in 52 bits; the counter separates calls within one.
+    i64::try_from(base).unwrap_or(0).saturating_mul(1024) + i64::try_from(n % 1024).unwrap_or(0)
+}
+
+/// A message keyed on an integer, for integer-keyed tables.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Ticket {
+    /// The key, a BIGINT in the table.
+    pub id: i64,
+}
+
 fn poisoned() -> &'static Mutex<HashSet<String>> {
     static POISONED: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
     POISONED.get_or_init(Mutex::default)

@@ -26,6 +26,7 @@ use std::sync::Arc;
 
 use crate::key::Key;
 use crate::strategy::Transition;
+use crate::strategy::state_machine::StateKey;
 
 pub mod memory;
 #[cfg(feature = "pg")]
@@ -134,24 +135,6 @@ pub trait Store: Send + Sync {
     ) -> bool;
 }
 
-/// A value a SQL store can bind as a parameter: what a `state_machine` key field must be.
-#[diagnostic::on_unimplemented(
-    message = "`{Self}` cannot be bound as the key of a `state_machine` transition",
-    label = "the key column is compared with this value",
-    note = "key on a field whose type sqlx can encode for this database (String, &str, an integer, uuid::Uuid with sqlx's `uuid` feature)"
-)]
-pub trait SqlValue<DB: sqlx::Database>:
-    for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB> + Clone + Send + Sync
-{
-}
-
-impl<DB, T> SqlValue<DB> for T
-where
-    DB: sqlx::Database,
-    T: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB> + Clone + Send + Sync,
-{
-}
-
 /// The statements of one [`Transition`] in a store's dialect, built once per handler.
 #[derive(Debug, Clone)]
 pub struct TransitionSql {
@@ -175,19 +158,16 @@ pub enum TransitionOutcome {
 
 /// A store whose business tables can be the gate of `state_machine`.
 pub trait TransitionStore: Store {
-    /// The sqlx database.
-    type Database: sqlx::Database;
-
     /// The statements of `transition`, quoted for this dialect.
     fn transition_sql(transition: &Transition) -> TransitionSql;
 
     /// Runs the guarded update and, when it moves nothing, the classifying read, in `tx`.
-    fn transition<K: SqlValue<Self::Database>>(
+    fn transition(
         &self,
         tx: &mut Self::Tx,
         statements: &TransitionSql,
         transition: &Transition,
-        key: &K,
+        key: &StateKey,
     ) -> impl Future<Output = Result<TransitionOutcome, sqlx::Error>> + Send;
 }
 

@@ -10,17 +10,20 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::{Sqlite, Transaction};
 
 use super::{
-    Claim, NewRecord, RecordRow, SqlValue, Store, StoredRecord, TransitionOutcome, TransitionSql,
+    Claim, NewRecord, RecordRow, Store, StoredRecord, TransitionOutcome, TransitionSql,
     TransitionStore, live_record, transition_statements,
 };
 use crate::key::Key;
 use crate::strategy::Transition;
+use crate::strategy::state_machine::StateKey;
 
 /// The transaction an `#[idempotent(store = "sqlite")]` handler's body receives.
 pub type SqliteTx<'c> = Transaction<'c, Sqlite>;
@@ -232,37 +235,36 @@ fn sqlite_detail_matches(detail: &str, constraint: &str) -> bool {
 }
 
 impl TransitionStore for SqliteStore {
-    type Database = Sqlite;
-
     fn transition_sql(transition: &Transition) -> TransitionSql {
         transition_statements(transition, |n| format!("?{n}"))
     }
 
-    async fn transition<K: SqlValue<Sqlite>>(
+    async fn transition(
         &self,
         tx: &mut Self::Tx,
         statements: &TransitionSql,
         transition: &Transition,
-        key: &K,
+        key: &StateKey,
     ) -> Result<TransitionOutcome, sqlx::Error> {
         // Built from identifiers the macro validated and this store quoted; values are bound.
-        let mut update = sqlx::query(sqlx::AssertSqlSafe(std::sync::Arc::clone(
-            &statements.update,
-        )))
-        .bind(transition.to())
-        .bind(key.clone());
+        let update =
+            sqlx::query(sqlx::AssertSqlSafe(Arc::clone(&statements.update))).bind(transition.to());
+        let mut update = match key {
+            StateKey::Text(text) => update.bind(text.as_str()),
+            StateKey::Integer(integer) => update.bind(*integer),
+        };
         for state in transition.from() {
             update = update.bind(*state);
         }
         if update.execute(&mut **tx).await?.rows_affected() > 0 {
             return Ok(TransitionOutcome::Moved);
         }
-        let current: Option<Option<String>> = sqlx::query_scalar(sqlx::AssertSqlSafe(
-            std::sync::Arc::clone(&statements.select),
-        ))
-        .bind(key.clone())
-        .fetch_optional(&mut **tx)
-        .await?;
+        let select = sqlx::query_scalar(sqlx::AssertSqlSafe(Arc::clone(&statements.select)));
+        let select = match key {
+            StateKey::Text(text) => select.bind(text.as_str()),
+            StateKey::Integer(integer) => select.bind(*integer),
+        };
+        let current: Option<Option<String>> = select.fetch_optional(&mut **tx).await?;
         Ok(TransitionOutcome::Unmoved { current })
     }
 }

@@ -58,6 +58,11 @@ pub enum Refusal {
         /// The states the step moves from.
         expected: Vec<String>,
     },
+    /// The entity is in a state before this step's `from`: its predecessor has not landed.
+    TooEarly {
+        /// Its state.
+        current: String,
+    },
     /// The entity's row does not exist.
     NotFound {
         /// Where it was looked for.
@@ -76,6 +81,11 @@ impl Refusal {
                 key,
                 current,
                 expected,
+            },
+            Self::TooEarly { current } => Error::TooEarly {
+                scope,
+                key,
+                current,
             },
             Self::NotFound { table, retryable } => Error::NotFound {
                 scope,

@@ -16,6 +16,8 @@
 //! - no row: the entity does not exist yet (its creating message has not arrived): a retryable
 //!   [`Error::NotFound`](crate::Error::NotFound), or a dead-letter with
 //!   `on_missing = "dead_letter"`;
+//! - in one of `early` (states before `from`, e.g. `pending` for "ship"): the step arrived before
+//!   its predecessor; a retryable [`Error::TooEarly`](crate::Error::TooEarly), requeued;
 //! - any other state: a permanent [`Error::InvalidTransition`](crate::Error::InvalidTransition)
 //!   with the current state, dead-lettered.
 //!
@@ -37,7 +39,73 @@
 use std::sync::OnceLock;
 
 use super::{Delivery, Gate, Refusal, Strategy};
-use crate::store::{SqlValue, TransitionOutcome, TransitionSql, TransitionStore};
+use crate::store::{TransitionOutcome, TransitionSql, TransitionStore};
+
+/// The value a state-machine gate compares the key column with, bound with its SQL type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StateKey {
+    /// A text key (`TEXT`, `VARCHAR` column).
+    Text(String),
+    /// An integer key (`INTEGER`, `BIGINT` column).
+    Integer(i64),
+}
+
+/// A key field type a `state_machine` gate can bind: strings and integers.
+///
+/// Implement it for an id newtype by converting to the column's type:
+///
+/// ```
+/// use idem_runtime::strategy::state_machine::{StateKey, StateKeyPart};
+///
+/// struct OrderId(i64);
+///
+/// impl StateKeyPart for OrderId {
+///     fn state_key(&self) -> StateKey {
+///         StateKey::Integer(self.0)
+///     }
+/// }
+/// ```
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be bound as the key of a `state_machine` transition",
+    label = "the key column is compared with this field",
+    note = "key on a string or integer field, or implement `idem_runtime::strategy::state_machine::StateKeyPart` for `{Self}`"
+)]
+pub trait StateKeyPart {
+    /// The value to compare the key column with.
+    fn state_key(&self) -> StateKey;
+}
+
+impl StateKeyPart for str {
+    fn state_key(&self) -> StateKey {
+        StateKey::Text(self.to_owned())
+    }
+}
+
+impl StateKeyPart for String {
+    fn state_key(&self) -> StateKey {
+        StateKey::Text(self.clone())
+    }
+}
+
+impl<T: StateKeyPart + ?Sized> StateKeyPart for &T {
+    fn state_key(&self) -> StateKey {
+        (**self).state_key()
+    }
+}
+
+macro_rules! state_key_from_integer {
+    ($($ty:ty),*) => {$(
+        impl StateKeyPart for $ty {
+            fn state_key(&self) -> StateKey {
+                StateKey::Integer(i64::from(*self))
+            }
+        }
+    )*};
+}
+
+// Every integer type that converts to `i64` without loss.
+state_key_from_integer!(i8, i16, i32, i64, u8, u16, u32);
 
 /// What to do when the entity's row does not exist.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +127,7 @@ pub struct Transition {
     from: &'static [&'static str],
     to: &'static str,
     done: &'static [&'static str],
+    early: &'static [&'static str],
     on_missing: OnMissing,
 }
 
@@ -79,6 +148,7 @@ impl Transition {
             from,
             to,
             done: &[],
+            early: &[],
             on_missing: OnMissing::Retry,
         }
     }
@@ -87,6 +157,14 @@ impl Transition {
     /// duplicate.
     pub const fn with_done(mut self, done: &'static [&'static str]) -> Self {
         self.done = done;
+        self
+    }
+
+    /// States that come before `from` in the lifecycle: a delivery that finds one arrived
+    /// before its predecessor step, and is retried ([`Error::TooEarly`](crate::Error::TooEarly))
+    /// rather than dead-lettered.
+    pub const fn with_early(mut self, early: &'static [&'static str]) -> Self {
+        self.early = early;
         self
     }
 
@@ -131,18 +209,18 @@ impl Transition {
 /// (built on first use, then shared by every delivery), and the message's key value, bound
 /// with its own SQL type.
 #[derive(Debug)]
-pub struct StateMachine<'h, K> {
+pub struct StateMachine<'h> {
     transition: &'h Transition,
     statements: &'h OnceLock<TransitionSql>,
-    key: K,
+    key: StateKey,
 }
 
-impl<'h, K> StateMachine<'h, K> {
+impl<'h> StateMachine<'h> {
     /// The gate of `transition` for the entity whose key column holds `key`.
     pub fn new(
         transition: &'h Transition,
         statements: &'h OnceLock<TransitionSql>,
-        key: K,
+        key: StateKey,
     ) -> Self {
         Self {
             transition,
@@ -152,11 +230,7 @@ impl<'h, K> StateMachine<'h, K> {
     }
 }
 
-impl<S, K> Strategy<S> for StateMachine<'_, K>
-where
-    S: TransitionStore,
-    K: SqlValue<S::Database>,
-{
+impl<S: TransitionStore> Strategy<S> for StateMachine<'_> {
     const NAME: &'static str = "state_machine";
 
     async fn enter(
@@ -201,6 +275,11 @@ fn classify(transition: &Transition, outcome: TransitionOutcome) -> Gate {
             current: Some(Some(state)),
         } if transition.is_done(&state) => Gate::Duplicate(None),
         TransitionOutcome::Unmoved {
+            current: Some(Some(state)),
+        } if transition.early.contains(&state.as_str()) => {
+            Gate::Refused(Refusal::TooEarly { current: state })
+        }
+        TransitionOutcome::Unmoved {
             current: Some(current),
         } => Gate::Refused(Refusal::InvalidTransition {
             current,
@@ -214,7 +293,8 @@ mod tests {
     use super::*;
 
     const PAY: Transition = Transition::new("orders", "status", "order_id", &["pending"], "paid")
-        .with_done(&["shipped"]);
+        .with_done(&["shipped"])
+        .with_early(&["draft"]);
 
     fn unmoved(state: Option<&str>) -> TransitionOutcome {
         TransitionOutcome::Unmoved {
