@@ -157,6 +157,7 @@ impl Tally {
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr) // stdout carries only the summary line
         .init();
     let path = std::env::args().nth(1).map_or_else(
         || std::env::temp_dir().join("idem-quickstart.db"),
