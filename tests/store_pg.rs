@@ -6,6 +6,7 @@ idem_tests::conformance_suite! {
     tx = idem_runtime::PgTx<'_>,
     open = idem_tests::pg::store().await,
     constraint = "idem_conf_payments_order_id_key",
+    placeholders = ["$1", "$2", "$3"],
 }
 
 /// `migrate()` twice, and from several tasks at once, is harmless.

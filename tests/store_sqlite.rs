@@ -5,6 +5,7 @@ idem_tests::conformance_suite! {
     tx = idem_runtime::SqliteTx<'_>,
     open = idem_tests::sqlite::store().await,
     constraint = "idem_conf_payments.order_id",
+    placeholders = ["?1", "?2", "?3"],
 }
 
 /// Records persist in the file: a store reopened on the same file (a restarted consumer)

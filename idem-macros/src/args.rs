@@ -50,24 +50,29 @@ const MAX_SCOPE_BYTES: usize = 200;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum StoreKind {
     Pg,
+    MySql,
     Sqlite,
     Memory,
 }
 
 impl StoreKind {
-    const NAMES: &'static [&'static str] = &["pg", "sqlite", "memory"];
+    const NAMES: &'static [&'static str] = &["pg", "mysql", "sqlite", "memory"];
 
     fn parse(value: &str) -> Result<Self, String> {
         match value {
             "pg" => Ok(Self::Pg),
+            "mysql" => Ok(Self::MySql),
             "sqlite" => Ok(Self::Sqlite),
             "memory" => Ok(Self::Memory),
+            "mariadb" => Err(format!(
+                "unknown store `{value}`; use `mysql` for MariaDB and MySQL"
+            )),
             "postgres" | "postgresql" | "postgre" | "psql" => {
                 Err(format!("unknown store `{value}`; use `pg` for PostgreSQL"))
             }
             "sqlite3" => Err(format!("unknown store `{value}`; use `sqlite`")),
-            "mysql" | "mariadb" | "redis" => Err(format!(
-                "store `{value}` is not supported yet; supported stores: `pg`, `sqlite`, `memory`"
+            "redis" => Err(format!(
+                "store `{value}` is not supported yet; supported stores: `pg`, `mysql`, `sqlite`, `memory`"
             )),
             other => Err(unknown("store", other, Self::NAMES)),
         }
@@ -76,6 +81,7 @@ impl StoreKind {
     pub(crate) fn type_name(self) -> &'static str {
         match self {
             Self::Pg => "PgStore",
+            Self::MySql => "MySqlStore",
             Self::Sqlite => "SqliteStore",
             Self::Memory => "MemoryStore",
         }
@@ -560,7 +566,10 @@ pub(crate) fn validate(args: &Args, attribute_span: Span, errors: &mut Errors) {
     if absent("store") {
         errors.error(
             attribute_span,
-            missing("store", "store = \"pg\" (or \"sqlite\", \"memory\")"),
+            missing(
+                "store",
+                "store = \"pg\" (or \"mysql\", \"sqlite\", \"memory\")",
+            ),
         );
     }
     if absent("strategy") {
@@ -652,7 +661,7 @@ fn validate_state_machine(args: &Args, attribute_span: Span, errors: &mut Errors
     if let Some((StoreKind::Memory, _)) = args.store {
         errors.error(
             strategy_span,
-            "`state_machine` moves a status column in a database table; the `memory` store has none: use `store = \"pg\"` or `\"sqlite\"`",
+            "`state_machine` moves a status column in a database table; the `memory` store has none: use `store = \"pg\"`, `\"mysql\"` or `\"sqlite\"`",
         );
     }
     for (span, name) in [(args.replay, "replay"), (args.fingerprint, "fingerprint")] {

@@ -18,6 +18,7 @@ pub(crate) struct Handler {
 fn tx_example(store: Option<StoreKind>) -> &'static str {
     match store {
         Some(StoreKind::Sqlite) => "tx: &mut SqliteTx<'_>",
+        Some(StoreKind::MySql) => "tx: &mut MySqlTx<'_>",
         Some(StoreKind::Memory) => "tx: &mut MemoryTx",
         _ => "tx: &mut PgTx<'_>",
     }

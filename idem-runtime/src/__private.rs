@@ -15,6 +15,8 @@ pub fn state_key<T: StateKeyPart + ?Sized>(value: &T) -> StateKey {
     value.state_key()
 }
 pub use crate::store::memory::{MemoryStore, MemoryTx};
+#[cfg(feature = "mysql")]
+pub use crate::store::mysql::{MySqlStore, MySqlTx};
 #[cfg(feature = "pg")]
 pub use crate::store::pg::{PgStore, PgTx};
 #[cfg(feature = "sqlite")]

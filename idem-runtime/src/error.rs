@@ -111,6 +111,10 @@ pub(crate) fn find_database_error<'a>(
         if let Some(db) = err.downcast_ref::<sqlx::postgres::PgDatabaseError>() {
             return Some(FoundDatabaseError::Driver(db));
         }
+        #[cfg(feature = "mysql")]
+        if let Some(db) = err.downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
+            return Some(FoundDatabaseError::Driver(db));
+        }
         #[cfg(feature = "sqlite")]
         if let Some(db) = err.downcast_ref::<sqlx::sqlite::SqliteError>() {
             return Some(FoundDatabaseError::Driver(db));
@@ -123,7 +127,8 @@ pub(crate) fn find_database_error<'a>(
 /// Classifies a database error.
 ///
 /// Retryable: I/O, TLS and protocol failures, pool time-outs, a closed pool, serialization
-/// failures and deadlocks (`40001`, `40P01`), lock time-outs (`55P03`), SQLite's `BUSY` and
+/// failures and deadlocks (`40001`, `40P01`; MySQL 1213), lock time-outs (`55P03`; MySQL 1205),
+/// SQLite's `BUSY` and
 /// `LOCKED`, foreign-key violations (the parent row may arrive with a later message), a missing
 /// row, and database errors not otherwise known. Permanent: unique, not-null, check and
 /// exclusion violations, and errors that only a code change can fix (encoding, decoding,
@@ -169,6 +174,11 @@ fn is_retryable_database_code(db: &dyn sqlx::error::DatabaseError) -> bool {
         const SQLITE_BUSY: i32 = 5;
         const SQLITE_LOCKED: i32 = 6;
         return matches!(primary, Some(SQLITE_BUSY | SQLITE_LOCKED));
+    }
+    #[cfg(feature = "mysql")]
+    if let Some(mysql) = db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
+        use crate::store::mysql::{DEADLOCK, LOCK_WAIT_TIMEOUT};
+        return matches!(mysql.number(), DEADLOCK | LOCK_WAIT_TIMEOUT);
     }
     matches!(db.code().as_deref(), Some("40001" | "40P01" | "55P03"))
 }

@@ -39,6 +39,7 @@
 //! ## Cargo features
 //!
 //! - `pg`: the PostgreSQL store, [`PgStore`].
+//! - `mysql`: the MySQL / MariaDB store, [`MySqlStore`].
 //! - `sqlite`: the SQLite store, [`SqliteStore`].
 //!
 //! The [`MemoryStore`], for unit tests, is always available.
@@ -63,6 +64,8 @@ pub use outcome::Outcome;
 pub use payload::fingerprint;
 pub use store::Store;
 pub use store::memory::{MemoryStore, MemoryTx};
+#[cfg(feature = "mysql")]
+pub use store::mysql::{MySqlStore, MySqlTx};
 #[cfg(feature = "pg")]
 pub use store::pg::{PgStore, PgTx};
 #[cfg(feature = "sqlite")]

@@ -7,6 +7,7 @@
 //!     tx = idem_runtime::PgTx<'_>,
 //!     open = idem_tests::pg::store().await,
 //!     constraint = "idem_conf_payments_order_id_key",
+//!     placeholders = ["$1", "$2", "$3"],
 //! }
 //! ```
 //!
@@ -17,7 +18,8 @@
 //! dead-lettered); plus expiry for `dedup_table` and constraint matching for
 //! `unique_constraint`.
 
-/// The business tables the conformance handlers write to. Portable DDL (PostgreSQL, SQLite).
+/// The business tables the conformance handlers write to. Portable DDL (PostgreSQL, MySQL,
+/// SQLite): `VARCHAR`, because MySQL cannot index `TEXT` without a prefix length.
 ///
 /// `idem_conf_ledger` has no unique constraint: a second row for a key means the body ran
 /// twice to commit, so it is what proves a gate. `idem_conf_payments` has a unique order id
@@ -25,21 +27,21 @@
 /// mistaken for a duplicate when the gate names its constraint.
 pub const BUSINESS_TABLES: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS idem_conf_tickets (
-        id     BIGINT NOT NULL PRIMARY KEY,
-        status TEXT   NOT NULL
+        id     BIGINT      NOT NULL PRIMARY KEY,
+        status VARCHAR(64) NOT NULL
     )",
     "CREATE TABLE IF NOT EXISTS idem_conf_orders (
-        order_id TEXT NOT NULL PRIMARY KEY,
-        status   TEXT NOT NULL
+        order_id VARCHAR(255) NOT NULL PRIMARY KEY,
+        status   VARCHAR(64)  NOT NULL
     )",
     "CREATE TABLE IF NOT EXISTS idem_conf_ledger (
-        order_id TEXT   NOT NULL,
-        amount   BIGINT NOT NULL
+        order_id VARCHAR(255) NOT NULL,
+        amount   BIGINT       NOT NULL
     )",
     "CREATE TABLE IF NOT EXISTS idem_conf_payments (
-        order_id TEXT   NOT NULL,
-        amount   BIGINT NOT NULL,
-        receipt  TEXT   NOT NULL,
+        order_id VARCHAR(255) NOT NULL,
+        amount   BIGINT       NOT NULL,
+        receipt  VARCHAR(255) NOT NULL,
         CONSTRAINT idem_conf_payments_order_id_key UNIQUE (order_id),
         CONSTRAINT idem_conf_payments_receipt_key UNIQUE (receipt)
     )",
@@ -52,14 +54,15 @@ macro_rules! conformance_suite {
         store = $store:tt,
         tx = $tx:ty,
         open = $open:expr,
-        constraint = $constraint:tt $(,)?
+        constraint = $constraint:tt,
+        placeholders = [$p1:literal, $p2:literal, $p3:literal] $(,)?
     ) => {
         mod handlers {
             use ::idem_runtime::idempotent;
             use $crate::{AppError, Payment};
 
             async fn write_ledger(tx: &mut $tx, msg: &Payment) -> Result<(), AppError> {
-                ::sqlx::query("INSERT INTO idem_conf_ledger (order_id, amount) VALUES ($1, $2)")
+                ::sqlx::query(concat!("INSERT INTO idem_conf_ledger (order_id, amount) VALUES (", $p1, ", ", $p2, ")"))
                     .bind(&msg.order_id)
                     .bind(msg.amount)
                     .execute(&mut **tx)
@@ -72,7 +75,7 @@ macro_rules! conformance_suite {
                 // violates the order id's constraint only.
                 let receipt = msg.receipt.clone().unwrap_or_else(|| $crate::unique_key("receipt"));
                 ::sqlx::query(
-                    "INSERT INTO idem_conf_payments (order_id, amount, receipt) VALUES ($1, $2, $3)",
+                    concat!("INSERT INTO idem_conf_payments (order_id, amount, receipt) VALUES (", $p1, ", ", $p2, ", ", $p3, ")"),
                 )
                 .bind(&msg.order_id)
                 .bind(msg.amount)
@@ -85,7 +88,7 @@ macro_rules! conformance_suite {
             /// One ledger row per body run of a lifecycle step: `<order>/<step>`.
             async fn write_step(tx: &mut $tx, order_id: &str, step: &str) -> Result<(), AppError> {
                 let entry = format!("{order_id}/{step}");
-                ::sqlx::query("INSERT INTO idem_conf_ledger (order_id, amount) VALUES ($1, 0)")
+                ::sqlx::query(concat!("INSERT INTO idem_conf_ledger (order_id, amount) VALUES (", $p1, ", 0)"))
                     .bind(&entry)
                     .execute(&mut **tx)
                     .await?;
@@ -94,7 +97,7 @@ macro_rules! conformance_suite {
 
             #[idempotent(key = "order_id", store = $store, strategy = "dedup_table", scope = "conf.sm.create")]
             pub async fn sm_create(tx: &mut $tx, msg: Payment) -> Result<(), AppError> {
-                ::sqlx::query("INSERT INTO idem_conf_orders (order_id, status) VALUES ($1, 'pending')")
+                ::sqlx::query(concat!("INSERT INTO idem_conf_orders (order_id, status) VALUES (", $p1, ", 'pending')"))
                     .bind(&msg.order_id)
                     .execute(&mut **tx)
                     .await?;
@@ -184,8 +187,8 @@ macro_rules! conformance_suite {
         /// Rows for `key` in a business table.
         async fn business_rows(store: &impl HasPool, table: &str, key: &str) -> i64 {
             let sql = match table {
-                "ledger" => "SELECT COUNT(*) FROM idem_conf_ledger WHERE order_id = $1",
-                _ => "SELECT COUNT(*) FROM idem_conf_payments WHERE order_id = $1",
+                "ledger" => concat!("SELECT COUNT(*) FROM idem_conf_ledger WHERE order_id = ", $p1),
+                _ => concat!("SELECT COUNT(*) FROM idem_conf_payments WHERE order_id = ", $p1),
             };
             store.count(sql, &[key]).await
         }
@@ -194,7 +197,7 @@ macro_rules! conformance_suite {
         async fn dedup_records(store: &impl HasPool, scope: &str, key: &str) -> i64 {
             store
                 .count(
-                    "SELECT COUNT(*) FROM idem_records WHERE scope = $1 AND record_key = $2",
+                    concat!("SELECT COUNT(*) FROM idem_records WHERE scope = ", $p1, " AND record_key = ", $p2),
                     &[scope, key],
                 )
                 .await
@@ -206,7 +209,7 @@ macro_rules! conformance_suite {
             async fn execute_with_int(&self, sql: &'static str, value: i64);
         }
 
-        $crate::__impl_has_pool!($store);
+        $crate::__impl_has_pool!($store, $p1);
 
         mod dedup_table {
             use super::*;
@@ -290,7 +293,7 @@ macro_rules! conformance_suite {
             async fn integer_key_column_is_compared_as_an_integer() {
                 let store = $open;
                 let id = $crate::unique_int();
-                store.execute_with_int("INSERT INTO idem_conf_tickets (id, status) VALUES ($1, 'open')", id).await;
+                store.execute_with_int(concat!("INSERT INTO idem_conf_tickets (id, status) VALUES (", $p1, ", 'open')"), id).await;
                 let ticket = $crate::Ticket { id };
                 assert!(handlers::sm_close_ticket(&store, ticket.clone(), NoAck).await.expect("close").is_processed());
                 assert!(handlers::sm_close_ticket(&store, ticket, NoAck).await.expect("close again").is_duplicate());
@@ -477,35 +480,17 @@ macro_rules! conformance_suite {
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __impl_has_pool {
-    ("pg") => {
-        impl HasPool for ::idem_runtime::PgStore {
-            async fn count(&self, sql: &'static str, binds: &[&str]) -> i64 {
-                let mut query = ::sqlx::query_scalar::<_, i64>(sql);
-                for bind in binds {
-                    query = query.bind(*bind);
-                }
-                query.fetch_one(self.pool()).await.expect("count rows")
-            }
-
-            async fn status(&self, order_id: &str) -> Option<String> {
-                ::sqlx::query_scalar("SELECT status FROM idem_conf_orders WHERE order_id = $1")
-                    .bind(order_id)
-                    .fetch_optional(self.pool())
-                    .await
-                    .expect("read the order's status")
-            }
-
-            async fn execute_with_int(&self, sql: &'static str, value: i64) {
-                ::sqlx::query(sql)
-                    .bind(value)
-                    .execute(self.pool())
-                    .await
-                    .expect("execute a setup statement");
-            }
-        }
+    ("pg", $p1:literal) => {
+        $crate::__impl_has_pool!(@impl ::idem_runtime::PgStore, $p1);
     };
-    ("sqlite") => {
-        impl HasPool for ::idem_runtime::SqliteStore {
+    ("mysql", $p1:literal) => {
+        $crate::__impl_has_pool!(@impl ::idem_runtime::MySqlStore, $p1);
+    };
+    ("sqlite", $p1:literal) => {
+        $crate::__impl_has_pool!(@impl ::idem_runtime::SqliteStore, $p1);
+    };
+    (@impl $store:ty, $p1:literal) => {
+        impl HasPool for $store {
             async fn count(&self, sql: &'static str, binds: &[&str]) -> i64 {
                 let mut query = ::sqlx::query_scalar::<_, i64>(sql);
                 for bind in binds {
@@ -515,7 +500,7 @@ macro_rules! __impl_has_pool {
             }
 
             async fn status(&self, order_id: &str) -> Option<String> {
-                ::sqlx::query_scalar("SELECT status FROM idem_conf_orders WHERE order_id = $1")
+                ::sqlx::query_scalar(concat!("SELECT status FROM idem_conf_orders WHERE order_id = ", $p1))
                     .bind(order_id)
                     .fetch_optional(self.pool())
                     .await

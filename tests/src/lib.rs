@@ -12,6 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use idem_runtime::{Acknowledger, Committed, HandlerError, RequeueReason};
 
 pub mod conformance;
+pub mod mysql;
 pub mod pg;
 pub mod sqlite;
 pub mod ui;

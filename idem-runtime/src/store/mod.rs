@@ -1,6 +1,7 @@
 //! Where dedup records live, and the transactions the handler's body runs in.
 //!
-//! One file per backend, each behind a cargo feature: [`pg`] (`pg`), [`sqlite`] (`sqlite`),
+//! One file per backend, each behind a cargo feature: [`pg`] (`pg`), [`mysql`] (`mysql`),
+//! [`sqlite`] (`sqlite`),
 //! and [`memory`] (always on, for unit tests only: it forgets everything on restart).
 //!
 //! # The dedup table
@@ -29,6 +30,8 @@ use crate::strategy::Transition;
 use crate::strategy::state_machine::StateKey;
 
 pub mod memory;
+#[cfg(feature = "mysql")]
+pub mod mysql;
 #[cfg(feature = "pg")]
 pub mod pg;
 #[cfg(feature = "sqlite")]

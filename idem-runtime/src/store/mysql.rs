@@ -1,0 +1,322 @@
+//! MySQL and MariaDB (`store = "mysql"`, feature `mysql`). Tested on MariaDB 10.11; written for
+//! MySQL 8 too (no `RETURNING`, no `INSERT IGNORE`).
+//!
+//! What happens to a duplicate here: the gate is a plain `INSERT` into `idem_records`. A live
+//! record makes it fail with error 1062 on the table's primary key, which the store reads as
+//! "exists" — only that error on that key: `INSERT IGNORE` would also turn truncation and
+//! other errors into warnings, and `ON DUPLICATE KEY UPDATE` cannot tell an insert from a
+//! no-op duplicate when the client sets `CLIENT_FOUND_ROWS` (sqlx does: both report 1 row).
+//! In MySQL a failed statement does not abort the transaction, so the gate goes on with one
+//! read. A twin in flight makes the `INSERT` wait on InnoDB's lock on the uncommitted row, then
+//! fail with 1062 (the twin committed) or succeed (it rolled back). Deadlocks (1213) and lock
+//! wait time-outs (1205) are retryable.
+
+use std::sync::Arc;
+
+use sqlx::Transaction;
+use sqlx::mysql::{MySql, MySqlDatabaseError, MySqlPool, MySqlPoolOptions};
+
+use super::{
+    Claim, NewRecord, RecordRow, Store, StoredRecord, TransitionOutcome, TransitionSql,
+    TransitionStore, live_record,
+};
+use crate::key::Key;
+use crate::strategy::Transition;
+use crate::strategy::state_machine::StateKey;
+
+/// The transaction an `#[idempotent(store = "mysql")]` handler's body receives.
+pub type MySqlTx<'c> = Transaction<'c, MySql>;
+
+/// Dedup records and handler transactions on MySQL or MariaDB, through a sqlx pool.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), sqlx::Error> {
+/// use idem_runtime::MySqlStore;
+///
+/// let store = MySqlStore::connect("mysql://root@127.0.0.1:3306/test").await?;
+/// store.migrate().await?; // creates idem_records if missing; safe to run twice
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct MySqlStore {
+    pool: MySqlPool,
+}
+
+/// `ER_DUP_ENTRY`: a unique key already holds the value.
+const DUPLICATE_ENTRY: u16 = 1062;
+/// `ER_LOCK_DEADLOCK`.
+pub(crate) const DEADLOCK: u16 = 1213;
+/// `ER_LOCK_WAIT_TIMEOUT`.
+pub(crate) const LOCK_WAIT_TIMEOUT: u16 = 1205;
+
+// Scope and key fit one index entry: (200 + 500) characters × 4 bytes = 2,800 of InnoDB's
+// 3,072. `utf8mb4_bin`: keys compare byte for byte, as on PostgreSQL and SQLite.
+const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS idem_records (
+    scope         VARCHAR(200) NOT NULL,
+    record_key    VARCHAR(500) NOT NULL,
+    fingerprint   CHAR(64),
+    response      MEDIUMTEXT,
+    created_at_ms BIGINT NOT NULL,
+    expires_at_ms BIGINT,
+    PRIMARY KEY (scope, record_key),
+    KEY idem_records_expires_at_ms (expires_at_ms)
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin";
+const INSERT: &str = "INSERT INTO idem_records \
+    (scope, record_key, fingerprint, response, created_at_ms, expires_at_ms) \
+    VALUES (?, ?, ?, ?, ?, ?)";
+const SELECT: &str = "SELECT fingerprint, response, expires_at_ms FROM idem_records \
+    WHERE scope = ? AND record_key = ?";
+const TAKE_OVER_EXPIRED: &str = "UPDATE idem_records \
+    SET fingerprint = ?, response = ?, created_at_ms = ?, expires_at_ms = ? \
+    WHERE scope = ? AND record_key = ? AND expires_at_ms IS NOT NULL AND expires_at_ms <= ?";
+const SAVE_RESPONSE: &str =
+    "UPDATE idem_records SET response = ? WHERE scope = ? AND record_key = ?";
+const PURGE_EXPIRED: &str =
+    "DELETE FROM idem_records WHERE expires_at_ms IS NOT NULL AND expires_at_ms <= ?";
+
+impl MySqlStore {
+    /// Uses an existing pool: the store shares your service's connections and transactions.
+    pub fn new(pool: MySqlPool) -> Self {
+        Self { pool }
+    }
+
+    /// Connects a new pool to `url`.
+    pub async fn connect(url: &str) -> Result<Self, sqlx::Error> {
+        Ok(Self::new(MySqlPoolOptions::new().connect(url).await?))
+    }
+
+    /// The pool, for the rest of your queries.
+    pub fn pool(&self) -> &MySqlPool {
+        &self.pool
+    }
+
+    /// Creates `idem_records` if missing. Safe to run any number of times. (MySQL commits DDL
+    /// implicitly, so there is no transaction to hold a lock in; `IF NOT EXISTS` makes
+    /// concurrent runs harmless.)
+    pub async fn migrate(&self) -> Result<(), sqlx::Error> {
+        sqlx::query(CREATE_TABLE).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Deletes records that expired before now; returns how many.
+    pub async fn purge_expired(&self) -> Result<u64, sqlx::Error> {
+        let done = sqlx::query(PURGE_EXPIRED)
+            .bind(crate::strategy::now_ms())
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn read(
+        conn: &mut sqlx::MySqlConnection,
+        key: &Key,
+    ) -> Result<Option<RecordRow>, sqlx::Error> {
+        sqlx::query_as::<_, RecordRow>(SELECT)
+            .bind(key.scope())
+            .bind(key.value())
+            .fetch_optional(conn)
+            .await
+    }
+}
+
+/// Whether `error` is a duplicate entry on `idem_records`' primary key.
+fn is_record_conflict(error: &sqlx::Error) -> bool {
+    let Some(db) = error.as_database_error() else {
+        return false;
+    };
+    db.try_downcast_ref::<MySqlDatabaseError>()
+        .is_some_and(|e| e.number() == DUPLICATE_ENTRY)
+        && duplicate_key_name(db.message()) == Some("PRIMARY")
+}
+
+/// The key named in a duplicate-entry message: MariaDB says `… for key 'name'`, MySQL 8
+/// `… for key 'table.name'`.
+fn duplicate_key_name(message: &str) -> Option<&str> {
+    let quoted = message.rsplit_once("for key '")?.1.strip_suffix('\'')?;
+    Some(quoted.rsplit_once('.').map_or(quoted, |(_, name)| name))
+}
+
+impl Store for MySqlStore {
+    type Tx = MySqlTx<'static>;
+    const NAME: &'static str = "mysql";
+
+    async fn begin(&self) -> Result<Self::Tx, sqlx::Error> {
+        self.pool.begin().await
+    }
+
+    async fn commit(tx: Self::Tx) -> Result<(), sqlx::Error> {
+        tx.commit().await
+    }
+
+    async fn rollback(tx: Self::Tx) -> Result<(), sqlx::Error> {
+        tx.rollback().await
+    }
+
+    async fn claim(&self, tx: &mut Self::Tx, record: &NewRecord<'_>) -> Result<Claim, sqlx::Error> {
+        let inserted = sqlx::query(INSERT)
+            .bind(record.key.scope())
+            .bind(record.key.value())
+            .bind(record.fingerprint)
+            .bind(record.response)
+            .bind(record.now_ms)
+            .bind(record.expires_at_ms)
+            .execute(&mut **tx)
+            .await;
+        match inserted {
+            Ok(_) => return Ok(Claim::Claimed),
+            Err(error) if is_record_conflict(&error) => {}
+            Err(error) => return Err(error),
+        }
+        let row = Self::read(tx, record.key).await?;
+        if let Some(existing) = live_record(row, record.now_ms) {
+            return Ok(Claim::Existing(existing));
+        }
+        // Expired: take it over. The update locks the row, so a racing twin blocks, then sees
+        // the renewed expiry and moves nothing.
+        let taken = sqlx::query(TAKE_OVER_EXPIRED)
+            .bind(record.fingerprint)
+            .bind(record.response)
+            .bind(record.now_ms)
+            .bind(record.expires_at_ms)
+            .bind(record.key.scope())
+            .bind(record.key.value())
+            .bind(record.now_ms)
+            .execute(&mut **tx)
+            .await?;
+        if taken.rows_affected() > 0 {
+            return Ok(Claim::Claimed);
+        }
+        let row = Self::read(tx, record.key).await?;
+        Ok(Claim::Existing(
+            live_record(row, record.now_ms).unwrap_or_default(),
+        ))
+    }
+
+    async fn save_response(
+        &self,
+        tx: &mut Self::Tx,
+        key: &Key,
+        response: &str,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(SAVE_RESPONSE)
+            .bind(response)
+            .bind(key.scope())
+            .bind(key.value())
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    async fn find_record(
+        &self,
+        key: &Key,
+        now_ms: i64,
+    ) -> Result<Option<StoredRecord>, sqlx::Error> {
+        let mut conn = self.pool.acquire().await?;
+        Ok(live_record(Self::read(&mut conn, key).await?, now_ms))
+    }
+
+    /// MySQL names the violated key in the message (`Duplicate entry 'x' for key 'name'`);
+    /// `constraint` is that key's name (the `CONSTRAINT name UNIQUE (...)` or index name).
+    fn is_unique_violation(
+        &self,
+        error: &dyn sqlx::error::DatabaseError,
+        constraint: Option<&str>,
+    ) -> bool {
+        error.kind() == sqlx::error::ErrorKind::UniqueViolation
+            && constraint.is_none_or(|name| duplicate_key_name(error.message()) == Some(name))
+    }
+}
+
+impl TransitionStore for MySqlStore {
+    fn transition_sql(transition: &Transition) -> TransitionSql {
+        let quote = |name: &str| {
+            name.split('.')
+                .map(|part| format!("`{}`", part.replace('`', "``")))
+                .collect::<Vec<_>>()
+                .join(".")
+        };
+        let (table, column, key_column) = (
+            quote(transition.table()),
+            quote(transition.column()),
+            quote(transition.key_column()),
+        );
+        let from = vec!["?"; transition.from().len()].join(", ");
+        TransitionSql {
+            update: format!(
+                "UPDATE {table} SET {column} = ? WHERE {key_column} = ? AND {column} IN ({from})"
+            )
+            .into(),
+            select: format!("SELECT {column} FROM {table} WHERE {key_column} = ?").into(),
+        }
+    }
+
+    async fn transition(
+        &self,
+        tx: &mut Self::Tx,
+        statements: &TransitionSql,
+        transition: &Transition,
+        key: &StateKey,
+    ) -> Result<TransitionOutcome, sqlx::Error> {
+        // Built from identifiers the macro validated and this store quoted; values are bound.
+        // No `RETURNING` on MariaDB: rows affected (matched rows, with CLIENT_FOUND_ROWS) says
+        // whether the row moved, and the read below runs only when it did not.
+        let update =
+            sqlx::query(sqlx::AssertSqlSafe(Arc::clone(&statements.update))).bind(transition.to());
+        let mut update = match key {
+            StateKey::Text(text) => update.bind(text.as_str()),
+            StateKey::Integer(integer) => update.bind(*integer),
+        };
+        for state in transition.from() {
+            update = update.bind(*state);
+        }
+        if update.execute(&mut **tx).await?.rows_affected() > 0 {
+            return Ok(TransitionOutcome::Moved);
+        }
+        let select = sqlx::query_scalar(sqlx::AssertSqlSafe(Arc::clone(&statements.select)));
+        let select = match key {
+            StateKey::Text(text) => select.bind(text.as_str()),
+            StateKey::Integer(integer) => select.bind(*integer),
+        };
+        let current: Option<Option<String>> = select.fetch_optional(&mut **tx).await?;
+        Ok(TransitionOutcome::Unmoved { current })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn duplicate_key_names_from_both_servers() {
+        assert_eq!(
+            duplicate_key_name("Duplicate entry 'a-1' for key 'PRIMARY'"),
+            Some("PRIMARY")
+        );
+        assert_eq!(
+            duplicate_key_name("Duplicate entry 'a' for key 'payments.payments_order_key'"),
+            Some("payments_order_key")
+        );
+        assert_eq!(duplicate_key_name("Deadlock found"), None);
+    }
+
+    #[test]
+    fn transition_statements_use_backticks_and_positional_parameters() {
+        const STEP: Transition = Transition::new(
+            "shop.orders",
+            "status",
+            "order_id",
+            &["new", "held"],
+            "paid",
+        );
+        let sql = MySqlStore::transition_sql(&STEP);
+        assert_eq!(
+            &*sql.update,
+            "UPDATE `shop`.`orders` SET `status` = ? WHERE `order_id` = ? AND `status` IN (?, ?)"
+        );
+        assert_eq!(
+            &*sql.select,
+            "SELECT `status` FROM `shop`.`orders` WHERE `order_id` = ?"
+        );
+    }
+}
