@@ -372,6 +372,22 @@ async fn pg_store(config: &Config) -> Result<PgStore, BoxError> {
     Ok(store)
 }
 
+/// The hand-written baseline of the insert scenarios: `BEGIN; INSERT; COMMIT`.
+async fn pg_insert_baseline(
+    pool: sqlx::PgPool,
+    sql: &'static str,
+    key: String,
+) -> Result<(), BoxError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(sql)
+        .bind(&key)
+        .bind(100_i64)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
 async fn pg_unique_constraint(config: &Config) -> Result<Measurement, BoxError> {
     let store = pg_store(config).await?;
     let idem_store = store.clone();
@@ -384,17 +400,11 @@ async fn pg_unique_constraint(config: &Config) -> Result<Measurement, BoxError> 
             async move { processed(&pg_unique_handler(&store, bench_msg(key), NoAck).await?) }
         },
         move |key| {
-            let pool = pool.clone();
-            async move {
-                let mut tx = pool.begin().await?;
-                sqlx::query("INSERT INTO bench_payments (order_id, amount) VALUES ($1, $2)")
-                    .bind(&key)
-                    .bind(100_i64)
-                    .execute(&mut *tx)
-                    .await?;
-                tx.commit().await?;
-                Ok(())
-            }
+            pg_insert_baseline(
+                pool.clone(),
+                "INSERT INTO bench_payments (order_id, amount) VALUES ($1, $2)",
+                key,
+            )
         },
     )
     .await
@@ -412,17 +422,11 @@ async fn pg_dedup_table(config: &Config) -> Result<Measurement, BoxError> {
             async move { processed(&pg_dedup_handler(&store, bench_msg(key), NoAck).await?) }
         },
         move |key| {
-            let pool = pool.clone();
-            async move {
-                let mut tx = pool.begin().await?;
-                sqlx::query("INSERT INTO bench_ledger (order_id, amount) VALUES ($1, $2)")
-                    .bind(&key)
-                    .bind(100_i64)
-                    .execute(&mut *tx)
-                    .await?;
-                tx.commit().await?;
-                Ok(())
-            }
+            pg_insert_baseline(
+                pool.clone(),
+                "INSERT INTO bench_ledger (order_id, amount) VALUES ($1, $2)",
+                key,
+            )
         },
     )
     .await

@@ -174,6 +174,44 @@ pub trait TransitionStore: Store {
     ) -> impl Future<Output = Result<TransitionOutcome, sqlx::Error>> + Send;
 }
 
+/// The body of [`TransitionStore::transition`] for a sqlx store, the same in every dialect
+/// once the statements are built: bind `to`, the key and `from`; run the guarded update; when
+/// it moved nothing, run the classifying read. (A macro, because the generic version needs a
+/// wall of higher-ranked sqlx bounds.) Rows affected count *matched* rows on MySQL too, as
+/// sqlx sets `CLIENT_FOUND_ROWS`.
+macro_rules! run_transition {
+    ($conn:expr, $statements:expr, $transition:expr, $key:expr) => {{
+        use $crate::strategy::state_machine::StateKey;
+        // Built from identifiers the macro validated and the store quoted; values are bound.
+        let update = sqlx::query(sqlx::AssertSqlSafe(std::sync::Arc::clone(
+            &$statements.update,
+        )))
+        .bind($transition.to());
+        let mut update = match $key {
+            StateKey::Text(text) => update.bind(text.as_str()),
+            StateKey::Integer(integer) => update.bind(*integer),
+        };
+        for state in $transition.from() {
+            update = update.bind(*state);
+        }
+        if update.execute(&mut *$conn).await?.rows_affected() > 0 {
+            Ok($crate::store::TransitionOutcome::Moved)
+        } else {
+            let select = sqlx::query_scalar(sqlx::AssertSqlSafe(std::sync::Arc::clone(
+                &$statements.select,
+            )));
+            let select = match $key {
+                StateKey::Text(text) => select.bind(text.as_str()),
+                StateKey::Integer(integer) => select.bind(*integer),
+            };
+            let current: Option<Option<String>> = select.fetch_optional(&mut *$conn).await?;
+            Ok($crate::store::TransitionOutcome::Unmoved { current })
+        }
+    }};
+}
+#[cfg(any(feature = "pg", feature = "mysql", feature = "sqlite"))]
+pub(crate) use run_transition;
+
 /// Quotes a validated identifier (`name` or `schema.name`) with double quotes, as PostgreSQL
 /// and SQLite both read them. The macro admits only `[A-Za-z_][A-Za-z0-9_]*` parts; doubling
 /// any quote is defence in depth.

@@ -11,8 +11,6 @@
 //! fail with 1062 (the twin committed) or succeed (it rolled back). Deadlocks (1213) and lock
 //! wait time-outs (1205) are retryable.
 
-use std::sync::Arc;
-
 use sqlx::Transaction;
 use sqlx::mysql::{MySql, MySqlDatabaseError, MySqlPool, MySqlPoolOptions};
 
@@ -258,28 +256,7 @@ impl TransitionStore for MySqlStore {
         transition: &Transition,
         key: &StateKey,
     ) -> Result<TransitionOutcome, sqlx::Error> {
-        // Built from identifiers the macro validated and this store quoted; values are bound.
-        // No `RETURNING` on MariaDB: rows affected (matched rows, with CLIENT_FOUND_ROWS) says
-        // whether the row moved, and the read below runs only when it did not.
-        let update =
-            sqlx::query(sqlx::AssertSqlSafe(Arc::clone(&statements.update))).bind(transition.to());
-        let mut update = match key {
-            StateKey::Text(text) => update.bind(text.as_str()),
-            StateKey::Integer(integer) => update.bind(*integer),
-        };
-        for state in transition.from() {
-            update = update.bind(*state);
-        }
-        if update.execute(&mut **tx).await?.rows_affected() > 0 {
-            return Ok(TransitionOutcome::Moved);
-        }
-        let select = sqlx::query_scalar(sqlx::AssertSqlSafe(Arc::clone(&statements.select)));
-        let select = match key {
-            StateKey::Text(text) => select.bind(text.as_str()),
-            StateKey::Integer(integer) => select.bind(*integer),
-        };
-        let current: Option<Option<String>> = select.fetch_optional(&mut **tx).await?;
-        Ok(TransitionOutcome::Unmoved { current })
+        super::run_transition!(&mut **tx, statements, transition, key)
     }
 }
 

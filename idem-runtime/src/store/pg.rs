@@ -5,8 +5,6 @@
 //! still in flight, waits on that row until the twin commits (then it is a duplicate) or rolls
 //! back (then this delivery claims the key). Read Committed, the default isolation, is enough.
 
-use std::sync::Arc;
-
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{Postgres, Transaction};
 
@@ -203,25 +201,6 @@ impl TransitionStore for PgStore {
         transition: &Transition,
         key: &StateKey,
     ) -> Result<TransitionOutcome, sqlx::Error> {
-        // Built from identifiers the macro validated and this store quoted; values are bound.
-        let update =
-            sqlx::query(sqlx::AssertSqlSafe(Arc::clone(&statements.update))).bind(transition.to());
-        let mut update = match key {
-            StateKey::Text(text) => update.bind(text.as_str()),
-            StateKey::Integer(integer) => update.bind(*integer),
-        };
-        for state in transition.from() {
-            update = update.bind(*state);
-        }
-        if update.execute(&mut **tx).await?.rows_affected() > 0 {
-            return Ok(TransitionOutcome::Moved);
-        }
-        let select = sqlx::query_scalar(sqlx::AssertSqlSafe(Arc::clone(&statements.select)));
-        let select = match key {
-            StateKey::Text(text) => select.bind(text.as_str()),
-            StateKey::Integer(integer) => select.bind(*integer),
-        };
-        let current: Option<Option<String>> = select.fetch_optional(&mut **tx).await?;
-        Ok(TransitionOutcome::Unmoved { current })
+        super::run_transition!(&mut **tx, statements, transition, key)
     }
 }

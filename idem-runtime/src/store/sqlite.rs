@@ -10,8 +10,6 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-use std::sync::Arc;
-
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
@@ -246,26 +244,7 @@ impl TransitionStore for SqliteStore {
         transition: &Transition,
         key: &StateKey,
     ) -> Result<TransitionOutcome, sqlx::Error> {
-        // Built from identifiers the macro validated and this store quoted; values are bound.
-        let update =
-            sqlx::query(sqlx::AssertSqlSafe(Arc::clone(&statements.update))).bind(transition.to());
-        let mut update = match key {
-            StateKey::Text(text) => update.bind(text.as_str()),
-            StateKey::Integer(integer) => update.bind(*integer),
-        };
-        for state in transition.from() {
-            update = update.bind(*state);
-        }
-        if update.execute(&mut **tx).await?.rows_affected() > 0 {
-            return Ok(TransitionOutcome::Moved);
-        }
-        let select = sqlx::query_scalar(sqlx::AssertSqlSafe(Arc::clone(&statements.select)));
-        let select = match key {
-            StateKey::Text(text) => select.bind(text.as_str()),
-            StateKey::Integer(integer) => select.bind(*integer),
-        };
-        let current: Option<Option<String>> = select.fetch_optional(&mut **tx).await?;
-        Ok(TransitionOutcome::Unmoved { current })
+        super::run_transition!(&mut **tx, statements, transition, key)
     }
 }
 
