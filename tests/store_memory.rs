@@ -148,3 +148,41 @@ async fn a_restart_forgets_everything() {
             .is_processed()
     );
 }
+
+#[idempotent(
+    key = "order_id",
+    store = "memory",
+    strategy = "dedup_table",
+    scope = "mem.ttl",
+    ttl = "50ms"
+)]
+async fn short_lived(_tx: &mut MemoryTx, msg: Payment) -> Result<i64, AppError> {
+    Ok(msg.amount)
+}
+
+#[tokio::test]
+async fn expired_records_stop_counting_and_are_purged() {
+    let store = MemoryStore::new();
+    let key = unique_key("mem-ttl");
+    assert!(
+        short_lived(&store, Payment::new(&key, 1), NoAck)
+            .await
+            .unwrap()
+            .is_processed()
+    );
+    assert!(
+        short_lived(&store, Payment::new(&key, 1), NoAck)
+            .await
+            .unwrap()
+            .is_duplicate()
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(80)).await;
+    assert_eq!(store.purge_expired(), 1);
+    assert!(store.is_empty());
+    assert!(
+        short_lived(&store, Payment::new(&key, 1), NoAck)
+            .await
+            .unwrap()
+            .is_processed()
+    );
+}

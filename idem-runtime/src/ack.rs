@@ -41,6 +41,8 @@ pub enum RequeueReason {
     /// A retryable failure: roll back happened; requeue with backoff.
     Retryable,
     /// Another consumer holds a live lease on this key: requeue after a delay, never ack.
+    /// Reserved for the lease-based `lock` strategy (not implemented yet): the SQL strategies
+    /// make a twin wait on the row lock instead.
     InProgressElsewhere,
 }
 

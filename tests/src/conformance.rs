@@ -245,6 +245,24 @@ macro_rules! conformance_suite {
             }
 
             #[tokio::test]
+            async fn purge_expired_deletes_expired_records_only() {
+                let store = $open;
+                let expiring = $crate::unique_key("purge");
+                let lasting = $crate::unique_key("keep");
+                handlers::dedup_ttl(&store, $crate::Payment::new(&expiring, 1), ::idem_runtime::NoAck)
+                    .await
+                    .expect("delivery with a ttl");
+                handlers::dedup(&store, $crate::Payment::new(&lasting, 1), ::idem_runtime::NoAck)
+                    .await
+                    .expect("delivery without a ttl");
+                ::tokio::time::sleep(::std::time::Duration::from_millis(400)).await;
+                let purged = store.purge_expired().await.expect("purge");
+                assert!(purged >= 1, "at least this test's expired record is purged: {purged}");
+                assert_eq!(dedup_records(&store, "conf.dedup.ttl", &expiring).await, 0);
+                assert_eq!(dedup_records(&store, "conf.dedup", &lasting).await, 1, "records without a ttl stay");
+            }
+
+            #[tokio::test]
             async fn dedup_record_is_written_in_the_transaction() {
                 let store = $open;
                 let key = $crate::unique_key("record");

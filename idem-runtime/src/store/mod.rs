@@ -75,6 +75,19 @@ pub(crate) fn live_record(row: Option<RecordRow>, now_ms: i64) -> Option<StoredR
         })
 }
 
+/// How often a claim starts over when the record it conflicted with vanished before it could
+/// be read or taken over (a concurrent `purge_expired`). Each retry needs another record to
+/// appear and vanish between two statements, so this bound is never reached in practice.
+pub(crate) const CLAIM_ATTEMPTS: usize = 8;
+
+/// The error when [`CLAIM_ATTEMPTS`] ran out: retryable (an I/O-class error), so the message is
+/// requeued. Never a duplicate: the key was free each time we looked.
+pub(crate) fn record_kept_vanishing(key: &Key) -> sqlx::Error {
+    sqlx::Error::Io(std::io::Error::other(format!(
+        "the dedup record for `{key}` vanished {CLAIM_ATTEMPTS} times while it was being claimed (a concurrent purge?); requeueing"
+    )))
+}
+
 /// The result of writing a dedup record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {

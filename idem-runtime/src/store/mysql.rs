@@ -15,8 +15,8 @@ use sqlx::Transaction;
 use sqlx::mysql::{MySql, MySqlDatabaseError, MySqlPool, MySqlPoolOptions};
 
 use super::{
-    Claim, NewRecord, RecordRow, Store, StoredRecord, TransitionOutcome, TransitionSql,
-    TransitionStore, live_record,
+    CLAIM_ATTEMPTS, Claim, NewRecord, RecordRow, Store, StoredRecord, TransitionOutcome,
+    TransitionSql, TransitionStore, live_record, record_kept_vanishing,
 };
 use crate::key::Key;
 use crate::strategy::Transition;
@@ -151,43 +151,50 @@ impl Store for MySqlStore {
     }
 
     async fn claim(&self, tx: &mut Self::Tx, record: &NewRecord<'_>) -> Result<Claim, sqlx::Error> {
-        let inserted = sqlx::query(INSERT)
-            .bind(record.key.scope())
-            .bind(record.key.value())
-            .bind(record.fingerprint)
-            .bind(record.response)
-            .bind(record.now_ms)
-            .bind(record.expires_at_ms)
-            .execute(&mut **tx)
-            .await;
-        match inserted {
-            Ok(_) => return Ok(Claim::Claimed),
-            Err(error) if is_record_conflict(&error) => {}
-            Err(error) => return Err(error),
+        for _ in 0..CLAIM_ATTEMPTS {
+            let inserted = sqlx::query(INSERT)
+                .bind(record.key.scope())
+                .bind(record.key.value())
+                .bind(record.fingerprint)
+                .bind(record.response)
+                .bind(record.now_ms)
+                .bind(record.expires_at_ms)
+                .execute(&mut **tx)
+                .await;
+            match inserted {
+                Ok(_) => return Ok(Claim::Claimed),
+                Err(error) if is_record_conflict(&error) => {}
+                Err(error) => return Err(error),
+            }
+            let row = Self::read(tx, record.key).await?;
+            if row.is_none() {
+                // Purged since the insert conflicted: the key is free again. Start over.
+                continue;
+            }
+            if let Some(existing) = live_record(row, record.now_ms) {
+                return Ok(Claim::Existing(existing));
+            }
+            // Expired: take it over. The update locks the row, so a racing twin blocks, then
+            // sees the renewed expiry and moves nothing.
+            let taken = sqlx::query(TAKE_OVER_EXPIRED)
+                .bind(record.fingerprint)
+                .bind(record.response)
+                .bind(record.now_ms)
+                .bind(record.expires_at_ms)
+                .bind(record.key.scope())
+                .bind(record.key.value())
+                .bind(record.now_ms)
+                .execute(&mut **tx)
+                .await?;
+            if taken.rows_affected() > 0 {
+                return Ok(Claim::Claimed);
+            }
+            // A twin renewed it first (it is live now), or a purge deleted it (start over).
+            if let Some(existing) = live_record(Self::read(tx, record.key).await?, record.now_ms) {
+                return Ok(Claim::Existing(existing));
+            }
         }
-        let row = Self::read(tx, record.key).await?;
-        if let Some(existing) = live_record(row, record.now_ms) {
-            return Ok(Claim::Existing(existing));
-        }
-        // Expired: take it over. The update locks the row, so a racing twin blocks, then sees
-        // the renewed expiry and moves nothing.
-        let taken = sqlx::query(TAKE_OVER_EXPIRED)
-            .bind(record.fingerprint)
-            .bind(record.response)
-            .bind(record.now_ms)
-            .bind(record.expires_at_ms)
-            .bind(record.key.scope())
-            .bind(record.key.value())
-            .bind(record.now_ms)
-            .execute(&mut **tx)
-            .await?;
-        if taken.rows_affected() > 0 {
-            return Ok(Claim::Claimed);
-        }
-        let row = Self::read(tx, record.key).await?;
-        Ok(Claim::Existing(
-            live_record(row, record.now_ms).unwrap_or_default(),
-        ))
+        Err(record_kept_vanishing(record.key))
     }
 
     async fn save_response(

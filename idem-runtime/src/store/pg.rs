@@ -9,8 +9,8 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{Postgres, Transaction};
 
 use super::{
-    Claim, NewRecord, RecordRow, Store, StoredRecord, TransitionOutcome, TransitionSql,
-    TransitionStore, live_record, transition_statements,
+    CLAIM_ATTEMPTS, Claim, NewRecord, RecordRow, Store, StoredRecord, TransitionOutcome,
+    TransitionSql, TransitionStore, live_record, record_kept_vanishing, transition_statements,
 };
 use crate::key::Key;
 use crate::strategy::Transition;
@@ -132,28 +132,35 @@ impl Store for PgStore {
                 .bind(record.now_ms)
                 .bind(record.expires_at_ms)
         };
-        // Fresh key: one statement. A twin in flight makes it wait here, on the row.
-        if bind(INSERT).execute(&mut **tx).await?.rows_affected() == 1 {
-            return Ok(Claim::Claimed);
+        for _ in 0..CLAIM_ATTEMPTS {
+            // Fresh key: one statement. A twin in flight makes it wait here, on the row.
+            if bind(INSERT).execute(&mut **tx).await?.rows_affected() == 1 {
+                return Ok(Claim::Claimed);
+            }
+            let row = Self::read(tx, record.key).await?;
+            if row.is_none() {
+                // Purged since the insert conflicted: the key is free again. Start over.
+                continue;
+            }
+            if let Some(existing) = live_record(row, record.now_ms) {
+                return Ok(Claim::Existing(existing));
+            }
+            // Expired: take it over. A racing twin blocks on the row lock and then sees the
+            // renewed expiry, so at most one of them claims it.
+            if bind(TAKE_OVER_EXPIRED)
+                .execute(&mut **tx)
+                .await?
+                .rows_affected()
+                == 1
+            {
+                return Ok(Claim::Claimed);
+            }
+            // A twin renewed it first (it is live now), or a purge deleted it (start over).
+            if let Some(existing) = live_record(Self::read(tx, record.key).await?, record.now_ms) {
+                return Ok(Claim::Existing(existing));
+            }
         }
-        let row = Self::read(tx, record.key).await?;
-        if let Some(existing) = live_record(row, record.now_ms) {
-            return Ok(Claim::Existing(existing));
-        }
-        // Expired (or deleted since the insert): take it over. A racing twin blocks on the row
-        // lock and then sees the renewed expiry, so at most one of them claims it.
-        if bind(TAKE_OVER_EXPIRED)
-            .execute(&mut **tx)
-            .await?
-            .rows_affected()
-            == 1
-        {
-            return Ok(Claim::Claimed);
-        }
-        let row = Self::read(tx, record.key).await?;
-        Ok(Claim::Existing(
-            live_record(row, record.now_ms).unwrap_or_default(),
-        ))
+        Err(record_kept_vanishing(record.key))
     }
 
     async fn save_response(
