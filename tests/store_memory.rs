@@ -186,3 +186,141 @@ async fn expired_records_stop_counting_and_are_purged() {
             .is_processed()
     );
 }
+
+/// An error whose type says which failures a redelivery cannot fix.
+#[derive(Debug, thiserror::Error)]
+enum StrictError {
+    #[error("amount must be positive, got {0}")]
+    BadAmount(i64),
+}
+
+impl idem_runtime::HandlerError for StrictError {
+    fn disposition(&self) -> idem_runtime::Disposition {
+        idem_runtime::Disposition::DeadLetter
+    }
+}
+
+#[idempotent(
+    key = "order_id",
+    store = "memory",
+    strategy = "dedup_table",
+    scope = "mem.strict"
+)]
+async fn strict(_tx: &mut MemoryTx, msg: Payment) -> Result<i64, StrictError> {
+    if msg.amount <= 0 {
+        return Err(StrictError::BadAmount(msg.amount));
+    }
+    Ok(msg.amount)
+}
+
+#[tokio::test]
+async fn a_permanent_handler_error_is_dead_lettered_and_leaves_no_record() {
+    let store = MemoryStore::new();
+    let key = unique_key("mem-strict");
+    let ack = RecordingAck::new();
+    let result = strict(&store, Payment::new(&key, -5), ack.clone()).await;
+    assert!(matches!(
+        result,
+        Err(Error::Handler(StrictError::BadAmount(-5)))
+    ));
+    assert!(
+        matches!(ack.events().as_slice(), [AckEvent::DeadLetter(reason)] if reason.contains("must be positive")),
+        "{:?}",
+        ack.events()
+    );
+    assert!(store.is_empty(), "a failed delivery leaves no record");
+}
+
+mod spans {
+    //! Each handling runs in a span `idem.handle` with scope, key, strategy, store and outcome.
+
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+
+    use tracing::field::{Field, Visit};
+    use tracing::span::{Attributes, Id, Record};
+    use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
+
+    use super::*;
+
+    type Fields = HashMap<String, String>;
+
+    /// Records the fields of every `idem.handle` span, as set at creation and recorded later.
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<HashMap<u64, Fields>>>);
+
+    struct Visitor<'a>(&'a mut Fields);
+
+    impl Visit for Visitor<'_> {
+        fn record_str(&mut self, field: &Field, value: &str) {
+            self.0.insert(field.name().to_owned(), value.to_owned());
+        }
+        fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+            self.0.insert(field.name().to_owned(), format!("{value:?}"));
+        }
+    }
+
+    impl<S: tracing::Subscriber> Layer<S> for Capture {
+        fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, _ctx: Context<'_, S>) {
+            if attrs.metadata().name() == "idem.handle" {
+                let mut fields = Fields::new();
+                attrs.record(&mut Visitor(&mut fields));
+                self.0
+                    .lock()
+                    .expect("capture lock")
+                    .insert(id.into_u64(), fields);
+            }
+        }
+        fn on_record(&self, id: &Id, values: &Record<'_>, _ctx: Context<'_, S>) {
+            if let Some(fields) = self.0.lock().expect("capture lock").get_mut(&id.into_u64()) {
+                values.record(&mut Visitor(fields));
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn each_handling_has_a_span_with_scope_key_and_outcome() {
+        let capture = Capture::default();
+        let subscriber = tracing_subscriber::registry().with(capture.clone());
+        let _guard = tracing::subscriber::set_default(subscriber);
+
+        let store = MemoryStore::new();
+        plain(&store, Payment::new("span-1", 1), NoAck)
+            .await
+            .unwrap();
+        plain(&store, Payment::new("span-1", 1), NoAck)
+            .await
+            .unwrap();
+        let _ = plain(&store, Payment::new("", 1), NoAck).await;
+
+        let spans: Vec<Fields> = capture.0.lock().unwrap().values().cloned().collect();
+        let outcome_of = |outcome: &str| {
+            spans
+                .iter()
+                .filter(|f| f.get("outcome").map(String::as_str) == Some(outcome))
+                .count()
+        };
+        assert_eq!(spans.len(), 3, "{spans:?}");
+        assert_eq!(
+            (
+                outcome_of("processed"),
+                outcome_of("duplicate"),
+                outcome_of("key")
+            ),
+            (1, 1, 1),
+            "{spans:?}"
+        );
+        for fields in spans
+            .iter()
+            .filter(|f| f.get("outcome").map(String::as_str) != Some("key"))
+        {
+            assert_eq!(fields.get("scope").map(String::as_str), Some("mem.plain"));
+            assert_eq!(fields.get("key").map(String::as_str), Some("span-1"));
+            assert_eq!(
+                fields.get("strategy").map(String::as_str),
+                Some("dedup_table")
+            );
+            assert_eq!(fields.get("store").map(String::as_str), Some("memory"));
+        }
+    }
+}
