@@ -9,6 +9,8 @@ mod strategy {
     pub struct Some;
     pub enum Option { Nothing }
     pub struct Error;
+    pub struct Result;
+    pub struct Outcome;
 
     pub struct Ping {
         pub id: u64,
