@@ -690,6 +690,64 @@ macro_rules! __strategy_cases {
             assert_eq!(business_rows(&store, $table, &key).await, 1);
         }
 
+        /// A broker's-eye view: 40 keys, each delivered 4 times, all at once from 16 tasks;
+        /// every fifth key's body fails once (requeued), every seventh key's first ack is lost
+        /// (redelivered). Afterwards each key has exactly one business row.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn storm_of_redeliveries_with_failures_ends_exactly_once() {
+            use ::std::sync::{Arc, Mutex};
+            let store = $open;
+            let keys: Vec<String> = (0..40).map(|_| unique_key("storm")).collect();
+            for (i, key) in keys.iter().enumerate() {
+                if i % 5 == 0 {
+                    $crate::fail_once(key);
+                }
+            }
+            let queue: Arc<Mutex<Vec<(String, bool)>>> = Arc::new(Mutex::new(
+                keys.iter()
+                    .enumerate()
+                    .flat_map(|(i, key)| (0..4).map(move |copy| (key.clone(), i % 7 == 0 && copy == 0)))
+                    .collect(),
+            ));
+            let processed = Arc::new(Mutex::new(Vec::new()));
+            let workers: Vec<_> = (0..16)
+                .map(|_| {
+                    let (store, queue, processed) = (store.clone(), Arc::clone(&queue), Arc::clone(&processed));
+                    ::tokio::spawn(async move {
+                        let mut deliveries = 0;
+                        loop {
+                            let next = queue.lock().expect("queue").pop();
+                            let Some((key, lose_ack)) = next else { break };
+                            deliveries += 1;
+                            assert!(deliveries < 1_000, "the storm does not settle");
+                            let ack = if lose_ack { RecordingAck::losing_acks() } else { RecordingAck::new() };
+                            match $plain(&store, Payment::new(&key, 1), ack.clone()).await {
+                                Ok(Outcome::Processed(_)) => processed.lock().expect("processed").push(key.clone()),
+                                Ok(_) => {}
+                                Err(error) => assert!(error.is_retryable(), "{error}"),
+                            }
+                            // The broker's side: what was not acked comes back.
+                            let acked = ack.events() == vec![AckEvent::Ack];
+                            if !acked || lose_ack {
+                                queue.lock().expect("queue").insert(0, (key, false));
+                            }
+                        }
+                    })
+                })
+                .collect();
+            for worker in workers {
+                worker.await.expect("worker panicked");
+            }
+            let mut processed = processed.lock().expect("processed").clone();
+            processed.sort();
+            let mut expected = keys.clone();
+            expected.sort();
+            assert_eq!(processed, expected, "each key processed exactly once");
+            for key in &keys {
+                assert_eq!(business_rows(&store, $table, key).await, 1, "one row for {key}");
+            }
+        }
+
         #[tokio::test]
         async fn empty_key_is_dead_lettered_not_dropped() {
             let store = $open;
