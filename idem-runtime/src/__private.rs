@@ -1,38 +1,29 @@
 //! The only path that `#[idempotent]`'s generated code uses. Not a public API: it changes
 //! without notice, in lockstep with `idem-macros`.
 
-pub use crate::ack::{Acknowledger, NoAck};
-pub use crate::error::{Error, HandlerError, HandlerErrors};
+pub use ::core;
+pub use std::sync::OnceLock;
+
+pub use crate::ack::Acknowledger;
+pub use crate::error::{Error, HandlerErrors};
 pub use crate::key::{Key, KeyPart};
 pub use crate::outcome::Outcome;
 pub use crate::payload::{JsonReplay, NoReplay};
 pub use crate::store::TransitionSql;
-pub use crate::strategy::state_machine::{StateKey, StateKeyPart};
-
-/// The key value of a `state_machine` gate, checked where the key is written.
-#[inline]
-pub fn state_key<T: StateKeyPart + ?Sized>(value: &T) -> StateKey {
-    value.state_key()
-}
-pub use crate::store::memory::{MemoryStore, MemoryTx};
+pub use crate::store::memory::MemoryStore;
 #[cfg(feature = "mysql")]
-pub use crate::store::mysql::{MySqlStore, MySqlTx};
+pub use crate::store::mysql::MySqlStore;
 #[cfg(feature = "pg")]
-pub use crate::store::pg::{PgStore, PgTx};
+pub use crate::store::pg::PgStore;
 #[cfg(feature = "sqlite")]
-pub use crate::store::sqlite::{SqliteStore, SqliteTx};
+pub use crate::store::sqlite::SqliteStore;
+pub use crate::strategy::state_machine::{StateKey, StateKeyPart};
 pub use crate::strategy::{
-    DedupTable, HandlerResult, HandlerSpec, OnMissing, StateMachine, Transition, UniqueConstraint,
+    DedupTable, HandlerResult, HandlerSpec, OnMissing, OpenGate, StateMachine, Transition,
+    UniqueConstraint, open,
 };
-pub use std::sync::OnceLock;
-
-pub use ::core;
-pub use ::std;
 
 use crate::key::KeyError;
-
-/// The transaction type a store's handlers receive.
-pub type StoreTx<S> = <S as crate::store::Store>::Tx;
 use crate::strategy::FingerprintInput;
 
 /// Builds the key from `(field name, value)` pairs, in the key's order.
@@ -66,8 +57,6 @@ pub fn into_result<R: HandlerResult>(result: R) -> Result<R::Ok, R::Err> {
     result.into_result()
 }
 
-pub use crate::strategy::{OpenGate, open};
-
 /// Runs the handler's body in the delivery's span. `R` is the handler's declared return type,
 /// given explicitly so that `?` inside the body's async block knows what to convert into.
 #[inline]
@@ -76,4 +65,10 @@ pub fn body<R, F: core::future::Future<Output = R>>(
     body: F,
 ) -> tracing::instrument::Instrumented<F> {
     tracing::Instrument::instrument(body, span)
+}
+
+/// The key value of a `state_machine` gate, checked where the key is written.
+#[inline]
+pub fn state_key<T: StateKeyPart + ?Sized>(value: &T) -> StateKey {
+    value.state_key()
 }
