@@ -9,21 +9,6 @@ idem_tests::conformance_suite! {
     placeholders = ["?", "?", "?"],
 }
 
-/// `migrate()` twice, and from several tasks at once, is harmless.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn migrate_is_idempotent_and_safe_concurrently() {
-    let store = idem_tests::mysql::store().await;
-    let runs: Vec<_> = (0..4)
-        .map(|_| {
-            let store = store.clone();
-            tokio::spawn(async move { store.migrate().await })
-        })
-        .collect();
-    for run in runs {
-        run.await.expect("task").expect("concurrent migrate");
-    }
-}
-
 /// Deadlocks and lock wait time-outs are retryable; duplicate entries on other keys are not.
 #[tokio::test]
 async fn mysql_errors_are_classified() {

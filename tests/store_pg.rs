@@ -9,22 +9,6 @@ idem_tests::conformance_suite! {
     placeholders = ["$1", "$2", "$3"],
 }
 
-/// `migrate()` twice, and from several tasks at once, is harmless.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn migrate_is_idempotent_and_safe_concurrently() {
-    let store = idem_tests::pg::store().await;
-    let runs: Vec<_> = (0..4)
-        .map(|_| {
-            let store = store.clone();
-            tokio::spawn(async move { store.migrate().await })
-        })
-        .collect();
-    for run in runs {
-        run.await.expect("task").expect("concurrent migrate");
-    }
-    store.migrate().await.expect("migrate again");
-}
-
 /// A serialization failure and a lost connection are retryable; classification reads the
 /// driver's error through `#[error(transparent)]` wrappers.
 #[tokio::test]

@@ -9,7 +9,8 @@ use syn::{Expr, ExprLit, Ident, Lit, LitStr, Meta, Token};
 
 use crate::errors::Errors;
 
-const ARGUMENTS: &[&str] = &[
+/// Arguments every strategy takes (some only meaningful for one, checked in `validate`).
+const COMMON_ARGUMENTS: &[&str] = &[
     "key",
     "store",
     "strategy",
@@ -19,14 +20,6 @@ const ARGUMENTS: &[&str] = &[
     "replay",
     "fingerprint",
     "crate",
-    "table",
-    "column",
-    "key_column",
-    "from",
-    "to",
-    "done",
-    "early",
-    "on_missing",
 ];
 
 /// Arguments that only `state_machine` takes.
@@ -40,6 +33,15 @@ const STATE_MACHINE_ARGUMENTS: &[&str] = &[
     "early",
     "on_missing",
 ];
+
+/// Every argument name, for "unknown argument" and its suggestion.
+fn all_arguments() -> Vec<&'static str> {
+    COMMON_ARGUMENTS
+        .iter()
+        .chain(STATE_MACHINE_ARGUMENTS)
+        .copied()
+        .collect()
+}
 
 /// PostgreSQL truncates identifiers past 63 bytes; refuse them instead.
 const MAX_IDENTIFIER_BYTES: usize = 63;
@@ -197,6 +199,7 @@ pub(crate) fn parse(tokens: proc_macro2::TokenStream, errors: &mut Errors) -> Ar
             return args;
         }
     };
+    let arguments = all_arguments();
     for meta in metas {
         let path = meta.path();
         let name = path
@@ -210,11 +213,11 @@ pub(crate) fn parse(tokens: proc_macro2::TokenStream, errors: &mut Errors) -> Ar
                     .map(|s| s.ident.to_string())
             })
             .unwrap_or_default();
-        if !ARGUMENTS.contains(&name.as_str()) {
+        if !arguments.contains(&name.as_str()) {
             let shown = quote::ToTokens::to_token_stream(path).to_string();
-            errors.error(path.span(), unknown("argument", &shown, ARGUMENTS));
+            errors.error(path.span(), unknown("argument", &shown, &arguments));
             // A misspelt argument is not also reported missing.
-            if let Some(meant) = closest(&shown, ARGUMENTS) {
+            if let Some(meant) = closest(&shown, &arguments) {
                 args.present.push(meant.to_owned());
             }
             continue;
@@ -319,7 +322,7 @@ fn apply(args: &mut Args, name: &str, lit: &LitStr, errors: &mut Errors) {
                 ),
             ),
         },
-        _ => unreachable!("every name in ARGUMENTS is handled"),
+        _ => unreachable!("every name in all_arguments() is handled"),
     }
 }
 

@@ -15,8 +15,8 @@
 //! duplicate; 16 concurrent deliveries of one key; a failure in the body (nothing committed,
 //! the redelivery succeeds); a lost ack after commit (the redelivery is a duplicate); payload
 //! mismatch (dead-lettered); replay of the first result; bad input (an empty key is
-//! dead-lettered); plus expiry for `dedup_table` and constraint matching for
-//! `unique_constraint`.
+//! dead-lettered); plus expiry for `dedup_table`, constraint matching for `unique_constraint`,
+//! the `state_machine` cases, and `migrate()` run twice and concurrently.
 
 /// The business tables the conformance handlers write to. Portable DDL (PostgreSQL, MySQL,
 /// SQLite): `VARCHAR`, because MySQL cannot index `TEXT` without a prefix length.
@@ -210,6 +210,22 @@ macro_rules! conformance_suite {
         }
 
         $crate::__impl_has_pool!($store, $p1);
+
+        /// `migrate()` twice, and from several tasks at once, is harmless.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn migrate_is_idempotent_and_safe_concurrently() {
+            let store = $open;
+            let runs: Vec<_> = (0..4)
+                .map(|_| {
+                    let store = store.clone();
+                    ::tokio::spawn(async move { store.migrate().await })
+                })
+                .collect();
+            for run in runs {
+                run.await.expect("task").expect("concurrent migrate");
+            }
+            store.migrate().await.expect("migrate again");
+        }
 
         mod dedup_table {
             use super::*;

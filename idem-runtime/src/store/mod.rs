@@ -225,25 +225,27 @@ macro_rules! run_transition {
 #[cfg(any(feature = "pg", feature = "mysql", feature = "sqlite"))]
 pub(crate) use run_transition;
 
-/// Quotes a validated identifier (`name` or `schema.name`) with double quotes, as PostgreSQL
-/// and SQLite both read them. The macro admits only `[A-Za-z_][A-Za-z0-9_]*` parts; doubling
-/// any quote is defence in depth.
-pub(crate) fn quote_identifier(name: &str) -> String {
+/// Quotes a validated identifier (`name` or `schema.name`) with `quote`, part by part,
+/// doubling any `quote` inside: `"…"` for PostgreSQL and SQLite, `` `…` `` for MySQL. The macro
+/// admits only `[A-Za-z_][A-Za-z0-9_]*` parts; the doubling is defence in depth.
+pub(crate) fn quote_identifier(name: &str, quote: char) -> String {
+    let doubled = format!("{quote}{quote}");
     name.split('.')
-        .map(|part| format!("\"{}\"", part.replace('"', "\"\"")))
+        .map(|part| format!("{quote}{}{quote}", part.replace(quote, &doubled)))
         .collect::<Vec<_>>()
         .join(".")
 }
 
-/// The guarded update and the read for `transition`, with `placeholder(n)` giving the n-th
-/// (1-based) parameter marker of the dialect.
+/// The guarded update and the read for `transition` in a dialect: `quote` quotes identifiers,
+/// `placeholder(n)` gives the n-th (1-based) parameter marker.
 pub(crate) fn transition_statements(
     transition: &Transition,
+    quote: char,
     placeholder: impl Fn(usize) -> String,
 ) -> TransitionSql {
-    let table = quote_identifier(transition.table());
-    let column = quote_identifier(transition.column());
-    let key_column = quote_identifier(transition.key_column());
+    let table = quote_identifier(transition.table(), quote);
+    let column = quote_identifier(transition.column(), quote);
+    let key_column = quote_identifier(transition.key_column(), quote);
     let from = (0..transition.from().len())
         .map(|i| placeholder(i + 3))
         .collect::<Vec<_>>()
@@ -276,7 +278,7 @@ mod tests {
             &["new", "held"],
             "paid",
         );
-        let sql = transition_statements(&STEP, |n| format!("${n}"));
+        let sql = transition_statements(&STEP, '"', |n| format!("${n}"));
         assert_eq!(
             &*sql.update,
             r#"UPDATE "shop"."orders" SET "status" = $1 WHERE "order_id" = $2 AND "status" IN ($3, $4)"#
@@ -285,6 +287,7 @@ mod tests {
             &*sql.select,
             r#"SELECT "status" FROM "shop"."orders" WHERE "order_id" = $1"#
         );
-        assert_eq!(quote_identifier(r#"a"b"#), r#""a""b""#);
+        assert_eq!(quote_identifier(r#"a"b"#, '"'), r#""a""b""#);
+        assert_eq!(quote_identifier("a`b", '`'), "`a``b`");
     }
 }

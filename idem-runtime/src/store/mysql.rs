@@ -16,7 +16,7 @@ use sqlx::mysql::{MySql, MySqlDatabaseError, MySqlPool, MySqlPoolOptions};
 
 use super::{
     CLAIM_ATTEMPTS, Claim, NewRecord, RecordRow, Store, StoredRecord, TransitionOutcome,
-    TransitionSql, TransitionStore, live_record, record_kept_vanishing,
+    TransitionSql, TransitionStore, live_record, record_kept_vanishing, transition_statements,
 };
 use crate::key::Key;
 use crate::strategy::Transition;
@@ -235,25 +235,8 @@ impl Store for MySqlStore {
 
 impl TransitionStore for MySqlStore {
     fn transition_sql(transition: &Transition) -> TransitionSql {
-        let quote = |name: &str| {
-            name.split('.')
-                .map(|part| format!("`{}`", part.replace('`', "``")))
-                .collect::<Vec<_>>()
-                .join(".")
-        };
-        let (table, column, key_column) = (
-            quote(transition.table()),
-            quote(transition.column()),
-            quote(transition.key_column()),
-        );
-        let from = vec!["?"; transition.from().len()].join(", ");
-        TransitionSql {
-            update: format!(
-                "UPDATE {table} SET {column} = ? WHERE {key_column} = ? AND {column} IN ({from})"
-            )
-            .into(),
-            select: format!("SELECT {column} FROM {table} WHERE {key_column} = ?").into(),
-        }
+        // MySQL has only positional `?` markers, bound in order: to, key, from….
+        transition_statements(transition, '`', |_| "?".to_owned())
     }
 
     async fn transition(

@@ -196,9 +196,10 @@ impl Store for PgStore {
             && constraint.is_none_or(|name| error.constraint() == Some(name))
     }
 }
+
 impl TransitionStore for PgStore {
     fn transition_sql(transition: &Transition) -> TransitionSql {
-        transition_statements(transition, |n| format!("${n}"))
+        transition_statements(transition, '"', |n| format!("${n}"))
     }
 
     async fn transition(

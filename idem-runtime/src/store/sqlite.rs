@@ -234,7 +234,7 @@ fn sqlite_detail_matches(detail: &str, constraint: &str) -> bool {
 
 impl TransitionStore for SqliteStore {
     fn transition_sql(transition: &Transition) -> TransitionSql {
-        transition_statements(transition, |n| format!("?{n}"))
+        transition_statements(transition, '"', |n| format!("?{n}"))
     }
 
     async fn transition(

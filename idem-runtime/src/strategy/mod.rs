@@ -287,7 +287,7 @@ where
         .instrument(span.clone())
         .await;
     match opened {
-        Ok(Ok((entered, tx))) => Ok(OpenGate {
+        Ok((entered, tx)) => Ok(OpenGate {
             store,
             entered,
             ack,
@@ -295,9 +295,7 @@ where
             tx,
             span,
         }),
-        Ok(Err(attempt)) | Err(attempt) => {
-            Err(conclude(ack, errors, attempt).instrument(span).await)
-        }
+        Err(attempt) => Err(conclude(ack, errors, attempt).instrument(span).await),
     }
 }
 
@@ -324,8 +322,8 @@ impl<G, C> Entered<G, C> {
     }
 }
 
-/// `Err` = could not open; `Ok(Err)` = settled early (a duplicate); `Ok(Ok)` = run the body.
-#[allow(clippy::type_complexity)]
+/// `Ok`: run the body in this transaction. `Err`: the delivery already ended (a duplicate, an
+/// invalid key, a refused or failed gate), and only needs settling with the broker.
 async fn enter<S, G, C, T, E>(
     store: &S,
     strategy: G,
@@ -333,7 +331,7 @@ async fn enter<S, G, C, T, E>(
     key: Result<Key, KeyError>,
     fingerprint: FingerprintInput,
     codec: C,
-) -> Result<Result<(Entered<G, C>, S::Tx), Attempt<T, E>>, Attempt<T, E>>
+) -> Result<(Entered<G, C>, S::Tx), Attempt<T, E>>
 where
     S: Store,
     G: Strategy<S>,
@@ -368,21 +366,27 @@ where
         .await
         .map_err(|error| Err(Error::Database(error)))?;
     let delivery = entered.delivery();
-    match entered.strategy.enter(store, &mut tx, &delivery).await {
-        Ok(Gate::Open) => Ok(Ok((entered, tx))),
-        Ok(Gate::Duplicate(record)) => {
-            rollback::<S>(tx).await;
-            Ok(Err(accept_duplicate(&delivery, &entered.codec, record)))
-        }
-        Ok(Gate::Refused(refusal)) => {
-            rollback::<S>(tx).await;
-            Err(Err(refusal.into_error(&entered.key)))
-        }
-        Err(error) => {
-            rollback::<S>(tx).await;
-            Err(Err(Error::Database(error)))
-        }
-    }
+    let verdict = entered.strategy.enter(store, &mut tx, &delivery).await;
+    let tx = through_gate::<S, _, _, _>(verdict, tx, &delivery, &entered.codec).await?;
+    Ok((entered, tx))
+}
+
+/// Hands the transaction on when the gate is open; otherwise rolls it back and says how the
+/// delivery ends: a duplicate, a refusal, or the gate's own database error.
+async fn through_gate<S: Store, C: ResultCodec<T>, T, E>(
+    verdict: Result<Gate, sqlx::Error>,
+    tx: S::Tx,
+    delivery: &Delivery<'_>,
+    codec: &C,
+) -> Result<S::Tx, Attempt<T, E>> {
+    let ended = match verdict {
+        Ok(Gate::Open) => return Ok(tx),
+        Ok(Gate::Duplicate(record)) => accept_duplicate(delivery, codec, record),
+        Ok(Gate::Refused(refusal)) => Err(refusal.into_error(delivery.key)),
+        Err(error) => Err(Error::Database(error)),
+    };
+    rollback::<S>(tx).await;
+    Err(ended)
 }
 
 impl<'s, S, G, C, A, E> OpenGate<'s, S, G, C, A, E>
@@ -456,24 +460,13 @@ where
             });
         }
     };
-    match strategy
+    let verdict = strategy
         .leave(store, &mut tx, &delivery, response.as_deref())
-        .await
-    {
-        Ok(Gate::Open) => {}
-        Ok(Gate::Duplicate(record)) => {
-            rollback::<S>(tx).await;
-            return accept_duplicate(&delivery, codec, record);
-        }
-        Ok(Gate::Refused(refusal)) => {
-            rollback::<S>(tx).await;
-            return Err(refusal.into_error(&entered.key));
-        }
-        Err(error) => {
-            rollback::<S>(tx).await;
-            return Err(Error::Database(error));
-        }
-    }
+        .await;
+    let tx = match through_gate::<S, _, _, _>(verdict, tx, &delivery, codec).await {
+        Ok(tx) => tx,
+        Err(ended) => return ended,
+    };
 
     match S::commit(tx).await {
         Ok(()) => Ok((Outcome::Processed(value), Committed::new())),
