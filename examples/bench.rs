@@ -182,7 +182,8 @@ async fn sqlite_dedup_handler(tx: &mut SqliteTx<'_>, msg: BenchMsg) -> Result<()
     key = "order_id",
     store = "sqlite",
     strategy = "unique_constraint",
-    scope = "bench.sqlite.unique"
+    scope = "bench.sqlite.unique",
+    constraint = "bench_payments.order_id"
 )]
 async fn sqlite_unique_handler(tx: &mut SqliteTx<'_>, msg: BenchMsg) -> Result<(), BenchError> {
     sqlx::query("INSERT INTO bench_payments (order_id, amount) VALUES (?1, ?2)")

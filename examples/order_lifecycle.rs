@@ -23,8 +23,8 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use idem_runtime::{
-    Acknowledger, Committed, Error, HandlerError, Outcome, RequeueReason, SqliteStore, SqliteTx,
-    idempotent,
+    Acknowledger, Committed, DeadLetter, Error, HandlerError, Outcome, Requeue, SqliteStore,
+    SqliteTx, idempotent,
 };
 
 #[derive(Debug, Clone)]
@@ -95,7 +95,7 @@ async fn on_order_cancelled(_tx: &mut SqliteTx<'_>, _msg: OrderEvent) -> Result<
 /// The in-process broker: a queue that takes requeued events back at the end.
 #[derive(Default)]
 struct Broker {
-    queue: Mutex<VecDeque<(Step, OrderEvent)>>,
+    queue: Mutex<VecDeque<(Step, OrderEvent, u32)>>,
     retried: Mutex<usize>,
     dead_letters: Mutex<Vec<String>>,
 }
@@ -108,6 +108,8 @@ struct Delivery {
     broker: Arc<Broker>,
     step: Step,
     event: OrderEvent,
+    /// Which delivery of this event this is, as a broker counts it.
+    attempt: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -117,18 +119,24 @@ struct Never;
 impl Acknowledger for Delivery {
     type Error = Never;
 
+    fn attempt(&self) -> Option<u32> {
+        Some(self.attempt)
+    }
+
     async fn ack(self, _proof: Committed) -> Result<(), Never> {
         Ok(())
     }
 
-    async fn requeue(self, _reason: RequeueReason) -> Result<(), Never> {
+    async fn requeue(self, requeue: Requeue) -> Result<(), Never> {
+        // A real broker would hold the event back for `requeue.delay`; this one puts it at the
+        // back of the queue, behind the events it is waiting for.
         *locked(&self.broker.retried) += 1;
-        locked(&self.broker.queue).push_back((self.step, self.event));
+        locked(&self.broker.queue).push_back((self.step, self.event, requeue.attempt + 1));
         Ok(())
     }
 
-    async fn dead_letter(self, reason: &str) -> Result<(), Never> {
-        locked(&self.broker.dead_letters).push(reason.to_owned());
+    async fn dead_letter(self, letter: DeadLetter<'_>) -> Result<(), Never> {
+        locked(&self.broker.dead_letters).push(letter.reason.to_owned());
         Ok(())
     }
 }
@@ -150,11 +158,13 @@ async fn deliver(
     broker: &Arc<Broker>,
     step: Step,
     event: OrderEvent,
+    attempt: u32,
 ) -> Result<Outcome<()>, Error<AppError>> {
     let ack = Delivery {
         broker: Arc::clone(broker),
         step,
         event: event.clone(),
+        attempt,
     };
     match step {
         Step::Created => on_order_created(store, event, ack).await,
@@ -199,16 +209,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     shuffle(&mut stream, 42);
 
     let broker = Arc::new(Broker::default());
-    locked(&broker.queue).extend(stream);
+    locked(&broker.queue).extend(stream.into_iter().map(|(step, event)| (step, event, 1)));
     let (mut processed, mut duplicate_outcomes, mut deliveries) = (0, 0, 0);
     loop {
         let next = locked(&broker.queue).pop_front();
-        let Some((step, event)) = next else { break };
+        let Some((step, event, attempt)) = next else {
+            break;
+        };
         deliveries += 1;
         if deliveries > 10_000 {
             return Err("more than 10,000 deliveries: something keeps requeueing".into());
         }
-        match deliver(&store, &broker, step, event).await {
+        match deliver(&store, &broker, step, event, attempt).await {
             Ok(outcome) if outcome.is_processed() => processed += 1,
             Ok(_) => duplicate_outcomes += 1,
             Err(error) => tracing::info!(%error, ?step, "delivery not done"),
@@ -216,7 +228,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     // Late cancellations of shipped orders: invalid, dead-lettered with the state found.
     for n in [3, 7] {
-        if let Err(error) = deliver(&store, &broker, Step::Cancelled, event(n)).await {
+        if let Err(error) = deliver(&store, &broker, Step::Cancelled, event(n), 1).await {
             tracing::info!(%error, "cancellation refused");
         }
     }

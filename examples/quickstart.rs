@@ -19,11 +19,11 @@
 //! `payments` table ends with exactly one row per order. Run it twice on the same file: the
 //! second run processes nothing (`processed=0`), because the dedup records persist.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use idem_runtime::{
-    Acknowledger, Committed, HandlerError, Outcome, RequeueReason, SqliteStore, SqliteTx,
+    Acknowledger, Committed, DeadLetter, HandlerError, Outcome, Requeue, SqliteStore, SqliteTx,
     idempotent,
 };
 
@@ -66,6 +66,8 @@ struct Broker {
     crash_before_ack: Mutex<HashSet<String>>,
     dead_letters: Mutex<Vec<(OrderPaid, String)>>,
     redelivered_after_crash: Mutex<usize>,
+    /// Deliveries so far, per order: what a broker reports as the delivery count.
+    deliveries: Mutex<HashMap<String, u32>>,
 }
 
 fn locked<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -83,10 +85,17 @@ impl Broker {
 
     fn delivery(self: &Arc<Self>, message: &OrderPaid) -> BrokerAck {
         let crashes = locked(&self.crash_before_ack).remove(&message.order_id);
+        let attempt = {
+            let mut deliveries = locked(&self.deliveries);
+            let count = deliveries.entry(message.order_id.clone()).or_default();
+            *count += 1;
+            *count
+        };
         BrokerAck {
             broker: Arc::clone(self),
             message: message.clone(),
             crashes,
+            attempt,
         }
     }
 }
@@ -96,6 +105,7 @@ struct BrokerAck {
     broker: Arc<Broker>,
     message: OrderPaid,
     crashes: bool,
+    attempt: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +114,10 @@ struct ConsumerCrashed;
 
 impl Acknowledger for BrokerAck {
     type Error = ConsumerCrashed;
+
+    fn attempt(&self) -> Option<u32> {
+        Some(self.attempt)
+    }
 
     async fn ack(self, _proof: Committed) -> Result<(), ConsumerCrashed> {
         if self.crashes {
@@ -115,13 +129,14 @@ impl Acknowledger for BrokerAck {
         Ok(())
     }
 
-    async fn requeue(self, _reason: RequeueReason) -> Result<(), ConsumerCrashed> {
+    async fn requeue(self, _requeue: Requeue) -> Result<(), ConsumerCrashed> {
+        // A real broker would wait `_requeue.delay` before delivering it again.
         self.broker.publish(self.message);
         Ok(())
     }
 
-    async fn dead_letter(self, reason: &str) -> Result<(), ConsumerCrashed> {
-        locked(&self.broker.dead_letters).push((self.message, reason.to_owned()));
+    async fn dead_letter(self, letter: DeadLetter<'_>) -> Result<(), ConsumerCrashed> {
+        locked(&self.broker.dead_letters).push((self.message, letter.reason.to_owned()));
         Ok(())
     }
 }

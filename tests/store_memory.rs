@@ -1,11 +1,17 @@
-//! The memory store (`store = "memory"`, for unit tests): dedup_table semantics in-process.
+//! The memory store (`store = "memory"`, for unit tests): the conformance suite, less what it
+//! cannot do (no business tables, no SQL), plus what only this store has.
 
-use idem_runtime::{Error, MemoryStore, MemoryTx, NoAck, Outcome, RequeueReason, idempotent};
-use idem_tests::{AckEvent, AppError, Payment, RecordingAck, fail_once, maybe_fail, unique_key};
-use std::sync::atomic::{AtomicUsize, Ordering};
+idem_tests::conformance_suite! {
+    store = "memory",
+    tx = idem_runtime::MemoryTx,
+    open = idem_tests::memory::store(),
+    constraint = "unused",
+    placeholders = ["?1", "?2", "?3"],
+    skip = [unique_constraint, state_machine, sql],
+}
 
-/// Body runs of `raced`, which only `concurrent_twins_run_the_body_once` calls.
-static RACED_RUNS: AtomicUsize = AtomicUsize::new(0);
+use idem_runtime::{Error, MemoryStore, MemoryTx, NoAck, idempotent};
+use idem_tests::{AppError, Payment, RecordingAck, maybe_fail, unique_key};
 
 #[idempotent(
     key = "order_id",
@@ -16,117 +22,6 @@ static RACED_RUNS: AtomicUsize = AtomicUsize::new(0);
 async fn plain(_tx: &mut MemoryTx, msg: Payment) -> Result<i64, AppError> {
     maybe_fail(&msg.order_id)?;
     Ok(msg.amount)
-}
-
-#[idempotent(
-    key = "order_id",
-    store = "memory",
-    strategy = "dedup_table",
-    scope = "mem.raced"
-)]
-async fn raced(_tx: &mut MemoryTx, msg: Payment) -> Result<i64, AppError> {
-    RACED_RUNS.fetch_add(1, Ordering::SeqCst);
-    // Yield while holding the key: twins must wait on it, not run.
-    tokio::task::yield_now().await;
-    Ok(msg.amount)
-}
-
-#[idempotent(
-    key = "order_id",
-    store = "memory",
-    strategy = "dedup_table",
-    scope = "mem.replay",
-    replay,
-    fingerprint
-)]
-async fn replaying(_tx: &mut MemoryTx, msg: Payment) -> Result<i64, AppError> {
-    Ok(msg.amount * 10)
-}
-
-#[tokio::test]
-async fn first_then_duplicate() {
-    let store = MemoryStore::new();
-    let key = unique_key("mem");
-    let ack = RecordingAck::new();
-    assert_eq!(
-        plain(&store, Payment::new(&key, 1), ack.clone())
-            .await
-            .unwrap(),
-        Outcome::Processed(1)
-    );
-    assert_eq!(
-        plain(&store, Payment::new(&key, 1), ack.clone())
-            .await
-            .unwrap(),
-        Outcome::Duplicate { replayed: None }
-    );
-    assert_eq!(ack.events(), vec![AckEvent::Ack, AckEvent::Ack]);
-    assert_eq!(store.len(), 1);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_twins_run_the_body_once() {
-    let store = MemoryStore::new();
-    let key = unique_key("mem-race");
-    let tasks: Vec<_> = (0..16)
-        .map(|_| {
-            let store = store.clone();
-            let message = Payment::new(&key, 2);
-            tokio::spawn(async move { raced(&store, message, NoAck).await })
-        })
-        .collect();
-    let mut processed = 0;
-    for task in tasks {
-        if task.await.unwrap().unwrap().is_processed() {
-            processed += 1;
-        }
-    }
-    assert_eq!(processed, 1);
-    assert_eq!(RACED_RUNS.load(Ordering::SeqCst), 1, "the body ran once");
-}
-
-#[tokio::test]
-async fn failure_rolls_back_the_record() {
-    let store = MemoryStore::new();
-    let key = unique_key("mem-fail");
-    fail_once(&key);
-    let ack = RecordingAck::new();
-    let failed = plain(&store, Payment::new(&key, 3), ack.clone()).await;
-    assert!(matches!(
-        failed,
-        Err(Error::Handler(AppError::Transient(_)))
-    ));
-    assert_eq!(
-        ack.events(),
-        vec![AckEvent::Requeue(RequeueReason::Retryable)]
-    );
-    assert!(store.is_empty(), "no record after a failed body");
-    assert!(
-        plain(&store, Payment::new(&key, 3), NoAck)
-            .await
-            .unwrap()
-            .is_processed()
-    );
-}
-
-#[tokio::test]
-async fn replay_and_fingerprint() {
-    let store = MemoryStore::new();
-    let key = unique_key("mem-replay");
-    assert_eq!(
-        replaying(&store, Payment::new(&key, 4), NoAck)
-            .await
-            .unwrap(),
-        Outcome::Processed(40)
-    );
-    assert_eq!(
-        replaying(&store, Payment::new(&key, 4), NoAck)
-            .await
-            .unwrap(),
-        Outcome::Duplicate { replayed: Some(40) }
-    );
-    let mismatch = replaying(&store, Payment::new(&key, 5), NoAck).await;
-    assert!(matches!(mismatch, Err(Error::PayloadMismatch { .. })));
 }
 
 /// The documented limit of this store: a restart forgets, and the body runs again.
@@ -143,44 +38,6 @@ async fn a_restart_forgets_everything() {
     store.clear();
     assert!(
         plain(&store, Payment::new(&key, 6), NoAck)
-            .await
-            .unwrap()
-            .is_processed()
-    );
-}
-
-#[idempotent(
-    key = "order_id",
-    store = "memory",
-    strategy = "dedup_table",
-    scope = "mem.ttl",
-    ttl = "50ms"
-)]
-async fn short_lived(_tx: &mut MemoryTx, msg: Payment) -> Result<i64, AppError> {
-    Ok(msg.amount)
-}
-
-#[tokio::test]
-async fn expired_records_stop_counting_and_are_purged() {
-    let store = MemoryStore::new();
-    let key = unique_key("mem-ttl");
-    assert!(
-        short_lived(&store, Payment::new(&key, 1), NoAck)
-            .await
-            .unwrap()
-            .is_processed()
-    );
-    assert!(
-        short_lived(&store, Payment::new(&key, 1), NoAck)
-            .await
-            .unwrap()
-            .is_duplicate()
-    );
-    tokio::time::sleep(std::time::Duration::from_millis(80)).await;
-    assert_eq!(store.purge_expired(), 1);
-    assert!(store.is_empty());
-    assert!(
-        short_lived(&store, Payment::new(&key, 1), NoAck)
             .await
             .unwrap()
             .is_processed()
@@ -224,7 +81,7 @@ async fn a_permanent_handler_error_is_dead_lettered_and_leaves_no_record() {
         Err(Error::Handler(StrictError::BadAmount(-5)))
     ));
     assert!(
-        matches!(ack.events().as_slice(), [AckEvent::DeadLetter(reason)] if reason.contains("must be positive")),
+        ack.dead_lettered_with("must be positive"),
         "{:?}",
         ack.events()
     );

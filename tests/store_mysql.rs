@@ -7,6 +7,7 @@ idem_tests::conformance_suite! {
     open = idem_tests::mysql::store().await,
     constraint = "idem_conf_payments_order_id_key",
     placeholders = ["?", "?", "?"],
+    skip = [],
 }
 
 /// Deadlocks and lock wait time-outs are retryable; duplicate entries on other keys are not.

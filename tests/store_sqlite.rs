@@ -6,6 +6,7 @@ idem_tests::conformance_suite! {
     open = idem_tests::sqlite::store().await,
     constraint = "idem_conf_payments.order_id",
     placeholders = ["?1", "?2", "?3"],
+    skip = [],
 }
 
 /// Records persist in the file: a store reopened on the same file (a restarted consumer)

@@ -19,6 +19,7 @@ const COMMON_ARGUMENTS: &[&str] = &[
     "constraint",
     "replay",
     "fingerprint",
+    "max_attempts",
     "crate",
 ];
 
@@ -140,6 +141,8 @@ pub(crate) struct Args {
     pub(crate) constraint: Option<(LitStr, Span)>,
     pub(crate) replay: Option<Span>,
     pub(crate) fingerprint: Option<Span>,
+    /// `max_attempts = N`: deliveries before a retryable failure is dead-lettered.
+    pub(crate) max_attempts: Option<(u32, Span)>,
     pub(crate) krate: Option<syn::Path>,
     /// Every argument written, valid or not: an invalid one is not also reported missing.
     pub(crate) present: Vec<String>,
@@ -235,6 +238,7 @@ pub(crate) fn parse(tokens: proc_macro2::TokenStream, errors: &mut Errors) -> Ar
         }
         match name.as_str() {
             "replay" => args.replay = flag(&meta, errors),
+            "max_attempts" => args.max_attempts = attempts(&meta, errors),
             "fingerprint" => args.fingerprint = flag(&meta, errors),
             "from" | "done" | "early" => {
                 let states = state_list(&meta, &name, errors);
@@ -326,6 +330,33 @@ fn apply(args: &mut Args, name: &str, lit: &LitStr, errors: &mut Errors) {
     }
 }
 
+/// `max_attempts = 5`: a positive integer literal (a string of one is accepted too).
+fn attempts(meta: &Meta, errors: &mut Errors) -> Option<(u32, Span)> {
+    const HINT: &str =
+        "`max_attempts` takes a positive whole number of deliveries: `max_attempts = 5`";
+    let Meta::NameValue(nv) = meta else {
+        errors.error(meta.span(), HINT);
+        return None;
+    };
+    let parsed = match &nv.value {
+        Expr::Lit(ExprLit {
+            lit: Lit::Int(int), ..
+        }) => int.base10_parse::<u32>().ok(),
+        Expr::Lit(ExprLit {
+            lit: Lit::Str(text),
+            ..
+        }) => text.value().trim().parse::<u32>().ok(),
+        _ => None,
+    };
+    match parsed {
+        Some(attempts) if attempts > 0 => Some((attempts, nv.value.span())),
+        _ => {
+            errors.error(nv.value.span(), HINT);
+            None
+        }
+    }
+}
+
 fn flag(meta: &Meta, errors: &mut Errors) -> Option<Span> {
     match meta {
         Meta::Path(path) => Some(path.span()),
@@ -366,6 +397,7 @@ fn string_value(meta: &Meta, name: &str, errors: &mut Errors) -> Option<LitStr> 
         "key_column" => "key_column = \"order_id\"",
         "to" => "to = \"paid\"",
         "on_missing" => "on_missing = \"dead_letter\"",
+        "max_attempts" => "max_attempts = 5",
         _ => "crate = \"idem\"",
     };
     match meta {
@@ -593,6 +625,18 @@ pub(crate) fn validate(args: &Args, attribute_span: Span, errors: &mut Errors) {
         );
     }
     validate_state_machine(args, attribute_span, errors);
+    if let Some((StrategyKind::UniqueConstraint, span)) = args.strategy
+        && absent("constraint")
+        && !matches!(args.store, Some((StoreKind::Memory, _)))
+    {
+        errors.error(
+            span,
+            "`unique_constraint` needs `constraint = \"...\"`, the name of the unique constraint on the key, so that a violation of any other unique index in the body is an error, not a duplicate. \
+             Find it on PostgreSQL with `\\d your_table` (or `SELECT conname FROM pg_constraint WHERE conrelid = 'your_table'::regclass AND contype = 'u'`; for a `CREATE UNIQUE INDEX`, the index's name); \
+             on MySQL/MariaDB with `SHOW INDEX FROM your_table` (`Key_name`); \
+             on SQLite write the columns as `\"your_table.column\"` (comma-separated for several), or the name of a unique index on expressions",
+        );
+    }
     if let Some((_, span)) = &args.constraint
         && !matches!(
             args.strategy,

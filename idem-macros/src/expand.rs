@@ -91,13 +91,16 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
     let message_param = format_ident!("message", span = mixed);
     let ack_param = format_ident!("ack", span = mixed);
     let spec = format_ident!("SPEC", span = mixed);
-    let key = format_ident!("key", span = mixed);
-    let fingerprint = format_ident!("fingerprint", span = mixed);
+    let prepared = format_ident!("prepared", span = mixed);
     let gate = format_ident!("gate", span = mixed);
     let span_var = format_ident!("span", span = mixed);
     let result = format_ident!("result", span = mixed);
 
-    let attrs = &item.attrs;
+    // Inner attributes (`#![allow(..)]` at the top of the body) stay inner, in the new body.
+    let (inner_attrs, attrs): (Vec<&syn::Attribute>, Vec<&syn::Attribute>) = item
+        .attrs
+        .iter()
+        .partition(|attr| matches!(attr.style, syn::AttrStyle::Inner(_)));
     let vis = &item.vis;
     let sig = &item.sig;
     let ident = &sig.ident;
@@ -142,6 +145,9 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
     let ttl = args
         .ttl_millis
         .map(|millis| quote!(.with_ttl_millis(#millis)));
+    let max_attempts = args
+        .max_attempts
+        .map(|(attempts, _)| quote!(.with_max_attempts(#attempts)));
 
     let key_spec = args
         .key
@@ -163,10 +169,8 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
     let strategy_value = match strategy {
         StrategyKind::DedupTable => quote!(#private::DedupTable),
         StrategyKind::UniqueConstraint => {
-            let constraint = match &args.constraint {
-                Some((name, _)) => quote!(#private::core::option::Option::Some(#name)),
-                None => quote!(#private::core::option::Option::None),
-            };
+            // Required for this strategy: validation reported its absence.
+            let constraint = args.constraint.as_ref().map(|(name, _)| name);
             quote!(#private::UniqueConstraint::new(#constraint))
         }
         StrategyKind::StateMachine => {
@@ -230,6 +234,9 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
         }
         None => quote!(#private::no_fingerprint()),
     };
+    // Evaluated at compile time: a default scope (module path and name) that is too long fails
+    // the build, on the function's name.
+    let check_scope = respan(quote!(#private::check_scope), ident.span());
 
     quote! {
         #(#attrs)*
@@ -239,10 +246,19 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
             #message_param: #message_type,
             #ack_param: impl #private::Acknowledger,
         ) -> #returns #where_clause {
-            const #spec: #private::HandlerSpec = #private::HandlerSpec::new(#scope) #ttl;
+            #(#inner_attrs)*
+            // A static, not a const: its address identifies this handler, so that two handlers
+            // sharing a scope are caught at their first delivery.
+            static #spec: #private::HandlerSpec =
+                #private::HandlerSpec::new(#scope) #ttl #max_attempts;
+            const _: () = #check_scope(#scope);
             #strategy_items
-            let #key = #private::key(#spec.scope(), &[#(#key_parts),*]);
-            let #fingerprint = #fingerprint_value;
+            // Key and fingerprint run user code (`KeyPart`, `Serialize`): a panic there is
+            // caught and settled like a failed delivery.
+            let #prepared = #private::Prepared::new(
+                || #private::key(#spec.scope(), &[#(#key_parts),*]),
+                || #fingerprint_value,
+            );
             // Three steps rather than one call taking the body as a closure: a closure over
             // `&mut Tx` needs a higher-ranked bound, and rustc cannot then prove the handler's
             // future `Send` (rust-lang/rust#110338). The body is an async block instead, so
@@ -251,8 +267,7 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
                 #store_param,
                 #strategy_value,
                 &#spec,
-                #key,
-                #fingerprint,
+                #prepared,
                 #codec,
                 #handler_errors,
                 #ack_param,
@@ -263,6 +278,8 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
                 #private::core::result::Result::Err(settled) => return settled,
             };
             let (#tx_arg, #span_var) = #gate.parts();
+            // The body runs in the delivery's span; a panic in it is caught, rolled back and
+            // settled as a retryable failure.
             let #result = #private::body::<#output, _>(#span_var, async {
                 // These were parameters: `_tx` there is not a lint, here it would be.
                 #[allow(clippy::no_effect_underscore_binding)]

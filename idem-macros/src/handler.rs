@@ -149,6 +149,60 @@ pub(crate) fn check(
     })
 }
 
+/// The default scope is `module_path::function_name`: unique for a free, non-generic function,
+/// shared by every type's method of that name in the module and by every instantiation of a
+/// generic function. There, an explicit `scope` is required.
+pub(crate) fn require_scope_where_the_default_is_shared(sig: &Signature, errors: &mut Errors) {
+    let name = sig.ident.to_string();
+    let receiver = sig.inputs.iter().find_map(|input| match input {
+        FnArg::Receiver(receiver) => Some(receiver),
+        FnArg::Typed(_) => None,
+    });
+    if let Some(receiver) = receiver {
+        errors.error(
+            receiver.span(),
+            format!(
+                "`#[idempotent]` on a method needs an explicit `scope`: the default, `module::{name}`, is the same for every type's `{name}` in this module, so two handlers would share dedup records and one would skip the other's messages as duplicates; add `scope = \"<service>.<handler>\"` (e.g. `scope = \"emailer.{name}\"`), a short name that survives renames"
+            ),
+        );
+        return;
+    }
+    let generic = sig.generics.params.iter().find(|param| {
+        matches!(
+            param,
+            syn::GenericParam::Type(_) | syn::GenericParam::Const(_)
+        )
+    });
+    let impl_trait = sig.inputs.iter().find_map(|input| match input {
+        FnArg::Typed(typed) => find_impl_trait(&typed.ty),
+        FnArg::Receiver(_) => None,
+    });
+    let generic = generic
+        .map(Spanned::span)
+        .or_else(|| impl_trait.map(Spanned::span));
+    if let Some(generic) = generic {
+        errors.error(
+            generic,
+            format!(
+                "a generic `#[idempotent]` handler needs an explicit `scope`: every instantiation shares the default, `module::{name}`, and so its dedup records; add `scope = \"<service>.<handler>\"`, and make the key tell the instantiations apart if they handle the same messages (or write one handler per type)"
+            ),
+        );
+    }
+}
+
+/// The first `impl Trait` in `ty`: an anonymous type parameter, as generic as a named one.
+fn find_impl_trait(ty: &Type) -> Option<&syn::TypeImplTrait> {
+    struct Find<'a>(Option<&'a syn::TypeImplTrait>);
+    impl<'a> syn::visit::Visit<'a> for Find<'a> {
+        fn visit_type_impl_trait(&mut self, found: &'a syn::TypeImplTrait) {
+            self.0.get_or_insert(found);
+        }
+    }
+    let mut find = Find(None);
+    syn::visit::Visit::visit_type(&mut find, ty);
+    find.0
+}
+
 /// Types that are certainly not a `Result` (an alias such as `AppResult<T>` may be one, so
 /// other paths are left to the compiler's `HandlerResult` check).
 fn is_never_a_result(ty: &Type) -> bool {

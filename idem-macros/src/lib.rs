@@ -46,6 +46,9 @@ fn idempotent_impl(
     args::validate(&args, attribute_span, &mut errors);
     let store = args.store.map(|(kind, _)| kind);
     let handler = handler::check(&function.sig, store, &mut errors);
+    if !args.unparsable && args.scope.is_none() && !args.present.iter().any(|p| p == "scope") {
+        handler::require_scope_where_the_default_is_shared(&function.sig, &mut errors);
+    }
 
     match (errors.is_empty(), store, args.strategy, handler) {
         (true, Some(store), Some((strategy, _)), Some(handler)) if args.key.is_some() => {

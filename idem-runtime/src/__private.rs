@@ -9,7 +9,9 @@ pub use crate::error::{Error, HandlerErrors};
 pub use crate::key::{Key, KeyPart};
 pub use crate::outcome::Outcome;
 pub use crate::payload::{JsonReplay, NoReplay};
-pub use crate::store::TransitionSql;
+pub use crate::pipeline::{
+    HandlerResult, HandlerSpec, OpenGate, PanicPayload, Prepared, body, open,
+};
 pub use crate::store::memory::MemoryStore;
 #[cfg(feature = "mysql")]
 pub use crate::store::mysql::MySqlStore;
@@ -17,14 +19,10 @@ pub use crate::store::mysql::MySqlStore;
 pub use crate::store::pg::PgStore;
 #[cfg(feature = "sqlite")]
 pub use crate::store::sqlite::SqliteStore;
-pub use crate::strategy::state_machine::{StateKey, StateKeyPart};
-pub use crate::strategy::{
-    DedupTable, HandlerResult, HandlerSpec, OnMissing, OpenGate, StateMachine, Transition,
-    UniqueConstraint, open,
-};
+pub use crate::strategy::{DedupTable, StateMachine, UniqueConstraint};
+pub use crate::transition::{OnMissing, StateKey, StateKeyPart, Transition, TransitionSql};
 
 use crate::key::KeyError;
-use crate::strategy::FingerprintInput;
 
 /// Builds the key from `(field name, value)` pairs, in the key's order.
 #[inline]
@@ -41,34 +39,38 @@ pub fn key_part<T: KeyPart>(value: &T) -> &dyn KeyPart {
 
 /// The payload's fingerprint, for `fingerprint`.
 #[inline]
-pub fn fingerprint<M: serde::Serialize + ?Sized>(message: &M) -> FingerprintInput {
+pub fn fingerprint<M: serde::Serialize + ?Sized>(
+    message: &M,
+) -> Option<Result<String, serde_json::Error>> {
     Some(crate::payload::fingerprint(message))
 }
 
 /// No fingerprint.
 #[inline]
-pub fn no_fingerprint() -> FingerprintInput {
+pub fn no_fingerprint() -> Option<Result<String, serde_json::Error>> {
     None
 }
 
-/// The handler's `Result`, from whatever its declared return type is called.
+/// The handler's `Result`, from whatever its declared return type is called, unless the body
+/// panicked.
 #[inline(always)]
-pub fn into_result<R: HandlerResult>(result: R) -> Result<R::Ok, R::Err> {
-    result.into_result()
-}
-
-/// Runs the handler's body in the delivery's span. `R` is the handler's declared return type,
-/// given explicitly so that `?` inside the body's async block knows what to convert into.
-#[inline]
-pub fn body<R, F: core::future::Future<Output = R>>(
-    span: tracing::Span,
-    body: F,
-) -> tracing::instrument::Instrumented<F> {
-    tracing::Instrument::instrument(body, span)
+pub fn into_result<R: HandlerResult>(
+    result: Result<R, PanicPayload>,
+) -> Result<Result<R::Ok, R::Err>, PanicPayload> {
+    result.map(HandlerResult::into_result)
 }
 
 /// The key value of a `state_machine` gate, checked where the key is written.
 #[inline]
 pub fn state_key<T: StateKeyPart + ?Sized>(value: &T) -> StateKey {
     value.state_key()
+}
+
+/// Fails the build when a scope (the default one included) is empty or longer than the
+/// stores accept.
+pub const fn check_scope(scope: &str) {
+    assert!(
+        !scope.is_empty() && scope.len() <= crate::key::MAX_SCOPE_BYTES,
+        "the handler's scope must be 1 to 200 bytes long; the default (module path and function name) is too long here: set `scope = \"...\"` on #[idempotent]"
+    );
 }

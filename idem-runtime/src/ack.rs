@@ -15,6 +15,7 @@
 //! ```
 
 use std::future::Future;
+use std::time::Duration;
 
 /// Proof that a message's effects are durably committed, by this delivery or an earlier one.
 ///
@@ -27,7 +28,7 @@ pub struct Committed {
 }
 
 impl Committed {
-    /// Only the strategies call this, right after their commit returned or their gate saw a
+    /// Only the pipeline calls this, right after its commit returned or its gate saw a
     /// committed record.
     pub(crate) fn new() -> Self {
         Self { _private: () }
@@ -38,7 +39,7 @@ impl Committed {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum RequeueReason {
-    /// A retryable failure: roll back happened; requeue with backoff.
+    /// A retryable failure: the transaction rolled back; deliver again after the delay.
     Retryable,
     /// Another consumer holds a live lease on this key: requeue after a delay, never ack.
     /// Reserved for the lease-based `lock` strategy (not implemented yet): the SQL strategies
@@ -46,37 +47,68 @@ pub enum RequeueReason {
     InProgressElsewhere,
 }
 
-/// The broker side of one delivery: acknowledge it, requeue it, or dead-letter it.
+/// What the runtime asks of the broker when it requeues a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Requeue {
+    /// Why.
+    pub reason: RequeueReason,
+    /// The delivery that failed: 1 for the first. The next delivery is `attempt + 1`.
+    pub attempt: u32,
+    /// How long to wait before the next delivery (exponential backoff with jitter, from the
+    /// handler's [`RetryPolicy`](crate::RetryPolicy)). A broker that cannot delay a single
+    /// message should hold it back at least this long by other means, never redeliver at once
+    /// in a hot loop.
+    pub delay: Duration,
+}
+
+/// What the runtime tells the broker when it dead-letters a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DeadLetter<'a> {
+    /// Why, for whoever inspects the dead-letter queue: the error, and for a retryable one
+    /// that ran out of attempts, that it did.
+    pub reason: &'a str,
+    /// The delivery that failed: 1 for the first.
+    pub attempt: u32,
+}
+
+/// The broker side of one delivery: which delivery of the message it is, and how to
+/// acknowledge it, requeue it, or dead-letter it.
 ///
-/// Each method consumes the acknowledger, so a delivery is settled exactly once. Broker
-/// integrations implement it for their delivery handle; [`NoAck`] is for direct calls.
+/// Each settling method consumes the acknowledger, so a delivery is settled exactly once.
+/// Broker integrations implement it for their delivery handle; [`NoAck`] is for direct calls.
 pub trait Acknowledger: Send {
     /// The broker client's error.
     type Error: std::error::Error + Send + Sync + 'static;
 
+    /// Which delivery of this message this is, 1 for the first, as the broker counts it
+    /// (RabbitMQ's `x-death` count or a retry header, JetStream's delivery count, the Redis
+    /// Streams pending list). `None` when the broker does not count: the runtime then treats
+    /// every delivery as the first, so `max_attempts` cannot end its retries.
+    fn attempt(&self) -> Option<u32>;
+
     /// The message's effects are committed: remove it from the queue.
     fn ack(self, proof: Committed) -> impl Future<Output = Result<(), Self::Error>> + Send;
 
-    /// Hand the message back for another delivery.
-    fn requeue(self, reason: RequeueReason)
-    -> impl Future<Output = Result<(), Self::Error>> + Send;
+    /// Hand the message back for another delivery, after `requeue.delay`.
+    fn requeue(self, requeue: Requeue) -> impl Future<Output = Result<(), Self::Error>> + Send;
 
-    /// The message can never succeed: move it to the dead-letter destination, with `reason`
-    /// (the error's text) for whoever inspects it. Never drop it.
-    fn dead_letter(self, reason: &str) -> impl Future<Output = Result<(), Self::Error>> + Send;
+    /// The message can never succeed, or ran out of attempts: move it to the dead-letter
+    /// destination with the reason and the attempt count. Never drop it.
+    fn dead_letter(
+        self,
+        letter: DeadLetter<'_>,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
 }
 
-/// The acknowledger of a direct call, with no broker behind it: every method does nothing.
+/// The acknowledger of a direct call, with no broker behind it: every method does nothing, and
+/// every call is a first attempt.
 ///
 /// ```
-/// use idem_runtime::{Acknowledger, NoAck, RequeueReason};
+/// use idem_runtime::{Acknowledger, NoAck};
 ///
-/// # tokio_test_block_on(async {
-/// NoAck.requeue(RequeueReason::Retryable).await.unwrap();
-/// # });
-/// # fn tokio_test_block_on(f: impl std::future::Future<Output = ()>) {
-/// #     tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
-/// # }
+/// assert_eq!(NoAck.attempt(), None);
 /// ```
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NoAck;
@@ -84,57 +116,94 @@ pub struct NoAck;
 impl Acknowledger for NoAck {
     type Error = std::convert::Infallible;
 
+    fn attempt(&self) -> Option<u32> {
+        None
+    }
+
     async fn ack(self, _proof: Committed) -> Result<(), Self::Error> {
         Ok(())
     }
 
-    async fn requeue(self, _reason: RequeueReason) -> Result<(), Self::Error> {
+    async fn requeue(self, _requeue: Requeue) -> Result<(), Self::Error> {
         Ok(())
     }
 
-    async fn dead_letter(self, _reason: &str) -> Result<(), Self::Error> {
+    async fn dead_letter(self, _letter: DeadLetter<'_>) -> Result<(), Self::Error> {
         Ok(())
     }
 }
 
-/// Tells the broker what became of a delivery: ack a committed outcome, requeue a retryable
-/// failure, dead-letter a permanent one. A failure to tell it is logged, not returned: after a
-/// commit, the redelivery it causes is a duplicate; after a failure, the broker redelivers
-/// anyway.
-pub(crate) async fn settle<T, E, A>(
-    acknowledger: A,
-    errors: crate::error::HandlerErrors<E>,
-    attempt: Result<(crate::Outcome<T>, Committed), crate::Error<E>>,
-) -> Result<crate::Outcome<T>, crate::Error<E>>
-where
-    A: Acknowledger,
-{
-    match attempt {
-        Ok((outcome, proof)) => {
-            if let Err(error) = acknowledger.ack(proof).await {
-                tracing::warn!(
-                    %error,
-                    "ack failed after commit; the broker will redeliver and the gate will report a duplicate"
-                );
-            }
-            Ok(outcome)
+/// How a failed delivery is settled, decided from the error's disposition, the attempt and
+/// the handler's retry policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Settlement {
+    Requeue { attempt: u32, delay: Duration },
+    DeadLetter { attempt: u32, reason: String },
+}
+
+impl Settlement {
+    /// Retryable failures are requeued until the policy's last attempt, then dead-lettered
+    /// with the count; permanent ones are dead-lettered at once.
+    pub(crate) fn of_failure(
+        disposition: crate::Disposition,
+        attempt: u32,
+        policy: &crate::RetryPolicy,
+        reason: impl FnOnce() -> String,
+        jitter: f64,
+    ) -> Self {
+        match disposition {
+            crate::Disposition::Retry if !policy.is_exhausted(attempt) => Self::Requeue {
+                attempt,
+                delay: policy.delay(attempt, jitter),
+            },
+            crate::Disposition::Retry => Self::DeadLetter {
+                attempt,
+                reason: format!("gave up after {attempt} attempts: {}", reason()),
+            },
+            _ => Self::DeadLetter {
+                attempt,
+                reason: reason(),
+            },
         }
-        Err(error) => {
-            let told = match errors.disposition(&error) {
-                crate::Disposition::Retry => {
-                    tracing::warn!(error = %errors.display(&error), "handling failed; requeueing");
-                    acknowledger.requeue(RequeueReason::Retryable).await
-                }
-                crate::Disposition::DeadLetter => {
-                    let reason = errors.display(&error).to_string();
-                    tracing::error!(error = %reason, "handling failed permanently; dead-lettering");
-                    acknowledger.dead_letter(&reason).await
-                }
-            };
-            if let Err(ack_error) = told {
-                tracing::warn!(error = %ack_error, "could not settle the failed delivery with the broker");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Disposition, RetryPolicy};
+
+    #[test]
+    fn retryable_failures_requeue_until_the_last_attempt() {
+        let policy = RetryPolicy::with_max_attempts(3);
+        let reason = || "deadlock".to_owned();
+        assert_eq!(
+            Settlement::of_failure(Disposition::Retry, 1, &policy, reason, 1.0),
+            Settlement::Requeue {
+                attempt: 1,
+                delay: Duration::from_secs(1)
             }
-            Err(error)
-        }
+        );
+        assert_eq!(
+            Settlement::of_failure(Disposition::Retry, 2, &policy, reason, 1.0),
+            Settlement::Requeue {
+                attempt: 2,
+                delay: Duration::from_secs(2)
+            }
+        );
+        assert_eq!(
+            Settlement::of_failure(Disposition::Retry, 3, &policy, reason, 1.0),
+            Settlement::DeadLetter {
+                attempt: 3,
+                reason: "gave up after 3 attempts: deadlock".into()
+            }
+        );
+        assert_eq!(
+            Settlement::of_failure(Disposition::DeadLetter, 1, &policy, reason, 1.0),
+            Settlement::DeadLetter {
+                attempt: 1,
+                reason: "deadlock".into()
+            }
+        );
     }
 }

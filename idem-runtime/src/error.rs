@@ -7,6 +7,7 @@
 use std::error::Error as StdError;
 use std::fmt;
 
+use crate::classify::classify_sqlx_error;
 use crate::key::KeyError;
 
 /// What the broker should do with a message whose handling failed.
@@ -26,7 +27,10 @@ pub enum Disposition {
 /// `#[idempotent]` handlers return `Result<T, E>` with `E: HandlerError`. The default
 /// [`disposition`](HandlerError::disposition) looks for a [`sqlx::Error`] in the error's
 /// [`source`](std::error::Error::source) chain (so `#[from] sqlx::Error` variants are
-/// classified for you) and otherwise retries. Override it to dead-letter the errors that a
+/// classified for you, by the database's error class: see [`classify`](crate::classify)) and
+/// otherwise retries (bounded by `max_attempts`). Keep the database error in the chain: a
+/// variant that stores only its text (`Db(String)`) hides both its class and, under
+/// `unique_constraint`, the duplicate. Override `disposition` to dead-letter the errors that a
 /// redelivery cannot fix:
 ///
 /// ```
@@ -44,7 +48,7 @@ pub enum Disposition {
 ///     fn disposition(&self) -> Disposition {
 ///         match self {
 ///             AppError::BadAmount(_) => Disposition::DeadLetter,
-///             other => idem_runtime::classify_error_chain(other),
+///             other => idem_runtime::classify::classify_error_chain(other),
 ///         }
 ///     }
 /// }
@@ -55,133 +59,16 @@ pub enum Disposition {
     note = "add `impl idem_runtime::HandlerError for {Self} {{}}` (errors are retried by default; override `disposition` to dead-letter the permanent ones)"
 )]
 pub trait HandlerError: StdError + Send + Sync + Sized + 'static {
-    /// Whether a redelivery may succeed. The default is [`classify_error_chain`].
+    /// Whether a redelivery may succeed. The default is
+    /// [`classify_error_chain`](crate::classify::classify_error_chain).
     fn disposition(&self) -> Disposition {
-        classify_error_chain(self)
+        crate::classify::classify_error_chain(self)
     }
 }
 
 impl HandlerError for sqlx::Error {}
 impl HandlerError for std::io::Error {}
 impl HandlerError for std::convert::Infallible {}
-
-/// Classifies an error by the first database error in its source chain (itself included):
-/// a [`sqlx::Error`] with [`classify_sqlx_error`], or a driver's database error (which is what
-/// the chain holds when an `#[error(transparent)]` variant wraps the `sqlx::Error`). An error
-/// chain without one is [`Disposition::Retry`].
-pub fn classify_error_chain(error: &(dyn StdError + 'static)) -> Disposition {
-    match find_database_error(error) {
-        Some(FoundDatabaseError::Sqlx(error)) => classify_sqlx_error(error),
-        Some(FoundDatabaseError::Driver(db)) => classify_database_error(db),
-        None => Disposition::Retry,
-    }
-}
-
-/// A database error found in a source chain.
-pub(crate) enum FoundDatabaseError<'a> {
-    Sqlx(&'a sqlx::Error),
-    Driver(&'a dyn sqlx::error::DatabaseError),
-}
-
-impl<'a> FoundDatabaseError<'a> {
-    /// The driver's error, when the database reported one.
-    pub(crate) fn database(&self) -> Option<&'a dyn sqlx::error::DatabaseError> {
-        match *self {
-            Self::Sqlx(sqlx::Error::Database(db)) => Some(db.as_ref()),
-            Self::Sqlx(_) => None,
-            Self::Driver(db) => Some(db),
-        }
-    }
-}
-
-/// The first `sqlx::Error` or driver database error in `error`'s source chain.
-pub(crate) fn find_database_error<'a>(
-    error: &'a (dyn StdError + 'static),
-) -> Option<FoundDatabaseError<'a>> {
-    let mut current = Some(error);
-    while let Some(err) = current {
-        if let Some(sqlx_error) = err.downcast_ref::<sqlx::Error>() {
-            return Some(FoundDatabaseError::Sqlx(sqlx_error));
-        }
-        // `sqlx::Error::Database`'s source is the box itself.
-        if let Some(db) = err.downcast_ref::<Box<dyn sqlx::error::DatabaseError>>() {
-            return Some(FoundDatabaseError::Driver(db.as_ref()));
-        }
-        #[cfg(feature = "pg")]
-        if let Some(db) = err.downcast_ref::<sqlx::postgres::PgDatabaseError>() {
-            return Some(FoundDatabaseError::Driver(db));
-        }
-        #[cfg(feature = "mysql")]
-        if let Some(db) = err.downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
-            return Some(FoundDatabaseError::Driver(db));
-        }
-        #[cfg(feature = "sqlite")]
-        if let Some(db) = err.downcast_ref::<sqlx::sqlite::SqliteError>() {
-            return Some(FoundDatabaseError::Driver(db));
-        }
-        current = err.source();
-    }
-    None
-}
-
-/// Classifies a database error.
-///
-/// Retryable: I/O, TLS and protocol failures, pool time-outs, a closed pool, serialization
-/// failures and deadlocks (`40001`, `40P01`; MySQL 1213), lock time-outs (`55P03`; MySQL 1205),
-/// SQLite's `BUSY` and
-/// `LOCKED`, foreign-key violations (the parent row may arrive with a later message), a missing
-/// row, and database errors not otherwise known. Permanent: unique, not-null, check and
-/// exclusion violations, and errors that only a code change can fix (encoding, decoding,
-/// configuration, a missing column).
-pub fn classify_sqlx_error(error: &sqlx::Error) -> Disposition {
-    match error {
-        sqlx::Error::Database(db) => classify_database_error(db.as_ref()),
-        sqlx::Error::Configuration(_)
-        | sqlx::Error::InvalidArgument(_)
-        | sqlx::Error::ColumnNotFound(_)
-        | sqlx::Error::ColumnIndexOutOfBounds { .. }
-        | sqlx::Error::ColumnDecode { .. }
-        | sqlx::Error::TypeNotFound { .. }
-        | sqlx::Error::Encode(_)
-        | sqlx::Error::Decode(_)
-        | sqlx::Error::Migrate(_) => Disposition::DeadLetter,
-        _ => Disposition::Retry,
-    }
-}
-
-fn classify_database_error(db: &dyn sqlx::error::DatabaseError) -> Disposition {
-    use sqlx::error::ErrorKind;
-    if is_retryable_database_code(db) {
-        return Disposition::Retry;
-    }
-    match db.kind() {
-        ErrorKind::UniqueViolation
-        | ErrorKind::NotNullViolation
-        | ErrorKind::CheckViolation
-        | ErrorKind::ExclusionViolation => Disposition::DeadLetter,
-        _ => Disposition::Retry,
-    }
-}
-
-fn is_retryable_database_code(db: &dyn sqlx::error::DatabaseError) -> bool {
-    #[cfg(feature = "sqlite")]
-    if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
-        // Primary result code is the low byte of the extended code.
-        let primary = db
-            .code()
-            .and_then(|code| code.parse::<i32>().ok())
-            .map(|code| code & 0xff);
-        const SQLITE_BUSY: i32 = 5;
-        const SQLITE_LOCKED: i32 = 6;
-        return matches!(primary, Some(SQLITE_BUSY | SQLITE_LOCKED));
-    }
-    #[cfg(feature = "mysql")]
-    if let Some(mysql) = db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
-        use crate::store::mysql::{DEADLOCK, LOCK_WAIT_TIMEOUT};
-        return matches!(mysql.number(), DEADLOCK | LOCK_WAIT_TIMEOUT);
-    }
-    matches!(db.code().as_deref(), Some("40001" | "40P01" | "55P03"))
-}
 
 /// A failure to handle one delivery.
 ///
@@ -201,8 +88,47 @@ pub enum Error<E> {
         /// The encoded key.
         key: String,
     },
-    /// The dedup store failed (begin, gate, record or commit).
+    /// The dedup store failed (begin, gate, record or commit). Classified by the database's
+    /// error class ([`classify`](crate::classify)).
     Database(sqlx::Error),
+    /// The transaction was no longer open when the runtime committed it: a statement in the
+    /// body failed, the body ignored the error, and the database aborted or rolled back the
+    /// whole transaction. Nothing was committed by it and the message is not acked. Retryable:
+    /// the redelivery runs the body again (fix the body so that it returns the error).
+    TransactionAborted {
+        /// The handler's scope.
+        scope: String,
+        /// The encoded key.
+        key: String,
+    },
+    /// User code panicked: the body, or a `KeyPart` or `Serialize` impl while the key or the
+    /// fingerprint was built. The transaction was rolled back. Retryable, so that
+    /// `max_attempts` dead-letters a message that always panics.
+    Panicked {
+        /// The handler's scope.
+        scope: String,
+        /// What was running: `"body"`, `"key"` or `"fingerprint"`.
+        during: &'static str,
+        /// The panic's message, when it was a string.
+        message: String,
+    },
+    /// `unique_constraint` with `fingerprint`: the named constraint says this key was
+    /// processed, but its dedup record is gone (expired, purged, or the row predates
+    /// `fingerprint`), so the payload cannot be compared with the first one. Permanent: a
+    /// person decides whether it is a redelivery or a different message with a reused key.
+    UnverifiableDuplicate {
+        /// The handler's scope.
+        scope: String,
+        /// The encoded key.
+        key: String,
+    },
+    /// Two different handlers in this process use the same scope: their keys would collide
+    /// and one would skip the other's messages as duplicates. Give each its own `scope`.
+    /// Retryable: the message waits for a deploy that fixes it.
+    ScopeCollision {
+        /// The shared scope.
+        scope: String,
+    },
     /// `state_machine`: the entity is in a state this step cannot move from, and not in one
     /// that means "already done". Permanent: the message is dead-lettered with the state.
     InvalidTransition {
@@ -276,6 +202,26 @@ impl<E> Error<E> {
                 "payload mismatch for key `{key}` in scope `{scope}`: a message with this key but a different payload was already processed; the producer reuses keys for different messages"
             ),
             Self::Database(error) => write!(f, "idempotency store failed: {error}"),
+            Self::TransactionAborted { scope, key } => write!(
+                f,
+                "the transaction for key `{key}` in scope `{scope}` was aborted by a failed statement the handler ignored; nothing was committed and the message is requeued (return the statement's error from the handler instead of discarding it)"
+            ),
+            Self::Panicked {
+                scope,
+                during,
+                message,
+            } => write!(
+                f,
+                "the handler in scope `{scope}` panicked in its {during}: {message}; the transaction was rolled back and the message is requeued"
+            ),
+            Self::UnverifiableDuplicate { scope, key } => write!(
+                f,
+                "key `{key}` in scope `{scope}` violates the handler's unique constraint, so it was processed before, but its dedup record is gone (expired, purged, or written before `fingerprint`): the payload cannot be compared, so the message is dead-lettered for inspection"
+            ),
+            Self::ScopeCollision { scope } => write!(
+                f,
+                "two different handlers use the scope `{scope}`: their keys would collide and one would skip the other's messages; give each handler its own `scope = \"...\"`"
+            ),
             Self::InvalidTransition {
                 scope,
                 key,
@@ -341,6 +287,10 @@ impl<E: StdError + 'static> StdError for Error<E> {
             Self::Database(error) => Some(error),
             Self::Serialize { source, .. } | Self::Replay { source, .. } => Some(source),
             Self::PayloadMismatch { .. }
+            | Self::TransactionAborted { .. }
+            | Self::Panicked { .. }
+            | Self::UnverifiableDuplicate { .. }
+            | Self::ScopeCollision { .. }
             | Self::InvalidTransition { .. }
             | Self::TooEarly { .. }
             | Self::NotFound { .. } => None,
@@ -396,8 +346,12 @@ impl<E> HandlerErrors<E> {
             Error::NotFound {
                 retryable: true, ..
             }
-            | Error::TooEarly { .. } => Disposition::Retry,
+            | Error::TooEarly { .. }
+            | Error::TransactionAborted { .. }
+            | Error::Panicked { .. }
+            | Error::ScopeCollision { .. } => Disposition::Retry,
             Error::NotFound { .. }
+            | Error::UnverifiableDuplicate { .. }
             | Error::InvalidTransition { .. }
             | Error::Key(_)
             | Error::PayloadMismatch { .. }
@@ -446,6 +400,10 @@ impl<E> Error<E> {
             Self::Key(_) => "key",
             Self::PayloadMismatch { .. } => "payload_mismatch",
             Self::Database(_) => "database",
+            Self::TransactionAborted { .. } => "transaction_aborted",
+            Self::Panicked { .. } => "panicked",
+            Self::UnverifiableDuplicate { .. } => "unverifiable_duplicate",
+            Self::ScopeCollision { .. } => "scope_collision",
             Self::InvalidTransition { .. } => "invalid_transition",
             Self::NotFound { .. } => "not_found",
             Self::TooEarly { .. } => "too_early",

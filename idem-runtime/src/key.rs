@@ -98,6 +98,15 @@ key_part_via_display!(
     u8, u16, u32, u64, u128, usize, i8, i16, i32, i64, i128, isize, bool, char
 );
 
+/// The hyphenated lowercase form, `67e55044-10b1-426f-9247-bb680e5fe0c8` (feature `uuid`).
+#[cfg(feature = "uuid")]
+impl KeyPart for uuid::Uuid {
+    fn write_key_part(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let _ = write!(out, "{}", self.hyphenated());
+    }
+}
+
 /// Why a key could not be built from a message. Always permanent: the same message can never
 /// produce a valid key, so it is dead-lettered.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -111,6 +120,17 @@ pub enum KeyError {
         /// The handler's scope.
         scope: String,
         /// The message field that was empty.
+        field: String,
+    },
+    /// A key field holds a NUL character, which PostgreSQL's text cannot store (and which no
+    /// real identifier contains).
+    #[error(
+        "idempotency key field `{field}` in scope `{scope}` contains a NUL character, which the dedup store cannot hold; the message is dead-lettered (fix the producer)"
+    )]
+    Nul {
+        /// The handler's scope.
+        scope: String,
+        /// The message field that held it.
         field: String,
     },
     /// The encoded key is longer than [`MAX_KEY_BYTES`].
@@ -174,6 +194,12 @@ impl Key {
             key_part.write_key_part(&mut part);
             if part.is_empty() {
                 return Err(KeyError::EmptyPart {
+                    scope: scope.into_owned(),
+                    field: (*field).to_owned(),
+                });
+            }
+            if part.contains('\0') {
+                return Err(KeyError::Nul {
                     scope: scope.into_owned(),
                     field: (*field).to_owned(),
                 });
@@ -278,6 +304,21 @@ mod tests {
             Key::new("s".repeat(MAX_SCOPE_BYTES + 1), &[("id", &1_u8)]),
             Err(KeyError::BadScope { .. })
         ));
+    }
+
+    #[test]
+    fn nul_is_rejected_up_front() {
+        let err = key(&[("id", &"a\0b")]).unwrap_err();
+        assert!(
+            matches!(&err, KeyError::Nul { field, .. } if field == "id"),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("NUL"));
+        // Other control characters and odd bytes are kept as they are.
+        assert_eq!(
+            key(&[("id", &"a\u{1}\u{7f}é'\"")]).unwrap().value(),
+            "a\u{1}\u{7f}é'\""
+        );
     }
 
     #[test]

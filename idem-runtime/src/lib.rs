@@ -41,27 +41,36 @@
 //! - `pg`: the PostgreSQL store, [`PgStore`].
 //! - `mysql`: the MySQL / MariaDB store, [`MySqlStore`].
 //! - `sqlite`: the SQLite store, [`SqliteStore`].
+//! - `uuid`: [`uuid::Uuid`] key fields, also as `state_machine` keys on UUID columns.
 //!
 //! The [`MemoryStore`], for unit tests, is always available.
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+// The modules, from the bottom up: each uses only those above it.
 pub mod ack;
+pub mod classify;
+pub mod clock;
 pub mod error;
 pub mod key;
 pub mod outcome;
 pub mod payload;
+pub mod pipeline;
+pub mod retry;
 pub mod store;
 pub mod strategy;
+pub mod transition;
 
 #[doc(hidden)]
 pub mod __private;
 
-pub use ack::{Acknowledger, Committed, NoAck, RequeueReason};
-pub use error::{Disposition, Error, HandlerError, classify_error_chain, classify_sqlx_error};
+pub use ack::{Acknowledger, Committed, DeadLetter, NoAck, Requeue, RequeueReason};
+pub use classify::{classify_error_chain, classify_sqlx_error};
+pub use error::{Disposition, Error, HandlerError};
 pub use key::{Key, KeyError, KeyPart};
 pub use outcome::Outcome;
 pub use payload::fingerprint;
+pub use retry::RetryPolicy;
 pub use store::Store;
 pub use store::memory::{MemoryStore, MemoryTx};
 #[cfg(feature = "mysql")]
@@ -69,7 +78,7 @@ pub use store::mysql::{MySqlStore, MySqlTx};
 #[cfg(feature = "pg")]
 pub use store::pg::{PgStore, PgTx};
 #[cfg(feature = "sqlite")]
-pub use store::sqlite::{SqliteStore, SqliteTx};
+pub use store::sqlite::{SqliteStore, SqliteTx, Synchronous};
 
 #[doc = include_str!("idempotent.md")]
 pub use idem_macros::idempotent;

@@ -1,5 +1,5 @@
 //! The store conformance suite: the same cases, through real `#[idempotent]` handlers, on
-//! every SQL store. A store's test target instantiates it with [`conformance_suite!`]:
+//! every store. A store's test target instantiates it with [`conformance_suite!`]:
 //!
 //! ```ignore
 //! idem_tests::conformance_suite! {
@@ -8,15 +8,26 @@
 //!     open = idem_tests::pg::store().await,
 //!     constraint = "idem_conf_payments_order_id_key",
 //!     placeholders = ["$1", "$2", "$3"],
+//!     skip = [],
 //! }
 //! ```
+//!
+//! `skip` names the groups a store cannot run: `unique_constraint`, `state_machine` (no
+//! business tables) and `sql` (statements against the database itself). The memory store
+//! skips all three and runs the rest.
 //!
 //! Cases, for `dedup_table` and `unique_constraint` alike: first delivery; sequential
 //! duplicate; 16 concurrent deliveries of one key; a failure in the body (nothing committed,
 //! the redelivery succeeds); a lost ack after commit (the redelivery is a duplicate); payload
-//! mismatch (dead-lettered); replay of the first result; bad input (an empty key is
-//! dead-lettered); plus expiry for `dedup_table`, constraint matching for `unique_constraint`,
-//! the `state_machine` cases, and `migrate()` run twice and concurrently.
+//! mismatch (dead-lettered); replay of the first result; bad input (an empty key and a NUL in
+//! a key are dead-lettered); a storm of redeliveries. The effect counted is a ledger entry
+//! per committed body run, in a table with no unique key, and the body runs themselves:
+//! a unique constraint's own row count proves nothing about a gate. `dedup_table` adds expiry
+//! under a controlled clock, a concurrent take-over of an expired record, purging while
+//! claims run, retries that end after `max_attempts`, and a panicking body; `unique_constraint`
+//! adds constraint matching and duplicates whose record is gone; `state_machine` its lifecycle
+//! cases; `sql` adds `migrate()` run twice and concurrently, a failed statement the body
+//! ignores (the commit must not be acked), and a stored result that no longer decodes.
 
 /// The business tables the conformance handlers write to. Portable DDL (PostgreSQL, MySQL,
 /// SQLite): `VARCHAR`, because MySQL cannot index `TEXT` without a prefix length.
@@ -26,6 +37,13 @@
 /// (the `unique_constraint` gate) and a second unique column, `receipt`, which must not be
 /// mistaken for a duplicate when the gate names its constraint.
 pub const BUSINESS_TABLES: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS idem_conf_probe (
+        id BIGINT NOT NULL PRIMARY KEY
+    )",
+    "CREATE TABLE IF NOT EXISTS idem_conf_locks (
+        id BIGINT NOT NULL PRIMARY KEY,
+        v  BIGINT NOT NULL
+    )",
     "CREATE TABLE IF NOT EXISTS idem_conf_tickets (
         id     BIGINT      NOT NULL PRIMARY KEY,
         status VARCHAR(64) NOT NULL
@@ -47,7 +65,7 @@ pub const BUSINESS_TABLES: &[&str] = &[
     )",
 ];
 
-/// Instantiates the conformance suite for one SQL store. See the [module docs](self).
+/// Instantiates the conformance suite for one store. See the [module docs](self).
 #[macro_export]
 macro_rules! conformance_suite {
     (
@@ -55,176 +73,168 @@ macro_rules! conformance_suite {
         tx = $tx:ty,
         open = $open:expr,
         constraint = $constraint:tt,
-        placeholders = [$p1:literal, $p2:literal, $p3:literal] $(,)?
+        placeholders = [$p1:literal, $p2:literal, $p3:literal],
+        skip = [$($skip:ident),* $(,)?] $(,)?
     ) => {
+        #[allow(unused_imports)]
+        use $crate::effects::{Effects as _, TestStore as _};
+
         mod handlers {
+            #![allow(dead_code)]
             use ::idem_runtime::idempotent;
+            use $crate::effects::Effects as _;
             use $crate::{AppError, Payment};
 
-            async fn write_ledger(tx: &mut $tx, msg: &Payment) -> Result<(), AppError> {
-                ::sqlx::query(concat!("INSERT INTO idem_conf_ledger (order_id, amount) VALUES (", $p1, ", ", $p2, ")"))
-                    .bind(&msg.order_id)
-                    .bind(msg.amount)
-                    .execute(&mut **tx)
-                    .await?;
-                $crate::maybe_fail(&msg.order_id)
-            }
-
-            async fn write_payment(tx: &mut $tx, msg: &Payment) -> Result<(), AppError> {
-                // A fresh receipt per delivery unless the test sets one: a duplicate then
-                // violates the order id's constraint only.
-                let receipt = msg.receipt.clone().unwrap_or_else(|| $crate::unique_key("receipt"));
-                ::sqlx::query(
-                    concat!("INSERT INTO idem_conf_payments (order_id, amount, receipt) VALUES (", $p1, ", ", $p2, ", ", $p3, ")"),
-                )
-                .bind(&msg.order_id)
-                .bind(msg.amount)
-                .bind(receipt)
-                .execute(&mut **tx)
-                .await?;
-                $crate::maybe_fail(&msg.order_id)
-            }
-
-            /// One ledger row per body run of a lifecycle step: `<order>/<step>`.
-            async fn write_step(tx: &mut $tx, order_id: &str, step: &str) -> Result<(), AppError> {
-                let entry = format!("{order_id}/{step}");
-                ::sqlx::query(concat!("INSERT INTO idem_conf_ledger (order_id, amount) VALUES (", $p1, ", 0)"))
-                    .bind(&entry)
-                    .execute(&mut **tx)
-                    .await?;
-                $crate::maybe_fail(&entry)
-            }
-
-            #[idempotent(key = "order_id", store = $store, strategy = "dedup_table", scope = "conf.sm.create")]
-            pub async fn sm_create(tx: &mut $tx, msg: Payment) -> Result<(), AppError> {
-                ::sqlx::query(concat!("INSERT INTO idem_conf_orders (order_id, status) VALUES (", $p1, ", 'pending')"))
-                    .bind(&msg.order_id)
-                    .execute(&mut **tx)
-                    .await?;
-                Ok(())
-            }
-
-            #[idempotent(key = "order_id", store = $store, strategy = "state_machine", scope = "conf.sm.pay",
-                         table = "idem_conf_orders", column = "status", from = "pending", to = "paid", done = ["shipped"])]
-            pub async fn sm_pay(tx: &mut $tx, msg: Payment) -> Result<(), AppError> {
-                write_step(tx, &msg.order_id, "paid").await
-            }
-
-            #[idempotent(key = "order_id", store = $store, strategy = "state_machine", scope = "conf.sm.ship",
-                         table = "idem_conf_orders", column = "status", from = ["paid"], to = "shipped")]
-            pub async fn sm_ship(tx: &mut $tx, msg: Payment) -> Result<(), AppError> {
-                write_step(tx, &msg.order_id, "shipped").await
-            }
-
-            #[idempotent(key = "order_id", store = $store, strategy = "state_machine", scope = "conf.sm.ship_patient",
-                         table = "idem_conf_orders", column = "status", from = "paid", to = "shipped", early = ["pending"])]
-            pub async fn sm_ship_patient(tx: &mut $tx, msg: Payment) -> Result<(), AppError> {
-                write_step(tx, &msg.order_id, "shipped").await
-            }
-
-            #[idempotent(key = "order_id", store = $store, strategy = "state_machine", scope = "conf.sm.pay_strict",
-                         table = "idem_conf_orders", column = "status", key_column = "order_id",
-                         from = "pending", to = "paid", on_missing = "dead_letter")]
-            pub async fn sm_pay_strict(tx: &mut $tx, msg: Payment) -> Result<(), AppError> {
-                write_step(tx, &msg.order_id, "paid").await
-            }
-
-            #[idempotent(key = "id", store = $store, strategy = "state_machine", scope = "conf.sm.close",
-                         table = "idem_conf_tickets", column = "status", from = "open", to = "closed")]
-            pub async fn sm_close_ticket(_tx: &mut $tx, _msg: $crate::Ticket) -> Result<(), AppError> {
-                Ok(())
+            /// Every conformance body: counts its run, writes one ledger entry, then fails or
+            /// panics where a test asked it to.
+            async fn work(tx: &mut $tx, entry: &str, amount: i64) -> Result<(), AppError> {
+                $crate::count_run(entry);
+                tx.ledger(entry, amount).await?;
+                $crate::maybe_panic(entry);
+                $crate::maybe_fail(entry)
             }
 
             #[idempotent(key = "order_id", store = $store, strategy = "dedup_table", scope = "conf.dedup")]
             pub async fn dedup(tx: &mut $tx, msg: Payment) -> Result<i64, AppError> {
-                write_ledger(tx, &msg).await?;
+                work(tx, &msg.order_id, msg.amount).await?;
                 Ok(msg.amount)
             }
 
             #[idempotent(key = "order_id", store = $store, strategy = "dedup_table", scope = "conf.dedup.replay", replay)]
             pub async fn dedup_replay(tx: &mut $tx, msg: Payment) -> Result<i64, AppError> {
-                write_ledger(tx, &msg).await?;
+                work(tx, &msg.order_id, msg.amount).await?;
                 Ok(msg.amount)
             }
 
             #[idempotent(key = "order_id", store = $store, strategy = "dedup_table", scope = "conf.dedup.fingerprint", fingerprint)]
             pub async fn dedup_fingerprint(tx: &mut $tx, msg: Payment) -> Result<i64, AppError> {
-                write_ledger(tx, &msg).await?;
+                work(tx, &msg.order_id, msg.amount).await?;
                 Ok(msg.amount)
             }
 
-            #[idempotent(key = "order_id", store = $store, strategy = "dedup_table", scope = "conf.dedup.ttl", ttl = "300ms")]
+            #[idempotent(key = "order_id", store = $store, strategy = "dedup_table", scope = "conf.dedup.ttl", ttl = "1h")]
             pub async fn dedup_ttl(tx: &mut $tx, msg: Payment) -> Result<i64, AppError> {
-                write_ledger(tx, &msg).await?;
+                work(tx, &msg.order_id, msg.amount).await?;
                 Ok(msg.amount)
             }
 
-            #[idempotent(key = "order_id", store = $store, strategy = "unique_constraint", scope = "conf.unique", constraint = $constraint)]
-            pub async fn unique(tx: &mut $tx, msg: Payment) -> Result<i64, AppError> {
-                write_payment(tx, &msg).await?;
+            #[idempotent(key = "order_id", store = $store, strategy = "dedup_table", scope = "conf.dedup.attempts", max_attempts = 3)]
+            pub async fn dedup_three_attempts(tx: &mut $tx, msg: Payment) -> Result<i64, AppError> {
+                work(tx, &msg.order_id, msg.amount).await?;
                 Ok(msg.amount)
             }
 
-            #[idempotent(key = "order_id", store = $store, strategy = "unique_constraint", scope = "conf.unique.any")]
-            pub async fn unique_any(tx: &mut $tx, msg: Payment) -> Result<i64, AppError> {
-                write_payment(tx, &msg).await?;
-                Ok(msg.amount)
-            }
+            $crate::__unless_skipped!(sql, [$($skip),*],
+                #[idempotent(key = "order_id", store = $store, strategy = "dedup_table", scope = "conf.dedup.swallow")]
+                pub async fn dedup_swallowing(tx: &mut $tx, msg: Payment) -> Result<i64, AppError> {
+                    work(tx, &msg.order_id, msg.amount).await?;
+                    if $crate::should_swallow(&msg.order_id) {
+                        $crate::effects::SwallowsAFailure::swallow_a_failed_statement(tx).await;
+                    }
+                    Ok(msg.amount)
+                }
+            );
 
-            #[idempotent(key = "order_id", store = $store, strategy = "unique_constraint", scope = "conf.unique.replay", constraint = $constraint, replay)]
-            pub async fn unique_replay(tx: &mut $tx, msg: Payment) -> Result<i64, AppError> {
-                write_payment(tx, &msg).await?;
-                Ok(msg.amount)
-            }
+            $crate::__unless_skipped!(unique_constraint, [$($skip),*],
+                async fn write_payment(tx: &mut $tx, msg: &Payment) -> Result<(), AppError> {
+                    $crate::count_run(&msg.order_id);
+                    // A fresh receipt per delivery unless the test sets one: a duplicate then
+                    // violates the order id's constraint only.
+                    let receipt = msg.receipt.clone().unwrap_or_else(|| $crate::unique_key("receipt"));
+                    ::sqlx::query(
+                        concat!("INSERT INTO idem_conf_payments (order_id, amount, receipt) VALUES (", $p1, ", ", $p2, ", ", $p3, ")"),
+                    )
+                    .bind(&msg.order_id)
+                    .bind(msg.amount)
+                    .bind(receipt)
+                    .execute(&mut **tx)
+                    .await?;
+                    // The ledger has no unique key: it counts the body runs that committed.
+                    tx.ledger(&msg.order_id, msg.amount).await?;
+                    $crate::maybe_panic(&msg.order_id);
+                    $crate::maybe_fail(&msg.order_id)
+                }
 
-            #[idempotent(key = "order_id", store = $store, strategy = "unique_constraint", scope = "conf.unique.fingerprint", constraint = $constraint, fingerprint)]
-            pub async fn unique_fingerprint(tx: &mut $tx, msg: Payment) -> Result<i64, AppError> {
-                write_payment(tx, &msg).await?;
-                Ok(msg.amount)
-            }
-        }
+                #[idempotent(key = "order_id", store = $store, strategy = "unique_constraint", scope = "conf.unique", constraint = $constraint)]
+                pub async fn unique(tx: &mut $tx, msg: Payment) -> Result<i64, AppError> {
+                    write_payment(tx, &msg).await?;
+                    Ok(msg.amount)
+                }
 
-        /// Rows for `key` in a business table.
-        async fn business_rows(store: &impl HasPool, table: &str, key: &str) -> i64 {
-            let sql = match table {
-                "ledger" => concat!("SELECT COUNT(*) FROM idem_conf_ledger WHERE order_id = ", $p1),
-                _ => concat!("SELECT COUNT(*) FROM idem_conf_payments WHERE order_id = ", $p1),
-            };
-            store.count(sql, &[key]).await
-        }
+                #[idempotent(key = "order_id", store = $store, strategy = "unique_constraint", scope = "conf.unique.replay", constraint = $constraint, replay, ttl = "1h")]
+                pub async fn unique_replay(tx: &mut $tx, msg: Payment) -> Result<i64, AppError> {
+                    write_payment(tx, &msg).await?;
+                    Ok(msg.amount)
+                }
 
-        /// Dedup records for `key` in `scope`.
-        async fn dedup_records(store: &impl HasPool, scope: &str, key: &str) -> i64 {
-            store
-                .count(
-                    concat!("SELECT COUNT(*) FROM idem_records WHERE scope = ", $p1, " AND record_key = ", $p2),
-                    &[scope, key],
-                )
-                .await
-        }
+                #[idempotent(key = "order_id", store = $store, strategy = "unique_constraint", scope = "conf.unique.fingerprint", constraint = $constraint, fingerprint, ttl = "1h")]
+                pub async fn unique_fingerprint(tx: &mut $tx, msg: Payment) -> Result<i64, AppError> {
+                    write_payment(tx, &msg).await?;
+                    Ok(msg.amount)
+                }
 
-        trait HasPool {
-            async fn count(&self, sql: &'static str, binds: &[&str]) -> i64;
-            async fn status(&self, order_id: &str) -> Option<String>;
-            async fn execute_with_int(&self, sql: &'static str, value: i64);
-        }
+                #[idempotent(key = "order_id", store = $store, strategy = "unique_constraint", scope = "conf.unique.swallow", constraint = $constraint)]
+                pub async fn unique_swallowing(tx: &mut $tx, msg: Payment) -> Result<i64, AppError> {
+                    write_payment(tx, &msg).await?;
+                    if $crate::should_swallow(&msg.order_id) {
+                        $crate::effects::SwallowsAFailure::swallow_a_failed_statement(tx).await;
+                    }
+                    Ok(msg.amount)
+                }
+            );
 
-        $crate::__impl_has_pool!($store, $p1);
+            $crate::__unless_skipped!(state_machine, [$($skip),*],
+                /// One ledger entry per body run of a lifecycle step: `<order>/<step>`.
+                async fn write_step(tx: &mut $tx, order_id: &str, step: &str) -> Result<(), AppError> {
+                    work(tx, &format!("{order_id}/{step}"), 0).await
+                }
 
-        /// `migrate()` twice, and from several tasks at once, is harmless.
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn migrate_is_idempotent_and_safe_concurrently() {
-            let store = $open;
-            let runs: Vec<_> = (0..4)
-                .map(|_| {
-                    let store = store.clone();
-                    ::tokio::spawn(async move { store.migrate().await })
-                })
-                .collect();
-            for run in runs {
-                run.await.expect("task").expect("concurrent migrate");
-            }
-            store.migrate().await.expect("migrate again");
+                #[idempotent(key = "order_id", store = $store, strategy = "dedup_table", scope = "conf.sm.create")]
+                pub async fn sm_create(tx: &mut $tx, msg: Payment) -> Result<(), AppError> {
+                    ::sqlx::query(concat!("INSERT INTO idem_conf_orders (order_id, status) VALUES (", $p1, ", 'pending')"))
+                        .bind(&msg.order_id)
+                        .execute(&mut **tx)
+                        .await?;
+                    Ok(())
+                }
+
+                #[idempotent(key = "order_id", store = $store, strategy = "state_machine", scope = "conf.sm.pay",
+                             table = "idem_conf_orders", column = "status", from = "pending", to = "paid", done = ["shipped"])]
+                pub async fn sm_pay(tx: &mut $tx, msg: Payment) -> Result<(), AppError> {
+                    write_step(tx, &msg.order_id, "paid").await
+                }
+
+                #[idempotent(key = "order_id", store = $store, strategy = "state_machine", scope = "conf.sm.pay_patiently",
+                             table = "idem_conf_orders", column = "status", from = "pending", to = "paid", max_attempts = 2)]
+                pub async fn sm_pay_twice_at_most(tx: &mut $tx, msg: Payment) -> Result<(), AppError> {
+                    write_step(tx, &msg.order_id, "paid").await
+                }
+
+                #[idempotent(key = "order_id", store = $store, strategy = "state_machine", scope = "conf.sm.ship",
+                             table = "idem_conf_orders", column = "status", from = ["paid"], to = "shipped")]
+                pub async fn sm_ship(tx: &mut $tx, msg: Payment) -> Result<(), AppError> {
+                    write_step(tx, &msg.order_id, "shipped").await
+                }
+
+                #[idempotent(key = "order_id", store = $store, strategy = "state_machine", scope = "conf.sm.ship_patient",
+                             table = "idem_conf_orders", column = "status", from = "paid", to = "shipped", early = ["pending"])]
+                pub async fn sm_ship_patient(tx: &mut $tx, msg: Payment) -> Result<(), AppError> {
+                    write_step(tx, &msg.order_id, "shipped").await
+                }
+
+                #[idempotent(key = "order_id", store = $store, strategy = "state_machine", scope = "conf.sm.pay_strict",
+                             table = "idem_conf_orders", column = "status", key_column = "order_id",
+                             from = "pending", to = "paid", on_missing = "dead_letter")]
+                pub async fn sm_pay_strict(tx: &mut $tx, msg: Payment) -> Result<(), AppError> {
+                    write_step(tx, &msg.order_id, "paid").await
+                }
+
+                #[idempotent(key = "id", store = $store, strategy = "state_machine", scope = "conf.sm.close",
+                             table = "idem_conf_tickets", column = "status", from = "open", to = "closed")]
+                pub async fn sm_close_ticket(_tx: &mut $tx, _msg: $crate::Ticket) -> Result<(), AppError> {
+                    Ok(())
+                }
+            );
         }
 
         mod dedup_table {
@@ -234,321 +244,54 @@ macro_rules! conformance_suite {
                 plain = handlers::dedup,
                 replay = handlers::dedup_replay,
                 fingerprint = handlers::dedup_fingerprint,
-                table = "ledger",
                 plain_scope = "conf.dedup",
+                duplicates_run_the_body = false,
             );
-
-            #[tokio::test]
-            async fn expired_record_no_longer_deduplicates() {
-                $crate::init_tracing();
-                let store = $open;
-                let key = $crate::unique_key("ttl");
-                let first = handlers::dedup_ttl(&store, $crate::Payment::new(&key, 1), ::idem_runtime::NoAck)
-                    .await
-                    .expect("first delivery");
-                assert!(first.is_processed());
-                let live = handlers::dedup_ttl(&store, $crate::Payment::new(&key, 1), ::idem_runtime::NoAck)
-                    .await
-                    .expect("redelivery within the ttl");
-                assert!(live.is_duplicate(), "within the ttl the record counts: {live:?}");
-                ::tokio::time::sleep(::std::time::Duration::from_millis(400)).await;
-                let after = handlers::dedup_ttl(&store, $crate::Payment::new(&key, 1), ::idem_runtime::NoAck)
-                    .await
-                    .expect("redelivery after the ttl");
-                assert!(after.is_processed(), "an expired record must not deduplicate: {after:?}");
-                assert_eq!(business_rows(&store, "ledger", &key).await, 2);
-                assert_eq!(dedup_records(&store, "conf.dedup.ttl", &key).await, 1, "the expired record is taken over, not duplicated");
-            }
-
-            #[tokio::test]
-            async fn purge_expired_deletes_expired_records_only() {
-                let store = $open;
-                let expiring = $crate::unique_key("purge");
-                let lasting = $crate::unique_key("keep");
-                handlers::dedup_ttl(&store, $crate::Payment::new(&expiring, 1), ::idem_runtime::NoAck)
-                    .await
-                    .expect("delivery with a ttl");
-                handlers::dedup(&store, $crate::Payment::new(&lasting, 1), ::idem_runtime::NoAck)
-                    .await
-                    .expect("delivery without a ttl");
-                ::tokio::time::sleep(::std::time::Duration::from_millis(400)).await;
-                let purged = store.purge_expired().await.expect("purge");
-                assert!(purged >= 1, "at least this test's expired record is purged: {purged}");
-                assert_eq!(dedup_records(&store, "conf.dedup.ttl", &expiring).await, 0);
-                assert_eq!(dedup_records(&store, "conf.dedup", &lasting).await, 1, "records without a ttl stay");
-            }
-
-            #[tokio::test]
-            async fn dedup_record_is_written_in_the_transaction() {
-                let store = $open;
-                let key = $crate::unique_key("record");
-                handlers::dedup(&store, $crate::Payment::new(&key, 3), ::idem_runtime::NoAck)
-                    .await
-                    .expect("first delivery");
-                assert_eq!(dedup_records(&store, "conf.dedup", &key).await, 1);
-            }
+            $crate::__dedup_table_cases!(open = $open);
         }
 
-        mod state_machine {
-            use super::*;
-            use ::idem_runtime::{Error, NoAck, Outcome, RequeueReason};
-            use $crate::{AckEvent, Payment, RecordingAck, unique_key};
-
-            async fn steps(store: &impl HasPool, key: &str, step: &str) -> i64 {
-                business_rows(store, "ledger", &format!("{key}/{step}")).await
-            }
-
-            #[tokio::test]
-            async fn lifecycle_with_a_duplicate_of_every_step() {
-                $crate::init_tracing();
-                let store = $open;
-                let key = unique_key("life");
-                let msg = || Payment::new(&key, 0);
-                assert!(handlers::sm_create(&store, msg(), NoAck).await.expect("create").is_processed());
-                assert!(handlers::sm_create(&store, msg(), NoAck).await.expect("create again").is_duplicate());
-                assert_eq!(store.status(&key).await.as_deref(), Some("pending"));
-
-                let ack = RecordingAck::new();
-                assert_eq!(handlers::sm_pay(&store, msg(), ack.clone()).await.expect("pay"), Outcome::Processed(()));
-                assert_eq!(handlers::sm_pay(&store, msg(), ack.clone()).await.expect("pay again"), Outcome::Duplicate { replayed: None });
-                assert_eq!(ack.events(), vec![AckEvent::Ack, AckEvent::Ack]);
-                assert_eq!(store.status(&key).await.as_deref(), Some("paid"));
-
-                assert!(handlers::sm_ship(&store, msg(), NoAck).await.expect("ship").is_processed());
-                assert!(handlers::sm_ship(&store, msg(), NoAck).await.expect("ship again").is_duplicate());
-                // `shipped` is in pay's `done`: a late redelivery of "pay" is a duplicate too.
-                assert!(handlers::sm_pay(&store, msg(), NoAck).await.expect("late pay").is_duplicate());
-                assert_eq!(store.status(&key).await.as_deref(), Some("shipped"));
-                assert_eq!(steps(&store, &key, "paid").await, 1, "pay's body ran once");
-                assert_eq!(steps(&store, &key, "shipped").await, 1, "ship's body ran once");
-            }
-
-            #[tokio::test]
-            async fn integer_key_column_is_compared_as_an_integer() {
-                let store = $open;
-                let id = $crate::unique_int();
-                store.execute_with_int(concat!("INSERT INTO idem_conf_tickets (id, status) VALUES (", $p1, ", 'open')"), id).await;
-                let ticket = $crate::Ticket { id };
-                assert!(handlers::sm_close_ticket(&store, ticket.clone(), NoAck).await.expect("close").is_processed());
-                assert!(handlers::sm_close_ticket(&store, ticket, NoAck).await.expect("close again").is_duplicate());
-            }
-
-            #[tokio::test]
-            async fn step_before_its_entity_exists_is_retried_then_succeeds() {
-                let store = $open;
-                let key = unique_key("early");
-                let ack = RecordingAck::new();
-                let early = handlers::sm_pay(&store, Payment::new(&key, 0), ack.clone()).await;
-                match &early {
-                    Err(Error::NotFound { retryable: true, table, .. }) => assert_eq!(table, "idem_conf_orders"),
-                    other => panic!("expected a retryable NotFound, got {other:?}"),
-                }
-                assert!(early.as_ref().unwrap_err().is_retryable());
-                assert_eq!(ack.events(), vec![AckEvent::Requeue(RequeueReason::Retryable)]);
-                assert_eq!(steps(&store, &key, "paid").await, 0);
-
-                handlers::sm_create(&store, Payment::new(&key, 0), NoAck).await.expect("create lands");
-                let retried = handlers::sm_pay(&store, Payment::new(&key, 0), NoAck).await.expect("redelivery");
-                assert!(retried.is_processed());
-                assert_eq!(store.status(&key).await.as_deref(), Some("paid"));
-            }
-
-            #[tokio::test]
-            async fn step_finding_an_early_state_is_retried_until_its_predecessor_lands() {
-                let store = $open;
-                let key = unique_key("patient");
-                handlers::sm_create(&store, Payment::new(&key, 0), NoAck).await.expect("create");
-                let ack = RecordingAck::new();
-                let early = handlers::sm_ship_patient(&store, Payment::new(&key, 0), ack.clone()).await;
-                match &early {
-                    Err(Error::TooEarly { current, .. }) => assert_eq!(current, "pending"),
-                    other => panic!("expected TooEarly, got {other:?}"),
-                }
-                assert_eq!(ack.events(), vec![AckEvent::Requeue(RequeueReason::Retryable)]);
-                handlers::sm_pay(&store, Payment::new(&key, 0), NoAck).await.expect("pay lands");
-                let shipped = handlers::sm_ship_patient(&store, Payment::new(&key, 0), NoAck).await.expect("redelivery");
-                assert!(shipped.is_processed());
-                assert_eq!(store.status(&key).await.as_deref(), Some("shipped"));
-                assert_eq!(steps(&store, &key, "shipped").await, 1);
-            }
-
-            #[tokio::test]
-            async fn missing_entity_is_dead_lettered_with_on_missing_dead_letter() {
-                let store = $open;
-                let key = unique_key("strict");
-                let ack = RecordingAck::new();
-                let result = handlers::sm_pay_strict(&store, Payment::new(&key, 0), ack.clone()).await;
-                assert!(matches!(result, Err(Error::NotFound { retryable: false, .. })), "{result:?}");
-                assert!(matches!(ack.events().as_slice(), [AckEvent::DeadLetter(_)]), "{:?}", ack.events());
-            }
-
-            #[tokio::test]
-            async fn invalid_transition_is_dead_lettered_with_the_current_state() {
-                let store = $open;
-                let key = unique_key("invalid");
-                handlers::sm_create(&store, Payment::new(&key, 0), NoAck).await.expect("create");
-                let ack = RecordingAck::new();
-                // Ship moves only from `paid`; the order is still `pending`.
-                let result = handlers::sm_ship(&store, Payment::new(&key, 0), ack.clone()).await;
-                match &result {
-                    Err(Error::InvalidTransition { current, expected, .. }) => {
-                        assert_eq!(current.as_deref(), Some("pending"));
-                        assert_eq!(expected, &vec!["paid".to_owned()]);
-                    }
-                    other => panic!("expected InvalidTransition, got {other:?}"),
-                }
-                assert!(
-                    matches!(ack.events().as_slice(), [AckEvent::DeadLetter(reason)] if reason.contains("`pending`")),
-                    "{:?}",
-                    ack.events()
+        $crate::__unless_skipped!(unique_constraint, [$($skip),*],
+            mod unique_constraint {
+                use super::*;
+                $crate::__strategy_cases!(
+                    open = $open,
+                    plain = handlers::unique,
+                    replay = handlers::unique_replay,
+                    fingerprint = handlers::unique_fingerprint,
+                    plain_scope = "conf.unique",
+                    duplicates_run_the_body = true,
                 );
-                assert_eq!(store.status(&key).await.as_deref(), Some("pending"), "nothing moved");
-                assert_eq!(steps(&store, &key, "shipped").await, 0);
+                $crate::__unique_constraint_cases!(open = $open, p1 = $p1);
             }
+        );
 
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn concurrent_deliveries_of_one_transition_process_exactly_once() {
-                let store = $open;
-                let key = unique_key("sm-race");
-                handlers::sm_create(&store, Payment::new(&key, 0), NoAck).await.expect("create");
-                let tasks: Vec<_> = (0..16)
-                    .map(|_| {
-                        let store = store.clone();
-                        let message = Payment::new(&key, 0);
-                        ::tokio::spawn(async move { handlers::sm_pay(&store, message, NoAck).await })
-                    })
-                    .collect();
-                let mut processed = 0;
-                let mut duplicates = 0;
-                for task in tasks {
-                    match task.await.expect("task panicked") {
-                        Ok(Outcome::Processed(())) => processed += 1,
-                        Ok(Outcome::Duplicate { .. }) => duplicates += 1,
-                        other => panic!("unexpected result under contention: {other:?}"),
-                    }
-                }
-                assert_eq!((processed, duplicates), (1, 15));
-                assert_eq!(steps(&store, &key, "paid").await, 1);
-                assert_eq!(store.status(&key).await.as_deref(), Some("paid"));
+        $crate::__unless_skipped!(state_machine, [$($skip),*],
+            mod state_machine {
+                use super::*;
+                $crate::__state_machine_cases!(open = $open, p1 = $p1);
             }
+        );
 
-            #[tokio::test]
-            async fn body_failure_rolls_the_transition_back() {
-                let store = $open;
-                let key = unique_key("sm-fail");
-                handlers::sm_create(&store, Payment::new(&key, 0), NoAck).await.expect("create");
-                $crate::fail_once(&format!("{key}/paid"));
-                let ack = RecordingAck::new();
-                let failed = handlers::sm_pay(&store, Payment::new(&key, 0), ack.clone()).await;
-                assert!(matches!(failed, Err(Error::Handler($crate::AppError::Transient(_)))), "{failed:?}");
-                assert_eq!(ack.events(), vec![AckEvent::Requeue(RequeueReason::Retryable)]);
-                assert_eq!(store.status(&key).await.as_deref(), Some("pending"), "the transition rolled back");
-                assert_eq!(steps(&store, &key, "paid").await, 0);
-
-                let retried = handlers::sm_pay(&store, Payment::new(&key, 0), NoAck).await.expect("redelivery");
-                assert!(retried.is_processed());
-                assert_eq!(store.status(&key).await.as_deref(), Some("paid"));
+        $crate::__unless_skipped!(sql, [$($skip),*],
+            mod sql {
+                use super::*;
+                $crate::__sql_cases!(open = $open, p1 = $p1, p2 = $p2);
             }
-        }
-
-        mod unique_constraint {
-            use super::*;
-            $crate::__strategy_cases!(
-                open = $open,
-                plain = handlers::unique,
-                replay = handlers::unique_replay,
-                fingerprint = handlers::unique_fingerprint,
-                table = "payments",
-                plain_scope = "conf.unique",
-            );
-
-            #[tokio::test]
-            async fn writes_no_dedup_record_without_replay_or_fingerprint() {
-                let store = $open;
-                let key = $crate::unique_key("norecord");
-                handlers::unique(&store, $crate::Payment::new(&key, 3), ::idem_runtime::NoAck)
-                    .await
-                    .expect("first delivery");
-                assert_eq!(dedup_records(&store, "conf.unique", &key).await, 0);
-                assert_eq!(business_rows(&store, "payments", &key).await, 1);
-            }
-
-            #[tokio::test]
-            async fn violation_of_another_constraint_is_an_error_not_a_duplicate() {
-                let store = $open;
-                let receipt = $crate::unique_key("receipt");
-                let mut first = $crate::Payment::new($crate::unique_key("a"), 1);
-                first.receipt = Some(receipt.clone());
-                let mut second = $crate::Payment::new($crate::unique_key("b"), 2);
-                second.receipt = Some(receipt);
-                handlers::unique(&store, first, ::idem_runtime::NoAck).await.expect("first");
-                let ack = $crate::RecordingAck::new();
-                let result = handlers::unique(&store, second.clone(), ack.clone()).await;
-                match &result {
-                    Err(::idem_runtime::Error::Handler($crate::AppError::Db(_))) => {}
-                    other => panic!("a receipt clash is not a duplicate of this order: {other:?}"),
-                }
-                assert!(matches!(ack.events().as_slice(), [$crate::AckEvent::DeadLetter(_)]), "{:?}", ack.events());
-                assert_eq!(business_rows(&store, "payments", &second.order_id).await, 0);
-            }
-
-            #[tokio::test]
-            async fn without_a_named_constraint_any_unique_violation_is_a_duplicate() {
-                let store = $open;
-                let receipt = $crate::unique_key("receipt-any");
-                let mut first = $crate::Payment::new($crate::unique_key("a"), 1);
-                first.receipt = Some(receipt.clone());
-                let mut second = $crate::Payment::new($crate::unique_key("b"), 2);
-                second.receipt = Some(receipt);
-                handlers::unique_any(&store, first, ::idem_runtime::NoAck).await.expect("first");
-                let outcome = handlers::unique_any(&store, second, ::idem_runtime::NoAck)
-                    .await
-                    .expect("documented: any unique violation counts when no constraint is named");
-                assert!(outcome.is_duplicate());
-            }
-        }
+        );
     };
 }
 
-/// Implementation detail of [`conformance_suite!`]: counting rows through the store's pool.
+/// Implementation detail of [`conformance_suite!`]: emits its items unless `group` is in the
+/// skip list.
 #[doc(hidden)]
 #[macro_export]
-macro_rules! __impl_has_pool {
-    ("pg", $p1:literal) => {
-        $crate::__impl_has_pool!(@impl ::idem_runtime::PgStore, $p1);
-    };
-    ("mysql", $p1:literal) => {
-        $crate::__impl_has_pool!(@impl ::idem_runtime::MySqlStore, $p1);
-    };
-    ("sqlite", $p1:literal) => {
-        $crate::__impl_has_pool!(@impl ::idem_runtime::SqliteStore, $p1);
-    };
-    (@impl $store:ty, $p1:literal) => {
-        impl HasPool for $store {
-            async fn count(&self, sql: &'static str, binds: &[&str]) -> i64 {
-                let mut query = ::sqlx::query_scalar::<_, i64>(sql);
-                for bind in binds {
-                    query = query.bind(*bind);
-                }
-                query.fetch_one(self.pool()).await.expect("count rows")
-            }
-
-            async fn status(&self, order_id: &str) -> Option<String> {
-                ::sqlx::query_scalar(concat!("SELECT status FROM idem_conf_orders WHERE order_id = ", $p1))
-                    .bind(order_id)
-                    .fetch_optional(self.pool())
-                    .await
-                    .expect("read the order's status")
-            }
-
-            async fn execute_with_int(&self, sql: &'static str, value: i64) {
-                ::sqlx::query(sql)
-                    .bind(value)
-                    .execute(self.pool())
-                    .await
-                    .expect("execute a setup statement");
-            }
-        }
+macro_rules! __unless_skipped {
+    ($group:ident, [], $($items:tt)*) => { $($items)* };
+    (unique_constraint, [unique_constraint $(, $rest:ident)*], $($items:tt)*) => {};
+    (state_machine, [state_machine $(, $rest:ident)*], $($items:tt)*) => {};
+    (sql, [sql $(, $rest:ident)*], $($items:tt)*) => {};
+    ($group:ident, [$other:ident $(, $rest:ident)*], $($items:tt)*) => {
+        $crate::__unless_skipped!($group, [$($rest),*], $($items)*);
     };
 }
 
@@ -561,11 +304,11 @@ macro_rules! __strategy_cases {
         plain = $plain:path,
         replay = $replay:path,
         fingerprint = $fingerprint:path,
-        table = $table:literal,
-        plain_scope = $scope:literal $(,)?
+        plain_scope = $scope:literal,
+        duplicates_run_the_body = $runs_on_duplicate:literal $(,)?
     ) => {
-        use ::idem_runtime::{Error, NoAck, Outcome, RequeueReason};
-        use $crate::{AckEvent, Payment, RecordingAck, unique_key};
+        use ::idem_runtime::{Error, NoAck, Outcome};
+        use $crate::{AckEvent, Payment, RecordingAck, runs, unique_key};
 
         #[tokio::test]
         async fn first_delivery_is_processed_then_acked() {
@@ -578,21 +321,27 @@ macro_rules! __strategy_cases {
                 .expect("first delivery");
             assert_eq!(outcome, Outcome::Processed(250));
             assert_eq!(ack.events(), vec![AckEvent::Ack]);
-            assert_eq!(business_rows(&store, $table, &key).await, 1);
+            assert_eq!(runs(&key), 1);
+            assert_eq!(store.ledger_rows(&key).await, 1);
         }
 
         #[tokio::test]
-        async fn sequential_duplicate_is_acked_without_running_the_body() {
+        async fn sequential_duplicate_is_acked_and_commits_nothing() {
             let store = $open;
             let key = unique_key("seq");
-            $plain(&store, Payment::new(&key, 10), NoAck).await.expect("first delivery");
+            $plain(&store, Payment::new(&key, 10), NoAck)
+                .await
+                .expect("first delivery");
             let ack = RecordingAck::new();
             let again = $plain(&store, Payment::new(&key, 10), ack.clone())
                 .await
                 .expect("redelivery");
             assert_eq!(again, Outcome::Duplicate { replayed: None });
             assert_eq!(ack.events(), vec![AckEvent::Ack], "a duplicate is acked");
-            assert_eq!(business_rows(&store, $table, &key).await, 1, "the body ran once");
+            // The pessimistic gate never runs the body of a duplicate; the optimistic one runs
+            // it, and the constraint rolls it back.
+            assert_eq!(runs(&key), if $runs_on_duplicate { 2 } else { 1 });
+            assert_eq!(store.ledger_rows(&key).await, 1, "one body run committed");
         }
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -619,9 +368,20 @@ macro_rules! __strategy_cases {
                 }
             }
             assert_eq!((processed, duplicates), (1, 15));
-            assert_eq!(business_rows(&store, $table, &key).await, 1);
+            assert_eq!(store.ledger_rows(&key).await, 1, "one body run committed");
+            if !$runs_on_duplicate {
+                assert_eq!(
+                    runs(&key),
+                    1,
+                    "twins wait on the gate and never run the body"
+                );
+            }
             for ack in &acks {
-                assert_eq!(ack.events(), vec![AckEvent::Ack], "every twin is acked once");
+                assert_eq!(
+                    ack.events(),
+                    vec![AckEvent::Ack],
+                    "every twin is acked once"
+                );
             }
         }
 
@@ -636,17 +396,59 @@ macro_rules! __strategy_cases {
                 matches!(failed, Err(Error::Handler($crate::AppError::Transient(_)))),
                 "{failed:?}"
             );
-            assert_eq!(ack.events(), vec![AckEvent::Requeue(RequeueReason::Retryable)]);
-            assert_eq!(business_rows(&store, $table, &key).await, 0, "the write rolled back");
-            assert_eq!(dedup_records(&store, $scope, &key).await, 0, "the record rolled back");
+            assert!(ack.requeued_once(), "{:?}", ack.events());
+            assert_eq!(store.ledger_rows(&key).await, 0, "the write rolled back");
+            assert_eq!(
+                store.records($scope, &key).await,
+                0,
+                "the record rolled back"
+            );
 
-            let ack = RecordingAck::new();
+            let ack = RecordingAck::at_attempt(2);
             let retried = $plain(&store, Payment::new(&key, 5), ack.clone())
                 .await
                 .expect("redelivery");
             assert_eq!(retried, Outcome::Processed(5));
             assert_eq!(ack.events(), vec![AckEvent::Ack]);
-            assert_eq!(business_rows(&store, $table, &key).await, 1);
+            assert_eq!(runs(&key), 2);
+            assert_eq!(store.ledger_rows(&key).await, 1);
+        }
+
+        #[tokio::test]
+        async fn panicking_body_is_rolled_back_and_requeued() {
+            let store = $open;
+            let key = unique_key("panic");
+            $crate::panic_on(&key);
+            let ack = RecordingAck::new();
+            let result = $plain(&store, Payment::new(&key, 5), ack.clone()).await;
+            match &result {
+                Err(Error::Panicked {
+                    during: "body",
+                    message,
+                    ..
+                }) => {
+                    assert!(message.contains("injected panic"), "{message}")
+                }
+                other => panic!("expected Panicked, got {other:?}"),
+            }
+            assert!(result.as_ref().unwrap_err().is_retryable());
+            assert!(
+                ack.requeued_once(),
+                "a panic settles the delivery: {:?}",
+                ack.events()
+            );
+            assert_eq!(store.ledger_rows(&key).await, 0, "the write rolled back");
+            assert_eq!(
+                store.records($scope, &key).await,
+                0,
+                "the record rolled back"
+            );
+            $crate::stop_panicking(&key);
+            let retried = $plain(&store, Payment::new(&key, 5), NoAck)
+                .await
+                .expect("redelivery");
+            assert!(retried.is_processed());
+            assert_eq!(store.ledger_rows(&key).await, 1);
         }
 
         #[tokio::test]
@@ -658,23 +460,29 @@ macro_rules! __strategy_cases {
                 .await
                 .expect("a lost ack after commit is not a handling failure");
             assert_eq!(first, Outcome::Processed(9));
-            assert_eq!(ack.events(), vec![AckEvent::Ack], "the ack was attempted after commit");
+            assert_eq!(
+                ack.events(),
+                vec![AckEvent::Ack],
+                "the ack was attempted after commit"
+            );
 
             // The broker never heard the ack, so it redelivers.
-            let ack = RecordingAck::new();
+            let ack = RecordingAck::at_attempt(2);
             let redelivered = $plain(&store, Payment::new(&key, 9), ack.clone())
                 .await
                 .expect("redelivery");
             assert!(redelivered.is_duplicate(), "{redelivered:?}");
             assert_eq!(ack.events(), vec![AckEvent::Ack]);
-            assert_eq!(business_rows(&store, $table, &key).await, 1);
+            assert_eq!(store.ledger_rows(&key).await, 1);
         }
 
         #[tokio::test]
         async fn same_key_with_a_different_payload_is_dead_lettered() {
             let store = $open;
             let key = unique_key("mismatch");
-            $fingerprint(&store, Payment::new(&key, 100), NoAck).await.expect("first");
+            $fingerprint(&store, Payment::new(&key, 100), NoAck)
+                .await
+                .expect("first");
             let same = $fingerprint(&store, Payment::new(&key, 100), NoAck)
                 .await
                 .expect("an identical redelivery");
@@ -687,28 +495,32 @@ macro_rules! __strategy_cases {
             }
             assert!(!changed.as_ref().unwrap_err().is_retryable());
             assert!(
-                matches!(ack.events().as_slice(), [AckEvent::DeadLetter(reason)] if reason.contains("payload mismatch")),
+                ack.dead_lettered_with("payload mismatch"),
                 "{:?}",
                 ack.events()
             );
-            assert_eq!(business_rows(&store, $table, &key).await, 1);
+            assert_eq!(store.ledger_rows(&key).await, 1);
         }
 
         #[tokio::test]
         async fn duplicate_replays_the_first_result() {
             let store = $open;
             let key = unique_key("replay");
-            let first = $replay(&store, Payment::new(&key, 41), NoAck).await.expect("first");
+            let first = $replay(&store, Payment::new(&key, 41), NoAck)
+                .await
+                .expect("first");
             assert_eq!(first, Outcome::Processed(41));
             // No fingerprint: a redelivery with other fields still gets the first result.
-            let again = $replay(&store, Payment::new(&key, 99), NoAck).await.expect("again");
+            let again = $replay(&store, Payment::new(&key, 99), NoAck)
+                .await
+                .expect("again");
             assert_eq!(again, Outcome::Duplicate { replayed: Some(41) });
-            assert_eq!(business_rows(&store, $table, &key).await, 1);
+            assert_eq!(store.ledger_rows(&key).await, 1);
         }
 
         /// A broker's-eye view: 40 keys, each delivered 4 times, all at once from 16 tasks;
         /// every fifth key's body fails once (requeued), every seventh key's first ack is lost
-        /// (redelivered). Afterwards each key has exactly one business row.
+        /// (redelivered). Afterwards each key's body committed exactly once.
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn storm_of_redeliveries_with_failures_ends_exactly_once() {
             use ::std::sync::{Arc, Mutex};
@@ -722,13 +534,16 @@ macro_rules! __strategy_cases {
             let queue: Arc<Mutex<Vec<(String, bool)>>> = Arc::new(Mutex::new(
                 keys.iter()
                     .enumerate()
-                    .flat_map(|(i, key)| (0..4).map(move |copy| (key.clone(), i % 7 == 0 && copy == 0)))
+                    .flat_map(|(i, key)| {
+                        (0..4).map(move |copy| (key.clone(), i % 7 == 0 && copy == 0))
+                    })
                     .collect(),
             ));
             let processed = Arc::new(Mutex::new(Vec::new()));
             let workers: Vec<_> = (0..16)
                 .map(|_| {
-                    let (store, queue, processed) = (store.clone(), Arc::clone(&queue), Arc::clone(&processed));
+                    let (store, queue, processed) =
+                        (store.clone(), Arc::clone(&queue), Arc::clone(&processed));
                     ::tokio::spawn(async move {
                         let mut deliveries = 0;
                         loop {
@@ -736,9 +551,15 @@ macro_rules! __strategy_cases {
                             let Some((key, lose_ack)) = next else { break };
                             deliveries += 1;
                             assert!(deliveries < 1_000, "the storm does not settle");
-                            let ack = if lose_ack { RecordingAck::losing_acks() } else { RecordingAck::new() };
+                            let ack = if lose_ack {
+                                RecordingAck::losing_acks()
+                            } else {
+                                RecordingAck::new()
+                            };
                             match $plain(&store, Payment::new(&key, 1), ack.clone()).await {
-                                Ok(Outcome::Processed(_)) => processed.lock().expect("processed").push(key.clone()),
+                                Ok(Outcome::Processed(_)) => {
+                                    processed.lock().expect("processed").push(key.clone())
+                                }
                                 Ok(_) => {}
                                 Err(error) => assert!(error.is_retryable(), "{error}"),
                             }
@@ -760,7 +581,11 @@ macro_rules! __strategy_cases {
             expected.sort();
             assert_eq!(processed, expected, "each key processed exactly once");
             for key in &keys {
-                assert_eq!(business_rows(&store, $table, key).await, 1, "one row for {key}");
+                assert_eq!(
+                    store.ledger_rows(key).await,
+                    1,
+                    "one committed body run for {key}"
+                );
             }
         }
 
@@ -775,11 +600,684 @@ macro_rules! __strategy_cases {
                 }
                 other => panic!("expected a key error, got {other:?}"),
             }
+            assert!(ack.dead_lettered_with("order_id"), "{:?}", ack.events());
+        }
+
+        #[tokio::test]
+        async fn key_with_a_nul_is_dead_lettered_before_the_database_sees_it() {
+            let store = $open;
+            let key = format!("{}\0tail", unique_key("nul"));
+            let ack = RecordingAck::new();
+            let result = $plain(&store, Payment::new(&key, 1), ack.clone()).await;
             assert!(
-                matches!(ack.events().as_slice(), [AckEvent::DeadLetter(reason)] if reason.contains("order_id")),
+                matches!(
+                    &result,
+                    Err(Error::Key(::idem_runtime::KeyError::Nul { .. }))
+                ),
+                "{result:?}"
+            );
+            assert!(ack.dead_lettered_with("NUL"), "{:?}", ack.events());
+            assert_eq!(runs(&key), 0);
+        }
+    };
+}
+
+/// Implementation detail of [`conformance_suite!`]: `dedup_table`'s own cases: expiry under a
+/// controlled clock, take-overs and purges racing claims, retries that end.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __dedup_table_cases {
+    (open = $open:expr) => {
+        use ::idem_runtime::clock::ManualClock;
+        use ::std::time::Duration;
+
+        const HOUR: Duration = Duration::from_secs(3600);
+
+        #[tokio::test]
+        async fn expired_record_no_longer_deduplicates() {
+            $crate::init_tracing();
+            let clock = ManualClock::starting_now();
+            let store = $open.with_clock(clock.clone());
+            let key = unique_key("ttl");
+            let first = handlers::dedup_ttl(&store, Payment::new(&key, 1), NoAck)
+                .await
+                .expect("first delivery");
+            assert!(first.is_processed());
+            clock.advance(HOUR - Duration::from_millis(1));
+            let live = handlers::dedup_ttl(&store, Payment::new(&key, 1), NoAck)
+                .await
+                .expect("redelivery within the ttl");
+            assert!(
+                live.is_duplicate(),
+                "within the ttl the record counts: {live:?}"
+            );
+            clock.advance(Duration::from_millis(1));
+            let after = handlers::dedup_ttl(&store, Payment::new(&key, 1), NoAck)
+                .await
+                .expect("redelivery at the ttl");
+            assert!(
+                after.is_processed(),
+                "an expired record must not deduplicate: {after:?}"
+            );
+            assert_eq!(store.ledger_rows(&key).await, 2);
+            assert_eq!(
+                store.records("conf.dedup.ttl", &key).await,
+                1,
+                "the expired record is taken over, not duplicated"
+            );
+            let renewed = handlers::dedup_ttl(&store, Payment::new(&key, 1), NoAck)
+                .await
+                .expect("again");
+            assert!(
+                renewed.is_duplicate(),
+                "the take-over renewed the expiry: {renewed:?}"
+            );
+        }
+
+        #[tokio::test]
+        async fn purge_expired_deletes_expired_records_only() {
+            let clock = ManualClock::starting_now();
+            let store = $open.with_clock(clock.clone());
+            let expiring = unique_key("purge");
+            let lasting = unique_key("keep");
+            handlers::dedup_ttl(&store, Payment::new(&expiring, 1), NoAck)
+                .await
+                .expect("with a ttl");
+            handlers::dedup(&store, Payment::new(&lasting, 1), NoAck)
+                .await
+                .expect("without a ttl");
+            assert_eq!(store.records("conf.dedup.ttl", &expiring).await, 1);
+            clock.advance(HOUR);
+            let purged = store.purge().await;
+            assert!(
+                purged >= 1,
+                "at least this test's expired record is purged: {purged}"
+            );
+            assert_eq!(store.records("conf.dedup.ttl", &expiring).await, 0);
+            assert_eq!(
+                store.records("conf.dedup", &lasting).await,
+                1,
+                "records without a ttl stay"
+            );
+        }
+
+        /// Eight twins find the same expired record at once: exactly one takes it over and
+        /// runs its body to commit; each other one is a duplicate, or a retryable error whose
+        /// redelivery is a duplicate (MariaDB resolves the twins' lock upgrade as a deadlock).
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn concurrent_take_over_of_an_expired_record_runs_the_body_once() {
+            let clock = ManualClock::starting_now();
+            let store = $open.with_clock(clock.clone());
+            let key = unique_key("takeover");
+            handlers::dedup_ttl(&store, Payment::new(&key, 1), NoAck)
+                .await
+                .expect("first");
+            clock.advance(HOUR);
+            let tasks: Vec<_> = (0..8)
+                .map(|_| {
+                    let (store, key) = (store.clone(), key.clone());
+                    ::tokio::spawn(async move {
+                        handlers::dedup_ttl(&store, Payment::new(&key, 1), NoAck).await
+                    })
+                })
+                .collect();
+            let (mut processed, mut retried) = (0, 0);
+            for task in tasks {
+                match task.await.expect("task") {
+                    Ok(Outcome::Processed(_)) => processed += 1,
+                    Ok(Outcome::Duplicate { .. }) => {}
+                    Ok(other) => panic!("unexpected outcome {other:?}"),
+                    Err(error) => {
+                        assert!(error.is_retryable(), "{error}");
+                        retried += 1;
+                    }
+                }
+            }
+            for _ in 0..retried {
+                let again = handlers::dedup_ttl(&store, Payment::new(&key, 1), NoAck)
+                    .await
+                    .expect("redelivery");
+                assert!(again.is_duplicate(), "{again:?}");
+            }
+            assert_eq!(
+                processed, 1,
+                "exactly one twin takes the expired record over"
+            );
+            assert_eq!(
+                store.ledger_rows(&key).await,
+                2,
+                "the first delivery and one take-over"
+            );
+        }
+
+        /// Expired records being purged while their keys are redelivered: every redelivery
+        /// processes (the key is free, whether purged or taken over) exactly once, and the
+        /// purge never deletes a record a claim just renewed.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn purge_racing_claims_never_loses_or_doubles_a_key() {
+            let clock = ManualClock::starting_now();
+            let store = $open.with_clock(clock.clone());
+            let keys: Vec<String> = (0..24).map(|_| unique_key("purge-race")).collect();
+            for key in &keys {
+                handlers::dedup_ttl(&store, Payment::new(key, 1), NoAck)
+                    .await
+                    .expect("first");
+            }
+            clock.advance(HOUR);
+            let purger = {
+                let store = store.clone();
+                ::tokio::spawn(async move {
+                    for _ in 0..20 {
+                        store.purge().await;
+                        ::tokio::task::yield_now().await;
+                    }
+                })
+            };
+            let deliveries: Vec<_> = keys
+                .iter()
+                .map(|key| {
+                    let (store, key) = (store.clone(), key.clone());
+                    ::tokio::spawn(async move {
+                        loop {
+                            match handlers::dedup_ttl(&store, Payment::new(&key, 1), NoAck).await {
+                                Ok(outcome) => break outcome,
+                                Err(error) => assert!(error.is_retryable(), "{error}"),
+                            }
+                        }
+                    })
+                })
+                .collect();
+            for delivery in deliveries {
+                let outcome = delivery.await.expect("delivery");
+                assert!(
+                    outcome.is_processed(),
+                    "an expired key is processed again: {outcome:?}"
+                );
+            }
+            purger.await.expect("purger");
+            store.purge().await;
+            for key in &keys {
+                assert_eq!(store.ledger_rows(key).await, 2, "{key}");
+                assert_eq!(
+                    store.records("conf.dedup.ttl", key).await,
+                    1,
+                    "the renewed record survives purging"
+                );
+                let again = handlers::dedup_ttl(&store, Payment::new(key, 1), NoAck)
+                    .await
+                    .expect("again");
+                assert!(again.is_duplicate());
+            }
+        }
+
+        /// A failure that never heals: requeued with a growing delay, then dead-lettered with
+        /// the attempt count on the last attempt.
+        #[tokio::test]
+        async fn retries_end_after_max_attempts_with_growing_delays() {
+            let store = $open;
+            let key = unique_key("attempts");
+            $crate::fail_always(&key);
+            let mut delays = Vec::new();
+            for attempt in 1..=2 {
+                let ack = RecordingAck::at_attempt(attempt);
+                let result =
+                    handlers::dedup_three_attempts(&store, Payment::new(&key, 1), ack.clone())
+                        .await;
+                assert!(result.is_err());
+                match ack.events().as_slice() {
+                    [
+                        AckEvent::Requeue {
+                            attempt: told,
+                            delay,
+                        },
+                    ] => {
+                        assert_eq!(*told, attempt);
+                        delays.push(*delay);
+                    }
+                    other => panic!("attempt {attempt} must be requeued: {other:?}"),
+                }
+            }
+            assert!(
+                delays[0] >= Duration::from_millis(500) && delays[0] <= Duration::from_secs(1),
+                "{delays:?}"
+            );
+            assert!(
+                delays[1] >= Duration::from_secs(1) && delays[1] <= Duration::from_secs(2),
+                "{delays:?}"
+            );
+            let ack = RecordingAck::at_attempt(3);
+            let last =
+                handlers::dedup_three_attempts(&store, Payment::new(&key, 1), ack.clone()).await;
+            assert!(matches!(last, Err(Error::Handler(_))), "{last:?}");
+            assert!(
+                ack.dead_lettered_with("gave up after 3 attempts"),
                 "{:?}",
                 ack.events()
             );
+            assert!(
+                ack.dead_lettered_with("injected transient failure"),
+                "{:?}",
+                ack.events()
+            );
+            assert_eq!(store.ledger_rows(&key).await, 0);
+        }
+    };
+}
+
+/// Implementation detail of [`conformance_suite!`]: `unique_constraint`'s own cases.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __unique_constraint_cases {
+    (open = $open:expr, p1 = $p1:literal) => {
+        #[tokio::test]
+        async fn writes_no_dedup_record_without_replay_or_fingerprint() {
+            let store = $open;
+            let key = unique_key("norecord");
+            handlers::unique(&store, Payment::new(&key, 3), NoAck)
+                .await
+                .expect("first delivery");
+            assert_eq!(store.records("conf.unique", &key).await, 0);
+            assert_eq!(store.ledger_rows(&key).await, 1);
+        }
+
+        #[tokio::test]
+        async fn violation_of_another_constraint_is_an_error_not_a_duplicate() {
+            let store = $open;
+            let receipt = unique_key("receipt");
+            let mut first = Payment::new(unique_key("a"), 1);
+            first.receipt = Some(receipt.clone());
+            let mut second = Payment::new(unique_key("b"), 2);
+            second.receipt = Some(receipt);
+            handlers::unique(&store, first, NoAck).await.expect("first");
+            let ack = RecordingAck::new();
+            let result = handlers::unique(&store, second.clone(), ack.clone()).await;
+            match &result {
+                Err(Error::Handler($crate::AppError::Db(_))) => {}
+                other => panic!("a receipt clash is not a duplicate of this order: {other:?}"),
+            }
+            assert!(
+                matches!(ack.events().as_slice(), [AckEvent::DeadLetter(_)]),
+                "{:?}",
+                ack.events()
+            );
+            assert_eq!(store.ledger_rows(&second.order_id).await, 0);
+        }
+
+        /// With `fingerprint`, a duplicate whose record expired cannot be compared: a typed,
+        /// permanent error, never a silent pass.
+        #[tokio::test]
+        async fn duplicate_whose_record_is_gone_cannot_pass_the_fingerprint_check() {
+            let clock = ::idem_runtime::clock::ManualClock::starting_now();
+            let store = $open.with_clock(clock.clone());
+            let key = unique_key("gone-fp");
+            handlers::unique_fingerprint(&store, Payment::new(&key, 5), NoAck)
+                .await
+                .expect("first");
+            clock.advance(::std::time::Duration::from_secs(7200));
+            let ack = RecordingAck::new();
+            let result =
+                handlers::unique_fingerprint(&store, Payment::new(&key, 6), ack.clone()).await;
+            assert!(
+                matches!(&result, Err(Error::UnverifiableDuplicate { .. })),
+                "{result:?}"
+            );
+            assert!(
+                ack.dead_lettered_with("cannot be compared"),
+                "{:?}",
+                ack.events()
+            );
+            assert_eq!(store.ledger_rows(&key).await, 1);
+        }
+
+        /// With `replay` alone, it is still a duplicate (the constraint proves it), with nothing
+        /// to replay.
+        #[tokio::test]
+        async fn duplicate_whose_record_is_gone_replays_nothing() {
+            let clock = ::idem_runtime::clock::ManualClock::starting_now();
+            let store = $open.with_clock(clock.clone());
+            let key = unique_key("gone-replay");
+            handlers::unique_replay(&store, Payment::new(&key, 5), NoAck)
+                .await
+                .expect("first");
+            clock.advance(::std::time::Duration::from_secs(7200));
+            let again = handlers::unique_replay(&store, Payment::new(&key, 5), NoAck)
+                .await
+                .expect("again");
+            assert_eq!(again, Outcome::Duplicate { replayed: None });
+            assert_eq!(store.ledger_rows(&key).await, 1);
+        }
+    };
+}
+
+/// Implementation detail of [`conformance_suite!`]: `state_machine`'s cases.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __state_machine_cases {
+    (open = $open:expr, p1 = $p1:literal) => {
+    use ::idem_runtime::{Error, NoAck, Outcome};
+    use $crate::effects::SqlTestStore as _;
+    use $crate::{AckEvent, Payment, RecordingAck, unique_key};
+
+    async fn steps(store: &impl $crate::effects::TestStore, key: &str, step: &str) -> i64 {
+        store.ledger_rows(&format!("{key}/{step}")).await
+    }
+
+        #[tokio::test]
+        async fn lifecycle_with_a_duplicate_of_every_step() {
+            $crate::init_tracing();
+            let store = $open;
+            let key = unique_key("life");
+            let msg = || Payment::new(&key, 0);
+            assert!(handlers::sm_create(&store, msg(), NoAck).await.expect("create").is_processed());
+            assert!(handlers::sm_create(&store, msg(), NoAck).await.expect("create again").is_duplicate());
+            assert_eq!(store.status(&key).await.as_deref(), Some("pending"));
+
+            let ack = RecordingAck::new();
+            assert_eq!(handlers::sm_pay(&store, msg(), ack.clone()).await.expect("pay"), Outcome::Processed(()));
+            assert_eq!(handlers::sm_pay(&store, msg(), ack.clone()).await.expect("pay again"), Outcome::Duplicate { replayed: None });
+            assert_eq!(ack.events(), vec![AckEvent::Ack, AckEvent::Ack]);
+            assert_eq!(store.status(&key).await.as_deref(), Some("paid"));
+
+            assert!(handlers::sm_ship(&store, msg(), NoAck).await.expect("ship").is_processed());
+            assert!(handlers::sm_ship(&store, msg(), NoAck).await.expect("ship again").is_duplicate());
+            // `shipped` is in pay's `done`: a late redelivery of "pay" is a duplicate too.
+            assert!(handlers::sm_pay(&store, msg(), NoAck).await.expect("late pay").is_duplicate());
+            assert_eq!(store.status(&key).await.as_deref(), Some("shipped"));
+            assert_eq!(steps(&store, &key, "paid").await, 1, "pay's body ran once");
+            assert_eq!(steps(&store, &key, "shipped").await, 1, "ship's body ran once");
+        }
+
+        #[tokio::test]
+        async fn integer_key_column_is_compared_as_an_integer() {
+            let store = $open;
+            let id = $crate::unique_int();
+            store.execute_with_int(concat!("INSERT INTO idem_conf_tickets (id, status) VALUES (", $p1, ", 'open')"), id).await;
+            let ticket = $crate::Ticket { id };
+            assert!(handlers::sm_close_ticket(&store, ticket.clone(), NoAck).await.expect("close").is_processed());
+            assert!(handlers::sm_close_ticket(&store, ticket, NoAck).await.expect("close again").is_duplicate());
+        }
+
+        #[tokio::test]
+        async fn step_before_its_entity_exists_is_retried_then_succeeds() {
+            let store = $open;
+            let key = unique_key("early");
+            let ack = RecordingAck::new();
+            let early = handlers::sm_pay(&store, Payment::new(&key, 0), ack.clone()).await;
+            match &early {
+                Err(Error::NotFound { retryable: true, table, .. }) => assert_eq!(table, "idem_conf_orders"),
+                other => panic!("expected a retryable NotFound, got {other:?}"),
+            }
+            assert!(early.as_ref().unwrap_err().is_retryable());
+            assert!(ack.requeued_once(), "{:?}", ack.events());
+            assert_eq!(steps(&store, &key, "paid").await, 0);
+
+            handlers::sm_create(&store, Payment::new(&key, 0), NoAck).await.expect("create lands");
+            let retried = handlers::sm_pay(&store, Payment::new(&key, 0), NoAck).await.expect("redelivery");
+            assert!(retried.is_processed());
+            assert_eq!(store.status(&key).await.as_deref(), Some("paid"));
+        }
+
+        #[tokio::test]
+        async fn step_finding_an_early_state_is_retried_until_its_predecessor_lands() {
+            let store = $open;
+            let key = unique_key("patient");
+            handlers::sm_create(&store, Payment::new(&key, 0), NoAck).await.expect("create");
+            let ack = RecordingAck::new();
+            let early = handlers::sm_ship_patient(&store, Payment::new(&key, 0), ack.clone()).await;
+            match &early {
+                Err(Error::TooEarly { current, .. }) => assert_eq!(current, "pending"),
+                other => panic!("expected TooEarly, got {other:?}"),
+            }
+            assert!(ack.requeued_once(), "{:?}", ack.events());
+            handlers::sm_pay(&store, Payment::new(&key, 0), NoAck).await.expect("pay lands");
+            let shipped = handlers::sm_ship_patient(&store, Payment::new(&key, 0), NoAck).await.expect("redelivery");
+            assert!(shipped.is_processed());
+            assert_eq!(store.status(&key).await.as_deref(), Some("shipped"));
+            assert_eq!(steps(&store, &key, "shipped").await, 1);
+        }
+
+        #[tokio::test]
+        async fn missing_entity_is_dead_lettered_with_on_missing_dead_letter() {
+            let store = $open;
+            let key = unique_key("strict");
+            let ack = RecordingAck::new();
+            let result = handlers::sm_pay_strict(&store, Payment::new(&key, 0), ack.clone()).await;
+            assert!(matches!(result, Err(Error::NotFound { retryable: false, .. })), "{result:?}");
+            assert!(matches!(ack.events().as_slice(), [AckEvent::DeadLetter(_)]), "{:?}", ack.events());
+        }
+
+        #[tokio::test]
+        async fn invalid_transition_is_dead_lettered_with_the_current_state() {
+            let store = $open;
+            let key = unique_key("invalid");
+            handlers::sm_create(&store, Payment::new(&key, 0), NoAck).await.expect("create");
+            let ack = RecordingAck::new();
+            // Ship moves only from `paid`; the order is still `pending`.
+            let result = handlers::sm_ship(&store, Payment::new(&key, 0), ack.clone()).await;
+            match &result {
+                Err(Error::InvalidTransition { current, expected, .. }) => {
+                    assert_eq!(current.as_deref(), Some("pending"));
+                    assert_eq!(expected, &vec!["paid".to_owned()]);
+                }
+                other => panic!("expected InvalidTransition, got {other:?}"),
+            }
+            assert!(
+                matches!(ack.events().as_slice(), [AckEvent::DeadLetter(reason)] if reason.contains("`pending`")),
+                "{:?}",
+                ack.events()
+            );
+            assert_eq!(store.status(&key).await.as_deref(), Some("pending"), "nothing moved");
+            assert_eq!(steps(&store, &key, "shipped").await, 0);
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn concurrent_deliveries_of_one_transition_process_exactly_once() {
+            let store = $open;
+            let key = unique_key("sm-race");
+            handlers::sm_create(&store, Payment::new(&key, 0), NoAck).await.expect("create");
+            let tasks: Vec<_> = (0..16)
+                .map(|_| {
+                    let store = store.clone();
+                    let message = Payment::new(&key, 0);
+                    ::tokio::spawn(async move { handlers::sm_pay(&store, message, NoAck).await })
+                })
+                .collect();
+            let mut processed = 0;
+            let mut duplicates = 0;
+            for task in tasks {
+                match task.await.expect("task panicked") {
+                    Ok(Outcome::Processed(())) => processed += 1,
+                    Ok(Outcome::Duplicate { .. }) => duplicates += 1,
+                    other => panic!("unexpected result under contention: {other:?}"),
+                }
+            }
+            assert_eq!((processed, duplicates), (1, 15));
+            assert_eq!(steps(&store, &key, "paid").await, 1);
+            assert_eq!(store.status(&key).await.as_deref(), Some("paid"));
+        }
+
+        #[tokio::test]
+        async fn body_failure_rolls_the_transition_back() {
+            let store = $open;
+            let key = unique_key("sm-fail");
+            handlers::sm_create(&store, Payment::new(&key, 0), NoAck).await.expect("create");
+            $crate::fail_once(&format!("{key}/paid"));
+            let ack = RecordingAck::new();
+            let failed = handlers::sm_pay(&store, Payment::new(&key, 0), ack.clone()).await;
+            assert!(matches!(failed, Err(Error::Handler($crate::AppError::Transient(_)))), "{failed:?}");
+            assert!(ack.requeued_once(), "{:?}", ack.events());
+            assert_eq!(store.status(&key).await.as_deref(), Some("pending"), "the transition rolled back");
+            assert_eq!(steps(&store, &key, "paid").await, 0);
+
+            let retried = handlers::sm_pay(&store, Payment::new(&key, 0), NoAck).await.expect("redelivery");
+            assert!(retried.is_processed());
+            assert_eq!(store.status(&key).await.as_deref(), Some("paid"));
+        }
+
+    /// `NotFound` and `TooEarly` follow the same retry policy as any retryable failure.
+    #[tokio::test]
+    async fn missing_entity_is_dead_lettered_after_max_attempts() {
+        let store = $open;
+        let key = unique_key("never");
+        let ack = RecordingAck::at_attempt(1);
+        let first = handlers::sm_pay_twice_at_most(&store, Payment::new(&key, 0), ack.clone()).await;
+        assert!(matches!(first, Err(Error::NotFound { retryable: true, .. })), "{first:?}");
+        assert!(ack.requeued_once(), "{:?}", ack.events());
+        let ack = RecordingAck::at_attempt(2);
+        let last = handlers::sm_pay_twice_at_most(&store, Payment::new(&key, 0), ack.clone()).await;
+        assert!(matches!(last, Err(Error::NotFound { .. })), "{last:?}");
+        assert!(ack.dead_lettered_with("gave up after 2 attempts"), "{:?}", ack.events());
+    }
+    };
+}
+
+/// Implementation detail of [`conformance_suite!`]: cases that need SQL against the store's
+/// own database.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __sql_cases {
+    (open = $open:expr, p1 = $p1:literal, p2 = $p2:literal) => {
+        use ::idem_runtime::{Error, NoAck, Outcome};
+        use $crate::effects::SqlTestStore as _;
+        use $crate::{Payment, RecordingAck, unique_key};
+
+        /// `migrate()` twice, and from several tasks at once, is harmless.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn migrate_is_idempotent_and_safe_concurrently() {
+            let store = $open;
+            let runs: Vec<_> = (0..4)
+                .map(|_| {
+                    let store = store.clone();
+                    ::tokio::spawn(async move { store.migrate().await })
+                })
+                .collect();
+            for run in runs {
+                run.await.expect("task").expect("concurrent migrate");
+            }
+            store.migrate().await.expect("migrate again");
+        }
+
+        /// A body that runs a failing statement and ignores the error: the database ends the
+        /// transaction (PostgreSQL aborts it, MariaDB rolls it back on a deadlock, SQLite on
+        /// `OR ROLLBACK`). The delivery must fail and be requeued, never acked; nothing is
+        /// recorded; the redelivery with a healthy body processes once.
+        async fn swallowed_failure_is_never_acked<S: $crate::effects::TestStore>(
+            store: S,
+            handler: impl AsyncFn(
+                &S,
+                Payment,
+                RecordingAck,
+            ) -> Result<Outcome<i64>, Error<$crate::AppError>>,
+            scope: &str,
+        ) {
+            let key = unique_key("swallow");
+            $crate::swallow_once(&key);
+            let ack = RecordingAck::new();
+            let result = handler(&store, Payment::new(&key, 3), ack.clone()).await;
+            match &result {
+                Err(error @ Error::TransactionAborted { .. }) => {
+                    assert!(error.is_retryable());
+                    assert!(
+                        error
+                            .to_string()
+                            .contains("aborted by a failed statement the handler ignored"),
+                        "{error}"
+                    );
+                }
+                other => panic!(
+                    "a transaction the database aborted must not count as committed: {other:?}"
+                ),
+            }
+            assert!(
+                ack.requeued_once(),
+                "requeued, never acked: {:?}",
+                ack.events()
+            );
+            assert_eq!(store.ledger_rows(&key).await, 0, "nothing committed");
+            assert_eq!(store.records(scope, &key).await, 0, "nothing recorded");
+            let ack = RecordingAck::at_attempt(2);
+            let healthy = handler(&store, Payment::new(&key, 3), ack.clone())
+                .await
+                .expect("redelivery");
+            assert_eq!(healthy, Outcome::Processed(3));
+            assert_eq!(ack.events(), vec![$crate::AckEvent::Ack]);
+            assert_eq!(store.ledger_rows(&key).await, 1);
+        }
+
+        #[tokio::test]
+        async fn dedup_table_swallowed_failure_is_never_acked() {
+            swallowed_failure_is_never_acked(
+                $open,
+                async |store, msg, ack| handlers::dedup_swallowing(store, msg, ack).await,
+                "conf.dedup.swallow",
+            )
+            .await;
+        }
+
+        #[tokio::test]
+        async fn unique_constraint_swallowed_failure_is_never_acked() {
+            swallowed_failure_is_never_acked(
+                $open,
+                async |store, msg, ack| handlers::unique_swallowing(store, msg, ack).await,
+                "conf.unique.swallow",
+            )
+            .await;
+        }
+
+        /// The connection that carried an aborted transaction goes back to the pool in a state
+        /// every later delivery can use.
+        #[tokio::test]
+        async fn the_connection_of_an_aborted_transaction_stays_usable() {
+            let store = $open.single_connection().await;
+            let key = unique_key("reuse");
+            $crate::swallow_once(&key);
+            let aborted = handlers::dedup_swallowing(&store, Payment::new(&key, 1), NoAck).await;
+            assert!(
+                matches!(aborted, Err(Error::TransactionAborted { .. })),
+                "{aborted:?}"
+            );
+            for n in 0..3 {
+                let next = unique_key("reuse-next");
+                let outcome = handlers::dedup(&store, Payment::new(&next, n), NoAck)
+                    .await
+                    .expect("the next delivery on the same connection");
+                assert!(outcome.is_processed());
+            }
+            let again = handlers::dedup_swallowing(&store, Payment::new(&key, 1), NoAck)
+                .await
+                .expect("redelivery");
+            assert!(again.is_processed());
+        }
+
+        /// A stored result that no longer decodes into the handler's result type (it changed
+        /// since the record was written) is a typed, permanent error: dead-lettered.
+        #[tokio::test]
+        async fn stored_result_that_no_longer_decodes_is_dead_lettered() {
+            let store = $open;
+            let key = unique_key("replay-type");
+            handlers::dedup_replay(&store, Payment::new(&key, 41), NoAck)
+                .await
+                .expect("first");
+            store
+                .execute_with_texts(
+                    concat!(
+                        "UPDATE idem_records SET response = '\"not a number\"' WHERE scope = ",
+                        $p1,
+                        " AND record_key = ",
+                        $p2
+                    ),
+                    &["conf.dedup.replay", &key],
+                )
+                .await;
+            let ack = RecordingAck::new();
+            let result = handlers::dedup_replay(&store, Payment::new(&key, 41), ack.clone()).await;
+            assert!(matches!(&result, Err(Error::Replay { .. })), "{result:?}");
+            assert!(
+                ack.dead_lettered_with("does not decode"),
+                "{:?}",
+                ack.events()
+            );
+            assert_eq!(store.ledger_rows(&key).await, 1);
         }
     };
 }

@@ -4,14 +4,16 @@
 //! Services are real. A missing service is a loud failure, never a skip: the test command
 //! (`scripts/test`) starts the ones that are installed but stopped.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use idem_runtime::{Acknowledger, Committed, HandlerError, RequeueReason};
+use idem_runtime::{Acknowledger, Committed, DeadLetter, HandlerError, Requeue};
 
 pub mod conformance;
+pub mod effects;
+pub mod memory;
 pub mod mysql;
 pub mod pg;
 pub mod sqlite;
@@ -101,13 +103,112 @@ pub fn fail_once(key: &str) {
         .insert(key.to_owned());
 }
 
-/// Called by the handlers' bodies after their business write: fails once for a poisoned key.
+fn swallowing() -> &'static Mutex<HashSet<String>> {
+    static SWALLOWING: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
+    SWALLOWING.get_or_init(Mutex::default)
+}
+
+/// Makes the next handling of `key` run a failing statement and ignore its error, once.
+pub fn swallow_once(key: &str) {
+    swallowing()
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(key.to_owned());
+}
+
+/// Whether this handling of `key` should swallow a failure (see [`swallow_once`]).
+pub fn should_swallow(key: &str) -> bool {
+    swallowing()
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .remove(key)
+}
+
+fn always_failing() -> &'static Mutex<HashSet<String>> {
+    static FAILING: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
+    FAILING.get_or_init(Mutex::default)
+}
+
+/// Makes every handling of `key` fail in the body, after its business write: a failure that
+/// never heals.
+pub fn fail_always(key: &str) {
+    always_failing()
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(key.to_owned());
+}
+
+fn counted_runs() -> &'static Mutex<HashMap<String, u64>> {
+    static RUNS: OnceLock<Mutex<HashMap<String, u64>>> = OnceLock::new();
+    RUNS.get_or_init(Mutex::default)
+}
+
+/// Counts one run of a body for `key` (called first thing in every conformance body), whether
+/// or not it commits.
+pub fn count_run(key: &str) {
+    *counted_runs()
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .entry(key.to_owned())
+        .or_default() += 1;
+}
+
+/// How many times a body started for `key`.
+pub fn runs(key: &str) -> u64 {
+    counted_runs()
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(key)
+        .copied()
+        .unwrap_or(0)
+}
+
+fn panicking() -> &'static Mutex<HashSet<String>> {
+    static PANICKING: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
+    PANICKING.get_or_init(Mutex::default)
+}
+
+/// Makes the bodies panic for `key` until [`stop_panicking`].
+pub fn panic_on(key: &str) {
+    panicking()
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(key.to_owned());
+}
+
+/// Ends [`panic_on`].
+pub fn stop_panicking(key: &str) {
+    panicking()
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .remove(key);
+}
+
+/// Called by the bodies after their business write: panics for a key given to [`panic_on`].
+///
+/// # Panics
+///
+/// That is its purpose.
+pub fn maybe_panic(key: &str) {
+    let hit = panicking()
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .contains(key);
+    assert!(!hit, "injected panic for order {key}");
+}
+
+/// Called by the handlers' bodies after their business write: fails once for a poisoned key,
+/// and every time for a key given to [`fail_always`].
 pub fn maybe_fail(key: &str) -> Result<(), AppError> {
     let hit = poisoned()
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .remove(key);
-    if hit {
+    let always = always_failing()
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .contains(key);
+    if hit || always {
         Err(AppError::Transient(key.to_owned()))
     } else {
         Ok(())
@@ -119,18 +220,24 @@ pub fn maybe_fail(key: &str) -> Result<(), AppError> {
 pub enum AckEvent {
     /// Acked after commit.
     Ack,
-    /// Requeued.
-    Requeue(RequeueReason),
+    /// Requeued after the failure of delivery `attempt`, to come back after `delay`.
+    Requeue {
+        /// The delivery that failed.
+        attempt: u32,
+        /// The backoff the runtime asked for.
+        delay: Duration,
+    },
     /// Dead-lettered, with the reason.
     DeadLetter(String),
 }
 
-/// An acknowledger that records what it was told, and can fail its ack (a consumer that
-/// crashed between commit and ack, or a lost ack).
+/// An acknowledger that records what it was told, says which delivery it is, and can fail its
+/// ack (a consumer that crashed between commit and ack, or a lost ack).
 #[derive(Debug, Clone, Default)]
 pub struct RecordingAck {
     events: Arc<Mutex<Vec<AckEvent>>>,
     fail_ack: bool,
+    attempt: Option<u32>,
 }
 
 /// The error of a [`RecordingAck`] told to fail.
@@ -152,6 +259,24 @@ impl RecordingAck {
         }
     }
 
+    /// Records, as delivery number `attempt` of its message.
+    pub fn at_attempt(attempt: u32) -> Self {
+        Self {
+            attempt: Some(attempt),
+            ..Self::default()
+        }
+    }
+
+    /// Whether it was told exactly one thing: requeue.
+    pub fn requeued_once(&self) -> bool {
+        matches!(self.events().as_slice(), [AckEvent::Requeue { .. }])
+    }
+
+    /// Whether it was told exactly one thing: dead-letter, with a reason containing `text`.
+    pub fn dead_lettered_with(&self, text: &str) -> bool {
+        matches!(self.events().as_slice(), [AckEvent::DeadLetter(reason)] if reason.contains(text))
+    }
+
     /// Everything it was told, in order.
     pub fn events(&self) -> Vec<AckEvent> {
         self.events
@@ -171,18 +296,25 @@ impl RecordingAck {
 impl Acknowledger for RecordingAck {
     type Error = AckLost;
 
+    fn attempt(&self) -> Option<u32> {
+        self.attempt
+    }
+
     async fn ack(self, _proof: Committed) -> Result<(), AckLost> {
         self.record(AckEvent::Ack);
         if self.fail_ack { Err(AckLost) } else { Ok(()) }
     }
 
-    async fn requeue(self, reason: RequeueReason) -> Result<(), AckLost> {
-        self.record(AckEvent::Requeue(reason));
+    async fn requeue(self, requeue: Requeue) -> Result<(), AckLost> {
+        self.record(AckEvent::Requeue {
+            attempt: requeue.attempt,
+            delay: requeue.delay,
+        });
         Ok(())
     }
 
-    async fn dead_letter(self, reason: &str) -> Result<(), AckLost> {
-        self.record(AckEvent::DeadLetter(reason.to_owned()));
+    async fn dead_letter(self, letter: DeadLetter<'_>) -> Result<(), AckLost> {
+        self.record(AckEvent::DeadLetter(letter.reason.to_owned()));
         Ok(())
     }
 }

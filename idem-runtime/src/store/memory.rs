@@ -6,14 +6,20 @@
 //! table whose constraint could fire).
 //!
 //! What happens to a duplicate here: the gate takes a per-key async lock that the transaction
-//! holds until it commits or rolls back (as a database row lock would), then looks the key up.
+//! holds until it commits, rolls back or is dropped (as a database row lock would), then looks
+//! the key up.
+//!
+//! The body's "writes" can ride on the transaction too: [`MemoryTx::on_commit`] runs a closure
+//! when, and only when, the transaction commits, so a unit test can count effects exactly as
+//! it would count rows.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::OwnedMutexGuard;
 
-use super::{Claim, NewRecord, Store, StoredRecord};
+use super::{Claim, CommitFailure, NewRecord, Store, StoredRecord, sealed};
+use crate::clock::{Clock, SharedClock};
 use crate::key::Key;
 
 type RecordId = (String, String);
@@ -50,22 +56,77 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// let store = MemoryStore::new();
 /// assert_eq!(store.len(), 0);
 /// ```
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct MemoryStore {
     inner: Arc<Inner>,
+    clock: SharedClock,
 }
 
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self {
+            inner: Arc::default(),
+            clock: crate::clock::system(),
+        }
+    }
+}
+
+type Effect = Box<dyn FnOnce() + Send>;
+
 /// The "transaction" an `#[idempotent(store = "memory")]` handler's body receives. It holds the
-/// key's lock and the pending record; there is nothing for the body to write through it.
-#[derive(Debug)]
+/// key's lock and the pending record, and the effects registered with
+/// [`on_commit`](Self::on_commit). Dropping it (a panic, a cancelled handler) rolls back.
 pub struct MemoryTx {
     inner: Arc<Inner>,
     held: Vec<(RecordId, OwnedMutexGuard<()>)>,
     pending: Vec<(RecordId, MemoryRecord)>,
+    effects: Vec<Effect>,
+}
+
+impl std::fmt::Debug for MemoryTx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryTx")
+            .field("held", &self.held.len())
+            .field("pending", &self.pending)
+            .field("effects", &self.effects.len())
+            .finish()
+    }
 }
 
 impl MemoryTx {
-    fn release(mut self) {
+    /// Runs `effect` if and when this transaction commits; never if it rolls back. The memory
+    /// store's stand-in for the body's database writes.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use std::sync::atomic::{AtomicU32, Ordering};
+    /// use idem_runtime::{idempotent, HandlerError, MemoryStore, MemoryTx, NoAck};
+    ///
+    /// #[derive(Debug, thiserror::Error)]
+    /// #[error("never")]
+    /// struct Never;
+    /// impl HandlerError for Never {}
+    ///
+    /// static SENT: AtomicU32 = AtomicU32::new(0);
+    ///
+    /// #[idempotent(key = "0", store = "memory", strategy = "dedup_table", scope = "doc.on_commit")]
+    /// async fn send(tx: &mut MemoryTx, msg: (String,)) -> Result<(), Never> {
+    ///     tx.on_commit(|| { SENT.fetch_add(1, Ordering::SeqCst); });
+    ///     Ok(())
+    /// }
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// let store = MemoryStore::new();
+    /// send(&store, ("m-1".into(),), NoAck).await.unwrap();
+    /// send(&store, ("m-1".into(),), NoAck).await.unwrap();
+    /// assert_eq!(SENT.load(Ordering::SeqCst), 1);
+    /// # });
+    /// ```
+    pub fn on_commit(&mut self, effect: impl FnOnce() + Send + 'static) {
+        self.effects.push(Box::new(effect));
+    }
+
+    fn release(&mut self) {
         let ids: Vec<RecordId> = self.held.drain(..).map(|(id, _guard)| id).collect();
         let mut locks = lock(&self.inner.key_locks);
         for id in ids {
@@ -74,6 +135,14 @@ impl MemoryTx {
                 locks.remove(&id);
             }
         }
+    }
+}
+
+impl Drop for MemoryTx {
+    /// A transaction dropped without commit (a panicking body, a cancelled handler) rolls back:
+    /// its key locks and their map entries are released.
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
@@ -93,6 +162,23 @@ impl MemoryStore {
         self.len() == 0
     }
 
+    /// Reads the time from `clock` instead of the system's (for tests of expiry).
+    #[must_use]
+    pub fn with_clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// Whether a record (live or expired) exists for `key` in `scope`.
+    pub fn has_record(&self, scope: &str, key: &str) -> bool {
+        lock(&self.inner.records).contains_key(&(scope.to_owned(), key.to_owned()))
+    }
+
+    /// Number of per-key locks held or awaited right now: 0 once every transaction ended.
+    pub fn locked_keys(&self) -> usize {
+        lock(&self.inner.key_locks).len()
+    }
+
     /// Forgets every record: what a process restart does to this store.
     pub fn clear(&self) {
         lock(&self.inner.records).clear();
@@ -100,7 +186,7 @@ impl MemoryStore {
 
     /// Deletes records that expired before now; returns how many.
     pub fn purge_expired(&self) -> u64 {
-        let now = crate::strategy::now_ms();
+        let now = self.clock.now_ms();
         let mut records = lock(&self.inner.records);
         let before = records.len();
         records.retain(|_, record| record.is_live(now));
@@ -112,29 +198,39 @@ fn record_id(key: &Key) -> RecordId {
     (key.scope().to_owned(), key.value().to_owned())
 }
 
+impl sealed::Sealed for MemoryStore {}
+
 impl Store for MemoryStore {
     type Tx = MemoryTx;
     const NAME: &'static str = "memory";
+
+    fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
+    }
 
     async fn begin(&self) -> Result<Self::Tx, sqlx::Error> {
         Ok(MemoryTx {
             inner: Arc::clone(&self.inner),
             held: Vec::new(),
             pending: Vec::new(),
+            effects: Vec::new(),
         })
     }
 
-    async fn commit(mut tx: Self::Tx) -> Result<(), sqlx::Error> {
+    async fn commit(&self, mut tx: Self::Tx) -> Result<(), CommitFailure> {
         {
             let mut records = lock(&tx.inner.records);
             records.extend(tx.pending.drain(..));
         }
-        tx.release();
+        for effect in tx.effects.drain(..) {
+            effect();
+        }
+        // Dropping `tx` releases its key locks.
         Ok(())
     }
 
     async fn rollback(tx: Self::Tx) -> Result<(), sqlx::Error> {
-        tx.release();
+        drop(tx);
         Ok(())
     }
 
@@ -188,7 +284,7 @@ impl Store for MemoryStore {
     fn is_unique_violation(
         &self,
         _error: &dyn sqlx::error::DatabaseError,
-        _constraint: Option<&str>,
+        _constraint: &str,
     ) -> bool {
         false
     }

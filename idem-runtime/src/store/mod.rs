@@ -23,11 +23,9 @@
 //! expired rows with the store's `purge_expired()`.
 
 use std::future::Future;
-use std::sync::Arc;
 
 use crate::key::Key;
-use crate::strategy::Transition;
-use crate::strategy::state_machine::StateKey;
+use crate::transition::{StateKey, Transition, TransitionOutcome, TransitionSql};
 
 pub mod memory;
 #[cfg(feature = "mysql")]
@@ -97,12 +95,37 @@ pub enum Claim {
     Existing(StoredRecord),
 }
 
+pub(crate) mod sealed {
+    /// Only this crate's stores implement [`Store`](super::Store).
+    #[allow(unreachable_pub)] // public in a private module: nameable by no one outside
+    pub trait Sealed {}
+}
+
+/// Why a commit did not make the transaction's effects durable.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum CommitFailure {
+    /// The transaction had already ended before the commit: a statement in the body failed,
+    /// the body ignored the error, and the database aborted (PostgreSQL) or rolled back
+    /// (MySQL after a deadlock, SQLite after `OR ROLLBACK`) the whole transaction. Nothing of
+    /// it is committed, the dedup record included.
+    Aborted,
+    /// The commit failed, or its outcome is unknown (the connection dropped mid-commit).
+    Database(sqlx::Error),
+}
+
+impl From<sqlx::Error> for CommitFailure {
+    fn from(error: sqlx::Error) -> Self {
+        Self::Database(error)
+    }
+}
+
 /// A backend that runs the handler's transaction and keeps dedup records.
 ///
-/// Implemented by [`PgStore`](pg::PgStore), [`SqliteStore`](sqlite::SqliteStore) and
-/// [`MemoryStore`](memory::MemoryStore). The strategies are written against this trait only,
-/// so a new backend is one file.
-pub trait Store: Send + Sync {
+/// Implemented by [`PgStore`](pg::PgStore), [`MySqlStore`](mysql::MySqlStore),
+/// [`SqliteStore`](sqlite::SqliteStore) and [`MemoryStore`](memory::MemoryStore); sealed. The
+/// strategies are written against this trait only, so a new backend is one file.
+pub trait Store: sealed::Sealed + Send + Sync {
     /// The transaction the handler's body receives as `&mut Self::Tx`.
     type Tx: Send;
 
@@ -112,8 +135,13 @@ pub trait Store: Send + Sync {
     /// Opens a write transaction.
     fn begin(&self) -> impl Future<Output = Result<Self::Tx, sqlx::Error>> + Send;
 
-    /// Commits. When this returns `Ok`, the effects are durable.
-    fn commit(tx: Self::Tx) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+    /// Now, Unix milliseconds, from the store's [`Clock`](crate::clock::Clock).
+    fn now_ms(&self) -> i64;
+
+    /// Commits, after checking that the transaction is still the one [`begin`](Self::begin)
+    /// opened (the check rides on the commit's round trip where the database allows). When
+    /// this returns `Ok`, the effects are durable.
+    fn commit(&self, tx: Self::Tx) -> impl Future<Output = Result<(), CommitFailure>> + Send;
 
     /// Rolls back.
     fn rollback(tx: Self::Tx) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
@@ -142,34 +170,10 @@ pub trait Store: Send + Sync {
         now_ms: i64,
     ) -> impl Future<Output = Result<Option<StoredRecord>, sqlx::Error>> + Send;
 
-    /// Whether `error` is a unique violation of `constraint` (or of any unique constraint,
-    /// when `None`). Stores without business tables return `false`.
-    fn is_unique_violation(
-        &self,
-        error: &dyn sqlx::error::DatabaseError,
-        constraint: Option<&str>,
-    ) -> bool;
-}
-
-/// The statements of one [`Transition`] in a store's dialect, built once per handler.
-#[derive(Debug, Clone)]
-pub struct TransitionSql {
-    /// The guarded update: `$1` = `to`, `$2` = key, `$3…` = `from`.
-    pub update: Arc<str>,
-    /// The read that classifies a delivery that moved nothing: `$1` = key.
-    pub select: Arc<str>,
-}
-
-/// What the guarded update found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TransitionOutcome {
-    /// The row moved: this delivery owns the transition.
-    Moved,
-    /// Nothing moved. `current`: `None` = no row; `Some(state)` = the row's status (`None` if NULL).
-    Unmoved {
-        /// What the read found.
-        current: Option<Option<String>>,
-    },
+    /// Whether `error` is a unique violation of `constraint`. Stores without business tables
+    /// return `false`.
+    fn is_unique_violation(&self, error: &dyn sqlx::error::DatabaseError, constraint: &str)
+    -> bool;
 }
 
 /// A store whose business tables can be the gate of `state_machine`.
@@ -193,8 +197,8 @@ pub trait TransitionStore: Store {
 /// wall of higher-ranked sqlx bounds.) Rows affected count *matched* rows on MySQL too, as
 /// sqlx sets `CLIENT_FOUND_ROWS`.
 macro_rules! run_transition {
-    ($conn:expr, $statements:expr, $transition:expr, $key:expr) => {{
-        use $crate::strategy::state_machine::StateKey;
+    ($conn:expr, $statements:expr, $transition:expr, $key:expr, uuid = $uuid:ident) => {{
+        use $crate::transition::StateKey;
         // Built from identifiers the macro validated and the store quoted; values are bound.
         let update = sqlx::query(sqlx::AssertSqlSafe(std::sync::Arc::clone(
             &$statements.update,
@@ -203,12 +207,14 @@ macro_rules! run_transition {
         let mut update = match $key {
             StateKey::Text(text) => update.bind(text.as_str()),
             StateKey::Integer(integer) => update.bind(*integer),
+            #[cfg(feature = "uuid")]
+            StateKey::Uuid(uuid) => $crate::store::run_transition!(@uuid $uuid, update, uuid),
         };
         for state in $transition.from() {
             update = update.bind(*state);
         }
         if update.execute(&mut *$conn).await?.rows_affected() > 0 {
-            Ok($crate::store::TransitionOutcome::Moved)
+            Ok($crate::transition::TransitionOutcome::Moved)
         } else {
             let select = sqlx::query_scalar(sqlx::AssertSqlSafe(std::sync::Arc::clone(
                 &$statements.select,
@@ -216,78 +222,19 @@ macro_rules! run_transition {
             let select = match $key {
                 StateKey::Text(text) => select.bind(text.as_str()),
                 StateKey::Integer(integer) => select.bind(*integer),
+                #[cfg(feature = "uuid")]
+                StateKey::Uuid(uuid) => $crate::store::run_transition!(@uuid $uuid, select, uuid),
             };
             let current: Option<Option<String>> = select.fetch_optional(&mut *$conn).await?;
-            Ok($crate::store::TransitionOutcome::Unmoved { current })
+            Ok($crate::transition::TransitionOutcome::Unmoved { current })
         }
     }};
+    (@uuid native, $query:ident, $uuid:ident) => {
+        $query.bind(*$uuid)
+    };
+    (@uuid text, $query:ident, $uuid:ident) => {
+        $query.bind($uuid.hyphenated().to_string())
+    };
 }
 #[cfg(any(feature = "pg", feature = "mysql", feature = "sqlite"))]
 pub(crate) use run_transition;
-
-/// Quotes a validated identifier (`name` or `schema.name`) with `quote`, part by part,
-/// doubling any `quote` inside: `"…"` for PostgreSQL and SQLite, `` `…` `` for MySQL. The macro
-/// admits only `[A-Za-z_][A-Za-z0-9_]*` parts; the doubling is defence in depth.
-pub(crate) fn quote_identifier(name: &str, quote: char) -> String {
-    let doubled = format!("{quote}{quote}");
-    name.split('.')
-        .map(|part| format!("{quote}{}{quote}", part.replace(quote, &doubled)))
-        .collect::<Vec<_>>()
-        .join(".")
-}
-
-/// The guarded update and the read for `transition` in a dialect: `quote` quotes identifiers,
-/// `placeholder(n)` gives the n-th (1-based) parameter marker.
-pub(crate) fn transition_statements(
-    transition: &Transition,
-    quote: char,
-    placeholder: impl Fn(usize) -> String,
-) -> TransitionSql {
-    let table = quote_identifier(transition.table(), quote);
-    let column = quote_identifier(transition.column(), quote);
-    let key_column = quote_identifier(transition.key_column(), quote);
-    let from = (0..transition.from().len())
-        .map(|i| placeholder(i + 3))
-        .collect::<Vec<_>>()
-        .join(", ");
-    TransitionSql {
-        update: format!(
-            "UPDATE {table} SET {column} = {to} WHERE {key_column} = {key} AND {column} IN ({from})",
-            to = placeholder(1),
-            key = placeholder(2),
-        )
-        .into(),
-        select: format!(
-            "SELECT {column} FROM {table} WHERE {key_column} = {key}",
-            key = placeholder(1)
-        )
-        .into(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn statements_quote_identifiers_and_bind_values() {
-        const STEP: Transition = Transition::new(
-            "shop.orders",
-            "status",
-            "order_id",
-            &["new", "held"],
-            "paid",
-        );
-        let sql = transition_statements(&STEP, '"', |n| format!("${n}"));
-        assert_eq!(
-            &*sql.update,
-            r#"UPDATE "shop"."orders" SET "status" = $1 WHERE "order_id" = $2 AND "status" IN ($3, $4)"#
-        );
-        assert_eq!(
-            &*sql.select,
-            r#"SELECT "status" FROM "shop"."orders" WHERE "order_id" = $1"#
-        );
-        assert_eq!(quote_identifier(r#"a"b"#, '"'), r#""a""b""#);
-        assert_eq!(quote_identifier("a`b", '`'), "`a``b`");
-    }
-}

@@ -10,17 +10,38 @@
 //! read. A twin in flight makes the `INSERT` wait on InnoDB's lock on the uncommitted row, then
 //! fail with 1062 (the twin committed) or succeed (it rolled back). Deadlocks (1213) and lock
 //! wait time-outs (1205) are retryable.
+//!
+//! Two twins that find the same *expired* record both hold a shared lock on it from their
+//! failed `INSERT`, and both then need an exclusive one to take it over: InnoDB resolves that
+//! deadlock by rolling one back (1213). That one is requeued, and its redelivery finds the
+//! record renewed: a duplicate. At most one of them runs its body to commit.
+//!
+//! A deadlock rolls back the *whole* transaction, and MySQL runs the statements that follow in
+//! autocommit mode. A body that ignores that error therefore goes on outside any transaction:
+//! its later writes are committed one by one, and the dedup record is gone. The commit checks,
+//! in its own round trip (`SELECT` with a condition that fails outside a transaction, then
+//! `COMMIT; BEGIN`), that a transaction is still open, and reports
+//! [`CommitFailure::Aborted`] when not, so the message is requeued rather than acked; but the
+//! writes the body made after the ignored error are already committed. Never ignore a database
+//! error in a handler's body. The check reads MariaDB's `@@in_transaction`; on MySQL, which
+//! has no such variable, it asks `information_schema.INNODB_TRX` for the connection's
+//! transaction (MySQL 8 is not tested here).
 
 use sqlx::Transaction;
 use sqlx::mysql::{MySql, MySqlDatabaseError, MySqlPool, MySqlPoolOptions};
 
+use std::sync::{Arc, OnceLock};
+
 use super::{
-    CLAIM_ATTEMPTS, Claim, NewRecord, RecordRow, Store, StoredRecord, TransitionOutcome,
-    TransitionSql, TransitionStore, live_record, record_kept_vanishing, transition_statements,
+    CLAIM_ATTEMPTS, Claim, CommitFailure, NewRecord, RecordRow, Store, StoredRecord,
+    TransitionStore, live_record, record_kept_vanishing, sealed,
 };
+use crate::classify::{MYSQL_DUPLICATE_ENTRY, mysql_duplicate_key_name};
+use crate::clock::{Clock, SharedClock};
 use crate::key::Key;
-use crate::strategy::Transition;
-use crate::strategy::state_machine::StateKey;
+use crate::transition::{
+    StateKey, Transition, TransitionOutcome, TransitionSql, transition_statements,
+};
 
 /// The transaction an `#[idempotent(store = "mysql")]` handler's body receives.
 pub type MySqlTx<'c> = Transaction<'c, MySql>;
@@ -38,14 +59,19 @@ pub type MySqlTx<'c> = Transaction<'c, MySql>;
 #[derive(Debug, Clone)]
 pub struct MySqlStore {
     pool: MySqlPool,
+    clock: SharedClock,
+    /// The checked commit for this server's flavour, learnt on the first `begin`.
+    checked_commit: Arc<OnceLock<&'static str>>,
 }
 
-/// `ER_DUP_ENTRY`: a unique key already holds the value.
-const DUPLICATE_ENTRY: u16 = 1062;
-/// `ER_LOCK_DEADLOCK`.
-pub(crate) const DEADLOCK: u16 = 1213;
-/// `ER_LOCK_WAIT_TIMEOUT`.
-pub(crate) const LOCK_WAIT_TIMEOUT: u16 = 1205;
+/// The commit, after a check that fails (error 1242, "subquery returns more than 1 row") when
+/// no transaction is open; the trailing `BEGIN` gives sqlx's `Transaction` one to roll back.
+const MARIADB_CHECKED_COMMIT: &str =
+    "SELECT IF(@@in_transaction = 1, 1, (SELECT 1 UNION ALL SELECT 1)); COMMIT; BEGIN";
+const MYSQL_CHECKED_COMMIT: &str = "SELECT IF(EXISTS (SELECT 1 FROM information_schema.INNODB_TRX \
+    WHERE trx_mysql_thread_id = CONNECTION_ID()), 1, (SELECT 1 UNION ALL SELECT 1)); COMMIT; BEGIN";
+/// `ER_SUBQUERY_NO_1_ROW`: what the check raises outside a transaction.
+const TRANSACTION_GONE: u16 = 1242;
 
 // Scope and key fit one index entry: (200 + 500) characters × 4 bytes = 2,800 of InnoDB's
 // 3,072. `utf8mb4_bin`: keys compare byte for byte, as on PostgreSQL and SQLite.
@@ -75,7 +101,18 @@ const PURGE_EXPIRED: &str =
 impl MySqlStore {
     /// Uses an existing pool: the store shares your service's connections and transactions.
     pub fn new(pool: MySqlPool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            clock: crate::clock::system(),
+            checked_commit: Arc::default(),
+        }
+    }
+
+    /// Reads the time from `clock` instead of the system's (for tests of expiry).
+    #[must_use]
+    pub fn with_clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
     }
 
     /// Connects a new pool to `url`.
@@ -99,7 +136,7 @@ impl MySqlStore {
     /// Deletes records that expired before now; returns how many.
     pub async fn purge_expired(&self) -> Result<u64, sqlx::Error> {
         let done = sqlx::query(PURGE_EXPIRED)
-            .bind(crate::strategy::now_ms())
+            .bind(self.clock.now_ms())
             .execute(&self.pool)
             .await?;
         Ok(done.rows_affected())
@@ -123,27 +160,62 @@ fn is_record_conflict(error: &sqlx::Error) -> bool {
         return false;
     };
     db.try_downcast_ref::<MySqlDatabaseError>()
-        .is_some_and(|e| e.number() == DUPLICATE_ENTRY)
-        && duplicate_key_name(db.message()) == Some("PRIMARY")
+        .is_some_and(|e| e.number() == MYSQL_DUPLICATE_ENTRY)
+        && mysql_duplicate_key_name(db.message()) == Some("PRIMARY")
 }
 
-/// The key named in a duplicate-entry message: MariaDB says `… for key 'name'`, MySQL 8
-/// `… for key 'table.name'`.
-fn duplicate_key_name(message: &str) -> Option<&str> {
-    let quoted = message.rsplit_once("for key '")?.1.strip_suffix('\'')?;
-    Some(quoted.rsplit_once('.').map_or(quoted, |(_, name)| name))
-}
+impl sealed::Sealed for MySqlStore {}
 
 impl Store for MySqlStore {
     type Tx = MySqlTx<'static>;
     const NAME: &'static str = "mysql";
 
-    async fn begin(&self) -> Result<Self::Tx, sqlx::Error> {
-        self.pool.begin().await
+    fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
     }
 
-    async fn commit(tx: Self::Tx) -> Result<(), sqlx::Error> {
-        tx.commit().await
+    async fn begin(&self) -> Result<Self::Tx, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        if self.checked_commit.get().is_none() {
+            let version: String = sqlx::query_scalar("SELECT VERSION()")
+                .fetch_one(&mut *tx)
+                .await?;
+            let checked = if version.contains("MariaDB") {
+                MARIADB_CHECKED_COMMIT
+            } else {
+                MYSQL_CHECKED_COMMIT
+            };
+            let _ = self.checked_commit.set(checked);
+        }
+        Ok(tx)
+    }
+
+    async fn commit(&self, mut tx: Self::Tx) -> Result<(), CommitFailure> {
+        let checked = self
+            .checked_commit
+            .get()
+            .copied()
+            .unwrap_or(MARIADB_CHECKED_COMMIT);
+        match sqlx::raw_sql(sqlx::AssertSqlSafe(checked))
+            .execute(&mut *tx)
+            .await
+        {
+            // Committed; dropping `tx` rolls back the empty transaction `BEGIN` opened.
+            Ok(_) => Ok(()),
+            Err(error) => {
+                // Outside a transaction `ROLLBACK` does nothing, so this is right either way.
+                let _ = tx.rollback().await;
+                let gone = error
+                    .as_database_error()
+                    .and_then(|db| db.try_downcast_ref::<MySqlDatabaseError>())
+                    .is_some_and(|db| db.number() == TRANSACTION_GONE);
+                if gone {
+                    Err(CommitFailure::Aborted)
+                } else {
+                    Err(CommitFailure::Database(error))
+                }
+            }
+        }
     }
 
     async fn rollback(tx: Self::Tx) -> Result<(), sqlx::Error> {
@@ -174,8 +246,9 @@ impl Store for MySqlStore {
             if let Some(existing) = live_record(row, record.now_ms) {
                 return Ok(Claim::Existing(existing));
             }
-            // Expired: take it over. The update locks the row, so a racing twin blocks, then
-            // sees the renewed expiry and moves nothing.
+            // Expired: take it over. A racing twin that also saw the expired record holds a
+            // shared lock on it from its failed INSERT, as we do: one of the two updates
+            // deadlocks (1213, retryable) and that delivery is requeued (module docs).
             let taken = sqlx::query(TAKE_OVER_EXPIRED)
                 .bind(record.fingerprint)
                 .bind(record.response)
@@ -226,10 +299,10 @@ impl Store for MySqlStore {
     fn is_unique_violation(
         &self,
         error: &dyn sqlx::error::DatabaseError,
-        constraint: Option<&str>,
+        constraint: &str,
     ) -> bool {
         error.kind() == sqlx::error::ErrorKind::UniqueViolation
-            && constraint.is_none_or(|name| duplicate_key_name(error.message()) == Some(name))
+            && mysql_duplicate_key_name(error.message()) == Some(constraint)
     }
 }
 
@@ -246,26 +319,13 @@ impl TransitionStore for MySqlStore {
         transition: &Transition,
         key: &StateKey,
     ) -> Result<TransitionOutcome, sqlx::Error> {
-        super::run_transition!(&mut **tx, statements, transition, key)
+        super::run_transition!(&mut **tx, statements, transition, key, uuid = text)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn duplicate_key_names_from_both_servers() {
-        assert_eq!(
-            duplicate_key_name("Duplicate entry 'a-1' for key 'PRIMARY'"),
-            Some("PRIMARY")
-        );
-        assert_eq!(
-            duplicate_key_name("Duplicate entry 'a' for key 'payments.payments_order_key'"),
-            Some("payments_order_key")
-        );
-        assert_eq!(duplicate_key_name("Deadlock found"), None);
-    }
 
     #[test]
     fn transition_statements_use_backticks_and_positional_parameters() {

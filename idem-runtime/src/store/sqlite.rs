@@ -5,6 +5,18 @@
 //! time. A twin waits for the lock (the busy timeout), then its gate finds the committed
 //! record. Starting with a plain `BEGIN` would let two readers both try to upgrade to writer
 //! and fail with `SQLITE_BUSY` instead of waiting.
+//!
+//! Durability: [`SqliteStore::open`] sets `synchronous = FULL`, so a transaction that
+//! committed (and whose message was then acked) survives a power loss or an OS crash, not only
+//! a process crash. `NORMAL` is faster in WAL mode but may lose the last transactions on power
+//! loss, after their messages were acked: opt in with [`SqliteStore::open_with`] and
+//! [`Synchronous::Normal`] only where that is acceptable (BENCHMARKS.md measures the cost).
+//!
+//! A statement with `OR ROLLBACK`, a `RAISE(ROLLBACK)` trigger or some I/O errors roll the whole
+//! transaction back, and SQLite runs later statements in autocommit mode. The commit then
+//! finds no transaction ("cannot commit - no transaction is active"), which the store reports
+//! as [`CommitFailure::Aborted`]: requeued, never acked. Statements the body ran after that
+//! ignored error were committed one by one.
 
 use std::path::Path;
 use std::str::FromStr;
@@ -16,12 +28,15 @@ use sqlx::sqlite::{
 use sqlx::{Sqlite, Transaction};
 
 use super::{
-    Claim, NewRecord, RecordRow, Store, StoredRecord, TransitionOutcome, TransitionSql,
-    TransitionStore, live_record, transition_statements,
+    Claim, CommitFailure, NewRecord, RecordRow, Store, StoredRecord, TransitionStore, live_record,
+    sealed,
 };
+use crate::classify::{is_transaction_gone, sqlite_unique_detail_matches};
+use crate::clock::{Clock, SharedClock};
 use crate::key::Key;
-use crate::strategy::Transition;
-use crate::strategy::state_machine::StateKey;
+use crate::transition::{
+    StateKey, Transition, TransitionOutcome, TransitionSql, transition_statements,
+};
 
 /// The transaction an `#[idempotent(store = "sqlite")]` handler's body receives.
 pub type SqliteTx<'c> = Transaction<'c, Sqlite>;
@@ -43,6 +58,20 @@ pub const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    clock: SharedClock,
+}
+
+/// How hard SQLite works to keep a committed transaction across a power loss
+/// (`PRAGMA synchronous`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Synchronous {
+    /// `FULL`, the default: a committed transaction survives a power loss or an OS crash.
+    #[default]
+    Full,
+    /// `NORMAL`: survives a process crash, but the last transactions may be lost on power loss,
+    /// after their messages were acknowledged. Faster; choose it knowingly.
+    Normal,
 }
 
 const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS idem_records (
@@ -71,36 +100,62 @@ const PURGE_EXPIRED: &str =
 
 impl SqliteStore {
     /// Opens (creating if missing) the database file at `path` with the settings this store
-    /// relies on: WAL journal, `synchronous = NORMAL` (durable across process crashes, which is
-    /// what redelivery is about), foreign keys on, and a [`BUSY_TIMEOUT`] for waiting writers.
+    /// relies on: WAL journal, `synchronous = FULL` (a committed, acked message survives a
+    /// power loss), foreign keys on, and a [`BUSY_TIMEOUT`] for waiting writers.
     pub async fn open(path: impl AsRef<Path>) -> Result<Self, sqlx::Error> {
+        Self::open_with(path, Synchronous::Full).await
+    }
+
+    /// Like [`open`](Self::open), with the durability `synchronous` (see [`Synchronous`]).
+    pub async fn open_with(
+        path: impl AsRef<Path>,
+        synchronous: Synchronous,
+    ) -> Result<Self, sqlx::Error> {
         let options = SqliteConnectOptions::new().filename(path);
-        Self::with_options(options).await
+        Self::with_options(options, synchronous).await
     }
 
     /// Like [`open`](Self::open), from a `sqlite:` URL.
     pub async fn connect(url: &str) -> Result<Self, sqlx::Error> {
-        Self::with_options(SqliteConnectOptions::from_str(url)?).await
+        Self::with_options(SqliteConnectOptions::from_str(url)?, Synchronous::Full).await
     }
 
-    async fn with_options(options: SqliteConnectOptions) -> Result<Self, sqlx::Error> {
+    async fn with_options(
+        options: SqliteConnectOptions,
+        synchronous: Synchronous,
+    ) -> Result<Self, sqlx::Error> {
+        let synchronous = match synchronous {
+            Synchronous::Full => SqliteSynchronous::Full,
+            Synchronous::Normal => SqliteSynchronous::Normal,
+        };
         let options = options
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
+            .synchronous(synchronous)
             .foreign_keys(true)
             .busy_timeout(BUSY_TIMEOUT);
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             .connect_with(options)
             .await?;
-        Ok(Self { pool })
+        Ok(Self::new(pool))
     }
 
-    /// Uses an existing pool. Configure it as [`open`](Self::open) does (WAL and a busy
-    /// timeout at least), or concurrent deliveries fail with `SQLITE_BUSY` instead of waiting.
+    /// Uses an existing pool. Configure it as [`open`](Self::open) does (WAL, a busy timeout,
+    /// `synchronous = FULL`), or concurrent deliveries fail with `SQLITE_BUSY` instead of
+    /// waiting, and acked messages may be lost on power loss.
     pub fn new(pool: SqlitePool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            clock: crate::clock::system(),
+        }
+    }
+
+    /// Reads the time from `clock` instead of the system's (for tests of expiry).
+    #[must_use]
+    pub fn with_clock(mut self, clock: impl Clock) -> Self {
+        self.clock = std::sync::Arc::new(clock);
+        self
     }
 
     /// The pool, for the rest of your queries.
@@ -119,7 +174,7 @@ impl SqliteStore {
     /// Deletes records that expired before now; returns how many.
     pub async fn purge_expired(&self) -> Result<u64, sqlx::Error> {
         let done = sqlx::query(PURGE_EXPIRED)
-            .bind(crate::strategy::now_ms())
+            .bind(self.clock.now_ms())
             .execute(&self.pool)
             .await?;
         Ok(done.rows_affected())
@@ -137,16 +192,40 @@ impl SqliteStore {
     }
 }
 
+impl sealed::Sealed for SqliteStore {}
+
 impl Store for SqliteStore {
     type Tx = SqliteTx<'static>;
     const NAME: &'static str = "sqlite";
+
+    fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
+    }
 
     async fn begin(&self) -> Result<Self::Tx, sqlx::Error> {
         self.pool.begin_with("BEGIN IMMEDIATE").await
     }
 
-    async fn commit(tx: Self::Tx) -> Result<(), sqlx::Error> {
-        tx.commit().await
+    async fn commit(&self, mut tx: Self::Tx) -> Result<(), CommitFailure> {
+        // Not `tx.commit()`: when SQLite already ended the transaction, that `COMMIT` fails,
+        // the `ROLLBACK` sqlx then sends fails too, and the connection goes back to the pool
+        // believing it is still in a transaction, so that every later `begin` on it fails.
+        // The trailing `BEGIN` (deferred: no lock) gives the `Transaction` one to roll back.
+        match sqlx::raw_sql("COMMIT; BEGIN").execute(&mut *tx).await {
+            Ok(_) => Ok(()),
+            Err(error) => {
+                // Reopen one if the failure ended the transaction, so that the rollback
+                // matches sqlx's count; if it did not (`BUSY`), this fails and the rollback
+                // ends the open one.
+                let _ = sqlx::raw_sql("BEGIN").execute(&mut *tx).await;
+                let _ = tx.rollback().await;
+                if is_transaction_gone(&error) {
+                    Err(CommitFailure::Aborted)
+                } else {
+                    Err(CommitFailure::Database(error))
+                }
+            }
+        }
     }
 
     async fn rollback(tx: Self::Tx) -> Result<(), sqlx::Error> {
@@ -198,38 +277,16 @@ impl Store for SqliteStore {
         Ok(live_record(Self::read(&mut conn, key).await?, now_ms))
     }
 
-    /// SQLite reports no constraint names: its message lists the columns
-    /// (`UNIQUE constraint failed: payments.order_id`) or, for an index on expressions, the
-    /// index (`UNIQUE constraint failed: index 'payments_by_order'`). `constraint` matches either
-    /// form: `"payments.order_id"` (comma-separated for several columns) or the index name.
+    /// SQLite reports no constraint names; `constraint` is matched against its message (see
+    /// `idempotent`'s `constraint` docs): `"payments.order_id"` or an index name.
     fn is_unique_violation(
         &self,
         error: &dyn sqlx::error::DatabaseError,
-        constraint: Option<&str>,
+        constraint: &str,
     ) -> bool {
-        if error.kind() != sqlx::error::ErrorKind::UniqueViolation {
-            return false;
-        }
-        let Some(name) = constraint else {
-            return true;
-        };
-        let detail = error
-            .message()
-            .split_once("constraint failed: ")
-            .map_or("", |(_, detail)| detail);
-        sqlite_detail_matches(detail, name)
+        error.kind() == sqlx::error::ErrorKind::UniqueViolation
+            && sqlite_unique_detail_matches(error.message(), constraint)
     }
-}
-
-fn sqlite_detail_matches(detail: &str, constraint: &str) -> bool {
-    if let Some(index) = detail
-        .strip_prefix("index '")
-        .and_then(|rest| rest.strip_suffix('\''))
-    {
-        return index == constraint;
-    }
-    let columns = detail.split(',').map(str::trim);
-    columns.eq(constraint.split(',').map(str::trim))
 }
 
 impl TransitionStore for SqliteStore {
@@ -244,24 +301,6 @@ impl TransitionStore for SqliteStore {
         transition: &Transition,
         key: &StateKey,
     ) -> Result<TransitionOutcome, sqlx::Error> {
-        super::run_transition!(&mut **tx, statements, transition, key)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::sqlite_detail_matches;
-
-    #[test]
-    fn constraint_names_match_sqlite_messages() {
-        assert!(sqlite_detail_matches(
-            "payments.order_id",
-            "payments.order_id"
-        ));
-        assert!(sqlite_detail_matches("t.a, t.b", "t.a,t.b"));
-        assert!(!sqlite_detail_matches("t.a, t.b", "t.a"));
-        assert!(!sqlite_detail_matches("payments.id", "payments.order_id"));
-        assert!(sqlite_detail_matches("index 'by_order'", "by_order"));
-        assert!(!sqlite_detail_matches("index 'by_order'", "other"));
+        super::run_transition!(&mut **tx, statements, transition, key, uuid = text)
     }
 }

@@ -17,6 +17,8 @@ use crate::store::Store;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DedupTable;
 
+impl super::sealed::Sealed for DedupTable {}
+
 impl<S: Store> Strategy<S> for DedupTable {
     const NAME: &'static str = "dedup_table";
 

@@ -31,179 +31,15 @@
 //! unique in the table. There is nothing to store a result or fingerprint in, so `replay`,
 //! `fingerprint` and `ttl` are compile errors here.
 //!
-//! The statements are built once per handler, in the store's dialect, from identifiers the
-//! macro validated and the store quotes; every value (key, states) is a bound parameter. The
+//! The step, its key binding and its statements are in [`transition`](crate::transition). The
 //! status column must hold text (`TEXT`, `VARCHAR`); PostgreSQL enum columns are not supported
-//! yet.
+//! yet. The key column may be text, an integer, or (feature `uuid`) a UUID.
 
 use std::sync::OnceLock;
 
 use super::{Delivery, Gate, Refusal, Strategy};
-use crate::store::{TransitionOutcome, TransitionSql, TransitionStore};
-
-/// The value a state-machine gate compares the key column with, bound with its SQL type.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum StateKey {
-    /// A text key (`TEXT`, `VARCHAR` column).
-    Text(String),
-    /// An integer key (`INTEGER`, `BIGINT` column).
-    Integer(i64),
-}
-
-/// A key field type a `state_machine` gate can bind: strings and integers.
-///
-/// Implement it for an id newtype by converting to the column's type:
-///
-/// ```
-/// use idem_runtime::strategy::state_machine::{StateKey, StateKeyPart};
-///
-/// struct OrderId(i64);
-///
-/// impl StateKeyPart for OrderId {
-///     fn state_key(&self) -> StateKey {
-///         StateKey::Integer(self.0)
-///     }
-/// }
-/// ```
-#[diagnostic::on_unimplemented(
-    message = "`{Self}` cannot be bound as the key of a `state_machine` transition",
-    label = "the key column is compared with this field",
-    note = "key on a string or integer field, or implement `idem_runtime::strategy::state_machine::StateKeyPart` for `{Self}`"
-)]
-pub trait StateKeyPart {
-    /// The value to compare the key column with.
-    fn state_key(&self) -> StateKey;
-}
-
-impl StateKeyPart for str {
-    fn state_key(&self) -> StateKey {
-        StateKey::Text(self.to_owned())
-    }
-}
-
-impl StateKeyPart for String {
-    fn state_key(&self) -> StateKey {
-        StateKey::Text(self.clone())
-    }
-}
-
-impl<T: StateKeyPart + ?Sized> StateKeyPart for &T {
-    fn state_key(&self) -> StateKey {
-        (**self).state_key()
-    }
-}
-
-macro_rules! state_key_from_integer {
-    ($($ty:ty),*) => {$(
-        impl StateKeyPart for $ty {
-            fn state_key(&self) -> StateKey {
-                StateKey::Integer(i64::from(*self))
-            }
-        }
-    )*};
-}
-
-// Every integer type that converts to `i64` without loss.
-state_key_from_integer!(i8, i16, i32, i64, u8, u16, u32);
-
-/// What to do when the entity's row does not exist.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum OnMissing {
-    /// Requeue: the creating message may not have arrived yet (the default).
-    Retry,
-    /// Dead-letter: the entity must exist before this message is sent.
-    DeadLetter,
-}
-
-/// One step of an entity's lifecycle: `table.column` moves `from` → `to` for the row whose
-/// `key_column` is the message's key.
-#[derive(Debug, Clone, Copy)]
-pub struct Transition {
-    table: &'static str,
-    column: &'static str,
-    key_column: &'static str,
-    from: &'static [&'static str],
-    to: &'static str,
-    done: &'static [&'static str],
-    early: &'static [&'static str],
-    on_missing: OnMissing,
-}
-
-impl Transition {
-    /// A step that moves `column` of `table` from one of `from` to `to`, finding the row by
-    /// `key_column`. Identifiers may be `schema.table`; the store quotes them.
-    pub const fn new(
-        table: &'static str,
-        column: &'static str,
-        key_column: &'static str,
-        from: &'static [&'static str],
-        to: &'static str,
-    ) -> Self {
-        Self {
-            table,
-            column,
-            key_column,
-            from,
-            to,
-            done: &[],
-            early: &[],
-            on_missing: OnMissing::Retry,
-        }
-    }
-
-    /// States that mean "already past this step" (besides `to`): a delivery that finds one is a
-    /// duplicate.
-    pub const fn with_done(mut self, done: &'static [&'static str]) -> Self {
-        self.done = done;
-        self
-    }
-
-    /// States that come before `from` in the lifecycle: a delivery that finds one arrived
-    /// before its predecessor step, and is retried ([`Error::TooEarly`](crate::Error::TooEarly))
-    /// rather than dead-lettered.
-    pub const fn with_early(mut self, early: &'static [&'static str]) -> Self {
-        self.early = early;
-        self
-    }
-
-    /// What to do when the row does not exist.
-    pub const fn on_missing(mut self, on_missing: OnMissing) -> Self {
-        self.on_missing = on_missing;
-        self
-    }
-
-    /// The table.
-    pub const fn table(&self) -> &'static str {
-        self.table
-    }
-
-    /// The status column.
-    pub const fn column(&self) -> &'static str {
-        self.column
-    }
-
-    /// The column holding the key.
-    pub const fn key_column(&self) -> &'static str {
-        self.key_column
-    }
-
-    /// The states this step moves from.
-    pub const fn from(&self) -> &'static [&'static str] {
-        self.from
-    }
-
-    /// The state this step moves to.
-    pub const fn to(&self) -> &'static str {
-        self.to
-    }
-
-    /// Whether `state` means this step was already made: `to`, or one of `done`.
-    pub fn is_done(&self, state: &str) -> bool {
-        state == self.to || self.done.contains(&state)
-    }
-}
+use crate::store::TransitionStore;
+use crate::transition::{OnMissing, StateKey, Transition, TransitionOutcome, TransitionSql};
 
 /// The state-machine gate for one delivery: the handler's [`Transition`], its statements
 /// (built on first use, then shared by every delivery), and the message's key value, bound
@@ -229,6 +65,8 @@ impl<'h> StateMachine<'h> {
         }
     }
 }
+
+impl super::sealed::Sealed for StateMachine<'_> {}
 
 impl<S: TransitionStore> Strategy<S> for StateMachine<'_> {
     const NAME: &'static str = "state_machine";
@@ -269,16 +107,14 @@ fn classify(transition: &Transition, outcome: TransitionOutcome) -> Gate {
         TransitionOutcome::Moved => Gate::Open,
         TransitionOutcome::Unmoved { current: None } => Gate::Refused(Refusal::NotFound {
             table: transition.table().to_owned(),
-            retryable: transition.on_missing == OnMissing::Retry,
+            retryable: transition.missing() == OnMissing::Retry,
         }),
         TransitionOutcome::Unmoved {
             current: Some(Some(state)),
         } if transition.is_done(&state) => Gate::Duplicate(None),
         TransitionOutcome::Unmoved {
             current: Some(Some(state)),
-        } if transition.early.contains(&state.as_str()) => {
-            Gate::Refused(Refusal::TooEarly { current: state })
-        }
+        } if transition.is_early(&state) => Gate::Refused(Refusal::TooEarly { current: state }),
         TransitionOutcome::Unmoved {
             current: Some(current),
         } => Gate::Refused(Refusal::InvalidTransition {

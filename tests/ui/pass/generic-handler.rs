@@ -10,7 +10,7 @@ pub struct Envelope<T> {
 pub struct AppError;
 impl idem_runtime::HandlerError for AppError {}
 
-#[idempotent(key = "message_id", store = "memory", strategy = "dedup_table")]
+#[idempotent(key = "message_id", store = "memory", strategy = "dedup_table", scope = "envelopes")]
 async fn on_envelope<T: Send + std::fmt::Debug>(_tx: &mut MemoryTx, msg: Envelope<T>) -> Result<String, AppError>
 where
     T: 'static,

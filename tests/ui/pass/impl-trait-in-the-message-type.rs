@@ -12,7 +12,7 @@ pub struct Envelope<P> {
 pub struct AppError;
 impl idem_runtime::HandlerError for AppError {}
 
-#[idempotent(key = "message_id", store = "memory", strategy = "dedup_table")]
+#[idempotent(key = "message_id", store = "memory", strategy = "dedup_table", scope = "envelopes")]
 async fn on_envelope(_tx: &mut MemoryTx, msg: Envelope<impl std::fmt::Debug + Send>) -> Result<String, AppError> {
     Ok(format!("{:?}", msg.payload))
 }

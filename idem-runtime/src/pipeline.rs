@@ -1,0 +1,623 @@
+//! The order that makes the guarantee, for every strategy on every store:
+//!
+//! 1. build the key and the fingerprint (an invalid key is a permanent error: dead-letter);
+//! 2. begin the store's transaction;
+//! 3. [`Strategy::enter`]: the gate before the body (may find a duplicate);
+//! 4. run the body with the transaction (generated code, between [`open`] and
+//!    [`OpenGate::finish`]), catching a panic;
+//! 5. [`Strategy::leave`]: the gate after the body (may write the record, may find a duplicate);
+//! 6. commit, after checking that the transaction is still the one step 2 opened (a body that
+//!    ignored a failed statement may have let the database abort it);
+//! 7. only then acknowledge, with the [`Committed`] proof the commit produced.
+//!
+//! A failure anywhere rolls back, then requeues with a growing delay (retryable, until the
+//! handler's `max_attempts`) or dead-letters (permanent, or out of attempts). A failure that the
+//! strategy recognises as "an earlier delivery committed" (a unique violation under
+//! `unique_constraint`) becomes a duplicate instead, and is acked.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock, PoisonError};
+use std::time::Duration;
+
+use futures_util::FutureExt as _;
+use tracing::Instrument as _;
+
+use crate::ack::{Acknowledger, Committed, DeadLetter, Requeue, RequeueReason, Settlement};
+use crate::error::{Error, HandlerErrors};
+use crate::key::{Key, KeyError};
+use crate::outcome::Outcome;
+use crate::payload::ResultCodec;
+use crate::retry::RetryPolicy;
+use crate::store::{CommitFailure, Store, StoredRecord};
+use crate::strategy::{Delivery, Gate, Strategy};
+
+/// What the macro knows about a handler. The generated code keeps it in a `static`, whose
+/// address identifies the handler (see [`Error::ScopeCollision`]).
+#[derive(Debug)]
+pub struct HandlerSpec {
+    scope: &'static str,
+    ttl: Option<Duration>,
+    retry: RetryPolicy,
+    registered: AtomicBool,
+}
+
+impl HandlerSpec {
+    /// A handler in `scope`, whose records never expire, with the default [`RetryPolicy`].
+    pub const fn new(scope: &'static str) -> Self {
+        Self {
+            scope,
+            ttl: None,
+            retry: RetryPolicy::DEFAULT,
+            registered: AtomicBool::new(false),
+        }
+    }
+
+    /// Records expire `millis` after they are written.
+    #[must_use]
+    pub const fn with_ttl_millis(mut self, millis: u64) -> Self {
+        self.ttl = Some(Duration::from_millis(millis));
+        self
+    }
+
+    /// At most `max_attempts` deliveries before a retryable failure is dead-lettered.
+    #[must_use]
+    pub const fn with_max_attempts(mut self, max_attempts: u32) -> Self {
+        self.retry = RetryPolicy::with_max_attempts(max_attempts);
+        self
+    }
+
+    /// The handler's scope.
+    pub const fn scope(&self) -> &'static str {
+        self.scope
+    }
+
+    /// How long records count, `None` = forever.
+    pub const fn ttl(&self) -> Option<Duration> {
+        self.ttl
+    }
+
+    /// When to give up, and how long to wait between attempts.
+    pub const fn retry_policy(&self) -> &RetryPolicy {
+        &self.retry
+    }
+
+    /// Claims this handler's scope for it in this process, once; a different handler that
+    /// claimed it first makes this an [`Error::ScopeCollision`].
+    fn register(&'static self) -> Result<(), ()> {
+        if self.registered.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        static OWNERS: OnceLock<Mutex<HashMap<&'static str, usize>>> = OnceLock::new();
+        let identity = std::ptr::from_ref(self) as usize;
+        let owner = *OWNERS
+            .get_or_init(Mutex::default)
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(self.scope)
+            .or_insert(identity);
+        if owner == identity {
+            self.registered.store(true, Ordering::Release);
+            Ok(())
+        } else {
+            Err(())
+        }
+    }
+}
+
+/// A handler's return type: `Result<T, E>`.
+#[diagnostic::on_unimplemented(
+    message = "an `#[idempotent]` handler must return `Result<T, E>`, not `{Self}`",
+    label = "not a `Result`",
+    note = "return `Result<(), E>` (or `Result<T, E>` with a result to replay), where `E: idem_runtime::HandlerError`"
+)]
+pub trait HandlerResult {
+    /// `T`.
+    type Ok;
+    /// `E`.
+    type Err;
+    /// The `Result` itself.
+    fn into_result(self) -> Result<Self::Ok, Self::Err>;
+}
+
+impl<T, E> HandlerResult for Result<T, E> {
+    type Ok = T;
+    type Err = E;
+    fn into_result(self) -> Self {
+        self
+    }
+}
+
+/// A panic's payload, as `catch_unwind` returns it.
+pub type PanicPayload = Box<dyn Any + Send>;
+
+/// The panic's message, when it was a string (as `panic!` makes it).
+fn panic_message(payload: &PanicPayload) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic with a non-string payload".to_owned())
+}
+
+/// Runs user code that builds part of the delivery (a `KeyPart`, a `Serialize`), turning a
+/// panic into a value.
+pub(crate) fn catch_sync<T>(work: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(AssertUnwindSafe(work)).map_err(|payload| panic_message(&payload))
+}
+
+/// The key and fingerprint of a delivery, built (and any panic caught) before the gate.
+#[derive(Debug)]
+pub struct Prepared {
+    key: Result<Key, KeyError>,
+    fingerprint: Result<Option<String>, serde_json::Error>,
+    panicked: Option<(&'static str, String)>,
+}
+
+impl Prepared {
+    /// Builds the key with `key` and the fingerprint with `fingerprint` (`None` without
+    /// `fingerprint`), catching a panic in either.
+    pub fn new(
+        key: impl FnOnce() -> Result<Key, KeyError>,
+        fingerprint: impl FnOnce() -> Option<Result<String, serde_json::Error>>,
+    ) -> Self {
+        let key = catch_sync(key);
+        let fingerprint = catch_sync(fingerprint);
+        let panicked = match (&key, &fingerprint) {
+            (Err(message), _) => Some(("key", message.clone())),
+            (_, Err(message)) => Some(("fingerprint", message.clone())),
+            _ => None,
+        };
+        Self {
+            key: key.unwrap_or(Err(KeyError::EmptyPart {
+                scope: String::new(),
+                field: String::new(),
+            })),
+            fingerprint: fingerprint.unwrap_or(None).transpose(),
+            panicked,
+        }
+    }
+}
+
+type Settled<T, E> = Result<Outcome<T>, Error<E>>;
+type Attempt<T, E> = Result<(Outcome<T>, Committed), Error<E>>;
+
+/// A delivery whose gate opened: it holds the transaction the body runs in, and everything
+/// [`finish`](Self::finish) needs to record, commit and acknowledge.
+///
+/// Made by [`open`]. The generated code runs the body between the two, as an ordinary async
+/// block borrowing [`parts`](Self::parts): no closure, so no higher-ranked bound that would
+/// defeat the `Send` check of the handler's future.
+#[must_use = "an open gate holds a transaction: finish it"]
+pub struct OpenGate<'s, S: Store, G, C, A, E> {
+    store: &'s S,
+    spec: &'static HandlerSpec,
+    entered: Entered<G, C>,
+    ack: A,
+    errors: HandlerErrors<E>,
+    tx: S::Tx,
+    span: tracing::Span,
+}
+
+impl<S: Store, G, C, A, E> std::fmt::Debug for OpenGate<'_, S, G, C, A, E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenGate")
+            .field("store", &S::NAME)
+            .field("key", &self.entered.key)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Step one: checks the key, begins the transaction and runs the gate before the body.
+///
+/// `Ok` means the body should run (see [`OpenGate`]). `Err` carries the final result of a
+/// delivery that is already settled with the broker: a duplicate (acked), or a failure
+/// (requeued or dead-lettered).
+#[allow(clippy::too_many_arguments)] // called once, by generated code
+pub async fn open<'s, S, G, C, A, T, E>(
+    store: &'s S,
+    strategy: G,
+    spec: &'static HandlerSpec,
+    prepared: Prepared,
+    codec: C,
+    errors: HandlerErrors<E>,
+    ack: A,
+) -> Result<OpenGate<'s, S, G, C, A, E>, Settled<T, E>>
+where
+    S: Store,
+    G: Strategy<S>,
+    C: ResultCodec<T>,
+    A: Acknowledger,
+{
+    let span = tracing::info_span!(
+        "idem.handle",
+        scope = spec.scope(),
+        key = tracing::field::Empty,
+        strategy = G::NAME,
+        store = S::NAME,
+        attempt = ack.attempt().unwrap_or(1),
+        outcome = tracing::field::Empty,
+    );
+    let opened = enter(store, strategy, spec, prepared, codec)
+        .instrument(span.clone())
+        .await;
+    match opened {
+        Ok((entered, tx)) => Ok(OpenGate {
+            store,
+            spec,
+            entered,
+            ack,
+            errors,
+            tx,
+            span,
+        }),
+        Err(attempt) => Err(conclude(ack, spec, errors, attempt).instrument(span).await),
+    }
+}
+
+/// What `enter` hands to the gate.
+struct Entered<G, C> {
+    strategy: G,
+    key: Key,
+    fingerprint: Option<String>,
+    now_ms: i64,
+    expires_at_ms: Option<i64>,
+    wants_record: bool,
+    codec: C,
+}
+
+impl<G, C> Entered<G, C> {
+    fn delivery(&self) -> Delivery<'_> {
+        Delivery {
+            key: &self.key,
+            fingerprint: self.fingerprint.as_deref(),
+            now_ms: self.now_ms,
+            expires_at_ms: self.expires_at_ms,
+            wants_record: self.wants_record,
+        }
+    }
+}
+
+/// `Ok`: run the body in this transaction. `Err`: the delivery already ended (a duplicate, an
+/// invalid key, a refused or failed gate), and only needs settling with the broker.
+async fn enter<S, G, C, T, E>(
+    store: &S,
+    strategy: G,
+    spec: &'static HandlerSpec,
+    prepared: Prepared,
+    codec: C,
+) -> Result<(Entered<G, C>, S::Tx), Attempt<T, E>>
+where
+    S: Store,
+    G: Strategy<S>,
+    C: ResultCodec<T>,
+{
+    if let Some((during, message)) = prepared.panicked {
+        return Err(Err(Error::Panicked {
+            scope: spec.scope().to_owned(),
+            during,
+            message,
+        }));
+    }
+    if spec.register().is_err() {
+        return Err(Err(Error::ScopeCollision {
+            scope: spec.scope().to_owned(),
+        }));
+    }
+    let key = prepared.key.map_err(|error| Err(Error::Key(error)))?;
+    tracing::Span::current().record("key", key.value());
+    let fingerprint = prepared.fingerprint.map_err(|source| {
+        Err(Error::Serialize {
+            what: "payload",
+            source,
+        })
+    })?;
+    let now_ms = store.now_ms();
+    let expires_at_ms = spec.ttl().map(|ttl| {
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        now_ms.saturating_add(ttl_ms)
+    });
+    let wants_record = fingerprint.is_some() || C::STORES_RESULTS;
+    let entered = Entered {
+        strategy,
+        key,
+        fingerprint,
+        now_ms,
+        expires_at_ms,
+        wants_record,
+        codec,
+    };
+
+    let mut tx = store
+        .begin()
+        .await
+        .map_err(|error| Err(Error::Database(error)))?;
+    let delivery = entered.delivery();
+    let verdict = entered.strategy.enter(store, &mut tx, &delivery).await;
+    let tx = through_gate::<S, _, _, _>(store, verdict, tx, &delivery, &entered.codec).await?;
+    Ok((entered, tx))
+}
+
+/// Hands the transaction on when the gate is open; otherwise rolls it back and says how the
+/// delivery ends: a duplicate, a refusal, or the gate's own database error.
+async fn through_gate<S: Store, C: ResultCodec<T>, T, E>(
+    store: &S,
+    verdict: Result<Gate, sqlx::Error>,
+    tx: S::Tx,
+    delivery: &Delivery<'_>,
+    codec: &C,
+) -> Result<S::Tx, Attempt<T, E>> {
+    let ended = match verdict {
+        Ok(Gate::Open) => return Ok(tx),
+        Ok(Gate::Duplicate(record)) => accept_duplicate(delivery, codec, record),
+        Ok(Gate::Refused(refusal)) => Err(refusal.into_error(delivery.key)),
+        Err(error) => Err(Error::Database(error)),
+    };
+    rollback(store, tx).await;
+    Err(ended)
+}
+
+impl<'s, S, G, C, A, E> OpenGate<'s, S, G, C, A, E>
+where
+    S: Store,
+    G: Strategy<S>,
+    A: Acknowledger,
+{
+    /// The transaction for the body, and the delivery's span to run the body in.
+    pub fn parts(&mut self) -> (&mut S::Tx, tracing::Span) {
+        (&mut self.tx, self.span.clone())
+    }
+
+    /// Step two, after the body: on success, the gate after the body, the commit, then the
+    /// ack; on failure or panic, the rollback, then requeue or dead-letter (or, when the
+    /// strategy recognises the failure as a duplicate, the ack).
+    pub async fn finish<T>(self, result: Result<Result<T, E>, PanicPayload>) -> Settled<T, E>
+    where
+        C: ResultCodec<T>,
+    {
+        let Self {
+            store,
+            spec,
+            entered,
+            ack,
+            errors,
+            tx,
+            span,
+        } = self;
+        async move {
+            let attempt = complete(store, &entered, errors, tx, result).await;
+            conclude(ack, spec, errors, attempt).await
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+/// Runs the body in the delivery's span and catches a panic in it, so that the delivery is
+/// still rolled back and settled. `R` is the handler's declared return type, given explicitly
+/// so that `?` inside the body's async block knows what to convert into.
+pub fn body<R, F: Future<Output = R>>(
+    span: tracing::Span,
+    body: F,
+) -> impl Future<Output = Result<R, PanicPayload>> {
+    // After a panic the transaction is rolled back and nothing the body touched is used again.
+    AssertUnwindSafe(body.instrument(span)).catch_unwind()
+}
+
+use std::future::Future;
+
+async fn complete<S, G, C, T, E>(
+    store: &S,
+    entered: &Entered<G, C>,
+    errors: HandlerErrors<E>,
+    mut tx: S::Tx,
+    result: Result<Result<T, E>, PanicPayload>,
+) -> Attempt<T, E>
+where
+    S: Store,
+    G: Strategy<S>,
+    C: ResultCodec<T>,
+{
+    let delivery = entered.delivery();
+    let strategy = &entered.strategy;
+    let codec = &entered.codec;
+    let value = match result {
+        Ok(Ok(value)) => value,
+        Ok(Err(error)) => {
+            rollback(store, tx).await;
+            if strategy.is_duplicate_failure(store, errors.as_error(&error)) {
+                return accept_duplicate(&delivery, codec, read_record(store, &delivery).await?);
+            }
+            return Err(Error::Handler(error));
+        }
+        Err(payload) => {
+            rollback(store, tx).await;
+            return Err(Error::Panicked {
+                scope: delivery.key.scope().to_owned(),
+                during: "body",
+                message: panic_message(&payload),
+            });
+        }
+    };
+
+    let response = match codec.encode(&value) {
+        Ok(response) => response,
+        Err(source) => {
+            rollback(store, tx).await;
+            return Err(Error::Serialize {
+                what: "result",
+                source,
+            });
+        }
+    };
+    let verdict = strategy
+        .leave(store, &mut tx, &delivery, response.as_deref())
+        .await;
+    let tx = match through_gate::<S, _, _, _>(store, verdict, tx, &delivery, codec).await {
+        Ok(tx) => tx,
+        Err(ended) => return ended,
+    };
+
+    match store.commit(tx).await {
+        Ok(()) => Ok((Outcome::Processed(value), Committed::new())),
+        Err(CommitFailure::Aborted) => Err(Error::TransactionAborted {
+            scope: delivery.key.scope().to_owned(),
+            key: delivery.key.value().to_owned(),
+        }),
+        Err(CommitFailure::Database(error)) if strategy.is_duplicate_failure(store, &error) => {
+            accept_duplicate(&delivery, codec, read_record(store, &delivery).await?)
+        }
+        // The commit's outcome may be unknown (connection lost mid-commit): requeue, and let
+        // the gate sort the redelivery out.
+        Err(CommitFailure::Database(error)) => Err(Error::Database(error)),
+    }
+}
+
+/// Records the outcome on the span, then tells the broker: ack a committed outcome, requeue a
+/// retryable failure with a delay until the policy's last attempt, dead-letter the rest. A
+/// failure to tell it is logged, not returned: after a commit, the redelivery it causes is a
+/// duplicate; after a failure, the broker redelivers anyway.
+async fn conclude<T, E, A: Acknowledger>(
+    ack: A,
+    spec: &HandlerSpec,
+    errors: HandlerErrors<E>,
+    attempt: Attempt<T, E>,
+) -> Settled<T, E> {
+    let span = tracing::Span::current();
+    match attempt {
+        Ok((outcome, proof)) => {
+            span.record("outcome", outcome.as_str());
+            if let Err(error) = ack.ack(proof).await {
+                tracing::warn!(
+                    %error,
+                    "ack failed after commit; the broker will redeliver and the gate will report a duplicate"
+                );
+            }
+            Ok(outcome)
+        }
+        Err(error) => {
+            span.record("outcome", error.kind_str());
+            let number = ack.attempt().unwrap_or(1).max(1);
+            let settlement = Settlement::of_failure(
+                errors.disposition(&error),
+                number,
+                spec.retry_policy(),
+                || errors.display(&error).to_string(),
+                fastrand::f64(),
+            );
+            let told = match settlement {
+                Settlement::Requeue { attempt, delay } => {
+                    tracing::warn!(
+                        error = %errors.display(&error),
+                        attempt,
+                        delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                        "handling failed; requeueing"
+                    );
+                    ack.requeue(Requeue {
+                        reason: RequeueReason::Retryable,
+                        attempt,
+                        delay,
+                    })
+                    .await
+                }
+                Settlement::DeadLetter { attempt, reason } => {
+                    tracing::error!(error = %reason, attempt, "handling failed for good; dead-lettering");
+                    ack.dead_letter(DeadLetter {
+                        reason: &reason,
+                        attempt,
+                    })
+                    .await
+                }
+            };
+            if let Err(ack_error) = told {
+                tracing::warn!(error = %ack_error, "could not settle the failed delivery with the broker");
+            }
+            Err(error)
+        }
+    }
+}
+
+async fn read_record<S: Store, E>(
+    store: &S,
+    delivery: &Delivery<'_>,
+) -> Result<Option<StoredRecord>, Error<E>> {
+    if !delivery.wants_record {
+        return Ok(None);
+    }
+    store
+        .find_record(delivery.key, delivery.now_ms)
+        .await
+        .map_err(Error::Database)
+}
+
+/// A duplicate: check its fingerprint, decode its replayed result. `record` is `None` when
+/// the strategy keeps none (`state_machine`) or when it is gone (`unique_constraint` after the
+/// record expired): then a fingerprint cannot be checked, and that is an error, not a pass.
+fn accept_duplicate<T, E, C: ResultCodec<T>>(
+    delivery: &Delivery<'_>,
+    codec: &C,
+    record: Option<StoredRecord>,
+) -> Attempt<T, E> {
+    let scope_and_key = || {
+        (
+            delivery.key.scope().to_owned(),
+            delivery.key.value().to_owned(),
+        )
+    };
+    let Some(record) = record else {
+        if delivery.fingerprint.is_some() {
+            let (scope, key) = scope_and_key();
+            return Err(Error::UnverifiableDuplicate { scope, key });
+        }
+        if delivery.wants_record {
+            tracing::warn!(
+                "duplicate without a dedup record (expired or purged): no result to replay"
+            );
+        }
+        return Ok((Outcome::Duplicate { replayed: None }, Committed::new()));
+    };
+    if let (Some(ours), Some(theirs)) = (delivery.fingerprint, record.fingerprint.as_deref())
+        && ours != theirs
+    {
+        let (scope, key) = scope_and_key();
+        return Err(Error::PayloadMismatch { scope, key });
+    }
+    let replayed = codec.decode(record.response.as_deref()).map_err(|source| {
+        let (scope, key) = scope_and_key();
+        Error::Replay { scope, key, source }
+    })?;
+    // The record we read was committed by an earlier delivery: its effects are durable.
+    Ok((Outcome::Duplicate { replayed }, Committed::new()))
+}
+
+async fn rollback<S: Store>(_store: &S, tx: S::Tx) {
+    // A failed rollback leaves nothing committed either: the connection drops the transaction.
+    if let Err(error) = S::rollback(tx).await {
+        tracing::debug!(%error, "rollback failed; the transaction is abandoned");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn panics_become_messages() {
+        assert_eq!(catch_sync(|| 7), Ok(7));
+        let caught = catch_sync(|| -> i32 { panic!("boom {}", 1) });
+        assert_eq!(caught, Err("boom 1".to_owned()));
+    }
+
+    #[test]
+    fn a_scope_belongs_to_the_first_handler_that_claims_it() {
+        static FIRST: HandlerSpec = HandlerSpec::new("pipeline.test.scope");
+        static SECOND: HandlerSpec = HandlerSpec::new("pipeline.test.scope");
+        static OTHER: HandlerSpec = HandlerSpec::new("pipeline.test.other");
+        assert_eq!(FIRST.register(), Ok(()));
+        assert_eq!(FIRST.register(), Ok(()), "a handler may handle again");
+        assert_eq!(SECOND.register(), Err(()));
+        assert_eq!(OTHER.register(), Ok(()));
+    }
+}
