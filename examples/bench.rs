@@ -75,6 +75,11 @@ const SCENARIOS: &[(&str, &str, ScenarioFn)] = &[
         |c| Box::pin(sqlite_unique_constraint(c)),
     ),
     (
+        "sqlite-durability",
+        "dedup_table with synchronous = FULL (the default) vs NORMAL, SQLite files",
+        |c| Box::pin(sqlite_durability(c)),
+    ),
+    (
         "mysql-dedup-table",
         "dedup_table vs the same insert without a gate, MariaDB",
         |c| Box::pin(mysql_dedup_table(c)),
@@ -624,8 +629,16 @@ async fn pg_growth(config: &Config) -> Result<Measurement, BoxError> {
 // ---- SQLite -------------------------------------------------------------------------------
 
 async fn sqlite_store(config: &Config) -> Result<SqliteStore, BoxError> {
-    let path = std::env::temp_dir().join(format!("idem-bench-{}.db", config.run_id));
-    let store = SqliteStore::open(&path).await?;
+    sqlite_store_with(config, "", idem_runtime::Synchronous::Full).await
+}
+
+async fn sqlite_store_with(
+    config: &Config,
+    suffix: &str,
+    synchronous: idem_runtime::Synchronous,
+) -> Result<SqliteStore, BoxError> {
+    let path = std::env::temp_dir().join(format!("idem-bench-{}{suffix}.db", config.run_id));
+    let store = SqliteStore::open_with(&path, synchronous).await?;
     store.migrate().await?;
     for ddl in [
         "CREATE TABLE IF NOT EXISTS bench_payments (order_id TEXT NOT NULL UNIQUE, amount INTEGER NOT NULL)",
@@ -686,6 +699,26 @@ async fn sqlite_unique_constraint(config: &Config) -> Result<Measurement, BoxErr
             async move { processed(&sqlite_unique_handler(&store, bench_msg(key), NoAck).await?) }
         },
         move |key| sqlite_insert_baseline(pool.clone(), "bench_payments", key),
+    )
+    .await
+}
+
+/// The price of `synchronous = FULL`, the default: the same idempotent handler on two files,
+/// one opened with the default and one with `Synchronous::Normal` ("baseline").
+async fn sqlite_durability(config: &Config) -> Result<Measurement, BoxError> {
+    let full = sqlite_store_with(config, "-full", idem_runtime::Synchronous::Full).await?;
+    let normal = sqlite_store_with(config, "-normal", idem_runtime::Synchronous::Normal).await?;
+    compare(
+        config,
+        "sqlite-durability",
+        move |key| {
+            let store = full.clone();
+            async move { processed(&sqlite_dedup_handler(&store, bench_msg(key), NoAck).await?) }
+        },
+        move |key| {
+            let store = normal.clone();
+            async move { processed(&sqlite_dedup_handler(&store, bench_msg(key), NoAck).await?) }
+        },
     )
     .await
 }

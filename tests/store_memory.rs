@@ -181,3 +181,120 @@ mod spans {
         }
     }
 }
+
+#[idempotent(
+    key = "order_id",
+    store = "memory",
+    strategy = "dedup_table",
+    scope = "mem.panics"
+)]
+async fn panics(_tx: &mut MemoryTx, msg: Payment) -> Result<i64, AppError> {
+    assert!(msg.amount >= 0, "negative amount {}", msg.amount);
+    Ok(msg.amount)
+}
+
+/// A panicking body rolls back: its key lock is released, so the next delivery of the key is
+/// not stuck behind it, and nothing is recorded.
+#[tokio::test]
+async fn a_panic_releases_the_key_lock() {
+    let store = MemoryStore::new();
+    let key = unique_key("mem-panic");
+    let ack = RecordingAck::new();
+    let result = panics(&store, Payment::new(&key, -1), ack.clone()).await;
+    assert!(
+        matches!(&result, Err(Error::Panicked { message, .. }) if message.contains("negative amount")),
+        "{result:?}"
+    );
+    assert!(ack.requeued_once(), "{:?}", ack.events());
+    assert_eq!(store.locked_keys(), 0, "no key lock outlives the panic");
+    assert!(!store.has_record("mem.panics", &key));
+    let next = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        panics(&store, Payment::new(&key, 1), NoAck),
+    )
+    .await
+    .expect("the key is not locked")
+    .expect("redelivery");
+    assert!(next.is_processed());
+}
+
+/// A handler future dropped mid-body (a cancelled consumer) rolls back too.
+#[tokio::test]
+async fn a_cancelled_handler_releases_the_key_lock() {
+    #[idempotent(
+        key = "order_id",
+        store = "memory",
+        strategy = "dedup_table",
+        scope = "mem.slow"
+    )]
+    async fn slow(_tx: &mut MemoryTx, msg: Payment) -> Result<i64, AppError> {
+        tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+        Ok(msg.amount)
+    }
+    let store = MemoryStore::new();
+    let key = unique_key("mem-cancel");
+    let cancelled = tokio::time::timeout(
+        std::time::Duration::from_millis(20),
+        slow(&store, Payment::new(&key, 1), NoAck),
+    )
+    .await;
+    assert!(cancelled.is_err(), "the handler was cancelled");
+    assert_eq!(store.locked_keys(), 0);
+    assert!(!store.has_record("mem.slow", &key));
+}
+
+mod collision {
+    //! Two handlers that share a scope by mistake: the second one's deliveries fail, loudly,
+    //! instead of being acked as duplicates of the first one's messages.
+    use super::*;
+
+    #[idempotent(
+        key = "order_id",
+        store = "memory",
+        strategy = "dedup_table",
+        scope = "mem.shared"
+    )]
+    pub async fn emailer(_tx: &mut MemoryTx, msg: Payment) -> Result<i64, AppError> {
+        Ok(msg.amount)
+    }
+
+    #[idempotent(
+        key = "order_id",
+        store = "memory",
+        strategy = "dedup_table",
+        scope = "mem.shared"
+    )]
+    pub async fn ledger(_tx: &mut MemoryTx, msg: Payment) -> Result<i64, AppError> {
+        Ok(msg.amount)
+    }
+
+    #[tokio::test]
+    async fn a_scope_shared_by_two_handlers_is_an_error_not_a_duplicate() {
+        let store = MemoryStore::new();
+        let key = unique_key("fan-out");
+        assert!(
+            emailer(&store, Payment::new(&key, 1), NoAck)
+                .await
+                .expect("first handler")
+                .is_processed()
+        );
+        let ack = RecordingAck::new();
+        let second = ledger(&store, Payment::new(&key, 1), ack.clone()).await;
+        assert!(
+            matches!(&second, Err(Error::ScopeCollision { scope }) if scope == "mem.shared"),
+            "{second:?}"
+        );
+        assert!(
+            ack.requeued_once(),
+            "never acked as a duplicate: {:?}",
+            ack.events()
+        );
+        // The first handler keeps working.
+        assert!(
+            emailer(&store, Payment::new(&key, 1), NoAck)
+                .await
+                .expect("again")
+                .is_duplicate()
+        );
+    }
+}

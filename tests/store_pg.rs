@@ -88,3 +88,113 @@ async fn database_errors_are_classified_by_their_class() {
         );
     }
 }
+
+/// `state_machine` on a table whose key column is a PostgreSQL `uuid`, keyed on a `Uuid` field:
+/// bound as a `uuid`, not as text (which PostgreSQL would refuse with 42883).
+#[tokio::test]
+async fn state_machine_on_a_uuid_key_column() {
+    use idem_runtime::{NoAck, PgTx, idempotent};
+
+    #[derive(Debug, Clone)]
+    struct Shipped {
+        shipment_id: uuid::Uuid,
+    }
+
+    #[idempotent(
+        key = "shipment_id",
+        store = "pg",
+        strategy = "state_machine",
+        scope = "pg.uuid.ship",
+        table = "idem_conf_shipments",
+        column = "status",
+        from = "packed",
+        to = "shipped"
+    )]
+    async fn on_shipped(
+        _tx: &mut PgTx<'_>,
+        msg: Shipped,
+    ) -> Result<uuid::Uuid, idem_tests::AppError> {
+        Ok(msg.shipment_id)
+    }
+
+    let store = idem_tests::pg::store().await;
+    sqlx::query("CREATE TABLE IF NOT EXISTS idem_conf_shipments (id UUID PRIMARY KEY, shipment_id UUID UNIQUE NOT NULL, status TEXT NOT NULL)")
+        .execute(store.pool())
+        .await
+        .expect("table");
+    let id = uuid::Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO idem_conf_shipments (id, shipment_id, status) VALUES ($1, $1, 'packed')",
+    )
+    .bind(id)
+    .execute(store.pool())
+    .await
+    .expect("row");
+    let message = Shipped { shipment_id: id };
+    let first = on_shipped(&store, message.clone(), NoAck)
+        .await
+        .expect("first");
+    assert!(first.is_processed(), "{first:?}");
+    let again = on_shipped(&store, message, NoAck).await.expect("again");
+    assert!(again.is_duplicate(), "{again:?}");
+    let status: String = sqlx::query_scalar("SELECT status FROM idem_conf_shipments WHERE id = $1")
+        .bind(id)
+        .fetch_one(store.pool())
+        .await
+        .expect("status");
+    assert_eq!(status, "shipped");
+}
+
+/// `unique_constraint` on a `DEFERRABLE INITIALLY DEFERRED` constraint: the duplicate's insert
+/// succeeds and the violation is raised by `COMMIT`. It is still a duplicate: acked, and
+/// nothing of its transaction committed.
+#[tokio::test]
+async fn unique_violation_raised_at_commit_is_a_duplicate() {
+    use idem_runtime::{NoAck, Outcome, PgTx, idempotent};
+    use idem_tests::effects::{Effects as _, TestStore as _};
+    use idem_tests::{AckEvent, AppError, Payment, RecordingAck, unique_key};
+
+    #[idempotent(
+        key = "order_id",
+        store = "pg",
+        strategy = "unique_constraint",
+        scope = "pg.deferred",
+        constraint = "idem_conf_deferred_order_id_key"
+    )]
+    async fn on_payment(tx: &mut PgTx<'_>, msg: Payment) -> Result<(), AppError> {
+        sqlx::query("INSERT INTO idem_conf_deferred (order_id) VALUES ($1)")
+            .bind(&msg.order_id)
+            .execute(&mut **tx)
+            .await?;
+        tx.ledger(&msg.order_id, msg.amount).await
+    }
+
+    let store = idem_tests::pg::store().await;
+    sqlx::raw_sql(
+        "DO $$ BEGIN
+            CREATE TABLE IF NOT EXISTS idem_conf_deferred (order_id TEXT NOT NULL,
+                CONSTRAINT idem_conf_deferred_order_id_key UNIQUE (order_id) DEFERRABLE INITIALLY DEFERRED);
+        EXCEPTION WHEN duplicate_table OR unique_violation THEN NULL; END $$",
+    )
+    .execute(store.pool())
+    .await
+    .expect("table");
+    let key = unique_key("deferred");
+    assert!(
+        on_payment(&store, Payment::new(&key, 1), NoAck)
+            .await
+            .expect("first")
+            .is_processed()
+    );
+    let ack = RecordingAck::new();
+    let again = on_payment(&store, Payment::new(&key, 1), ack.clone())
+        .await
+        .expect("again");
+    assert_eq!(again, Outcome::Duplicate { replayed: None });
+    assert_eq!(ack.events(), vec![AckEvent::Ack]);
+    assert_eq!(
+        store.ledger_rows(&key).await,
+        1,
+        "the duplicate's ledger row rolled back"
+    );
+}

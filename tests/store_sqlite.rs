@@ -35,3 +35,26 @@ async fn records_survive_reopening_the_file() {
         .expect("after restart");
     assert!(again.is_duplicate(), "{again:?}");
 }
+
+/// A committed, acked message must survive a power loss: `synchronous = FULL` unless the user
+/// opts into `NORMAL`.
+#[tokio::test]
+async fn durable_after_the_ack_by_default() {
+    use idem_runtime::{SqliteStore, Synchronous};
+    let full = SqliteStore::open(idem_tests::sqlite::db_path("durable"))
+        .await
+        .expect("open");
+    let level: i64 = sqlx::query_scalar("PRAGMA synchronous")
+        .fetch_one(full.pool())
+        .await
+        .expect("pragma");
+    assert_eq!(level, 2, "FULL");
+    let normal = SqliteStore::open_with(idem_tests::sqlite::db_path("normal"), Synchronous::Normal)
+        .await
+        .expect("open");
+    let level: i64 = sqlx::query_scalar("PRAGMA synchronous")
+        .fetch_one(normal.pool())
+        .await
+        .expect("pragma");
+    assert_eq!(level, 1, "NORMAL, when asked for");
+}

@@ -23,7 +23,17 @@
 
 use std::error::Error as StdError;
 
-use crate::error::Disposition;
+/// What the broker should do with a message whose handling failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Disposition {
+    /// A redelivery may succeed: connection lost, pool timeout, deadlock, serialization
+    /// failure, a lease held elsewhere, or a handler error its type calls retryable.
+    Retry,
+    /// A redelivery never will: the key or payload is invalid, the same key came with a
+    /// different payload, or a handler error its type calls permanent.
+    DeadLetter,
+}
 
 /// Classifies an error by the first database error in its source chain (itself included):
 /// a [`sqlx::Error`] with [`classify_sqlx_error`], or a driver's database error (which is what

@@ -10,17 +10,7 @@ use std::fmt;
 use crate::classify::classify_sqlx_error;
 use crate::key::KeyError;
 
-/// What the broker should do with a message whose handling failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum Disposition {
-    /// A redelivery may succeed: connection lost, pool timeout, deadlock, serialization
-    /// failure, a lease held elsewhere, or a handler error its type calls retryable.
-    Retry,
-    /// A redelivery never will: the key or payload is invalid, the same key came with a
-    /// different payload, or a handler error its type calls permanent.
-    DeadLetter,
-}
+pub use crate::classify::Disposition;
 
 /// A handler's error type: says whether a redelivery of the failed message may succeed.
 ///
