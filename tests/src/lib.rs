@@ -90,52 +90,78 @@ pub struct Ticket {
     pub id: i64,
 }
 
-fn poisoned() -> &'static Mutex<HashSet<String>> {
-    static POISONED: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
-    POISONED.get_or_init(Mutex::default)
+/// A set of keys that the conformance bodies consult: which ones fail, panic or swallow.
+struct KeySet(OnceLock<Mutex<HashSet<String>>>);
+
+impl KeySet {
+    const fn new() -> Self {
+        Self(OnceLock::new())
+    }
+
+    fn keys(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.0
+            .get_or_init(Mutex::default)
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn insert(&self, key: &str) {
+        self.keys().insert(key.to_owned());
+    }
+
+    /// Whether `key` is in the set, removing it.
+    fn take(&self, key: &str) -> bool {
+        self.keys().remove(key)
+    }
+
+    fn contains(&self, key: &str) -> bool {
+        self.keys().contains(key)
+    }
 }
+
+static FAIL_ONCE: KeySet = KeySet::new();
+static FAIL_ALWAYS: KeySet = KeySet::new();
+static SWALLOW_ONCE: KeySet = KeySet::new();
+static PANICKING: KeySet = KeySet::new();
 
 /// Makes the next handling of `key` fail in the body, after its business write, once.
 pub fn fail_once(key: &str) {
-    poisoned()
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .insert(key.to_owned());
-}
-
-fn swallowing() -> &'static Mutex<HashSet<String>> {
-    static SWALLOWING: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
-    SWALLOWING.get_or_init(Mutex::default)
-}
-
-/// Makes the next handling of `key` run a failing statement and ignore its error, once.
-pub fn swallow_once(key: &str) {
-    swallowing()
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .insert(key.to_owned());
-}
-
-/// Whether this handling of `key` should swallow a failure (see [`swallow_once`]).
-pub fn should_swallow(key: &str) -> bool {
-    swallowing()
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .remove(key)
-}
-
-fn always_failing() -> &'static Mutex<HashSet<String>> {
-    static FAILING: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
-    FAILING.get_or_init(Mutex::default)
+    FAIL_ONCE.insert(key);
 }
 
 /// Makes every handling of `key` fail in the body, after its business write: a failure that
 /// never heals.
 pub fn fail_always(key: &str) {
-    always_failing()
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .insert(key.to_owned());
+    FAIL_ALWAYS.insert(key);
+}
+
+/// Makes the next handling of `key` run a failing statement and ignore its error, once.
+pub fn swallow_once(key: &str) {
+    SWALLOW_ONCE.insert(key);
+}
+
+/// Whether this handling of `key` should swallow a failure (see [`swallow_once`]).
+pub fn should_swallow(key: &str) -> bool {
+    SWALLOW_ONCE.take(key)
+}
+
+/// Makes the bodies panic for `key` until [`stop_panicking`].
+pub fn panic_on(key: &str) {
+    PANICKING.insert(key);
+}
+
+/// Ends [`panic_on`].
+pub fn stop_panicking(key: &str) {
+    PANICKING.take(key);
+}
+
+/// Called by the bodies after their business write: panics for a key given to [`panic_on`].
+///
+/// # Panics
+///
+/// That is its purpose.
+pub fn maybe_panic(key: &str) {
+    assert!(!PANICKING.contains(key), "injected panic for order {key}");
 }
 
 fn counted_runs() -> &'static Mutex<HashMap<String, u64>> {
@@ -163,52 +189,12 @@ pub fn runs(key: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn panicking() -> &'static Mutex<HashSet<String>> {
-    static PANICKING: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
-    PANICKING.get_or_init(Mutex::default)
-}
-
-/// Makes the bodies panic for `key` until [`stop_panicking`].
-pub fn panic_on(key: &str) {
-    panicking()
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .insert(key.to_owned());
-}
-
-/// Ends [`panic_on`].
-pub fn stop_panicking(key: &str) {
-    panicking()
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .remove(key);
-}
-
-/// Called by the bodies after their business write: panics for a key given to [`panic_on`].
-///
-/// # Panics
-///
-/// That is its purpose.
-pub fn maybe_panic(key: &str) {
-    let hit = panicking()
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .contains(key);
-    assert!(!hit, "injected panic for order {key}");
-}
-
 /// Called by the handlers' bodies after their business write: fails once for a poisoned key,
 /// and every time for a key given to [`fail_always`].
 pub fn maybe_fail(key: &str) -> Result<(), AppError> {
-    let hit = poisoned()
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .remove(key);
-    let always = always_failing()
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .contains(key);
-    if hit || always {
+    // Both sets are consulted, so that a key in both is taken from FAIL_ONCE either way.
+    let once = FAIL_ONCE.take(key);
+    if once || FAIL_ALWAYS.contains(key) {
         Err(AppError::Transient(key.to_owned()))
     } else {
         Ok(())
