@@ -244,8 +244,8 @@ async fn a_cancelled_handler_releases_the_key_lock() {
 }
 
 mod collision {
-    //! Two handlers that share a scope by mistake: the second one's deliveries fail, loudly,
-    //! instead of being acked as duplicates of the first one's messages.
+    //! Two handlers that share a scope by mistake: their deliveries fail, loudly, instead of
+    //! one being acked as a duplicate of the other's messages.
     use super::*;
 
     #[idempotent(
@@ -268,33 +268,123 @@ mod collision {
         Ok(msg.amount)
     }
 
+    /// Both fail, whichever is delivered first, in every process: no replica can let one of
+    /// them win and then skip the other's messages as duplicates.
     #[tokio::test]
-    async fn a_scope_shared_by_two_handlers_is_an_error_not_a_duplicate() {
+    async fn a_scope_shared_by_two_handlers_fails_both_of_them() {
         let store = MemoryStore::new();
         let key = unique_key("fan-out");
+        for attempt in 0..2 {
+            let ack = RecordingAck::new();
+            let first = emailer(&store, Payment::new(&key, 1), ack.clone()).await;
+            assert!(
+                matches!(&first, Err(Error::ScopeCollision { scope }) if scope == "mem.shared"),
+                "{attempt}: {first:?}"
+            );
+            assert!(ack.requeued_once(), "{:?}", ack.events());
+            let ack = RecordingAck::new();
+            let second = ledger(&store, Payment::new(&key, 1), ack.clone()).await;
+            assert!(
+                matches!(&second, Err(Error::ScopeCollision { .. })),
+                "{second:?}"
+            );
+            assert!(
+                ack.requeued_once(),
+                "never acked as a duplicate: {:?}",
+                ack.events()
+            );
+        }
         assert!(
-            emailer(&store, Payment::new(&key, 1), NoAck)
-                .await
-                .expect("first handler")
-                .is_processed()
+            !store.has_record("mem.shared", &key),
+            "neither wrote a record"
         );
+    }
+}
+
+mod user_code_that_panics {
+    //! Panics in user code the runtime calls outside the body still settle the delivery.
+    use super::*;
+
+    /// A result whose `Serialize` panics (for `replay`).
+    #[derive(Debug, PartialEq, serde::Deserialize)]
+    struct Receipt(i64);
+
+    impl serde::Serialize for Receipt {
+        fn serialize<S: serde::Serializer>(&self, _serializer: S) -> Result<S::Ok, S::Error> {
+            panic!("receipt serializer exploded")
+        }
+    }
+
+    #[idempotent(
+        key = "order_id",
+        store = "memory",
+        strategy = "dedup_table",
+        scope = "mem.panicky_result",
+        replay
+    )]
+    async fn with_replay(_tx: &mut MemoryTx, msg: Payment) -> Result<Receipt, AppError> {
+        Ok(Receipt(msg.amount))
+    }
+
+    /// An error whose `Display` panics, and whose `disposition` does too.
+    #[derive(Debug)]
+    struct Rude;
+
+    impl std::fmt::Display for Rude {
+        fn fmt(&self, _f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            panic!("display exploded")
+        }
+    }
+
+    impl std::error::Error for Rude {}
+
+    impl idem_runtime::HandlerError for Rude {
+        fn disposition(&self) -> idem_runtime::Disposition {
+            panic!("disposition exploded")
+        }
+    }
+
+    #[idempotent(
+        key = "order_id",
+        store = "memory",
+        strategy = "dedup_table",
+        scope = "mem.rude"
+    )]
+    async fn rude(_tx: &mut MemoryTx, _msg: Payment) -> Result<(), Rude> {
+        Err(Rude)
+    }
+
+    #[tokio::test]
+    async fn a_panicking_result_serializer_is_rolled_back_and_requeued() {
+        let store = MemoryStore::new();
+        let key = unique_key("mem-serialize");
         let ack = RecordingAck::new();
-        let second = ledger(&store, Payment::new(&key, 1), ack.clone()).await;
+        let result = with_replay(&store, Payment::new(&key, 1), ack.clone()).await;
         assert!(
-            matches!(&second, Err(Error::ScopeCollision { scope }) if scope == "mem.shared"),
-            "{second:?}"
+            matches!(
+                &result,
+                Err(Error::Panicked {
+                    during: "result's serialization",
+                    ..
+                })
+            ),
+            "{result:?}"
         );
+        assert!(ack.requeued_once(), "{:?}", ack.events());
+        assert!(!store.has_record("mem.panicky_result", &key));
+        assert_eq!(store.locked_keys(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_error_whose_display_and_disposition_panic_is_still_settled() {
+        let store = MemoryStore::new();
+        let ack = RecordingAck::new();
+        let result = rude(&store, Payment::new(unique_key("mem-rude"), 1), ack.clone()).await;
+        assert!(matches!(&result, Err(Error::Handler(Rude))), "{result:?}");
         assert!(
             ack.requeued_once(),
-            "never acked as a duplicate: {:?}",
+            "retried, as when nothing is known: {:?}",
             ack.events()
-        );
-        // The first handler keeps working.
-        assert!(
-            emailer(&store, Payment::new(&key, 1), NoAck)
-                .await
-                .expect("again")
-                .is_duplicate()
         );
     }
 }

@@ -58,3 +58,52 @@ async fn durable_after_the_ack_by_default() {
         .expect("pragma");
     assert_eq!(level, 1, "NORMAL, when asked for");
 }
+
+/// A `StateKeyPart` that panics while the gate is built: caught, settled, nothing moved.
+#[tokio::test]
+async fn a_panicking_state_key_is_settled() {
+    use idem_runtime::transition::{StateKey, StateKeyPart};
+    use idem_runtime::{Error, SqliteTx, idempotent};
+
+    struct PanickyId;
+
+    impl StateKeyPart for PanickyId {
+        fn state_key(&self) -> StateKey {
+            panic!("state key exploded")
+        }
+    }
+
+    impl idem_runtime::KeyPart for PanickyId {
+        fn write_key_part(&self, out: &mut String) {
+            out.push_str("panicky");
+        }
+    }
+
+    struct Step {
+        id: PanickyId,
+    }
+
+    #[idempotent(
+        key = "id",
+        store = "sqlite",
+        strategy = "state_machine",
+        scope = "sqlite.panicky_key",
+        table = "idem_conf_orders",
+        column = "status",
+        key_column = "order_id",
+        from = "pending",
+        to = "paid"
+    )]
+    async fn on_step(_tx: &mut SqliteTx<'_>, _msg: Step) -> Result<(), idem_tests::AppError> {
+        Ok(())
+    }
+
+    let store = idem_tests::sqlite::store().await;
+    let ack = idem_tests::RecordingAck::new();
+    let result = on_step(&store, Step { id: PanickyId }, ack.clone()).await;
+    assert!(
+        matches!(&result, Err(Error::Panicked { message, .. }) if message.contains("state key exploded")),
+        "{result:?}"
+    );
+    assert!(ack.requeued_once(), "{:?}", ack.events());
+}

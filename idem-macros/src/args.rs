@@ -273,7 +273,12 @@ fn apply(args: &mut Args, name: &str, lit: &LitStr, errors: &mut Errors) {
             Err(message) => errors.error(span, message),
         },
         "scope" => {
-            if value.is_empty() || value.len() > MAX_SCOPE_BYTES {
+            if value.contains('\0') {
+                errors.error(
+                    span,
+                    "`scope` contains a NUL character, which the dedup stores cannot hold; pick a short, stable name such as \"billing.order_paid\"",
+                );
+            } else if value.is_empty() || value.len() > MAX_SCOPE_BYTES {
                 errors.error(
                     span,
                     format!(
@@ -635,6 +640,14 @@ pub(crate) fn validate(args: &Args, attribute_span: Span, errors: &mut Errors) {
              Find it on PostgreSQL with `\\d your_table` (or `SELECT conname FROM pg_constraint WHERE conrelid = 'your_table'::regclass AND contype = 'u'`; for a `CREATE UNIQUE INDEX`, the index's name); \
              on MySQL/MariaDB with `SHOW INDEX FROM your_table` (`Key_name`); \
              on SQLite write the columns as `\"your_table.column\"` (comma-separated for several), or the name of a unique index on expressions",
+        );
+    }
+    if let (Some((StoreKind::MySql, _)), Some((name, span))) = (args.store, &args.constraint)
+        && name.value().eq_ignore_ascii_case("PRIMARY")
+    {
+        errors.error(
+            *span,
+            "on MySQL/MariaDB the error names the key but not its table, so `PRIMARY` would match a primary-key violation in any table the body writes to; put a named unique key on the key column (`CONSTRAINT payments_order_id_key UNIQUE (order_id)`) and name it",
         );
     }
     if let Some((_, span)) = &args.constraint

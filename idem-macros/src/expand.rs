@@ -238,7 +238,34 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
     // the build, on the function's name.
     let check_scope = respan(quote!(#private::check_scope), ident.span());
 
+    // With the default scope, two items next to the function that only a module can hold
+    // together: in an `impl` block they become associated items, which the const cannot name
+    // without `Self::`, so a handler there fails to compile and must set `scope` (the default,
+    // `module::name`, would be shared by every type's method of that name, and by every
+    // instantiation of a generic `impl`).
+    let scope_probe = args.scope.is_none().then(|| {
+        let probe = format_ident!(
+            "handlers_in_impl_blocks_need_an_explicit_scope_{}",
+            ident,
+            span = ident.span()
+        );
+        // Named, not `_`: an unnamed const is a parse error in an `impl`, with a message that
+        // would hide the one above.
+        let probe_const = format_ident!("__idem_scope_probe_{}", ident, span = ident.span());
+        quote! {
+            #[doc(hidden)]
+            #[allow(dead_code, non_snake_case, clippy::all, clippy::pedantic)]
+            fn #probe() {}
+            #[doc(hidden)]
+            #[allow(dead_code, non_upper_case_globals, clippy::all, clippy::pedantic)]
+            const #probe_const: () = {
+                let _ = #probe;
+            };
+        }
+    });
+
     quote! {
+        #scope_probe
         #(#attrs)*
         #vis async fn #ident #generics (
             #receiver
@@ -251,11 +278,14 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
             // sharing a scope are caught at their first delivery.
             static #spec: #private::HandlerSpec =
                 #private::HandlerSpec::new(#scope) #ttl #max_attempts;
+            // Every handler of the binary is listed, so that two sharing a scope both fail.
+            #private::inventory::submit! { #private::Registration::of(&#spec) }
             const _: () = #check_scope(#scope);
             #strategy_items
-            // Key and fingerprint run user code (`KeyPart`, `Serialize`): a panic there is
-            // caught and settled like a failed delivery.
+            // The gate, the key and the fingerprint run user code (`StateKeyPart`, `KeyPart`,
+            // `Serialize`): a panic there is caught and settled like a failed delivery.
             let #prepared = #private::Prepared::new(
+                || #strategy_value,
                 || #private::key(#spec.scope(), &[#(#key_parts),*]),
                 || #fingerprint_value,
             );
@@ -265,7 +295,6 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
             // `return` and `?` in it behave as in the original function.
             let mut #gate = match #private::open(
                 #store_param,
-                #strategy_value,
                 &#spec,
                 #prepared,
                 #codec,

@@ -2,6 +2,7 @@
 //! without notice, in lockstep with `idem-macros`.
 
 pub use ::core;
+pub use ::inventory;
 pub use std::sync::OnceLock;
 
 pub use crate::ack::Acknowledger;
@@ -10,7 +11,7 @@ pub use crate::key::{Key, KeyPart};
 pub use crate::outcome::Outcome;
 pub use crate::payload::{JsonReplay, NoReplay};
 pub use crate::pipeline::{
-    HandlerResult, HandlerSpec, OpenGate, PanicPayload, Prepared, body, open,
+    HandlerResult, HandlerSpec, OpenGate, PanicPayload, Prepared, Registration, body, open,
 };
 pub use crate::store::memory::MemoryStore;
 #[cfg(feature = "mysql")]

@@ -4,10 +4,12 @@
 //!
 //! The rule, per database, is the server's own error *class*, not a short list of codes:
 //!
-//! - **PostgreSQL**, by SQLSTATE: classes `08` (connection), `40` (transaction rollback:
-//!   serialization failures, deadlocks), `53` (insufficient resources), `57` (operator
-//!   intervention: a cancelled statement, a shutdown) and `58` (system errors) are retried, as
-//!   is `55P03` (lock not available). Everything else — `22` (bad data), `23` (integrity),
+//! - **PostgreSQL**, by SQLSTATE: classes `08` (connection), `28` (invalid authorization:
+//!   credentials rotate), `40` (transaction rollback: serialization failures, deadlocks), `53`
+//!   (insufficient resources), `57` (operator intervention: a cancelled statement, a shutdown)
+//!   and `58` (system errors) are retried, as are `55P03` (lock not available), the
+//!   transaction time-outs `25P03`/`25P04`, `25006` (read-only after a fail-over), `25P02` and
+//!   `72000`. Everything else — `22` (bad data), `23` (integrity),
 //!   `42` (syntax, missing column, operator mismatch), `0A` (not supported), … — is permanent,
 //!   except the few codes [`pg_disposition`] lists with the reason a redelivery can succeed.
 //! - **MySQL / MariaDB**, by error number (SQLSTATE `HY000` says nothing): the numbers in
@@ -93,22 +95,33 @@ pub fn classify_database_error(db: &dyn sqlx::error::DatabaseError) -> Dispositi
 
 /// PostgreSQL: the disposition of a SQLSTATE.
 pub fn pg_disposition(sqlstate: &str) -> Disposition {
-    // Codes retried although their class is permanent, each for a reason.
-    const RETRIED_CODES: &[&str] = &[
-        // foreign_key_violation: the parent row may arrive with a later message.
-        "23503",
-        // in_failed_sql_transaction: an earlier statement failed and the body went on; that
-        // earlier failure is the real cause, and it may not recur.
-        "25P02",
-        // read_only_sql_transaction: a fail-over left us on a standby for a moment.
-        "25006", // lock_not_available (`NOWAIT`, `lock_timeout`).
-        "55P03", // snapshot_too_old.
-        "72000",
+    // Codes retried although their class is permanent, each with the reason.
+    const RETRIED_CODES: &[(&str, &str)] = &[
+        (
+            "23503",
+            "foreign_key_violation: the parent row may arrive with a later message",
+        ),
+        (
+            "25006",
+            "read_only_sql_transaction: a fail-over left us on a standby for a moment",
+        ),
+        (
+            "25P02",
+            "in_failed_sql_transaction: an earlier, ignored failure is the cause",
+        ),
+        (
+            "25P03",
+            "idle_in_transaction_session_timeout: a slow body; the next may be faster",
+        ),
+        ("25P04", "transaction_timeout (PostgreSQL 17): the same"),
+        ("55P03", "lock_not_available: NOWAIT or lock_timeout"),
+        ("72000", "snapshot_too_old"),
     ];
     // Classes retried: connection, transaction rollback, resources, operator intervention,
     // system errors, and invalid authorization (credentials rotate; the message is not at fault).
     const RETRIED_CLASSES: &[&str] = &["08", "28", "40", "53", "57", "58"];
-    if RETRIED_CODES.contains(&sqlstate) || RETRIED_CLASSES.iter().any(|c| sqlstate.starts_with(c))
+    if RETRIED_CODES.iter().any(|(code, _)| *code == sqlstate)
+        || RETRIED_CLASSES.iter().any(|c| sqlstate.starts_with(c))
     {
         Disposition::Retry
     } else {
@@ -331,6 +344,8 @@ mod tests {
             ("23503", "foreign_key_violation", Retry),
             ("25P02", "in_failed_sql_transaction", Retry),
             ("25006", "read_only_sql_transaction", Retry),
+            ("25P03", "idle_in_transaction_session_timeout", Retry),
+            ("25P04", "transaction_timeout", Retry),
             ("72000", "snapshot_too_old", Retry),
             (
                 "22021",

@@ -91,13 +91,14 @@ pub enum Error<E> {
         /// The encoded key.
         key: String,
     },
-    /// User code panicked: the body, or a `KeyPart` or `Serialize` impl while the key or the
-    /// fingerprint was built. The transaction was rolled back. Retryable, so that
+    /// User code panicked: the body, a `KeyPart`, `StateKeyPart`, `Serialize` or
+    /// `Deserialize` impl the runtime called. The transaction was rolled back. Retryable, so that
     /// `max_attempts` dead-letters a message that always panics.
     Panicked {
         /// The handler's scope.
         scope: String,
-        /// What was running: `"body"`, `"key"` or `"fingerprint"`.
+        /// What was running: `"body"`, `"key"` (a `KeyPart` or `StateKeyPart`),
+        /// `"fingerprint"`, `"result's serialization"` or `"replayed result's deserialization"`.
         during: &'static str,
         /// The panic's message, when it was a string.
         message: String,
@@ -112,9 +113,11 @@ pub enum Error<E> {
         /// The encoded key.
         key: String,
     },
-    /// Two different handlers in this process use the same scope: their keys would collide
-    /// and one would skip the other's messages as duplicates. Give each its own `scope`.
-    /// Retryable: the message waits for a deploy that fixes it.
+    /// Two different handlers of this binary use the same scope: their keys would collide and
+    /// one would skip the other's messages as duplicates. Every handler that shares the scope
+    /// fails, in every process, whichever is delivered first. Give each its own `scope`.
+    /// Retryable (so a deploy that fixes it within `max_attempts` loses nothing), then
+    /// dead-lettered like any retryable failure.
     ScopeCollision {
         /// The shared scope.
         scope: String,

@@ -47,7 +47,10 @@
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
-// The modules, from the bottom up: each uses only those above it.
+// The module graph runs one way: `classify`, `clock`, `key`, `outcome`, `payload`, `retry` and
+// `transition` use nothing of ours but each other's leaves; `error` uses `classify` and `key`;
+// `store` uses those; `strategy` uses `store`; `ack` uses `error` and `retry`; `pipeline` uses
+// all of them and is used by none.
 pub mod ack;
 pub mod classify;
 pub mod clock;

@@ -18,8 +18,8 @@
 use std::any::Any;
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use futures_util::FutureExt as _;
@@ -84,27 +84,56 @@ impl HandlerSpec {
         &self.retry
     }
 
-    /// Claims this handler's scope for it in this process, once; a different handler that
-    /// claimed it first makes this an [`Error::ScopeCollision`].
+    /// Checks, once, that no other handler in this binary uses this handler's scope. Every
+    /// handler registers its spec at compile time ([`Registration`]), so the answer is the
+    /// same in every process, whatever order the deliveries come in: all the handlers that
+    /// share a scope fail, none of them silently wins.
     fn register(&'static self) -> Result<(), ()> {
         if self.registered.load(Ordering::Acquire) {
             return Ok(());
         }
-        static OWNERS: OnceLock<Mutex<HashMap<&'static str, usize>>> = OnceLock::new();
-        let identity = std::ptr::from_ref(self) as usize;
-        let owner = *OWNERS
-            .get_or_init(Mutex::default)
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(self.scope)
-            .or_insert(identity);
-        if owner == identity {
-            self.registered.store(true, Ordering::Release);
-            Ok(())
-        } else {
-            Err(())
+        if handlers_sharing(self.scope) > 1 {
+            return Err(());
         }
+        self.registered.store(true, Ordering::Release);
+        Ok(())
     }
+}
+
+/// A handler's entry in the binary-wide list of handlers (through `inventory`), emitted by
+/// `#[idempotent]` next to the handler's [`HandlerSpec`].
+#[derive(Debug)]
+pub struct Registration {
+    spec: &'static HandlerSpec,
+}
+
+impl Registration {
+    /// The entry of the handler whose spec is `spec`.
+    pub const fn of(spec: &'static HandlerSpec) -> Self {
+        Self { spec }
+    }
+}
+
+inventory::collect!(Registration);
+
+/// How many distinct handlers of this binary use `scope`.
+fn handlers_sharing(scope: &str) -> usize {
+    static SCOPES: OnceLock<HashMap<&'static str, usize>> = OnceLock::new();
+    let scopes = SCOPES.get_or_init(|| {
+        let mut specs: HashMap<&'static str, Vec<usize>> = HashMap::new();
+        for registration in inventory::iter::<Registration> {
+            let identity = std::ptr::from_ref(registration.spec) as usize;
+            let owners = specs.entry(registration.spec.scope).or_default();
+            if !owners.contains(&identity) {
+                owners.push(identity);
+            }
+        }
+        specs
+            .into_iter()
+            .map(|(scope, owners)| (scope, owners.len()))
+            .collect()
+    });
+    scopes.get(scope).copied().unwrap_or(0)
 }
 
 /// A handler's return type: `Result<T, E>`.
@@ -148,29 +177,34 @@ pub(crate) fn catch_sync<T>(work: impl FnOnce() -> T) -> Result<T, String> {
     std::panic::catch_unwind(AssertUnwindSafe(work)).map_err(|payload| panic_message(&payload))
 }
 
-/// The key and fingerprint of a delivery, built (and any panic caught) before the gate.
+/// The strategy, key and fingerprint of a delivery, built (and any panic caught) before the
+/// gate: they run user code (`StateKeyPart`, `KeyPart`, `Serialize`).
 #[derive(Debug)]
-pub struct Prepared {
+pub struct Prepared<G> {
+    strategy: Option<G>,
     key: Result<Key, KeyError>,
     fingerprint: Result<Option<String>, serde_json::Error>,
     panicked: Option<(&'static str, String)>,
 }
 
-impl Prepared {
-    /// Builds the key with `key` and the fingerprint with `fingerprint` (`None` without
-    /// `fingerprint`), catching a panic in either.
+impl<G> Prepared<G> {
+    /// Builds the strategy's gate with `strategy`, the key with `key` and the fingerprint with
+    /// `fingerprint` (`None` without `fingerprint`), catching a panic in any of them.
     pub fn new(
+        strategy: impl FnOnce() -> G,
         key: impl FnOnce() -> Result<Key, KeyError>,
         fingerprint: impl FnOnce() -> Option<Result<String, serde_json::Error>>,
     ) -> Self {
+        let strategy = catch_sync(strategy);
         let key = catch_sync(key);
         let fingerprint = catch_sync(fingerprint);
-        let panicked = match (&key, &fingerprint) {
-            (Err(message), _) => Some(("key", message.clone())),
-            (_, Err(message)) => Some(("fingerprint", message.clone())),
+        let panicked = match (&strategy, &key, &fingerprint) {
+            (Err(message), _, _) | (_, Err(message), _) => Some(("key", message.clone())),
+            (_, _, Err(message)) => Some(("fingerprint", message.clone())),
             _ => None,
         };
         Self {
+            strategy: strategy.ok(),
             key: key.unwrap_or(Err(KeyError::EmptyPart {
                 scope: String::new(),
                 field: String::new(),
@@ -218,9 +252,8 @@ impl<S: Store, G, C, A, E> std::fmt::Debug for OpenGate<'_, S, G, C, A, E> {
 #[allow(clippy::too_many_arguments)] // called once, by generated code
 pub async fn open<'s, S, G, C, A, T, E>(
     store: &'s S,
-    strategy: G,
     spec: &'static HandlerSpec,
-    prepared: Prepared,
+    prepared: Prepared<G>,
     codec: C,
     errors: HandlerErrors<E>,
     ack: A,
@@ -240,7 +273,7 @@ where
         attempt = ack.attempt().unwrap_or(1),
         outcome = tracing::field::Empty,
     );
-    let opened = enter(store, strategy, spec, prepared, codec)
+    let opened = enter(store, spec, prepared, codec)
         .instrument(span.clone())
         .await;
     match opened {
@@ -284,9 +317,8 @@ impl<G, C> Entered<G, C> {
 /// invalid key, a refused or failed gate), and only needs settling with the broker.
 async fn enter<S, G, C, T, E>(
     store: &S,
-    strategy: G,
     spec: &'static HandlerSpec,
-    prepared: Prepared,
+    prepared: Prepared<G>,
     codec: C,
 ) -> Result<(Entered<G, C>, S::Tx), Attempt<T, E>>
 where
@@ -294,13 +326,19 @@ where
     G: Strategy<S>,
     C: ResultCodec<T>,
 {
-    if let Some((during, message)) = prepared.panicked {
-        return Err(Err(Error::Panicked {
+    let panicked = |during, message| {
+        Err(Err(Error::Panicked {
             scope: spec.scope().to_owned(),
             during,
             message,
-        }));
+        }))
+    };
+    if let Some((during, message)) = prepared.panicked {
+        return panicked(during, message);
     }
+    let Some(strategy) = prepared.strategy else {
+        return panicked("key", "the gate could not be built".to_owned());
+    };
     if spec.register().is_err() {
         return Err(Err(Error::ScopeCollision {
             scope: spec.scope().to_owned(),
@@ -442,13 +480,21 @@ where
         }
     };
 
-    let response = match codec.encode(&value) {
-        Ok(response) => response,
-        Err(source) => {
+    let response = match catch_sync(|| codec.encode(&value)) {
+        Ok(Ok(response)) => response,
+        Ok(Err(source)) => {
             rollback(store, tx).await;
             return Err(Error::Serialize {
                 what: "result",
                 source,
+            });
+        }
+        Err(message) => {
+            rollback(store, tx).await;
+            return Err(Error::Panicked {
+                scope: delivery.key.scope().to_owned(),
+                during: "result's serialization",
+                message,
             });
         }
     };
@@ -500,17 +546,22 @@ async fn conclude<T, E, A: Acknowledger>(
         Err(error) => {
             span.record("outcome", error.kind_str());
             let number = ack.attempt().unwrap_or(1).max(1);
+            // The handler error's own `disposition` and `Display` are user code too.
+            let disposition =
+                catch_sync(|| errors.disposition(&error)).unwrap_or(crate::Disposition::Retry);
+            let text = catch_sync(|| errors.display(&error).to_string())
+                .unwrap_or_else(|message| format!("(the error's Display panicked: {message})"));
             let settlement = Settlement::of_failure(
-                errors.disposition(&error),
+                disposition,
                 number,
                 spec.retry_policy(),
-                || errors.display(&error).to_string(),
+                || text.clone(),
                 fastrand::f64(),
             );
             let told = match settlement {
                 Settlement::Requeue { attempt, delay } => {
                     tracing::warn!(
-                        error = %errors.display(&error),
+                        error = %text,
                         attempt,
                         delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
                         "handling failed; requeueing"
@@ -584,10 +635,19 @@ fn accept_duplicate<T, E, C: ResultCodec<T>>(
         let (scope, key) = scope_and_key();
         return Err(Error::PayloadMismatch { scope, key });
     }
-    let replayed = codec.decode(record.response.as_deref()).map_err(|source| {
-        let (scope, key) = scope_and_key();
-        Error::Replay { scope, key, source }
-    })?;
+    let replayed = match catch_sync(|| codec.decode(record.response.as_deref())) {
+        Ok(decoded) => decoded.map_err(|source| {
+            let (scope, key) = scope_and_key();
+            Error::Replay { scope, key, source }
+        })?,
+        Err(message) => {
+            return Err(Error::Panicked {
+                scope: delivery.key.scope().to_owned(),
+                during: "replayed result's deserialization",
+                message,
+            });
+        }
+    };
     // The record we read was committed by an earlier delivery: its effects are durable.
     Ok((Outcome::Duplicate { replayed }, Committed::new()))
 }
@@ -610,14 +670,19 @@ mod tests {
         assert_eq!(caught, Err("boom 1".to_owned()));
     }
 
+    static FIRST: HandlerSpec = HandlerSpec::new("pipeline.test.shared");
+    static SECOND: HandlerSpec = HandlerSpec::new("pipeline.test.shared");
+    static ALONE: HandlerSpec = HandlerSpec::new("pipeline.test.alone");
+    inventory::submit! { Registration::of(&FIRST) }
+    inventory::submit! { Registration::of(&SECOND) }
+    inventory::submit! { Registration::of(&ALONE) }
+
     #[test]
-    fn a_scope_belongs_to_the_first_handler_that_claims_it() {
-        static FIRST: HandlerSpec = HandlerSpec::new("pipeline.test.scope");
-        static SECOND: HandlerSpec = HandlerSpec::new("pipeline.test.scope");
-        static OTHER: HandlerSpec = HandlerSpec::new("pipeline.test.other");
-        assert_eq!(FIRST.register(), Ok(()));
-        assert_eq!(FIRST.register(), Ok(()), "a handler may handle again");
+    fn a_shared_scope_fails_every_handler_that_shares_it() {
+        assert_eq!(ALONE.register(), Ok(()));
+        assert_eq!(ALONE.register(), Ok(()), "a handler may handle again");
+        assert_eq!(FIRST.register(), Err(()), "the first comer does not win");
         assert_eq!(SECOND.register(), Err(()));
-        assert_eq!(OTHER.register(), Ok(()));
+        assert_eq!(handlers_sharing("pipeline.test.shared"), 2);
     }
 }

@@ -810,6 +810,30 @@ macro_rules! __dedup_table_cases {
             }
         }
 
+        /// Keys are compared byte for byte on every store: a trailing space makes another key
+        /// (MySQL's default PAD SPACE collations would make them one, and skip the second).
+        #[tokio::test]
+        async fn keys_differing_only_by_trailing_spaces_are_different_messages() {
+            let store = $open;
+            let key = unique_key("pad");
+            let padded = format!("{key} ");
+            let first = handlers::dedup(&store, Payment::new(&key, 1), NoAck)
+                .await
+                .expect("first");
+            let second = handlers::dedup(&store, Payment::new(&padded, 1), NoAck)
+                .await
+                .expect("second");
+            assert!(
+                first.is_processed() && second.is_processed(),
+                "{first:?} {second:?}"
+            );
+            assert_eq!((runs(&key), runs(&padded)), (1, 1));
+            let again = handlers::dedup(&store, Payment::new(&padded, 1), NoAck)
+                .await
+                .expect("again");
+            assert!(again.is_duplicate());
+        }
+
         /// A failure that never heals: requeued with a growing delay, then dead-lettered with
         /// the attempt count on the last attempt.
         #[tokio::test]

@@ -23,9 +23,11 @@
 //! `COMMIT; BEGIN`), that a transaction is still open, and reports
 //! [`CommitFailure::Aborted`] when not, so the message is requeued rather than acked; but the
 //! writes the body made after the ignored error are already committed. Never ignore a database
-//! error in a handler's body. The check reads MariaDB's `@@in_transaction`; on MySQL, which
-//! has no such variable, it asks `information_schema.INNODB_TRX` for the connection's
-//! transaction (MySQL 8 is not tested here).
+//! error in a handler's body. (An ignored error that does *not* end the transaction, such as a
+//! duplicate key, is not caught: that statement had no effect and the rest commits.) The
+//! check reads MariaDB's `@@in_transaction`; on MySQL, which has no such variable, it asks
+//! `information_schema.INNODB_TRX` for the connection's transaction, which needs the
+//! `PROCESS` privilege (MySQL 8 is not tested here).
 
 use sqlx::Transaction;
 use sqlx::mysql::{MySql, MySqlDatabaseError, MySqlPool, MySqlPoolOptions};
@@ -74,7 +76,10 @@ const MYSQL_CHECKED_COMMIT: &str = "SELECT IF(EXISTS (SELECT 1 FROM information_
 const TRANSACTION_GONE: u16 = 1242;
 
 // Scope and key fit one index entry: (200 + 500) characters × 4 bytes = 2,800 of InnoDB's
-// 3,072. `utf8mb4_bin`: keys compare byte for byte, as on PostgreSQL and SQLite.
+// 3,072. The collation is binary *and* NO PAD, so that keys compare byte for byte, as on
+// PostgreSQL and SQLite: under `utf8mb4_bin` (PAD SPACE), "k" and "k " are the same key and
+// the second message would be skipped as a duplicate of the first. `{collation}` is
+// `utf8mb4_nopad_bin` on MariaDB and `utf8mb4_0900_bin` on MySQL 8.
 const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS idem_records (
     scope         VARCHAR(200) NOT NULL,
     record_key    VARCHAR(500) NOT NULL,
@@ -84,7 +89,11 @@ const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS idem_records (
     expires_at_ms BIGINT,
     PRIMARY KEY (scope, record_key),
     KEY idem_records_expires_at_ms (expires_at_ms)
-) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin";
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = {collation}";
+const KEY_COLLATION: &str = "SELECT COLLATION_NAME FROM information_schema.COLUMNS \
+    WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'idem_records' AND COLUMN_NAME = 'record_key'";
+const CONVERT_TABLE: &str =
+    "ALTER TABLE idem_records CONVERT TO CHARACTER SET utf8mb4 COLLATE {collation}";
 const INSERT: &str = "INSERT INTO idem_records \
     (scope, record_key, fingerprint, response, created_at_ms, expires_at_ms) \
     VALUES (?, ?, ?, ?, ?, ?)";
@@ -128,8 +137,33 @@ impl MySqlStore {
     /// Creates `idem_records` if missing. Safe to run any number of times. (MySQL commits DDL
     /// implicitly, so there is no transaction to hold a lock in; `IF NOT EXISTS` makes
     /// concurrent runs harmless.)
+    ///
+    /// A table created by idem 0.1 before 2026-11-23 compared keys with a PAD SPACE collation
+    /// (trailing spaces ignored); `migrate` converts it to the NO PAD one (a table rebuild).
     pub async fn migrate(&self) -> Result<(), sqlx::Error> {
-        sqlx::query(CREATE_TABLE).execute(&self.pool).await?;
+        let version: String = sqlx::query_scalar("SELECT VERSION()")
+            .fetch_one(&self.pool)
+            .await?;
+        let collation = if version.contains("MariaDB") {
+            "utf8mb4_nopad_bin"
+        } else {
+            "utf8mb4_0900_bin"
+        };
+        // The collation is one of the two constants above, never input.
+        let create = CREATE_TABLE.replace("{collation}", collation);
+        sqlx::query(sqlx::AssertSqlSafe(create))
+            .execute(&self.pool)
+            .await?;
+        let current: Option<String> = sqlx::query_scalar(KEY_COLLATION)
+            .fetch_optional(&self.pool)
+            .await?
+            .flatten();
+        if current.as_deref() != Some(collation) {
+            let convert = CONVERT_TABLE.replace("{collation}", collation);
+            sqlx::query(sqlx::AssertSqlSafe(convert))
+                .execute(&self.pool)
+                .await?;
+        }
         Ok(())
     }
 
