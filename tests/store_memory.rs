@@ -375,6 +375,32 @@ mod user_code_that_panics {
         assert_eq!(store.locked_keys(), 0);
     }
 
+    #[idempotent(
+        key = "order_id",
+        store = "memory",
+        strategy = "dedup_table",
+        scope = "mem.panicky_effect"
+    )]
+    async fn panicky_effect(tx: &mut MemoryTx, _msg: Payment) -> Result<(), AppError> {
+        tx.on_commit(|| panic!("effect exploded"));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_panicking_on_commit_effect_fails_the_commit_and_is_settled() {
+        let store = MemoryStore::new();
+        let key = unique_key("mem-effect");
+        let ack = RecordingAck::new();
+        let result = panicky_effect(&store, Payment::new(&key, 1), ack.clone()).await;
+        assert!(
+            matches!(&result, Err(Error::Database(e)) if e.to_string().contains("effect exploded")),
+            "{result:?}"
+        );
+        assert!(ack.requeued_once(), "{:?}", ack.events());
+        assert!(!store.has_record("mem.panicky_effect", &key));
+        assert_eq!(store.locked_keys(), 0);
+    }
+
     #[tokio::test]
     async fn an_error_whose_display_and_disposition_panic_is_still_settled() {
         let store = MemoryStore::new();

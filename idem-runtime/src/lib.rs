@@ -47,10 +47,10 @@
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
-// The module graph runs one way: `classify`, `clock`, `key`, `outcome`, `payload`, `retry` and
-// `transition` use nothing of ours but each other's leaves; `error` uses `classify` and `key`;
-// `store` uses those; `strategy` uses `store`; `ack` uses `error` and `retry`; `pipeline` uses
-// all of them and is used by none.
+// The module graph runs one way. At the bottom, `classify`, `clock`, `key`, `outcome`,
+// `payload`, `retry`, `transition` and `unwind` use nothing of ours but each other's leaves;
+// `error` uses `classify` and `key`; `store` uses those; `strategy` uses `store`; `ack` uses
+// `error` and `retry`; `pipeline` uses all of them and is used by none.
 pub mod ack;
 pub mod classify;
 pub mod clock;
@@ -63,6 +63,7 @@ pub mod retry;
 pub mod store;
 pub mod strategy;
 pub mod transition;
+mod unwind;
 
 #[doc(hidden)]
 pub mod __private;

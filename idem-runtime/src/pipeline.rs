@@ -15,7 +15,6 @@
 //! strategy recognises as "an earlier delivery committed" (a unique violation under
 //! `unique_constraint`) becomes a duplicate instead, and is acked.
 
-use std::any::Any;
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::OnceLock;
@@ -159,23 +158,8 @@ impl<T, E> HandlerResult for Result<T, E> {
     }
 }
 
-/// A panic's payload, as `catch_unwind` returns it.
-pub type PanicPayload = Box<dyn Any + Send>;
-
-/// The panic's message, when it was a string (as `panic!` makes it).
-fn panic_message(payload: &PanicPayload) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic with a non-string payload".to_owned())
-}
-
-/// Runs user code that builds part of the delivery (a `KeyPart`, a `Serialize`), turning a
-/// panic into a value.
-pub(crate) fn catch_sync<T>(work: impl FnOnce() -> T) -> Result<T, String> {
-    std::panic::catch_unwind(AssertUnwindSafe(work)).map_err(|payload| panic_message(&payload))
-}
+pub use crate::unwind::PanicPayload;
+use crate::unwind::{catch_sync, panic_message};
 
 /// The strategy, key and fingerprint of a delivery, built (and any panic caught) before the
 /// gate: they run user code (`StateKeyPart`, `KeyPart`, `Serialize`).

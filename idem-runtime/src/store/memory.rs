@@ -95,7 +95,8 @@ impl std::fmt::Debug for MemoryTx {
 
 impl MemoryTx {
     /// Runs `effect` if and when this transaction commits; never if it rolls back. The memory
-    /// store's stand-in for the body's database writes.
+    /// store's stand-in for the body's database writes. An effect that panics fails the commit
+    /// (a retryable error; the record is not written, the effects before it have run).
     ///
     /// ```
     /// use std::sync::Arc;
@@ -218,12 +219,18 @@ impl Store for MemoryStore {
     }
 
     async fn commit(&self, mut tx: Self::Tx) -> Result<(), CommitFailure> {
+        // Effects first: one that panics fails the commit (retryable) before the record is
+        // written, so the delivery is settled and redelivered rather than left hanging.
+        for effect in tx.effects.drain(..) {
+            if let Err(message) = crate::unwind::catch_sync(effect) {
+                return Err(CommitFailure::Database(sqlx::Error::Io(
+                    std::io::Error::other(format!("an on_commit effect panicked: {message}")),
+                )));
+            }
+        }
         {
             let mut records = lock(&tx.inner.records);
             records.extend(tx.pending.drain(..));
-        }
-        for effect in tx.effects.drain(..) {
-            effect();
         }
         // Dropping `tx` releases its key locks.
         Ok(())
