@@ -1,5 +1,5 @@
 //! The store conformance suite: the same cases, through real `#[idempotent]` handlers, on
-//! every store. A store's test target instantiates it with [`conformance_suite!`]:
+//! every store. A store's test target instantiates it with [`conformance_suite!`](crate::conformance_suite):
 //!
 //! ```ignore
 //! idem_tests::conformance_suite! {
