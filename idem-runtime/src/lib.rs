@@ -68,6 +68,10 @@ mod unwind;
 #[doc(hidden)]
 pub mod __private;
 
+/// The sqlx this crate is built with: use it for your queries, so that your transactions and
+/// ours are of one version.
+pub use sqlx;
+
 pub use ack::{Acknowledger, Committed, DeadLetter, NoAck, Requeue, RequeueReason};
 pub use classify::{classify_error_chain, classify_sqlx_error};
 pub use error::{Disposition, Error, HandlerError};

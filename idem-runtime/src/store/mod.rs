@@ -238,3 +238,42 @@ macro_rules! run_transition {
 }
 #[cfg(any(feature = "pg", feature = "mysql", feature = "sqlite"))]
 pub(crate) use run_transition;
+
+/// Records each of `keys` as processed, in one transaction, exactly as a handler's first
+/// delivery would (an expired record is taken over), without running any body; returns how
+/// many were not recorded already. The body of every store's `mark_processed`.
+pub(crate) async fn mark_processed<S: Store>(
+    store: &S,
+    keys: impl IntoIterator<Item = Key>,
+    ttl: Option<std::time::Duration>,
+) -> Result<u64, sqlx::Error> {
+    let now_ms = store.now_ms();
+    let expires_at_ms =
+        ttl.map(|ttl| now_ms.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)));
+    let mut tx = store.begin().await?;
+    let mut recorded = 0;
+    for key in keys {
+        let record = NewRecord {
+            key: &key,
+            fingerprint: None,
+            response: None,
+            now_ms,
+            expires_at_ms,
+        };
+        match store.claim(&mut tx, &record).await {
+            Ok(Claim::Claimed) => recorded += 1,
+            Ok(Claim::Existing(_)) => {}
+            Err(error) => {
+                let _ = S::rollback(tx).await;
+                return Err(error);
+            }
+        }
+    }
+    match store.commit(tx).await {
+        Ok(()) => Ok(recorded),
+        Err(CommitFailure::Database(error)) => Err(error),
+        Err(CommitFailure::Aborted) => Err(sqlx::Error::Io(std::io::Error::other(
+            "the transaction importing the keys was aborted; nothing was recorded",
+        ))),
+    }
+}

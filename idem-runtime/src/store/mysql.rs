@@ -104,6 +104,7 @@ const TAKE_OVER_EXPIRED: &str = "UPDATE idem_records \
     WHERE scope = ? AND record_key = ? AND expires_at_ms IS NOT NULL AND expires_at_ms <= ?";
 const SAVE_RESPONSE: &str =
     "UPDATE idem_records SET response = ? WHERE scope = ? AND record_key = ?";
+const FORGET: &str = "DELETE FROM idem_records WHERE scope = ? AND record_key = ?";
 const PURGE_EXPIRED: &str =
     "DELETE FROM idem_records WHERE expires_at_ms IS NOT NULL AND expires_at_ms <= ?";
 
@@ -165,6 +166,35 @@ impl MySqlStore {
                 .await?;
         }
         Ok(())
+    }
+
+    /// Records each of `keys` as processed, in one transaction, without running any handler:
+    /// the next delivery of each is a duplicate. For switching a service over to idem without
+    /// reprocessing what it already handled (import the keys from its own processed-messages
+    /// table or a log). Build each key as the handler does: its scope and its key fields in
+    /// order, `Key::new("billing.order_paid", &[("order_id", &id)])`. A key already recorded is
+    /// left as it is (an expired one is renewed); `ttl` is the handler's `ttl` (`None`: forever).
+    /// Returns how many keys were newly recorded.
+    pub async fn mark_processed(
+        &self,
+        keys: impl IntoIterator<Item = Key>,
+        ttl: Option<std::time::Duration>,
+    ) -> Result<u64, sqlx::Error> {
+        super::mark_processed(self, keys, ttl).await
+    }
+
+    /// Deletes the record of `key`, so that its next delivery is processed again (its body
+    /// runs): for an operator who reprocesses one message on purpose. Only the dedup record
+    /// goes; the business rows the first delivery wrote stay. `state_machine` keeps no record
+    /// (the status is the record): move the status back instead. Returns whether a record
+    /// existed.
+    pub async fn forget(&self, key: &Key) -> Result<bool, sqlx::Error> {
+        let done = sqlx::query(FORGET)
+            .bind(key.scope())
+            .bind(key.value())
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
     }
 
     /// Deletes records that expired before now; returns how many.
