@@ -239,13 +239,14 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
     let check_scope = respan(quote!(#private::check_scope), ident.span());
 
     // With the default scope, two items next to the function that only a module can hold
-    // together: in an `impl` block they become associated items, which the const cannot name
-    // without `Self::`, so a handler there fails to compile and must set `scope` (the default,
-    // `module::name`, would be shared by every type's method of that name, and by every
-    // instantiation of a generic `impl`).
+    // together: in an `impl` block they become associated items, and in a function body local
+    // ones, neither of which `self::` names, so a handler there fails to compile and must set
+    // `scope` (the default, `module::name`, would be shared by every type's method of that
+    // name, by every instantiation of a generic `impl`, and by every nested function of that
+    // name in the module).
     let scope_probe = args.scope.is_none().then(|| {
         let probe = format_ident!(
-            "handlers_in_impl_blocks_need_an_explicit_scope_{}",
+            "handlers_in_impl_blocks_or_functions_need_an_explicit_scope_{}",
             ident,
             span = ident.span()
         );
@@ -259,7 +260,7 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
             #[doc(hidden)]
             #[allow(dead_code, non_upper_case_globals, clippy::all, clippy::pedantic)]
             const #probe_const: () = {
-                let _ = #probe;
+                let _ = self::#probe;
             };
         }
     });

@@ -158,7 +158,11 @@ impl Settlement {
             },
             crate::Disposition::Retry => Self::DeadLetter {
                 attempt,
-                reason: format!("gave up after {attempt} attempts: {}", reason()),
+                reason: format!(
+                    "gave up after {attempt} attempt{}: {}",
+                    if attempt == 1 { "" } else { "s" },
+                    reason()
+                ),
             },
             _ => Self::DeadLetter {
                 attempt,

@@ -130,6 +130,7 @@ pub fn pg_disposition(sqlstate: &str) -> Disposition {
 }
 
 /// `ER_DUP_ENTRY`: a unique key already holds the value.
+#[cfg(feature = "mysql")]
 pub(crate) const MYSQL_DUPLICATE_ENTRY: u16 = 1062;
 
 /// MySQL / MariaDB error numbers that a redelivery can outlive.
@@ -196,6 +197,7 @@ pub fn mysql_disposition(number: u16, sqlstate: &str) -> Disposition {
     }
 }
 
+#[cfg_attr(not(feature = "mysql"), allow(dead_code))]
 /// The key named in a MySQL duplicate-entry message: MariaDB says `… for key 'name'`, MySQL 8
 /// `… for key 'table.name'`.
 pub(crate) fn mysql_duplicate_key_name(message: &str) -> Option<&str> {
@@ -243,6 +245,7 @@ pub fn sqlite_disposition(extended: i32) -> Disposition {
 /// payments.order_id`) or, for an index on expressions, the index (`… failed: index 'name'`).
 /// `constraint` matches either form: `"payments.order_id"` (comma-separated for several
 /// columns) or the index name.
+#[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
 pub(crate) fn sqlite_unique_detail_matches(message: &str, constraint: &str) -> bool {
     let detail = message
         .split_once("constraint failed: ")
@@ -261,16 +264,32 @@ pub(crate) fn sqlite_unique_detail_matches(message: &str, constraint: &str) -> b
 /// failed statement had aborted.
 pub(crate) const PG_IN_FAILED_TRANSACTION: &str = "25P02";
 
-/// Whether `error` says that the transaction was no longer open when the runtime committed it:
-/// PostgreSQL's `25P02` on the check that rides with the commit, SQLite's "cannot commit - no
-/// transaction is active" (a statement with `OR ROLLBACK`, a `RAISE(ROLLBACK)` trigger or an
-/// I/O error rolled it back).
+/// Whether `error` says that the transaction was no longer open: PostgreSQL's `25P02` (on the
+/// check that rides with the commit, or on a statement after the body), or a savepoint
+/// release that found [`OPEN_SAVEPOINT`] gone (MySQL, SQLite).
 pub(crate) fn is_transaction_gone(error: &sqlx::Error) -> bool {
+    error
+        .as_database_error()
+        .is_some_and(|db| db.code().as_deref() == Some(PG_IN_FAILED_TRANSACTION))
+        || is_savepoint_gone(error)
+}
+
+/// `ER_SP_DOES_NOT_EXIST`: MySQL's answer to releasing a savepoint that is gone.
+#[cfg(feature = "mysql")]
+const MYSQL_SAVEPOINT_DOES_NOT_EXIST: u16 = 1305;
+
+/// Whether `error` says that the savepoint `idem_open` is gone, so its transaction ended:
+/// MySQL's 1305, SQLite's "no such savepoint". Every MySQL and SQLite handler transaction
+/// opens that savepoint right after `BEGIN`: it lives exactly as long as the transaction.
+pub(crate) fn is_savepoint_gone(error: &sqlx::Error) -> bool {
     let Some(db) = error.as_database_error() else {
         return false;
     };
-    db.code().as_deref() == Some(PG_IN_FAILED_TRANSACTION)
-        || db.message().contains("no transaction is active")
+    #[cfg(feature = "mysql")]
+    if let Some(mysql) = db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
+        return mysql.number() == MYSQL_SAVEPOINT_DOES_NOT_EXIST;
+    }
+    db.message().contains("no such savepoint")
 }
 
 /// A database error found in a source chain.

@@ -16,7 +16,7 @@
 //! struct AppError;
 //! impl idem_runtime::HandlerError for AppError {}
 //!
-//! #[idempotent(key = "order_id", store = "memory", strategy = "dedup_table")]
+//! #[idempotent(key = "order_id", store = "memory", strategy = "dedup_table", scope = "billing.paid")]
 //! async fn on_order_paid(tx: &mut MemoryTx, msg: OrderPaid) -> Result<i64, AppError> {
 //!     Ok(msg.amount) // business writes go through `tx`
 //! }

@@ -254,7 +254,7 @@ where
         key = tracing::field::Empty,
         strategy = G::NAME,
         store = S::NAME,
-        attempt = ack.attempt().unwrap_or(1),
+        attempt = ack.attempt().unwrap_or(1).max(1),
         outcome = tracing::field::Empty,
     );
     let opened = enter(store, spec, prepared, codec)
@@ -375,7 +375,7 @@ async fn through_gate<S: Store, C: ResultCodec<T>, T, E>(
         Ok(Gate::Open) => return Ok(tx),
         Ok(Gate::Duplicate(record)) => accept_duplicate(delivery, codec, record),
         Ok(Gate::Refused(refusal)) => Err(refusal.into_error(delivery.key)),
-        Err(error) => Err(Error::Database(error)),
+        Err(error) => Err(commit_failure(CommitFailure::Database(error), delivery)),
     };
     rollback(store, tx).await;
     Err(ended)
@@ -449,7 +449,11 @@ where
         Ok(Ok(value)) => value,
         Ok(Err(error)) => {
             rollback(store, tx).await;
-            if strategy.is_duplicate_failure(store, errors.as_error(&error)) {
+            // The error's `source()` chain is user code: a panic there means "not a duplicate".
+            let duplicate =
+                catch_sync(|| strategy.is_duplicate_failure(store, errors.as_error(&error)))
+                    .unwrap_or(false);
+            if duplicate {
                 return accept_duplicate(&delivery, codec, read_record(store, &delivery).await?);
             }
             return Err(Error::Handler(error));
@@ -482,6 +486,17 @@ where
             });
         }
     };
+    // Where the database would run it in autocommit mode after rolling the transaction back
+    // (MySQL, SQLite), a write after the body must first make sure the transaction is alive.
+    if strategy.writes_after_body(&delivery, response.as_deref()) {
+        match store.ensure_open(&mut tx).await {
+            Ok(()) => {}
+            Err(failure) => {
+                rollback(store, tx).await;
+                return Err(commit_failure(failure, &delivery));
+            }
+        }
+    }
     let verdict = strategy
         .leave(store, &mut tx, &delivery, response.as_deref())
         .await;
@@ -492,16 +507,29 @@ where
 
     match store.commit(tx).await {
         Ok(()) => Ok((Outcome::Processed(value), Committed::new())),
-        Err(CommitFailure::Aborted) => Err(Error::TransactionAborted {
-            scope: delivery.key.scope().to_owned(),
-            key: delivery.key.value().to_owned(),
-        }),
         Err(CommitFailure::Database(error)) if strategy.is_duplicate_failure(store, &error) => {
             accept_duplicate(&delivery, codec, read_record(store, &delivery).await?)
         }
         // The commit's outcome may be unknown (connection lost mid-commit): requeue, and let
         // the gate sort the redelivery out.
-        Err(CommitFailure::Database(error)) => Err(Error::Database(error)),
+        Err(failure) => Err(commit_failure(failure, &delivery)),
+    }
+}
+
+/// The error of a transaction that could not commit.
+fn commit_failure<E>(failure: CommitFailure, delivery: &Delivery<'_>) -> Error<E> {
+    match failure {
+        CommitFailure::Aborted => Error::TransactionAborted {
+            scope: delivery.key.scope().to_owned(),
+            key: delivery.key.value().to_owned(),
+        },
+        CommitFailure::Database(error) if crate::classify::is_transaction_gone(&error) => {
+            Error::TransactionAborted {
+                scope: delivery.key.scope().to_owned(),
+                key: delivery.key.value().to_owned(),
+            }
+        }
+        CommitFailure::Database(error) => Error::Database(error),
     }
 }
 

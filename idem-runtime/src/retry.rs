@@ -86,7 +86,11 @@ impl RetryPolicy {
             .base_delay
             .saturating_mul(1_u32 << doublings)
             .min(self.max_delay);
-        let jitter = jitter.clamp(0.0, 1.0);
+        let jitter = if jitter.is_nan() {
+            0.5
+        } else {
+            jitter.clamp(0.0, 1.0)
+        };
         full.div_f64(2.0) + full.div_f64(2.0).mul_f64(jitter)
     }
 
@@ -113,6 +117,7 @@ mod tests {
         assert_eq!(full, vec![1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300]);
         assert_eq!(policy.delay(1, 0.0), Duration::from_millis(500));
         assert_eq!(policy.delay(u32::MAX, 1.0), Duration::from_secs(300));
+        assert_eq!(policy.delay(1, f64::NAN), Duration::from_millis(750));
         for _ in 0..100 {
             let jittered = policy.jittered_delay(4);
             assert!(jittered >= Duration::from_secs(4) && jittered <= Duration::from_secs(8));

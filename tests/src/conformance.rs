@@ -173,6 +173,15 @@ macro_rules! conformance_suite {
                     Ok(msg.amount)
                 }
 
+                #[idempotent(key = "order_id", store = $store, strategy = "unique_constraint", scope = "conf.unique.swallow_fp", constraint = $constraint, fingerprint)]
+                pub async fn unique_fingerprint_swallowing(tx: &mut $tx, msg: Payment) -> Result<i64, AppError> {
+                    write_payment(tx, &msg).await?;
+                    if $crate::should_swallow(&msg.order_id) {
+                        $crate::effects::SwallowsAFailure::swallow_a_failed_statement(tx).await;
+                    }
+                    Ok(msg.amount)
+                }
+
                 #[idempotent(key = "order_id", store = $store, strategy = "unique_constraint", scope = "conf.unique.swallow", constraint = $constraint)]
                 pub async fn unique_swallowing(tx: &mut $tx, msg: Payment) -> Result<i64, AppError> {
                     write_payment(tx, &msg).await?;
@@ -1244,6 +1253,22 @@ macro_rules! __sql_cases {
                 $open,
                 async |store, msg, ack| handlers::unique_swallowing(store, msg, ack).await,
                 "conf.unique.swallow",
+            )
+            .await;
+        }
+
+        /// `unique_constraint` with `fingerprint` writes its record after the body: where the
+        /// database runs statements in autocommit mode once it rolled the transaction back
+        /// (MySQL, SQLite), that write must not commit on its own, or the redelivery would
+        /// find the record and be acked as a duplicate of a message that never committed.
+        #[tokio::test]
+        async fn unique_constraint_record_is_not_written_after_a_swallowed_failure() {
+            swallowed_failure_is_never_acked(
+                $open,
+                async |store, msg, ack| {
+                    handlers::unique_fingerprint_swallowing(store, msg, ack).await
+                },
+                "conf.unique.swallow_fp",
             )
             .await;
         }

@@ -260,6 +260,10 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    async fn ensure_open(&self, _tx: &mut Self::Tx) -> Result<(), CommitFailure> {
+        Ok(())
+    }
+
     async fn rollback(tx: Self::Tx) -> Result<(), sqlx::Error> {
         drop(tx);
         Ok(())

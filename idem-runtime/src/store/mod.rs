@@ -146,6 +146,15 @@ pub trait Store: sealed::Sealed + Send + Sync {
     /// Rolls back.
     fn rollback(tx: Self::Tx) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
 
+    /// Checks that `tx` is still the transaction [`begin`](Self::begin) opened, before the
+    /// runtime writes after the body: where the database runs statements in autocommit mode
+    /// once it has rolled a transaction back (MySQL, SQLite), a write there would commit on
+    /// its own. PostgreSQL refuses every statement in an aborted transaction, so it needs none.
+    fn ensure_open(
+        &self,
+        tx: &mut Self::Tx,
+    ) -> impl Future<Output = Result<(), CommitFailure>> + Send;
+
     /// Writes `record` inside `tx`, unless a live record exists for its key. A concurrent
     /// transaction writing the same key makes this wait until that one ends, so a twin in
     /// flight is never mistaken for a fresh key. An expired record is taken over.
@@ -196,6 +205,7 @@ pub trait TransitionStore: Store {
 /// it moved nothing, run the classifying read. (A macro, because the generic version needs a
 /// wall of higher-ranked sqlx bounds.) Rows affected count *matched* rows on MySQL too, as
 /// sqlx sets `CLIENT_FOUND_ROWS`.
+#[cfg(any(feature = "pg", feature = "mysql", feature = "sqlite"))]
 macro_rules! run_transition {
     ($conn:expr, $statements:expr, $transition:expr, $key:expr, uuid = $uuid:ident) => {{
         use $crate::transition::StateKey;
@@ -252,7 +262,9 @@ pub(crate) async fn mark_processed<S: Store>(
         ttl.map(|ttl| now_ms.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)));
     let mut tx = store.begin().await?;
     let mut recorded = 0;
-    for key in keys {
+    let mut seen = std::collections::HashSet::new();
+    // A key given twice is one key (and the memory store would wait on its own lock).
+    for key in keys.into_iter().filter(|key| seen.insert(key.clone())) {
         let record = NewRecord {
             key: &key,
             fingerprint: None,

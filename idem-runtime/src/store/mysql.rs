@@ -18,27 +18,28 @@
 //!
 //! A deadlock rolls back the *whole* transaction, and MySQL runs the statements that follow in
 //! autocommit mode. A body that ignores that error therefore goes on outside any transaction:
-//! its later writes are committed one by one, and the dedup record is gone. The commit checks,
-//! in its own round trip (`SELECT` with a condition that fails outside a transaction, then
-//! `COMMIT; BEGIN`), that a transaction is still open, and reports
-//! [`CommitFailure::Aborted`] when not, so the message is requeued rather than acked; but the
-//! writes the body made after the ignored error are already committed. Never ignore a database
-//! error in a handler's body. (An ignored error that does *not* end the transaction, such as a
-//! duplicate key, is not caught: that statement had no effect and the rest commits.) The
-//! check reads MariaDB's `@@in_transaction`; on MySQL, which has no such variable, it asks
-//! `information_schema.INNODB_TRX` for the connection's transaction, which needs the
-//! `PROCESS` privilege (MySQL 8 is not tested here).
+//! its later writes are committed one by one, and the dedup record is gone. Every handler
+//! transaction therefore starts with `BEGIN; SAVEPOINT idem_open` (one round trip), and the
+//! commit is `RELEASE SAVEPOINT idem_open; COMMIT; BEGIN` (one round trip): when the
+//! transaction is gone, so is the savepoint, the release fails (1305) and the store reports
+//! [`CommitFailure::Aborted`], so the message is requeued rather than acked. A write the
+//! runtime makes after the body (the dedup record of `unique_constraint` with `replay` or
+//! `fingerprint`, a replayed result) is preceded by the same check, so it never commits on
+//! its own. The writes the *body* made after the ignored error are already committed: never
+//! ignore a database error in a handler's body. (An ignored error that does *not* end the
+//! transaction, such as a duplicate key, is not caught: that statement had no effect and the
+//! rest commits.) The check needs no privilege and works the same on MariaDB and MySQL.
 
 use sqlx::Transaction;
 use sqlx::mysql::{MySql, MySqlDatabaseError, MySqlPool, MySqlPoolOptions};
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use super::{
     CLAIM_ATTEMPTS, Claim, CommitFailure, NewRecord, RecordRow, Store, StoredRecord,
     TransitionStore, live_record, record_kept_vanishing, sealed,
 };
-use crate::classify::{MYSQL_DUPLICATE_ENTRY, mysql_duplicate_key_name};
+use crate::classify::{MYSQL_DUPLICATE_ENTRY, is_savepoint_gone, mysql_duplicate_key_name};
 use crate::clock::{Clock, SharedClock};
 use crate::key::Key;
 use crate::transition::{
@@ -62,18 +63,15 @@ pub type MySqlTx<'c> = Transaction<'c, MySql>;
 pub struct MySqlStore {
     pool: MySqlPool,
     clock: SharedClock,
-    /// The checked commit for this server's flavour, learnt on the first `begin`.
-    checked_commit: Arc<OnceLock<&'static str>>,
 }
 
-/// The commit, after a check that fails (error 1242, "subquery returns more than 1 row") when
-/// no transaction is open; the trailing `BEGIN` gives sqlx's `Transaction` one to roll back.
-const MARIADB_CHECKED_COMMIT: &str =
-    "SELECT IF(@@in_transaction = 1, 1, (SELECT 1 UNION ALL SELECT 1)); COMMIT; BEGIN";
-const MYSQL_CHECKED_COMMIT: &str = "SELECT IF(EXISTS (SELECT 1 FROM information_schema.INNODB_TRX \
-    WHERE trx_mysql_thread_id = CONNECTION_ID()), 1, (SELECT 1 UNION ALL SELECT 1)); COMMIT; BEGIN";
-/// `ER_SUBQUERY_NO_1_ROW`: what the check raises outside a transaction.
-const TRANSACTION_GONE: u16 = 1242;
+/// `BEGIN`, then the savepoint whose presence proves the transaction is still open.
+const BEGIN: &str = "BEGIN; SAVEPOINT idem_open";
+/// The commit, after a check that fails (1305) when the savepoint, and so the transaction, is
+/// gone; the trailing `BEGIN` gives sqlx's `Transaction` one to roll back.
+const CHECKED_COMMIT: &str = "RELEASE SAVEPOINT idem_open; COMMIT; BEGIN";
+/// The same check before a write after the body, re-arming the savepoint.
+const ENSURE_OPEN: &str = "RELEASE SAVEPOINT idem_open; SAVEPOINT idem_open";
 
 // Scope and key fit one index entry: (200 + 500) characters × 4 bytes = 2,800 of InnoDB's
 // 3,072. The collation is binary *and* NO PAD, so that keys compare byte for byte, as on
@@ -114,7 +112,6 @@ impl MySqlStore {
         Self {
             pool,
             clock: crate::clock::system(),
-            checked_commit: Arc::default(),
         }
     }
 
@@ -140,7 +137,11 @@ impl MySqlStore {
     /// concurrent runs harmless.)
     ///
     /// A table created by idem 0.1 before 2026-11-23 compared keys with a PAD SPACE collation
-    /// (trailing spaces ignored); `migrate` converts it to the NO PAD one (a table rebuild).
+    /// (trailing spaces ignored); `migrate` converts it to the NO PAD one. That is a table
+    /// rebuild (`ALTER TABLE … CONVERT`), which blocks handlers' writes to `idem_records` while
+    /// it runs: run it once, from one process, before deploying consumers (concurrent runs
+    /// each rebuild the table). No record is lost: NO PAD only tells apart keys that PAD SPACE
+    /// merged.
     pub async fn migrate(&self) -> Result<(), sqlx::Error> {
         let version: String = sqlx::query_scalar("SELECT VERSION()")
             .fetch_one(&self.pool)
@@ -239,46 +240,30 @@ impl Store for MySqlStore {
     }
 
     async fn begin(&self) -> Result<Self::Tx, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
-        if self.checked_commit.get().is_none() {
-            let version: String = sqlx::query_scalar("SELECT VERSION()")
-                .fetch_one(&mut *tx)
-                .await?;
-            let checked = if version.contains("MariaDB") {
-                MARIADB_CHECKED_COMMIT
-            } else {
-                MYSQL_CHECKED_COMMIT
-            };
-            let _ = self.checked_commit.set(checked);
-        }
-        Ok(tx)
+        self.pool.begin_with(BEGIN).await
     }
 
     async fn commit(&self, mut tx: Self::Tx) -> Result<(), CommitFailure> {
-        let checked = self
-            .checked_commit
-            .get()
-            .copied()
-            .unwrap_or(MARIADB_CHECKED_COMMIT);
-        match sqlx::raw_sql(sqlx::AssertSqlSafe(checked))
-            .execute(&mut *tx)
-            .await
-        {
+        match sqlx::raw_sql(CHECKED_COMMIT).execute(&mut *tx).await {
             // Committed; dropping `tx` rolls back the empty transaction `BEGIN` opened.
             Ok(_) => Ok(()),
             Err(error) => {
                 // Outside a transaction `ROLLBACK` does nothing, so this is right either way.
                 let _ = tx.rollback().await;
-                let gone = error
-                    .as_database_error()
-                    .and_then(|db| db.try_downcast_ref::<MySqlDatabaseError>())
-                    .is_some_and(|db| db.number() == TRANSACTION_GONE);
-                if gone {
+                if is_savepoint_gone(&error) {
                     Err(CommitFailure::Aborted)
                 } else {
                     Err(CommitFailure::Database(error))
                 }
             }
+        }
+    }
+
+    async fn ensure_open(&self, tx: &mut Self::Tx) -> Result<(), CommitFailure> {
+        match sqlx::raw_sql(ENSURE_OPEN).execute(&mut **tx).await {
+            Ok(_) => Ok(()),
+            Err(error) if is_savepoint_gone(&error) => Err(CommitFailure::Aborted),
+            Err(error) => Err(CommitFailure::Database(error)),
         }
     }
 

@@ -196,6 +196,10 @@ impl Store for PgStore {
         }
     }
 
+    async fn ensure_open(&self, _tx: &mut Self::Tx) -> Result<(), CommitFailure> {
+        Ok(())
+    }
+
     async fn rollback(tx: Self::Tx) -> Result<(), sqlx::Error> {
         tx.rollback().await
     }

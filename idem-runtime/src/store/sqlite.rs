@@ -13,10 +13,12 @@
 //! [`Synchronous::Normal`] only where that is acceptable (BENCHMARKS.md measures the cost).
 //!
 //! A statement with `OR ROLLBACK`, a `RAISE(ROLLBACK)` trigger or some I/O errors roll the whole
-//! transaction back, and SQLite runs later statements in autocommit mode. The commit then
-//! finds no transaction ("cannot commit - no transaction is active"), which the store reports
-//! as [`CommitFailure::Aborted`]: requeued, never acked. Statements the body ran after that
-//! ignored error were committed one by one.
+//! transaction back, and SQLite runs later statements in autocommit mode. Every handler
+//! transaction therefore starts with `BEGIN IMMEDIATE; SAVEPOINT idem_open`, and the commit is
+//! `RELEASE idem_open; COMMIT; BEGIN`: when the transaction is gone, so is the savepoint ("no
+//! such savepoint"), which the store reports as [`CommitFailure::Aborted`]: requeued, never
+//! acked. A write the runtime makes after the body is preceded by the same check. Statements
+//! the body ran after that ignored error were committed one by one.
 
 use std::path::Path;
 use std::str::FromStr;
@@ -233,7 +235,9 @@ impl Store for SqliteStore {
     }
 
     async fn begin(&self) -> Result<Self::Tx, sqlx::Error> {
-        self.pool.begin_with("BEGIN IMMEDIATE").await
+        self.pool
+            .begin_with("BEGIN IMMEDIATE; SAVEPOINT idem_open")
+            .await
     }
 
     async fn commit(&self, mut tx: Self::Tx) -> Result<(), CommitFailure> {
@@ -241,7 +245,10 @@ impl Store for SqliteStore {
         // the `ROLLBACK` sqlx then sends fails too, and the connection goes back to the pool
         // believing it is still in a transaction, so that every later `begin` on it fails.
         // The trailing `BEGIN` (deferred: no lock) gives the `Transaction` one to roll back.
-        match sqlx::raw_sql("COMMIT; BEGIN").execute(&mut *tx).await {
+        match sqlx::raw_sql("RELEASE idem_open; COMMIT; BEGIN")
+            .execute(&mut *tx)
+            .await
+        {
             Ok(_) => Ok(()),
             Err(error) => {
                 // Reopen one if the failure ended the transaction, so that the rollback
@@ -258,7 +265,23 @@ impl Store for SqliteStore {
         }
     }
 
-    async fn rollback(tx: Self::Tx) -> Result<(), sqlx::Error> {
+    async fn ensure_open(&self, tx: &mut Self::Tx) -> Result<(), CommitFailure> {
+        match sqlx::raw_sql("RELEASE idem_open; SAVEPOINT idem_open")
+            .execute(&mut **tx)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(error) if is_transaction_gone(&error) => Err(CommitFailure::Aborted),
+            Err(error) => Err(CommitFailure::Database(error)),
+        }
+    }
+
+    async fn rollback(mut tx: Self::Tx) -> Result<(), sqlx::Error> {
+        // When SQLite already ended the transaction (a statement the body ran rolled it back),
+        // sqlx's `ROLLBACK` fails and its `Transaction` goes back to the pool believing it is
+        // still open: every later `begin` on that connection would fail. Opening one first
+        // (which fails harmlessly when one is open) keeps the two in step.
+        let _ = sqlx::raw_sql("BEGIN").execute(&mut *tx).await;
         tx.rollback().await
     }
 

@@ -44,6 +44,10 @@ impl<S: Store> Strategy<S> for DedupTable {
         Ok(Gate::Open)
     }
 
+    fn writes_after_body(&self, _delivery: &Delivery<'_>, response: Option<&str>) -> bool {
+        response.is_some()
+    }
+
     fn is_duplicate_failure(&self, _store: &S, _error: &(dyn std::error::Error + 'static)) -> bool {
         // The gate already decided; a failure after it is a real failure.
         false

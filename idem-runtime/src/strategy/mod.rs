@@ -148,6 +148,10 @@ pub trait Strategy<S: Store>: sealed::Sealed + Send + Sync {
         response: Option<&str>,
     ) -> impl Future<Output = Result<Gate, sqlx::Error>> + Send;
 
+    /// Whether [`leave`](Self::leave) writes for this delivery (the runtime then checks first
+    /// that the transaction is still open, see [`Store::ensure_open`]).
+    fn writes_after_body(&self, delivery: &Delivery<'_>, response: Option<&str>) -> bool;
+
     /// Whether a failure of the body or of the commit means "an earlier delivery committed".
     fn is_duplicate_failure(&self, store: &S, error: &(dyn StdError + 'static)) -> bool;
 }

@@ -96,6 +96,10 @@ impl<S: TransitionStore> Strategy<S> for StateMachine<'_> {
         Ok(Gate::Open)
     }
 
+    fn writes_after_body(&self, _delivery: &Delivery<'_>, _response: Option<&str>) -> bool {
+        false
+    }
+
     fn is_duplicate_failure(&self, _store: &S, _error: &(dyn std::error::Error + 'static)) -> bool {
         false
     }

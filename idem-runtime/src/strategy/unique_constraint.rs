@@ -71,6 +71,10 @@ impl<S: Store> Strategy<S> for UniqueConstraint {
         Ok(store.claim(tx, &delivery.record(response)).await?.into())
     }
 
+    fn writes_after_body(&self, delivery: &Delivery<'_>, _response: Option<&str>) -> bool {
+        delivery.wants_record
+    }
+
     fn is_duplicate_failure(&self, store: &S, error: &(dyn StdError + 'static)) -> bool {
         crate::classify::find_database_error(error)
             .and_then(|found| found.database())
