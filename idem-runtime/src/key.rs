@@ -98,6 +98,16 @@ key_part_via_display!(
     u8, u16, u32, u64, u128, usize, i8, i16, i32, i64, i128, isize, bool, char
 );
 
+/// The canonical 26-character Crockford base32 form, `01ARZ3NDEKTSV4RRFFQ69G5FAV` (feature
+/// `ulid`).
+#[cfg(feature = "ulid")]
+impl KeyPart for ulid::Ulid {
+    fn write_key_part(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let _ = write!(out, "{self}");
+    }
+}
+
 /// The hyphenated lowercase form, `67e55044-10b1-426f-9247-bb680e5fe0c8` (feature `uuid`).
 #[cfg(feature = "uuid")]
 impl KeyPart for uuid::Uuid {
@@ -318,6 +328,26 @@ mod tests {
         assert_eq!(
             key(&[("id", &"a\u{1}\u{7f}é'\"")]).unwrap().value(),
             "a\u{1}\u{7f}é'\""
+        );
+    }
+
+    #[cfg(feature = "uuid")]
+    #[test]
+    fn uuid_keys_are_hyphenated_lowercase() {
+        let id = uuid::Uuid::from_u128(0x67e5_5044_10b1_426f_9247_bb68_0e5f_e0c8);
+        assert_eq!(
+            key(&[("id", &id)]).unwrap().value(),
+            "67e55044-10b1-426f-9247-bb680e5fe0c8"
+        );
+    }
+
+    #[cfg(feature = "ulid")]
+    #[test]
+    fn ulid_keys_are_canonical() {
+        let id = ulid::Ulid::from_string("01ARZ3NDEKTSV4RRFFQ69G5FAV").unwrap();
+        assert_eq!(
+            key(&[("id", &id)]).unwrap().value(),
+            "01ARZ3NDEKTSV4RRFFQ69G5FAV"
         );
     }
 

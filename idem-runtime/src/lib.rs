@@ -42,6 +42,7 @@
 //! - `mysql`: the MySQL / MariaDB store, [`MySqlStore`].
 //! - `sqlite`: the SQLite store, [`SqliteStore`].
 //! - `uuid`: [`uuid::Uuid`] key fields, also as `state_machine` keys on UUID columns.
+//! - `ulid`: [`ulid::Ulid`] key fields.
 //!
 //! The [`MemoryStore`], for unit tests, is always available.
 
