@@ -208,37 +208,41 @@ async fn a_panic_releases_the_key_lock() {
     assert!(ack.requeued_once(), "{:?}", ack.events());
     assert_eq!(store.locked_keys(), 0, "no key lock outlives the panic");
     assert!(!store.has_record("mem.panics", &key));
-    let next = tokio::time::timeout(
-        std::time::Duration::from_secs(5),
-        panics(&store, Payment::new(&key, 1), NoAck),
-    )
-    .await
-    .expect("the key is not locked")
-    .expect("redelivery");
+    // Would wait forever on a lock the panicked delivery kept: `locked_keys` above says none.
+    let next = panics(&store, Payment::new(&key, 1), NoAck)
+        .await
+        .expect("redelivery");
     assert!(next.is_processed());
 }
 
 /// A handler future dropped mid-body (a cancelled consumer) rolls back too.
 #[tokio::test]
 async fn a_cancelled_handler_releases_the_key_lock() {
+    /// Tells the test that the body is running (and so holds the key's lock).
+    static ENTERED: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
     #[idempotent(
         key = "order_id",
         store = "memory",
         strategy = "dedup_table",
         scope = "mem.slow"
     )]
-    async fn slow(_tx: &mut MemoryTx, msg: Payment) -> Result<i64, AppError> {
-        tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+    async fn stuck(_tx: &mut MemoryTx, msg: Payment) -> Result<i64, AppError> {
+        ENTERED.notify_one();
+        std::future::pending::<()>().await;
         Ok(msg.amount)
     }
     let store = MemoryStore::new();
     let key = unique_key("mem-cancel");
-    let cancelled = tokio::time::timeout(
-        std::time::Duration::from_millis(20),
-        slow(&store, Payment::new(&key, 1), NoAck),
-    )
-    .await;
-    assert!(cancelled.is_err(), "the handler was cancelled");
+    let handler = {
+        let (store, key) = (store.clone(), key.clone());
+        tokio::spawn(async move { stuck(&store, Payment::new(&key, 1), NoAck).await })
+    };
+    ENTERED.notified().await;
+    assert_eq!(store.locked_keys(), 1, "the body holds the key");
+    handler.abort();
+    let cancelled = handler.await.expect_err("the handler was cancelled");
+    assert!(cancelled.is_cancelled());
     assert_eq!(store.locked_keys(), 0);
     assert!(!store.has_record("mem.slow", &key));
 }
