@@ -2,7 +2,7 @@
 //! importing the keys it processed (`mark_processed`), and reprocessing one on purpose
 //! (`forget`), on PostgreSQL, SQLite and the memory store.
 
-use idem_runtime::{Key, MemoryStore, MemoryTx, NoAck, PgTx, SqliteTx, idempotent};
+use idem_runtime::{Key, MemoryStore, MemoryTx, NoAck, PgTx, SqliteTx, Store as _, idempotent};
 use idem_tests::effects::{Effects as _, TestStore as _};
 use idem_tests::{AppError, Payment, runs, unique_key};
 

@@ -148,7 +148,7 @@ impl Settlement {
         disposition: crate::Disposition,
         attempt: u32,
         policy: &crate::RetryPolicy,
-        reason: impl FnOnce() -> String,
+        reason: &str,
         jitter: f64,
     ) -> Self {
         match disposition {
@@ -161,12 +161,12 @@ impl Settlement {
                 reason: format!(
                     "gave up after {attempt} attempt{}: {}",
                     if attempt == 1 { "" } else { "s" },
-                    reason()
+                    reason
                 ),
             },
             _ => Self::DeadLetter {
                 attempt,
-                reason: reason(),
+                reason: reason.to_owned(),
             },
         }
     }
@@ -180,7 +180,7 @@ mod tests {
     #[test]
     fn retryable_failures_requeue_until_the_last_attempt() {
         let policy = RetryPolicy::with_max_attempts(3);
-        let reason = || "deadlock".to_owned();
+        let reason = "deadlock";
         assert_eq!(
             Settlement::of_failure(Disposition::Retry, 1, &policy, reason, 1.0),
             Settlement::Requeue {

@@ -165,11 +165,16 @@ use crate::unwind::{catch_sync, panic_message};
 /// gate: they run user code (`StateKeyPart`, `KeyPart`, `Serialize`).
 #[derive(Debug)]
 pub struct Prepared<G> {
-    strategy: Option<G>,
-    key: Result<Key, KeyError>,
-    fingerprint: Result<Option<String>, serde_json::Error>,
-    panicked: Option<(&'static str, String)>,
+    /// The gate, the key and the fingerprint; or what panicked, and its message.
+    built: Result<Built<G>, (&'static str, String)>,
 }
+
+/// The gate, the key and the fingerprint, each as user code produced it.
+type Built<G> = (
+    G,
+    Result<Key, KeyError>,
+    Result<Option<String>, serde_json::Error>,
+);
 
 impl<G> Prepared<G> {
     /// Builds the strategy's gate with `strategy`, the key with `key` and the fingerprint with
@@ -179,23 +184,15 @@ impl<G> Prepared<G> {
         key: impl FnOnce() -> Result<Key, KeyError>,
         fingerprint: impl FnOnce() -> Option<Result<String, serde_json::Error>>,
     ) -> Self {
-        let strategy = catch_sync(strategy);
-        let key = catch_sync(key);
-        let fingerprint = catch_sync(fingerprint);
-        let panicked = match (&strategy, &key, &fingerprint) {
-            (Err(message), _, _) | (_, Err(message), _) => Some(("key", message.clone())),
-            (_, _, Err(message)) => Some(("fingerprint", message.clone())),
-            _ => None,
-        };
-        Self {
-            strategy: strategy.ok(),
-            key: key.unwrap_or(Err(KeyError::EmptyPart {
-                scope: String::new(),
-                field: String::new(),
-            })),
-            fingerprint: fingerprint.unwrap_or(None).transpose(),
-            panicked,
-        }
+        let built = catch_sync(|| (strategy(), key()))
+            .map_err(|message| ("key", message))
+            .and_then(|(strategy, key)| {
+                let fingerprint = catch_sync(fingerprint)
+                    .map_err(|message| ("fingerprint", message))?
+                    .transpose();
+                Ok((strategy, key, fingerprint))
+            });
+        Self { built }
     }
 }
 
@@ -310,27 +307,21 @@ where
     G: Strategy<S>,
     C: ResultCodec<T>,
 {
-    let panicked = |during, message| {
-        Err(Err(Error::Panicked {
+    let (strategy, key, fingerprint) = prepared.built.map_err(|(during, message)| {
+        Err(Error::Panicked {
             scope: spec.scope().to_owned(),
             during,
             message,
-        }))
-    };
-    if let Some((during, message)) = prepared.panicked {
-        return panicked(during, message);
-    }
-    let Some(strategy) = prepared.strategy else {
-        return panicked("key", "the gate could not be built".to_owned());
-    };
+        })
+    })?;
     if spec.register().is_err() {
         return Err(Err(Error::ScopeCollision {
             scope: spec.scope().to_owned(),
         }));
     }
-    let key = prepared.key.map_err(|error| Err(Error::Key(error)))?;
+    let key = key.map_err(|error| Err(Error::Key(error)))?;
     tracing::Span::current().record("key", key.value());
-    let fingerprint = prepared.fingerprint.map_err(|source| {
+    let fingerprint = fingerprint.map_err(|source| {
         Err(Error::Serialize {
             what: "payload",
             source,
@@ -567,7 +558,7 @@ async fn conclude<T, E, A: Acknowledger>(
                 disposition,
                 number,
                 spec.retry_policy(),
-                || text.clone(),
+                &text,
                 fastrand::f64(),
             );
             let told = match settlement {

@@ -185,21 +185,6 @@ impl MemoryStore {
         lock(&self.inner.records).clear();
     }
 
-    /// Records each of `keys` as processed, in one transaction, without running any handler:
-    /// the next delivery of each is a duplicate. For switching a service over to idem without
-    /// reprocessing what it already handled (import the keys from its own processed-messages
-    /// table or a log). Build each key as the handler does: its scope and its key fields in
-    /// order, `Key::new("billing.order_paid", &[("order_id", &id)])`. A key already recorded is
-    /// left as it is (an expired one is renewed); `ttl` is the handler's `ttl` (`None`: forever).
-    /// Returns how many keys were newly recorded.
-    pub async fn mark_processed(
-        &self,
-        keys: impl IntoIterator<Item = Key>,
-        ttl: Option<std::time::Duration>,
-    ) -> Result<u64, sqlx::Error> {
-        super::mark_processed(self, keys, ttl).await
-    }
-
     /// Deletes the record of `key`, so that its next delivery is processed again (its body
     /// runs): for an operator who reprocesses one message on purpose. Only the dedup record
     /// goes; the business rows the first delivery wrote stay. `state_machine` keeps no record

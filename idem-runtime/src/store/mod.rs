@@ -179,6 +179,72 @@ pub trait Store: sealed::Sealed + Send + Sync {
         now_ms: i64,
     ) -> impl Future<Output = Result<Option<StoredRecord>, sqlx::Error>> + Send;
 
+    /// Records each of `keys` as processed, in one transaction, without running any handler:
+    /// the next delivery of each is a duplicate. For switching a service over to idem without
+    /// reprocessing what it already handled (import the keys from its own processed-messages
+    /// table or a log). Build each key as the handler does: its scope and its key fields in
+    /// order, `Key::new("billing.order_paid", &[("order_id", &id)])`. A key already recorded is
+    /// left as it is (an expired one is renewed); `ttl` is the handler's `ttl` (`None`: forever).
+    /// Returns how many keys were newly recorded.
+    ///
+    /// ```no_run
+    /// # async fn demo(store: idem_runtime::PgStore) -> Result<(), Box<dyn std::error::Error>> {
+    /// use idem_runtime::{Key, Store as _};
+    ///
+    /// let handled = ["o-1", "o-2"]; // from the service's own processed-messages table
+    /// let keys = handled
+    ///     .iter()
+    ///     .map(|id| Key::new("billing.order_paid", &[("order_id", id)]))
+    ///     .collect::<Result<Vec<_>, _>>()?;
+    /// let imported = store.mark_processed(keys, None).await?;
+    /// # Ok(()) }
+    /// ```
+    fn mark_processed(
+        &self,
+        keys: impl IntoIterator<Item = Key>,
+        ttl: Option<std::time::Duration>,
+    ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send
+    where
+        Self: Sized,
+    {
+        // Collected first, so that the future does not hold the caller's iterator.
+        let keys: Vec<Key> = keys.into_iter().collect();
+        async move {
+            let now_ms = self.now_ms();
+            let expires_at_ms = ttl.map(|ttl| {
+                now_ms.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX))
+            });
+            let mut tx = self.begin().await?;
+            let mut recorded = 0;
+            let mut seen = std::collections::HashSet::new();
+            // A key given twice is one key (and the memory store would wait on its own lock).
+            for key in keys.into_iter().filter(|key| seen.insert(key.clone())) {
+                let record = NewRecord {
+                    key: &key,
+                    fingerprint: None,
+                    response: None,
+                    now_ms,
+                    expires_at_ms,
+                };
+                match self.claim(&mut tx, &record).await {
+                    Ok(Claim::Claimed) => recorded += 1,
+                    Ok(Claim::Existing(_)) => {}
+                    Err(error) => {
+                        let _ = Self::rollback(tx).await;
+                        return Err(error);
+                    }
+                }
+            }
+            match self.commit(tx).await {
+                Ok(()) => Ok(recorded),
+                Err(CommitFailure::Database(error)) => Err(error),
+                Err(CommitFailure::Aborted) => Err(sqlx::Error::Io(std::io::Error::other(
+                    "the transaction importing the keys was aborted; nothing was recorded",
+                ))),
+            }
+        }
+    }
+
     /// Whether `error` is a unique violation of `constraint`. Stores without business tables
     /// return `false`.
     fn is_unique_violation(&self, error: &dyn sqlx::error::DatabaseError, constraint: &str)
@@ -248,44 +314,3 @@ macro_rules! run_transition {
 }
 #[cfg(any(feature = "pg", feature = "mysql", feature = "sqlite"))]
 pub(crate) use run_transition;
-
-/// Records each of `keys` as processed, in one transaction, exactly as a handler's first
-/// delivery would (an expired record is taken over), without running any body; returns how
-/// many were not recorded already. The body of every store's `mark_processed`.
-pub(crate) async fn mark_processed<S: Store>(
-    store: &S,
-    keys: impl IntoIterator<Item = Key>,
-    ttl: Option<std::time::Duration>,
-) -> Result<u64, sqlx::Error> {
-    let now_ms = store.now_ms();
-    let expires_at_ms =
-        ttl.map(|ttl| now_ms.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)));
-    let mut tx = store.begin().await?;
-    let mut recorded = 0;
-    let mut seen = std::collections::HashSet::new();
-    // A key given twice is one key (and the memory store would wait on its own lock).
-    for key in keys.into_iter().filter(|key| seen.insert(key.clone())) {
-        let record = NewRecord {
-            key: &key,
-            fingerprint: None,
-            response: None,
-            now_ms,
-            expires_at_ms,
-        };
-        match store.claim(&mut tx, &record).await {
-            Ok(Claim::Claimed) => recorded += 1,
-            Ok(Claim::Existing(_)) => {}
-            Err(error) => {
-                let _ = S::rollback(tx).await;
-                return Err(error);
-            }
-        }
-    }
-    match store.commit(tx).await {
-        Ok(()) => Ok(recorded),
-        Err(CommitFailure::Database(error)) => Err(error),
-        Err(CommitFailure::Aborted) => Err(sqlx::Error::Io(std::io::Error::other(
-            "the transaction importing the keys was aborted; nothing was recorded",
-        ))),
-    }
-}

@@ -33,7 +33,7 @@ use super::{
     Claim, CommitFailure, NewRecord, RecordRow, Store, StoredRecord, TransitionStore, live_record,
     sealed,
 };
-use crate::classify::{is_transaction_gone, sqlite_unique_detail_matches};
+use crate::classify::{is_savepoint_gone, sqlite_unique_detail_matches};
 use crate::clock::{Clock, SharedClock};
 use crate::key::Key;
 use crate::transition::{
@@ -174,21 +174,6 @@ impl SqliteStore {
         tx.commit().await
     }
 
-    /// Records each of `keys` as processed, in one transaction, without running any handler:
-    /// the next delivery of each is a duplicate. For switching a service over to idem without
-    /// reprocessing what it already handled (import the keys from its own processed-messages
-    /// table or a log). Build each key as the handler does: its scope and its key fields in
-    /// order, `Key::new("billing.order_paid", &[("order_id", &id)])`. A key already recorded is
-    /// left as it is (an expired one is renewed); `ttl` is the handler's `ttl` (`None`: forever).
-    /// Returns how many keys were newly recorded.
-    pub async fn mark_processed(
-        &self,
-        keys: impl IntoIterator<Item = Key>,
-        ttl: Option<std::time::Duration>,
-    ) -> Result<u64, sqlx::Error> {
-        super::mark_processed(self, keys, ttl).await
-    }
-
     /// Deletes the record of `key`, so that its next delivery is processed again (its body
     /// runs): for an operator who reprocesses one message on purpose. Only the dedup record
     /// goes; the business rows the first delivery wrote stay. `state_machine` keeps no record
@@ -251,12 +236,8 @@ impl Store for SqliteStore {
         {
             Ok(_) => Ok(()),
             Err(error) => {
-                // Reopen one if the failure ended the transaction, so that the rollback
-                // matches sqlx's count; if it did not (`BUSY`), this fails and the rollback
-                // ends the open one.
-                let _ = sqlx::raw_sql("BEGIN").execute(&mut *tx).await;
-                let _ = tx.rollback().await;
-                if is_transaction_gone(&error) {
+                let _ = Self::rollback(tx).await;
+                if is_savepoint_gone(&error) {
                     Err(CommitFailure::Aborted)
                 } else {
                     Err(CommitFailure::Database(error))
@@ -271,7 +252,7 @@ impl Store for SqliteStore {
             .await
         {
             Ok(_) => Ok(()),
-            Err(error) if is_transaction_gone(&error) => Err(CommitFailure::Aborted),
+            Err(error) if is_savepoint_gone(&error) => Err(CommitFailure::Aborted),
             Err(error) => Err(CommitFailure::Database(error)),
         }
     }
