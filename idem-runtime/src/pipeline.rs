@@ -40,6 +40,7 @@ pub struct HandlerSpec {
     scope: &'static str,
     ttl: Option<Duration>,
     retry: RetryPolicy,
+    observe: bool,
     registered: AtomicBool,
 }
 
@@ -50,8 +51,22 @@ impl HandlerSpec {
             scope,
             ttl: None,
             retry: RetryPolicy::DEFAULT,
+            observe: false,
             registered: AtomicBool::new(false),
         }
+    }
+
+    /// `mode = "observe"`: the gate runs and records as it would, but a delivery it would drop
+    /// as a duplicate is logged, counted and processed anyway.
+    #[must_use]
+    pub const fn observing(mut self) -> Self {
+        self.observe = true;
+        self
+    }
+
+    /// Whether the handler is in `mode = "observe"`.
+    pub const fn is_observing(&self) -> bool {
+        self.observe
     }
 
     /// Records expire `millis` after they are written.
