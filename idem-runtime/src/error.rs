@@ -60,6 +60,72 @@ impl HandlerError for sqlx::Error {}
 impl HandlerError for std::io::Error {}
 impl HandlerError for std::convert::Infallible {}
 
+/// Every error type a handler may return: each [`HandlerError`], and, behind the features of
+/// the same name, [`anyhow::Error`](https://docs.rs/anyhow) and
+/// [`eyre::Report`](https://docs.rs/eyre), which you cannot implement [`HandlerError`] for
+/// yourself (the orphan rule) and which are not `std::error::Error`s.
+///
+/// You never implement this trait: implement [`HandlerError`] for your own error types. An
+/// `anyhow::Error` or `eyre::Report` is classified like any error without an override of
+/// [`HandlerError::disposition`]: by the [`sqlx::Error`] in its chain, if any, otherwise retried
+/// (bounded by `max_attempts`). To dead-letter some of them at once, return your own error type.
+///
+/// ```
+/// # #[cfg(feature = "anyhow")] {
+/// use anyhow::Context as _;
+/// use idem_runtime::{idempotent, MemoryTx};
+///
+/// #[idempotent(key = "0", store = "memory", strategy = "dedup_table", scope = "doc.anyhow")]
+/// async fn on_event(tx: &mut MemoryTx, msg: (String,)) -> anyhow::Result<()> {
+///     let amount: u32 = "12".parse().context("the amount is not a number")?;
+///     tx.on_commit(move || drop(amount));
+///     Ok(())
+/// }
+/// # }
+/// ```
+#[diagnostic::on_unimplemented(
+    message = "the handler's error type `{Self}` does not implement `idem_runtime::HandlerError`",
+    label = "the error type of this `Result` must say whether a redelivery may succeed",
+    note = "add `impl idem_runtime::HandlerError for {Self} {{}}` (errors are retried by default; override `disposition` to dead-letter the permanent ones); `anyhow::Error` and `eyre::Report` need idem-runtime's `anyhow` / `eyre` feature"
+)]
+pub trait HandlerFailure: fmt::Debug + Send + Sync + 'static {
+    /// Whether a redelivery may succeed.
+    fn disposition(&self) -> Disposition;
+    /// The error as a `std::error::Error`, to display it and search its source chain.
+    fn as_std_error(&self) -> &(dyn StdError + 'static);
+}
+
+impl<E: HandlerError> HandlerFailure for E {
+    fn disposition(&self) -> Disposition {
+        HandlerError::disposition(self)
+    }
+    fn as_std_error(&self) -> &(dyn StdError + 'static) {
+        self
+    }
+}
+
+#[cfg(feature = "anyhow")]
+impl HandlerFailure for anyhow::Error {
+    fn disposition(&self) -> Disposition {
+        crate::classify::classify_error_chain(self.as_std_error())
+    }
+    fn as_std_error(&self) -> &(dyn StdError + 'static) {
+        let error: &(dyn StdError + Send + Sync + 'static) = self.as_ref();
+        error
+    }
+}
+
+#[cfg(feature = "eyre")]
+impl HandlerFailure for eyre::Report {
+    fn disposition(&self) -> Disposition {
+        crate::classify::classify_error_chain(self.as_std_error())
+    }
+    fn as_std_error(&self) -> &(dyn StdError + 'static) {
+        let error: &(dyn StdError + Send + Sync + 'static) = self.as_ref();
+        error
+    }
+}
+
 /// A failure to handle one delivery.
 ///
 /// `E` is the handler's own error type. [`Error::disposition`] says what the broker is told.
@@ -163,6 +229,14 @@ pub enum Error<E> {
         /// The serializer's error.
         source: serde_json::Error,
     },
+    /// The payload does not decode into the handler's message type ([`DynHandler`](crate::handler::DynHandler)).
+    /// Permanent: dead-lettered.
+    Decode {
+        /// The handler's scope.
+        scope: String,
+        /// The decoder's error.
+        source: serde_json::Error,
+    },
     /// A stored result could not be decoded into the handler's result type; the type changed
     /// since the record was written.
     Replay {
@@ -258,6 +332,10 @@ impl<E> Error<E> {
                 f,
                 "could not serialize the {what} for the dedup record: {source}"
             ),
+            Self::Decode { scope, source } => write!(
+                f,
+                "the payload for the handler in scope `{scope}` does not decode into its message type: {source}; it is dead-lettered"
+            ),
             Self::Replay { scope, key, source } => write!(
                 f,
                 "the stored result for key `{key}` in scope `{scope}` does not decode into the handler's result type (did the type change?): {source}"
@@ -278,7 +356,9 @@ impl<E: StdError + 'static> StdError for Error<E> {
             Self::Handler(error) => Some(error),
             Self::Key(error) => Some(error),
             Self::Database(error) => Some(error),
-            Self::Serialize { source, .. } | Self::Replay { source, .. } => Some(source),
+            Self::Serialize { source, .. }
+            | Self::Replay { source, .. }
+            | Self::Decode { source, .. } => Some(source),
             Self::PayloadMismatch { .. }
             | Self::TransactionAborted { .. }
             | Self::Panicked { .. }
@@ -320,12 +400,12 @@ impl<E> std::fmt::Debug for HandlerErrors<E> {
     }
 }
 
-impl<E: HandlerError> HandlerErrors<E> {
+impl<E: HandlerFailure> HandlerErrors<E> {
     /// The inspector of `E`.
     pub const fn of() -> Self {
         Self {
-            disposition: E::disposition,
-            as_error: |error| error,
+            disposition: <E as HandlerFailure>::disposition,
+            as_error: <E as HandlerFailure>::as_std_error,
         }
     }
 }
@@ -349,6 +429,7 @@ impl<E> HandlerErrors<E> {
             | Error::Key(_)
             | Error::PayloadMismatch { .. }
             | Error::Serialize { .. }
+            | Error::Decode { .. }
             | Error::Replay { .. } => Disposition::DeadLetter,
         }
     }
@@ -365,7 +446,7 @@ impl<E> HandlerErrors<E> {
     }
 }
 
-impl<E: HandlerError> Error<E> {
+impl<E: HandlerFailure> Error<E> {
     /// What the broker should do with the message.
     pub fn disposition(&self) -> Disposition {
         HandlerErrors::<E>::of().disposition(self)
@@ -402,6 +483,65 @@ impl<E> Error<E> {
             Self::TooEarly { .. } => "too_early",
             Self::Serialize { .. } => "serialize",
             Self::Replay { .. } => "replay",
+            Self::Decode { .. } => "decode",
+        }
+    }
+
+    /// The same error with the handler's own error mapped by `f`, every other variant kept.
+    pub fn map_handler<F>(self, f: impl FnOnce(E) -> F) -> Error<F> {
+        match self {
+            Self::Handler(error) => Error::Handler(f(error)),
+            Self::Key(error) => Error::Key(error),
+            Self::PayloadMismatch { scope, key } => Error::PayloadMismatch { scope, key },
+            Self::Database(error) => Error::Database(error),
+            Self::TransactionAborted { scope, key } => Error::TransactionAborted { scope, key },
+            Self::Panicked {
+                scope,
+                during,
+                message,
+            } => Error::Panicked {
+                scope,
+                during,
+                message,
+            },
+            Self::UnverifiableDuplicate { scope, key } => {
+                Error::UnverifiableDuplicate { scope, key }
+            }
+            Self::ScopeCollision { scope } => Error::ScopeCollision { scope },
+            Self::InvalidTransition {
+                scope,
+                key,
+                current,
+                expected,
+            } => Error::InvalidTransition {
+                scope,
+                key,
+                current,
+                expected,
+            },
+            Self::TooEarly {
+                scope,
+                key,
+                current,
+            } => Error::TooEarly {
+                scope,
+                key,
+                current,
+            },
+            Self::NotFound {
+                scope,
+                key,
+                table,
+                retryable,
+            } => Error::NotFound {
+                scope,
+                key,
+                table,
+                retryable,
+            },
+            Self::Serialize { what, source } => Error::Serialize { what, source },
+            Self::Decode { scope, source } => Error::Decode { scope, source },
+            Self::Replay { scope, key, source } => Error::Replay { scope, key, source },
         }
     }
 }

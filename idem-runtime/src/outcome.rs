@@ -2,8 +2,9 @@
 
 /// The result of handling one delivery, when it succeeded.
 ///
-/// Both variants mean "the effects of this message are committed": the broker acknowledges
-/// either. Failures are [`Error`](crate::Error)s.
+/// Every variant means "the effects of this message are committed" (for a handler run in a
+/// transaction you own, `in_transaction`: "are in your transaction, and committed when you
+/// commit it"): the broker acknowledges any of them. Failures are [`Error`](crate::Error)s.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Outcome<T> {
@@ -15,17 +16,34 @@ pub enum Outcome<T> {
         /// record still holds it; `None` otherwise.
         replayed: Option<T>,
     },
+    /// `mode = "observe"`: the gate found that an earlier delivery committed this message, so
+    /// an enforcing handler would have acked it without running the body; this one ran the body
+    /// anyway and committed its effects. Logged (target `idem`, with the key and the first
+    /// delivery's time) and counted ([`HandlerSpec::observed_duplicates`](crate::pipeline::HandlerSpec::observed_duplicates),
+    /// [`observed_duplicates`](crate::observed_duplicates)).
+    ObservedDuplicate {
+        /// The body's result.
+        value: T,
+        /// When the first delivery's dedup record was written, Unix milliseconds, when the
+        /// store keeps it.
+        first_seen_ms: Option<i64>,
+    },
 }
 
 impl<T> Outcome<T> {
-    /// `true` when this delivery ran the body.
+    /// `true` when this delivery ran the body (also in observe mode, on a would-be duplicate).
     pub fn is_processed(&self) -> bool {
-        matches!(self, Self::Processed(_))
+        matches!(self, Self::Processed(_) | Self::ObservedDuplicate { .. })
     }
 
-    /// `true` when this delivery was recognised as a duplicate.
+    /// `true` when this delivery was recognised as a duplicate and its body did not run.
     pub fn is_duplicate(&self) -> bool {
         matches!(self, Self::Duplicate { .. })
+    }
+
+    /// `true` when, in observe mode, the gate found an earlier delivery and the body ran anyway.
+    pub fn is_observed_duplicate(&self) -> bool {
+        matches!(self, Self::ObservedDuplicate { .. })
     }
 
     /// The handler's result: this delivery's, or the replayed first one. `None` for a duplicate
@@ -39,16 +57,35 @@ impl<T> Outcome<T> {
     /// ```
     pub fn into_value(self) -> Option<T> {
         match self {
-            Self::Processed(value) => Some(value),
+            Self::Processed(value) | Self::ObservedDuplicate { value, .. } => Some(value),
             Self::Duplicate { replayed } => replayed,
         }
     }
 
-    /// A short name for logs and metrics: `"processed"` or `"duplicate"`.
+    /// The same outcome with the result mapped by `f`.
+    pub fn map<U>(self, f: impl Fn(T) -> U) -> Outcome<U> {
+        match self {
+            Self::Processed(value) => Outcome::Processed(f(value)),
+            Self::Duplicate { replayed } => Outcome::Duplicate {
+                replayed: replayed.map(&f),
+            },
+            Self::ObservedDuplicate {
+                value,
+                first_seen_ms,
+            } => Outcome::ObservedDuplicate {
+                value: f(value),
+                first_seen_ms,
+            },
+        }
+    }
+
+    /// A short name for logs and metrics: `"processed"`, `"duplicate"` or
+    /// `"observed_duplicate"`.
     pub fn as_str(&self) -> &'static str {
         match self {
             Self::Processed(_) => "processed",
             Self::Duplicate { .. } => "duplicate",
+            Self::ObservedDuplicate { .. } => "observed_duplicate",
         }
     }
 }

@@ -18,7 +18,7 @@
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::FutureExt as _;
@@ -41,6 +41,7 @@ pub struct HandlerSpec {
     ttl: Option<Duration>,
     retry: RetryPolicy,
     observe: bool,
+    observed: AtomicU64,
     registered: AtomicBool,
 }
 
@@ -52,6 +53,7 @@ impl HandlerSpec {
             ttl: None,
             retry: RetryPolicy::DEFAULT,
             observe: false,
+            observed: AtomicU64::new(0),
             registered: AtomicBool::new(false),
         }
     }
@@ -67,6 +69,12 @@ impl HandlerSpec {
     /// Whether the handler is in `mode = "observe"`.
     pub const fn is_observing(&self) -> bool {
         self.observe
+    }
+
+    /// How many deliveries this handler, in `mode = "observe"`, processed although its gate
+    /// found an earlier delivery of the message (in this process, since it started).
+    pub fn observed_duplicates(&self) -> u64 {
+        self.observed.load(Ordering::Relaxed)
     }
 
     /// Records expire `millis` after they are written.
@@ -129,6 +137,28 @@ impl Registration {
 }
 
 inventory::collect!(Registration);
+
+/// How many deliveries the handler(s) in `scope` processed in `mode = "observe"` although
+/// their gate found an earlier delivery of the message: what enforcing would have dropped. In
+/// this process, since it started; 0 for an unknown scope.
+///
+/// ```
+/// assert_eq!(idem_runtime::observed_duplicates("no.such.scope"), 0);
+/// ```
+pub fn observed_duplicates(scope: &str) -> u64 {
+    let mut seen: Vec<usize> = Vec::new();
+    inventory::iter::<Registration>
+        .into_iter()
+        .filter(|registration| registration.spec.scope == scope)
+        .filter(|registration| {
+            let identity = std::ptr::from_ref(registration.spec) as usize;
+            let first = !seen.contains(&identity);
+            seen.push(identity);
+            first
+        })
+        .map(|registration| registration.spec.observed_duplicates())
+        .sum()
+}
 
 /// How many distinct handlers of this binary use `scope`.
 fn handlers_sharing(scope: &str) -> usize {
@@ -295,6 +325,14 @@ struct Entered<G, C> {
     expires_at_ms: Option<i64>,
     wants_record: bool,
     codec: C,
+    /// Observe mode: the gate found an earlier delivery, and the body runs anyway.
+    observed: Option<Observed>,
+}
+
+/// What observe mode saw: an earlier delivery's record.
+#[derive(Debug, Clone, Copy)]
+struct Observed {
+    first_seen_ms: Option<i64>,
 }
 
 impl<G, C> Entered<G, C> {
@@ -309,17 +347,16 @@ impl<G, C> Entered<G, C> {
     }
 }
 
-/// `Ok`: run the body in this transaction. `Err`: the delivery already ended (a duplicate, an
-/// invalid key, a refused or failed gate), and only needs settling with the broker.
-async fn enter<S, G, C, T, E>(
+/// The key, the fingerprint and the expiry of a delivery, before any transaction; `Err` when
+/// the delivery cannot go on (a panic in user code, a shared scope, an invalid key).
+fn prepare<S, G, C, T, E>(
     store: &S,
     spec: &'static HandlerSpec,
     prepared: Prepared<G>,
     codec: C,
-) -> Result<(Entered<G, C>, S::Tx), Attempt<T, E>>
+) -> Result<Entered<G, C>, Attempt<T, E>>
 where
     S: Store,
-    G: Strategy<S>,
     C: ResultCodec<T>,
 {
     let (strategy, key, fingerprint) = prepared.built.map_err(|(during, message)| {
@@ -348,7 +385,7 @@ where
         now_ms.saturating_add(ttl_ms)
     });
     let wants_record = fingerprint.is_some() || C::STORES_RESULTS;
-    let entered = Entered {
+    Ok(Entered {
         strategy,
         key,
         fingerprint,
@@ -356,35 +393,88 @@ where
         expires_at_ms,
         wants_record,
         codec,
-    };
+        observed: None,
+    })
+}
 
+/// `Ok`: run the body in this transaction. `Err`: the delivery already ended (a duplicate, an
+/// invalid key, a refused or failed gate), and only needs settling with the broker.
+async fn enter<S, G, C, T, E>(
+    store: &S,
+    spec: &'static HandlerSpec,
+    prepared: Prepared<G>,
+    codec: C,
+) -> Result<(Entered<G, C>, S::Tx), Attempt<T, E>>
+where
+    S: Store,
+    G: Strategy<S>,
+    C: ResultCodec<T>,
+{
+    let mut entered = prepare(store, spec, prepared, codec)?;
     let mut tx = store
         .begin()
         .await
         .map_err(|error| Err(Error::Database(error)))?;
     let delivery = entered.delivery();
     let verdict = entered.strategy.enter(store, &mut tx, &delivery).await;
-    let tx = through_gate::<S, _, _, _>(store, verdict, tx, &delivery, &entered.codec).await?;
-    Ok((entered, tx))
+    match judge(spec, verdict, &delivery, &entered.codec) {
+        Ok(observed) => {
+            entered.observed = observed;
+            Ok((entered, tx))
+        }
+        Err(ended) => {
+            rollback(store, tx).await;
+            Err(ended)
+        }
+    }
 }
 
-/// Hands the transaction on when the gate is open; otherwise rolls it back and says how the
-/// delivery ends: a duplicate, a refusal, or the gate's own database error.
-async fn through_gate<S: Store, C: ResultCodec<T>, T, E>(
-    store: &S,
+/// The gate's verdict before the body: `Ok` to run the body (in observe mode, also on a
+/// duplicate, with what was observed); `Err` with how the delivery ends (a duplicate, a
+/// refusal, or the gate's own database error), after which the caller undoes the gate's writes.
+fn judge<C: ResultCodec<T>, T, E>(
+    spec: &HandlerSpec,
     verdict: Result<Gate, sqlx::Error>,
-    tx: S::Tx,
     delivery: &Delivery<'_>,
     codec: &C,
-) -> Result<S::Tx, Attempt<T, E>> {
-    let ended = match verdict {
-        Ok(Gate::Open) => return Ok(tx),
-        Ok(Gate::Duplicate(record)) => accept_duplicate(delivery, codec, record),
-        Ok(Gate::Refused(refusal)) => Err(refusal.into_error(delivery.key)),
-        Err(error) => Err(commit_failure(CommitFailure::Database(error), delivery)),
-    };
-    rollback(store, tx).await;
-    Err(ended)
+) -> Result<Option<Observed>, Attempt<T, E>> {
+    match verdict {
+        Ok(Gate::Open) => Ok(None),
+        Ok(Gate::Duplicate(record)) if spec.is_observing() => {
+            Ok(Some(observe(spec, delivery, record)))
+        }
+        Ok(Gate::Duplicate(record)) => Err(accept_duplicate(delivery, codec, record)),
+        Ok(Gate::Refused(refusal)) => Err(Err(refusal.into_error(delivery.key))),
+        Err(error) => Err(Err(commit_failure(
+            CommitFailure::Database(error),
+            delivery,
+        ))),
+    }
+}
+
+/// Observe mode met a delivery that enforcing would drop: log it, count it, let the body run.
+fn observe(spec: &HandlerSpec, delivery: &Delivery<'_>, record: Option<StoredRecord>) -> Observed {
+    spec.observed.fetch_add(1, Ordering::Relaxed);
+    let first_seen_ms = record.as_ref().and_then(first_seen_ms);
+    let mismatch = matches!(
+        (delivery.fingerprint, record.as_ref().and_then(|r| r.fingerprint.as_deref())),
+        (Some(ours), Some(theirs)) if ours != theirs
+    );
+    tracing::warn!(
+        target: "idem",
+        scope = spec.scope(),
+        key = delivery.key.value(),
+        first_seen_ms,
+        payload_mismatch = mismatch,
+        "observe mode: an earlier delivery of this message committed, so enforcing would {}; running the body anyway",
+        if mismatch { "dead-letter it (its payload differs)" } else { "ack it without running the body" }
+    );
+    Observed { first_seen_ms }
+}
+
+/// When the record was first written, as far as the store says.
+fn first_seen_ms(_record: &StoredRecord) -> Option<i64> {
+    None // TODO(merge): StoredRecord::created_at_ms
 }
 
 impl<'s, S, G, C, A, E> OpenGate<'s, S, G, C, A, E>
@@ -420,6 +510,224 @@ where
         }
         .instrument(span)
         .await
+    }
+}
+
+/// A delivery gated inside a transaction its caller owns (`in_transaction`): it holds the
+/// caller's transaction, with the savepoint `open_in` took, until [`finish`](Self::finish).
+/// Nothing here begins, commits or acknowledges: the caller's commit makes the gate's record
+/// and the body's writes durable together, its rollback undoes both.
+#[must_use = "a gate holds a savepoint in your transaction: finish it"]
+pub struct CallerGate<'s, 't, S: Store, G, C, E> {
+    store: &'s S,
+    entered: Entered<G, C>,
+    errors: HandlerErrors<E>,
+    tx: &'t mut S::Tx,
+    span: tracing::Span,
+}
+
+impl<S: Store, G, C, E> std::fmt::Debug for CallerGate<'_, '_, S, G, C, E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallerGate")
+            .field("store", &S::NAME)
+            .field("key", &self.entered.key)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Step one of `in_transaction`: checks the key, takes a savepoint in the caller's
+/// transaction and runs the gate before the body there. `Err` carries the final result when
+/// the body must not run: a duplicate (`Ok`), or a failure, after the savepoint was rolled
+/// back.
+pub async fn open_in<'s, 't, S, G, C, T, E>(
+    store: &'s S,
+    tx: &'t mut S::Tx,
+    spec: &'static HandlerSpec,
+    prepared: Prepared<G>,
+    codec: C,
+    errors: HandlerErrors<E>,
+) -> Result<CallerGate<'s, 't, S, G, C, E>, Settled<T, E>>
+where
+    S: Store,
+    G: Strategy<S>,
+    C: ResultCodec<T>,
+{
+    let span = tracing::info_span!(
+        "idem.handle_in_transaction",
+        scope = spec.scope(),
+        key = tracing::field::Empty,
+        strategy = G::NAME,
+        store = S::NAME,
+        outcome = tracing::field::Empty,
+    );
+    let opened = async {
+        let mut entered = prepare(store, spec, prepared, codec)?;
+        store
+            .savepoint(tx)
+            .await
+            .map_err(|error| Err(Error::Database(error)))?;
+        let delivery = entered.delivery();
+        let verdict = entered.strategy.enter(store, tx, &delivery).await;
+        match judge(spec, verdict, &delivery, &entered.codec) {
+            Ok(observed) => {
+                entered.observed = observed;
+                Ok(entered)
+            }
+            Err(ended) => {
+                rollback_to_savepoint(store, tx).await;
+                Err(ended)
+            }
+        }
+    }
+    .instrument(span.clone())
+    .await;
+    match opened {
+        Ok(entered) => Ok(CallerGate {
+            store,
+            entered,
+            errors,
+            tx,
+            span,
+        }),
+        Err(attempt) => Err(record_outcome(&span, attempt)),
+    }
+}
+
+impl<S, G, C, E> CallerGate<'_, '_, S, G, C, E>
+where
+    S: Store,
+    G: Strategy<S>,
+{
+    /// The caller's transaction for the body, and the span to run the body in.
+    pub fn parts(&mut self) -> (&mut S::Tx, tracing::Span) {
+        (&mut *self.tx, self.span.clone())
+    }
+
+    /// Step two, after the body: on success, the gate after the body and the release of the
+    /// savepoint (the writes are now the caller's to commit); on failure or panic, the rollback
+    /// to the savepoint, so that nothing of this call stays in the caller's transaction.
+    pub async fn finish<T>(self, result: Result<Result<T, E>, PanicPayload>) -> Settled<T, E>
+    where
+        C: ResultCodec<T>,
+    {
+        let Self {
+            store,
+            entered,
+            errors,
+            tx,
+            span,
+        } = self;
+        let attempt = complete_in(store, &entered, errors, tx, result)
+            .instrument(span.clone())
+            .await;
+        record_outcome(&span, attempt)
+    }
+}
+
+/// Records the outcome on the span; no broker to tell.
+fn record_outcome<T, E>(span: &tracing::Span, attempt: Attempt<T, E>) -> Settled<T, E> {
+    match attempt {
+        Ok((outcome, _proof)) => {
+            span.record("outcome", outcome.as_str());
+            Ok(outcome)
+        }
+        Err(error) => {
+            span.record("outcome", error.kind_str());
+            Err(error)
+        }
+    }
+}
+
+async fn complete_in<S, G, C, T, E>(
+    store: &S,
+    entered: &Entered<G, C>,
+    errors: HandlerErrors<E>,
+    tx: &mut S::Tx,
+    result: Result<Result<T, E>, PanicPayload>,
+) -> Attempt<T, E>
+where
+    S: Store,
+    G: Strategy<S>,
+    C: ResultCodec<T>,
+{
+    let delivery = entered.delivery();
+    let strategy = &entered.strategy;
+    let codec = &entered.codec;
+    let value = match result {
+        Ok(Ok(value)) => value,
+        Ok(Err(error)) => {
+            rollback_to_savepoint(store, tx).await;
+            let duplicate =
+                catch_sync(|| strategy.is_duplicate_failure(store, errors.as_error(&error)))
+                    .unwrap_or(false);
+            if duplicate {
+                return accept_duplicate(&delivery, codec, read_record(store, &delivery).await?);
+            }
+            return Err(Error::Handler(error));
+        }
+        Err(payload) => {
+            rollback_to_savepoint(store, tx).await;
+            return Err(Error::Panicked {
+                scope: delivery.key.scope().to_owned(),
+                during: "body",
+                message: panic_message(&payload),
+            });
+        }
+    };
+    let response = match catch_sync(|| codec.encode(&value)) {
+        Ok(Ok(response)) => response,
+        Ok(Err(source)) => {
+            rollback_to_savepoint(store, tx).await;
+            return Err(Error::Serialize {
+                what: "result",
+                source,
+            });
+        }
+        Err(message) => {
+            rollback_to_savepoint(store, tx).await;
+            return Err(Error::Panicked {
+                scope: delivery.key.scope().to_owned(),
+                during: "result's serialization",
+                message,
+            });
+        }
+    };
+    if entered.observed.is_none() {
+        // The savepoint lives exactly as long as the transaction: releasing it (and taking it
+        // again) proves the transaction alive before a write that would otherwise autocommit.
+        if strategy.writes_after_body(&delivery, response.as_deref()) {
+            let rearmed = match store.release_savepoint(tx).await {
+                Ok(()) => store.savepoint(tx).await.map_err(CommitFailure::Database),
+                Err(failure) => Err(failure),
+            };
+            if let Err(failure) = rearmed {
+                rollback_to_savepoint(store, tx).await;
+                return Err(commit_failure(failure, &delivery));
+            }
+        }
+        let verdict = strategy
+            .leave(store, tx, &delivery, response.as_deref())
+            .await;
+        if let Err(ended) = judge_after_body(verdict, &delivery, codec) {
+            rollback_to_savepoint(store, tx).await;
+            return ended;
+        }
+    }
+    match store.release_savepoint(tx).await {
+        // Not committed yet: the proof is dropped, nothing acknowledges.
+        Ok(()) => Ok((outcome_of(entered.observed, value), Committed::new())),
+        Err(failure) => {
+            rollback_to_savepoint(store, tx).await;
+            Err(commit_failure(failure, &delivery))
+        }
+    }
+}
+
+async fn rollback_to_savepoint<S: Store>(store: &S, tx: &mut S::Tx) {
+    // A failed rollback to the savepoint means the transaction itself is gone: the caller's
+    // commit then fails or commits nothing of ours.
+    if let Err(error) = store.rollback_to_savepoint(tx).await {
+        tracing::debug!(%error, "rollback to the savepoint failed; the transaction is gone");
     }
 }
 
@@ -492,33 +800,66 @@ where
             });
         }
     };
-    // Where the database would run it in autocommit mode after rolling the transaction back
-    // (MySQL, SQLite), a write after the body must first make sure the transaction is alive.
-    if strategy.writes_after_body(&delivery, response.as_deref()) {
-        match store.ensure_open(&mut tx).await {
-            Ok(()) => {}
-            Err(failure) => {
-                rollback(store, tx).await;
-                return Err(commit_failure(failure, &delivery));
+    // Observe mode, on a would-be duplicate: the record is the first delivery's; leave it be.
+    if entered.observed.is_none() {
+        // Where the database would run it in autocommit mode after rolling the transaction
+        // back (MySQL, SQLite), a write after the body must first make sure the transaction
+        // is alive.
+        if strategy.writes_after_body(&delivery, response.as_deref()) {
+            match store.ensure_open(&mut tx).await {
+                Ok(()) => {}
+                Err(failure) => {
+                    rollback(store, tx).await;
+                    return Err(commit_failure(failure, &delivery));
+                }
             }
         }
+        let verdict = strategy
+            .leave(store, &mut tx, &delivery, response.as_deref())
+            .await;
+        if let Err(ended) = judge_after_body(verdict, &delivery, codec) {
+            rollback(store, tx).await;
+            return ended;
+        }
     }
-    let verdict = strategy
-        .leave(store, &mut tx, &delivery, response.as_deref())
-        .await;
-    let tx = match through_gate::<S, _, _, _>(store, verdict, tx, &delivery, codec).await {
-        Ok(tx) => tx,
-        Err(ended) => return ended,
-    };
 
     match store.commit(tx).await {
-        Ok(()) => Ok((Outcome::Processed(value), Committed::new())),
+        Ok(()) => Ok((outcome_of(entered.observed, value), Committed::new())),
         Err(CommitFailure::Database(error)) if strategy.is_duplicate_failure(store, &error) => {
             accept_duplicate(&delivery, codec, read_record(store, &delivery).await?)
         }
         // The commit's outcome may be unknown (connection lost mid-commit): requeue, and let
         // the gate sort the redelivery out.
         Err(failure) => Err(commit_failure(failure, &delivery)),
+    }
+}
+
+/// The gate's verdict after the body: a duplicate there (a twin committed first) is one even in
+/// observe mode, since the body's writes and the twin's cannot both stand.
+fn judge_after_body<C: ResultCodec<T>, T, E>(
+    verdict: Result<Gate, sqlx::Error>,
+    delivery: &Delivery<'_>,
+    codec: &C,
+) -> Result<(), Attempt<T, E>> {
+    match verdict {
+        Ok(Gate::Open) => Ok(()),
+        Ok(Gate::Duplicate(record)) => Err(accept_duplicate(delivery, codec, record)),
+        Ok(Gate::Refused(refusal)) => Err(Err(refusal.into_error(delivery.key))),
+        Err(error) => Err(Err(commit_failure(
+            CommitFailure::Database(error),
+            delivery,
+        ))),
+    }
+}
+
+/// A body that ran and committed: processed, or, in observe mode, an observed duplicate.
+fn outcome_of<T>(observed: Option<Observed>, value: T) -> Outcome<T> {
+    match observed {
+        None => Outcome::Processed(value),
+        Some(Observed { first_seen_ms }) => Outcome::ObservedDuplicate {
+            value,
+            first_seen_ms,
+        },
     }
 }
 

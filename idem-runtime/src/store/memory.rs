@@ -81,6 +81,8 @@ pub struct MemoryTx {
     held: Vec<(RecordId, OwnedMutexGuard<()>)>,
     pending: Vec<(RecordId, MemoryRecord)>,
     effects: Vec<Effect>,
+    /// `in_transaction`'s savepoint: how many records and effects were pending when it was taken.
+    savepoint: Option<(usize, usize)>,
 }
 
 impl std::fmt::Debug for MemoryTx {
@@ -224,6 +226,7 @@ impl Store for MemoryStore {
             held: Vec::new(),
             pending: Vec::new(),
             effects: Vec::new(),
+            savepoint: None,
         })
     }
 
@@ -254,11 +257,38 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    async fn savepoint(&self, tx: &mut Self::Tx) -> Result<(), sqlx::Error> {
+        tx.savepoint = Some((tx.pending.len(), tx.effects.len()));
+        Ok(())
+    }
+
+    async fn release_savepoint(&self, tx: &mut Self::Tx) -> Result<(), CommitFailure> {
+        tx.savepoint = None;
+        Ok(())
+    }
+
+    async fn rollback_to_savepoint(&self, tx: &mut Self::Tx) -> Result<(), sqlx::Error> {
+        if let Some((pending, effects)) = tx.savepoint.take() {
+            tx.pending.truncate(pending);
+            tx.effects.truncate(effects);
+        }
+        Ok(())
+    }
+
     async fn claim(&self, tx: &mut Self::Tx, record: &NewRecord<'_>) -> Result<Claim, sqlx::Error> {
         let id = record_id(record.key);
-        let key_lock = Arc::clone(lock(&self.inner.key_locks).entry(id.clone()).or_default());
-        let guard = key_lock.lock_owned().await;
-        tx.held.push((id.clone(), guard));
+        // A transaction that already holds the key (a claim rolled back to a savepoint, then
+        // tried again) must not wait on its own lock.
+        if !tx.held.iter().any(|(held, _)| *held == id) {
+            let key_lock = Arc::clone(lock(&self.inner.key_locks).entry(id.clone()).or_default());
+            let guard = key_lock.lock_owned().await;
+            tx.held.push((id.clone(), guard));
+        }
+        if let Some((_, pending)) = tx.pending.iter().find(|(pending, _)| *pending == id)
+            && pending.is_live(record.now_ms)
+        {
+            return Ok(Claim::Existing(pending.stored.clone()));
+        }
         if let Some(existing) = lock(&self.inner.records).get(&id)
             && existing.is_live(record.now_ms)
         {

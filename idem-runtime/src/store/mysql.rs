@@ -256,6 +256,25 @@ impl Store for MySqlStore {
         tx.rollback().await
     }
 
+    async fn savepoint(&self, tx: &mut Self::Tx) -> Result<(), sqlx::Error> {
+        sqlx::raw_sql(super::SAVEPOINT).execute(&mut **tx).await?;
+        Ok(())
+    }
+
+    async fn release_savepoint(&self, tx: &mut Self::Tx) -> Result<(), CommitFailure> {
+        sqlx::raw_sql(super::RELEASE_SAVEPOINT)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    async fn rollback_to_savepoint(&self, tx: &mut Self::Tx) -> Result<(), sqlx::Error> {
+        sqlx::raw_sql(super::ROLLBACK_TO_SAVEPOINT)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
     async fn claim(&self, tx: &mut Self::Tx, record: &NewRecord<'_>) -> Result<Claim, sqlx::Error> {
         for _ in 0..CLAIM_ATTEMPTS {
             let inserted = sqlx::query(INSERT)

@@ -1,0 +1,261 @@
+//! A handler as a value: something a consumer loop or a routing table holds and calls.
+//!
+//! `#[idempotent]` on a free, non-generic function emits a companion type of the same name
+//! that implements [`Handler`] (see [`idempotent`](crate::idempotent)), so a consumer can keep
+//! `on_order_paid::handler()` in a field or pass it to a generic runner. [`Handler::handle`]
+//! does exactly what calling the function does: gate, body, commit, then settle with the
+//! acknowledger.
+//!
+//! To dispatch several handlers, of different message types, from one consumer, erase them
+//! with [`Handler::into_dyn`]: a [`DynHandler`] takes the payload as bytes, decodes it as
+//! JSON into the handler's message type (a payload that does not decode is dead-lettered, not
+//! dropped) and calls the handler.
+//!
+//! ```
+//! use std::collections::HashMap;
+//! use idem_runtime::handler::{DynHandler, Handler as _};
+//! use idem_runtime::{idempotent, HandlerError, MemoryStore, MemoryTx, NoAck};
+//!
+//! #[derive(Debug, thiserror::Error)]
+//! #[error("failed")]
+//! struct AppError;
+//! impl HandlerError for AppError {}
+//!
+//! #[derive(serde::Deserialize)]
+//! struct OrderPaid { order_id: String }
+//! #[derive(serde::Deserialize)]
+//! struct OrderShipped { order_id: String, carrier: String }
+//!
+//! #[idempotent(key = "order_id", store = "memory", strategy = "dedup_table", scope = "doc.routing.paid")]
+//! async fn on_paid(tx: &mut MemoryTx, msg: OrderPaid) -> Result<(), AppError> { Ok(()) }
+//!
+//! #[idempotent(key = "order_id", store = "memory", strategy = "dedup_table", scope = "doc.routing.shipped")]
+//! async fn on_shipped(tx: &mut MemoryTx, msg: OrderShipped) -> Result<(), AppError> { Ok(()) }
+//!
+//! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+//! let mut routes: HashMap<&str, Box<dyn DynHandler<MemoryStore>>> = HashMap::new();
+//! routes.insert("order.paid", on_paid::handler().into_dyn());
+//! routes.insert("order.shipped", on_shipped::handler().into_dyn());
+//!
+//! let store = MemoryStore::new();
+//! let payload = br#"{"order_id": "o-1", "carrier": "ups"}"#;
+//! let outcome = routes["order.shipped"].handle_payload(&store, payload, Box::new(NoAck)).await;
+//! assert!(outcome.unwrap().is_processed());
+//! # });
+//! ```
+
+use std::future::Future;
+use std::pin::Pin;
+
+use crate::ack::{Acknowledger, Committed, DeadLetter, Requeue};
+use crate::error::{Error, HandlerFailure};
+use crate::outcome::Outcome;
+use crate::store::Store;
+
+/// A boxed future, as [`DynHandler`] and [`DynAcknowledger`] return.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// An idempotent handler as a value.
+///
+/// Implemented by the companion type `#[idempotent]` emits next to a free, non-generic handler
+/// function (`on_order_paid::handler()`); `handle` is that function. The future is `Send`, so
+/// that any runtime can run it: a handler whose body holds a non-`Send` value (an `Rc`, a
+/// `RefCell` borrow) across an `.await` does not compile.
+pub trait Handler: Send + Sync + 'static {
+    /// The store the handler's gate and body run on.
+    type Store: Store;
+    /// The message type the handler takes.
+    type Message: Send + 'static;
+    /// The body's result (`T` in `Result<T, E>`).
+    type Output: Send + 'static;
+    /// The body's error (`E` in `Result<T, E>`).
+    type Error: HandlerFailure;
+
+    /// The handler's scope: the namespace of its keys.
+    fn scope(&self) -> &'static str;
+
+    /// Handles one delivery: gate, body, commit, then settle with `ack`, as calling the
+    /// handler function does.
+    fn handle<'a, A: Acknowledger + 'a>(
+        &'a self,
+        store: &'a Self::Store,
+        message: Self::Message,
+        ack: A,
+    ) -> impl Future<Output = Result<Outcome<Self::Output>, Error<Self::Error>>> + Send + 'a;
+
+    /// This handler, for a routing table of handlers with different message types: it takes
+    /// the payload as JSON bytes.
+    fn into_dyn(self) -> Box<dyn DynHandler<Self::Store>>
+    where
+        Self: Sized,
+        Self::Message: serde::de::DeserializeOwned,
+    {
+        Box::new(Json(self))
+    }
+}
+
+/// The failure of an erased handler: the handler's own error, boxed.
+pub type DynError = Error<Box<dyn HandlerFailure>>;
+
+impl HandlerFailure for Box<dyn HandlerFailure> {
+    fn disposition(&self) -> crate::Disposition {
+        (**self).disposition()
+    }
+    fn as_std_error(&self) -> &(dyn std::error::Error + 'static) {
+        (**self).as_std_error()
+    }
+}
+
+impl std::fmt::Display for dyn HandlerFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self.as_std_error(), f)
+    }
+}
+
+/// A handler with its message type erased: it decodes the payload itself. Object-safe, so
+/// that one consumer can hold `Box<dyn DynHandler<S>>`s of several handlers. Made by
+/// [`Handler::into_dyn`].
+pub trait DynHandler<S: Store>: Send + Sync {
+    /// The handler's scope.
+    fn scope(&self) -> &'static str;
+
+    /// Decodes `payload` into the handler's message type and handles it. A payload that does
+    /// not decode can never succeed: it is dead-lettered through `ack`, and the result is
+    /// [`Error::Decode`]. The handler's result value is dropped (`Outcome<()>`).
+    fn handle_payload<'a>(
+        &'a self,
+        store: &'a S,
+        payload: &'a [u8],
+        ack: Box<dyn DynAcknowledger + 'a>,
+    ) -> BoxFuture<'a, Result<Outcome<()>, DynError>>;
+}
+
+/// A [`Handler`] whose messages arrive as JSON.
+struct Json<H>(H);
+
+impl<H> DynHandler<H::Store> for Json<H>
+where
+    H: Handler,
+    H::Message: serde::de::DeserializeOwned,
+{
+    fn scope(&self) -> &'static str {
+        self.0.scope()
+    }
+
+    fn handle_payload<'a>(
+        &'a self,
+        store: &'a H::Store,
+        payload: &'a [u8],
+        ack: Box<dyn DynAcknowledger + 'a>,
+    ) -> BoxFuture<'a, Result<Outcome<()>, DynError>> {
+        Box::pin(async move {
+            let message: H::Message = match serde_json::from_slice(payload) {
+                Ok(message) => message,
+                Err(source) => {
+                    let error = Error::Decode {
+                        scope: self.0.scope().to_owned(),
+                        source,
+                    };
+                    let reason = error.to_string();
+                    let attempt = Acknowledger::attempt(&ack).unwrap_or(1).max(1);
+                    tracing::error!(target: "idem", scope = self.0.scope(), %reason, "undecodable payload; dead-lettering");
+                    if let Err(ack_error) = ack
+                        .dead_letter(DeadLetter {
+                            reason: &reason,
+                            attempt,
+                        })
+                        .await
+                    {
+                        tracing::warn!(error = %ack_error, "could not dead-letter the undecodable delivery");
+                    }
+                    return Err(error);
+                }
+            };
+            match self.0.handle(store, message, ack).await {
+                Ok(outcome) => Ok(outcome.map(|_| ())),
+                Err(error) => {
+                    Err(error.map_handler(|error| Box::new(error) as Box<dyn HandlerFailure>))
+                }
+            }
+        })
+    }
+}
+
+/// An [`Acknowledger`] behind a pointer: what a [`DynHandler`] takes. Implemented for every
+/// `Acknowledger`; you never implement it.
+pub trait DynAcknowledger: Send {
+    /// [`Acknowledger::attempt`].
+    fn attempt(&self) -> Option<u32>;
+    /// [`Acknowledger::ack`].
+    fn ack_boxed<'a>(self: Box<Self>, proof: Committed) -> BoxFuture<'a, Result<(), BoxedAckError>>
+    where
+        Self: 'a;
+    /// [`Acknowledger::requeue`].
+    fn requeue_boxed<'a>(
+        self: Box<Self>,
+        requeue: Requeue,
+    ) -> BoxFuture<'a, Result<(), BoxedAckError>>
+    where
+        Self: 'a;
+    /// [`Acknowledger::dead_letter`].
+    fn dead_letter_boxed<'a>(
+        self: Box<Self>,
+        letter: DeadLetter<'a>,
+    ) -> BoxFuture<'a, Result<(), BoxedAckError>>
+    where
+        Self: 'a;
+}
+
+/// A broker client's error, boxed.
+pub type BoxedAckError = Box<dyn std::error::Error + Send + Sync>;
+
+impl<A: Acknowledger> DynAcknowledger for A {
+    fn attempt(&self) -> Option<u32> {
+        Acknowledger::attempt(self)
+    }
+    fn ack_boxed<'a>(self: Box<Self>, proof: Committed) -> BoxFuture<'a, Result<(), BoxedAckError>>
+    where
+        Self: 'a,
+    {
+        Box::pin(async move { (*self).ack(proof).await.map_err(Into::into) })
+    }
+    fn requeue_boxed<'a>(
+        self: Box<Self>,
+        requeue: Requeue,
+    ) -> BoxFuture<'a, Result<(), BoxedAckError>>
+    where
+        Self: 'a,
+    {
+        Box::pin(async move { (*self).requeue(requeue).await.map_err(Into::into) })
+    }
+    fn dead_letter_boxed<'a>(
+        self: Box<Self>,
+        letter: DeadLetter<'a>,
+    ) -> BoxFuture<'a, Result<(), BoxedAckError>>
+    where
+        Self: 'a,
+    {
+        Box::pin(async move { (*self).dead_letter(letter).await.map_err(Into::into) })
+    }
+}
+
+/// The error of a boxed acknowledger.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct DynAckError(BoxedAckError);
+
+impl<'b> Acknowledger for Box<dyn DynAcknowledger + 'b> {
+    type Error = DynAckError;
+    fn attempt(&self) -> Option<u32> {
+        (**self).attempt()
+    }
+    async fn ack(self, proof: Committed) -> Result<(), Self::Error> {
+        self.ack_boxed(proof).await.map_err(DynAckError)
+    }
+    async fn requeue(self, requeue: Requeue) -> Result<(), Self::Error> {
+        self.requeue_boxed(requeue).await.map_err(DynAckError)
+    }
+    async fn dead_letter(self, letter: DeadLetter<'_>) -> Result<(), Self::Error> {
+        self.dead_letter_boxed(letter).await.map_err(DynAckError)
+    }
+}
