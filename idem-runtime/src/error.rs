@@ -232,8 +232,8 @@ pub enum Error<E> {
     /// The payload does not decode into the handler's message type ([`DynHandler`](crate::handler::DynHandler)).
     /// Permanent: dead-lettered.
     Decode {
-        /// The handler's scope.
-        scope: String,
+        /// The message type it was decoded into.
+        message_type: &'static str,
         /// The decoder's error.
         source: serde_json::Error,
     },
@@ -332,9 +332,12 @@ impl<E> Error<E> {
                 f,
                 "could not serialize the {what} for the dedup record: {source}"
             ),
-            Self::Decode { scope, source } => write!(
+            Self::Decode {
+                message_type,
+                source,
+            } => write!(
                 f,
-                "the payload for the handler in scope `{scope}` does not decode into its message type: {source}; it is dead-lettered"
+                "the payload does not decode into the handler's message type `{message_type}`: {source}; it is dead-lettered"
             ),
             Self::Replay { scope, key, source } => write!(
                 f,
@@ -540,7 +543,13 @@ impl<E> Error<E> {
                 retryable,
             },
             Self::Serialize { what, source } => Error::Serialize { what, source },
-            Self::Decode { scope, source } => Error::Decode { scope, source },
+            Self::Decode {
+                message_type,
+                source,
+            } => Error::Decode {
+                message_type,
+                source,
+            },
             Self::Replay { scope, key, source } => Error::Replay { scope, key, source },
         }
     }

@@ -1,10 +1,9 @@
 //! A handler as a value: something a consumer loop or a routing table holds and calls.
 //!
-//! `#[idempotent]` on a free, non-generic function emits a companion type of the same name
-//! that implements [`Handler`] (see [`idempotent`](crate::idempotent)), so a consumer can keep
-//! `on_order_paid::handler()` in a field or pass it to a generic runner. [`Handler::handle`]
-//! does exactly what calling the function does: gate, body, commit, then settle with the
-//! acknowledger.
+//! [`handler!(on_order_paid)`](crate::handler!) turns an `#[idempotent]` function into a
+//! [`Handler`], so a consumer can keep it in a field or pass it to a generic runner;
+//! [`FnHandler`] does the same for a method, from a closure. [`Handler::handle`] does exactly
+//! what calling the function does: gate, body, commit, then settle with the acknowledger.
 //!
 //! To dispatch several handlers, of different message types, from one consumer, erase them
 //! with [`Handler::into_dyn`]: a [`DynHandler`] takes the payload as bytes, decodes it as
@@ -34,8 +33,8 @@
 //!
 //! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
 //! let mut routes: HashMap<&str, Box<dyn DynHandler<MemoryStore>>> = HashMap::new();
-//! routes.insert("order.paid", on_paid::handler().into_dyn());
-//! routes.insert("order.shipped", on_shipped::handler().into_dyn());
+//! routes.insert("order.paid", idem_runtime::handler!(on_paid).into_dyn());
+//! routes.insert("order.shipped", idem_runtime::handler!(on_shipped).into_dyn());
 //!
 //! let store = MemoryStore::new();
 //! let payload = br#"{"order_id": "o-1", "carrier": "ups"}"#;
@@ -45,6 +44,7 @@
 //! ```
 
 use std::future::Future;
+use std::marker::PhantomData;
 use std::pin::Pin;
 
 use crate::ack::{Acknowledger, Committed, DeadLetter, Requeue};
@@ -57,10 +57,9 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// An idempotent handler as a value.
 ///
-/// Implemented by the companion type `#[idempotent]` emits next to a free, non-generic handler
-/// function (`on_order_paid::handler()`); `handle` is that function. The future is `Send`, so
-/// that any runtime can run it: a handler whose body holds a non-`Send` value (an `Rc`, a
-/// `RefCell` borrow) across an `.await` does not compile.
+/// Made from an `#[idempotent]` function by [`handler!`](crate::handler!), from a method by
+/// [`FnHandler`]; implement it yourself for anything else that handles a message. The future
+/// is `Send`, so that any runtime can run it.
 pub trait Handler: Send + Sync + 'static {
     /// The store the handler's gate and body run on.
     type Store: Store;
@@ -70,9 +69,6 @@ pub trait Handler: Send + Sync + 'static {
     type Output: Send + 'static;
     /// The body's error (`E` in `Result<T, E>`).
     type Error: HandlerFailure;
-
-    /// The handler's scope: the namespace of its keys.
-    fn scope(&self) -> &'static str;
 
     /// Handles one delivery: gate, body, commit, then settle with `ack`, as calling the
     /// handler function does.
@@ -116,9 +112,6 @@ impl std::fmt::Display for dyn HandlerFailure {
 /// that one consumer can hold `Box<dyn DynHandler<S>>`s of several handlers. Made by
 /// [`Handler::into_dyn`].
 pub trait DynHandler<S: Store>: Send + Sync {
-    /// The handler's scope.
-    fn scope(&self) -> &'static str;
-
     /// Decodes `payload` into the handler's message type and handles it. A payload that does
     /// not decode can never succeed: it is dead-lettered through `ack`, and the result is
     /// [`Error::Decode`]. The handler's result value is dropped (`Outcome<()>`).
@@ -138,10 +131,6 @@ where
     H: Handler,
     H::Message: serde::de::DeserializeOwned,
 {
-    fn scope(&self) -> &'static str {
-        self.0.scope()
-    }
-
     fn handle_payload<'a>(
         &'a self,
         store: &'a H::Store,
@@ -153,12 +142,12 @@ where
                 Ok(message) => message,
                 Err(source) => {
                     let error = Error::Decode {
-                        scope: self.0.scope().to_owned(),
+                        message_type: std::any::type_name::<H::Message>(),
                         source,
                     };
                     let reason = error.to_string();
                     let attempt = Acknowledger::attempt(&ack).unwrap_or(1).max(1);
-                    tracing::error!(target: "idem", scope = self.0.scope(), %reason, "undecodable payload; dead-lettering");
+                    tracing::error!(target: "idem", %reason, "undecodable payload; dead-lettering");
                     if let Err(ack_error) = ack
                         .dead_letter(DeadLetter {
                             reason: &reason,
@@ -258,4 +247,136 @@ impl<'b> Acknowledger for Box<dyn DynAcknowledger + 'b> {
     async fn dead_letter(self, letter: DeadLetter<'_>) -> Result<(), Self::Error> {
         self.dead_letter_boxed(letter).await.map_err(DynAckError)
     }
+}
+
+/// A [`Handler`] made from a function: what [`handler!`](crate::handler!) returns for an
+/// `#[idempotent]` function, or what you build from a closure for a method handler.
+///
+/// `call` gets the store, the message and the delivery's acknowledger (boxed), and returns the
+/// handler's future, boxed.
+///
+/// ```
+/// use std::sync::Arc;
+/// use idem_runtime::handler::{BoxFuture, FnHandler, Handler as _};
+/// use idem_runtime::{idempotent, HandlerError, MemoryStore, MemoryTx, NoAck};
+///
+/// #[derive(Debug, thiserror::Error)]
+/// #[error("failed")]
+/// struct AppError;
+/// impl HandlerError for AppError {}
+///
+/// struct Billing { fee: i64 }
+///
+/// impl Billing {
+///     #[idempotent(key = "0", store = "memory", strategy = "dedup_table", scope = "doc.fn_handler.method")]
+///     async fn on_paid(&self, tx: &mut MemoryTx, msg: (String, i64)) -> Result<i64, AppError> {
+///         Ok(msg.1 - self.fee)
+///     }
+/// }
+///
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// let billing = Arc::new(Billing { fee: 2 });
+/// let handler = FnHandler::new(move |store, msg, ack| {
+///     let billing = Arc::clone(&billing);
+///     Box::pin(async move { billing.on_paid(store, msg, ack).await }) as BoxFuture<'_, _>
+/// });
+/// let store = MemoryStore::new();
+/// let outcome = handler.handle(&store, ("o-1".to_owned(), 10_i64), NoAck).await.unwrap();
+/// assert_eq!(outcome.into_value(), Some(8));
+/// # });
+/// ```
+pub struct FnHandler<S, M, T, E, F> {
+    call: F,
+    types: PhantomData<fn(&S, M) -> (T, E)>,
+}
+
+impl<S, M, T, E, F> std::fmt::Debug for FnHandler<S, M, T, E, F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FnHandler")
+            .field("message", &std::any::type_name::<M>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, M, T, E, F> FnHandler<S, M, T, E, F>
+where
+    S: Store + 'static,
+    F: for<'a> Fn(
+            &'a S,
+            M,
+            Box<dyn DynAcknowledger + 'a>,
+        ) -> BoxFuture<'a, Result<Outcome<T>, Error<E>>>
+        + Send
+        + Sync
+        + 'static,
+{
+    /// The handler that calls `call`.
+    pub fn new(call: F) -> Self {
+        Self {
+            call,
+            types: PhantomData,
+        }
+    }
+}
+
+impl<S, M, T, E, F> Handler for FnHandler<S, M, T, E, F>
+where
+    S: Store + 'static,
+    M: Send + 'static,
+    T: Send + 'static,
+    E: HandlerFailure,
+    F: for<'a> Fn(
+            &'a S,
+            M,
+            Box<dyn DynAcknowledger + 'a>,
+        ) -> BoxFuture<'a, Result<Outcome<T>, Error<E>>>
+        + Send
+        + Sync
+        + 'static,
+{
+    type Store = S;
+    type Message = M;
+    type Output = T;
+    type Error = E;
+
+    fn handle<'a, A: Acknowledger + 'a>(
+        &'a self,
+        store: &'a S,
+        message: M,
+        ack: A,
+    ) -> impl Future<Output = Result<Outcome<T>, Error<E>>> + Send + 'a {
+        (self.call)(store, message, Box::new(ack))
+    }
+}
+
+/// An `#[idempotent]` function as a [`Handler`] value, by its path as you would call it
+/// (`on_order_paid`, `orders::on_order_paid`, `Ledger::handle`).
+///
+/// ```
+/// use idem_runtime::handler::Handler as _;
+/// use idem_runtime::{idempotent, HandlerError, MemoryStore, MemoryTx, NoAck};
+///
+/// #[derive(Debug, thiserror::Error)]
+/// #[error("failed")]
+/// struct AppError;
+/// impl HandlerError for AppError {}
+///
+/// #[idempotent(key = "0", store = "memory", strategy = "dedup_table", scope = "doc.handler_macro")]
+/// async fn on_paid(tx: &mut MemoryTx, msg: (String,)) -> Result<(), AppError> { Ok(()) }
+///
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// let handler = idem_runtime::handler!(on_paid);
+/// let store = MemoryStore::new();
+/// assert!(handler.handle(&store, ("o-1".into(),), NoAck).await.unwrap().is_processed());
+/// assert!(handler.handle(&store, ("o-1".into(),), NoAck).await.unwrap().is_duplicate());
+/// # });
+/// ```
+#[macro_export]
+macro_rules! handler {
+    ($($function:tt)+) => {
+        $crate::handler::FnHandler::new(|store, message, ack| {
+            ::std::boxed::Box::pin($($function)+(store, message, ack))
+                as $crate::handler::BoxFuture<'_, _>
+        })
+    };
 }

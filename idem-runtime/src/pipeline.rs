@@ -38,6 +38,10 @@ use crate::strategy::{Delivery, Gate, Strategy};
 #[derive(Debug)]
 pub struct HandlerSpec {
     scope: &'static str,
+    /// Where the handler is declared (`file:line:column` of its attribute): the generated
+    /// entry points of one handler (the function, `_in_transaction`) each keep a spec, and
+    /// share this.
+    site: Option<&'static str>,
     ttl: Option<Duration>,
     retry: RetryPolicy,
     observe: bool,
@@ -50,6 +54,7 @@ impl HandlerSpec {
     pub const fn new(scope: &'static str) -> Self {
         Self {
             scope,
+            site: None,
             ttl: None,
             retry: RetryPolicy::DEFAULT,
             observe: false,
@@ -75,6 +80,22 @@ impl HandlerSpec {
     /// found an earlier delivery of the message (in this process, since it started).
     pub fn observed_duplicates(&self) -> u64 {
         self.observed.load(Ordering::Relaxed)
+    }
+
+    /// The handler is the one declared at `site` (`file:line:column`): specs with the same
+    /// site are one handler's, never a scope collision.
+    #[must_use]
+    pub const fn at(mut self, site: &'static str) -> Self {
+        self.site = Some(site);
+        self
+    }
+
+    /// What tells handlers apart: the declaration site, or else the spec's address.
+    fn identity(&'static self) -> Identity {
+        match self.site {
+            Some(site) => Identity::Site(site),
+            None => Identity::Address(std::ptr::from_ref(self) as usize),
+        }
     }
 
     /// Records expire `millis` after they are written.
@@ -146,27 +167,28 @@ inventory::collect!(Registration);
 /// assert_eq!(idem_runtime::observed_duplicates("no.such.scope"), 0);
 /// ```
 pub fn observed_duplicates(scope: &str) -> u64 {
-    let mut seen: Vec<usize> = Vec::new();
+    // Each spec is submitted once: one handler's entry points count separately, and add up.
     inventory::iter::<Registration>
         .into_iter()
         .filter(|registration| registration.spec.scope == scope)
-        .filter(|registration| {
-            let identity = std::ptr::from_ref(registration.spec) as usize;
-            let first = !seen.contains(&identity);
-            seen.push(identity);
-            first
-        })
         .map(|registration| registration.spec.observed_duplicates())
         .sum()
+}
+
+/// One handler, however many specs its entry points keep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Identity {
+    Site(&'static str),
+    Address(usize),
 }
 
 /// How many distinct handlers of this binary use `scope`.
 fn handlers_sharing(scope: &str) -> usize {
     static SCOPES: OnceLock<HashMap<&'static str, usize>> = OnceLock::new();
     let scopes = SCOPES.get_or_init(|| {
-        let mut specs: HashMap<&'static str, Vec<usize>> = HashMap::new();
+        let mut specs: HashMap<&'static str, Vec<Identity>> = HashMap::new();
         for registration in inventory::iter::<Registration> {
-            let identity = std::ptr::from_ref(registration.spec) as usize;
+            let identity = registration.spec.identity();
             let owners = specs.entry(registration.spec.scope).or_default();
             if !owners.contains(&identity) {
                 owners.push(identity);
@@ -1043,5 +1065,24 @@ mod tests {
         assert_eq!(FIRST.register(), Err(()), "the first comer does not win");
         assert_eq!(SECOND.register(), Err(()));
         assert_eq!(handlers_sharing("pipeline.test.shared"), 2);
+    }
+
+    // One handler's two entry points (same site), and a different handler at another site.
+    static ENTRY: HandlerSpec = HandlerSpec::new("pipeline.test.sited").at("a.rs:1:1");
+    static IN_TRANSACTION: HandlerSpec = HandlerSpec::new("pipeline.test.sited").at("a.rs:1:1");
+    static ELSEWHERE: HandlerSpec = HandlerSpec::new("pipeline.test.sited2").at("a.rs:1:1");
+    static OTHER: HandlerSpec = HandlerSpec::new("pipeline.test.sited2").at("b.rs:9:1");
+    inventory::submit! { Registration::of(&ENTRY) }
+    inventory::submit! { Registration::of(&IN_TRANSACTION) }
+    inventory::submit! { Registration::of(&ELSEWHERE) }
+    inventory::submit! { Registration::of(&OTHER) }
+
+    #[test]
+    fn the_entry_points_of_one_handler_share_its_scope() {
+        assert_eq!(handlers_sharing("pipeline.test.sited"), 1);
+        assert_eq!(ENTRY.register(), Ok(()));
+        assert_eq!(IN_TRANSACTION.register(), Ok(()));
+        assert_eq!(handlers_sharing("pipeline.test.sited2"), 2);
+        assert_eq!(OTHER.register(), Err(()));
     }
 }
