@@ -1,6 +1,7 @@
-//! Adopting idem in a service that already handled messages before it (issue 11, in progress):
-//! importing the keys it processed (`mark_processed`), and reprocessing one on purpose
-//! (`forget`), on PostgreSQL, SQLite and the memory store.
+//! Adopting idem in a service that already runs: the handler inside a transaction the caller
+//! owns (`<name>_in_transaction`), the undecorated body (`<name>_body`), the handler as a value
+//! (`handler!`), observe mode, importing the keys it processed before (`mark_processed`), and
+//! reprocessing one on purpose (`forget`), on PostgreSQL, SQLite and the memory store.
 
 use idem_runtime::{Key, MemoryStore, MemoryTx, NoAck, PgTx, SqliteTx, Store as _, idempotent};
 use idem_tests::effects::{Effects as _, TestStore as _};
@@ -18,7 +19,8 @@ const SCOPE_MEMORY: &str = "adoption.memory";
 )]
 async fn on_pg(tx: &mut PgTx<'_>, msg: Payment) -> Result<(), AppError> {
     idem_tests::count_run(&msg.order_id);
-    tx.ledger(&msg.order_id, msg.amount).await
+    tx.ledger(&msg.order_id, msg.amount).await?;
+    idem_tests::maybe_fail(&msg.order_id)
 }
 
 #[idempotent(
@@ -29,7 +31,8 @@ async fn on_pg(tx: &mut PgTx<'_>, msg: Payment) -> Result<(), AppError> {
 )]
 async fn on_sqlite(tx: &mut SqliteTx<'_>, msg: Payment) -> Result<(), AppError> {
     idem_tests::count_run(&msg.order_id);
-    tx.ledger(&msg.order_id, msg.amount).await
+    tx.ledger(&msg.order_id, msg.amount).await?;
+    idem_tests::maybe_fail(&msg.order_id)
 }
 
 #[idempotent(
@@ -154,4 +157,260 @@ async fn an_expired_record_is_renewed_by_an_import() {
         .await
         .expect("delivery");
     assert!(outcome.is_duplicate());
+}
+
+// ---------------------------------------------------------------------------------------------
+// The handler inside a transaction the caller owns, and the undecorated body.
+
+/// The caller's own write in its transaction, next to the handler's.
+async fn caller_write<T: idem_tests::effects::Effects>(tx: &mut T, id: &str) {
+    tx.ledger(&format!("caller-{id}"), 1)
+        .await
+        .expect("the caller's own write");
+}
+
+/// The cases, for a SQL store whose pool begins the caller's transaction.
+macro_rules! caller_transaction_cases {
+    ($store:expr, $scope:expr, $handler:ident, $in_transaction:ident, $body:ident) => {{
+        let store = $store;
+
+        // The caller commits: the handler's effects and record are durable with the caller's.
+        let id = unique_key("caller-commits");
+        let mut tx = store.pool().begin().await.expect("begin");
+        caller_write(&mut tx, &id).await;
+        let outcome = $in_transaction(&store, &mut tx, Payment::new(&id, 5))
+            .await
+            .expect("in the caller's transaction");
+        assert!(outcome.is_processed(), "{outcome:?}");
+        assert_eq!(store.records($scope, &id).await, 0, "nothing is committed before the caller commits");
+        tx.commit().await.expect("the caller commits");
+        assert_eq!(store.ledger_rows(&id).await, 1);
+        assert_eq!(store.ledger_rows(&format!("caller-{id}")).await, 1);
+        let next = $handler(&store, Payment::new(&id, 5), NoAck).await.expect("redelivery");
+        assert!(next.is_duplicate(), "the caller's commit made the record durable: {next:?}");
+        let mut tx = store.pool().begin().await.expect("begin");
+        let again = $in_transaction(&store, &mut tx, Payment::new(&id, 5))
+            .await
+            .expect("a duplicate in the caller's transaction");
+        assert!(again.is_duplicate(), "{again:?}");
+        tx.commit().await.expect("commit");
+        assert_eq!(runs(&id), 1, "the body ran once");
+        assert_eq!(store.ledger_rows(&id).await, 1);
+
+        // The caller rolls back: nothing is recorded, and the next delivery processes.
+        let id = unique_key("caller-rolls-back");
+        let mut tx = store.pool().begin().await.expect("begin");
+        let outcome = $in_transaction(&store, &mut tx, Payment::new(&id, 5))
+            .await
+            .expect("in the caller's transaction");
+        assert!(outcome.is_processed());
+        tx.rollback().await.expect("the caller rolls back");
+        assert_eq!(store.records($scope, &id).await, 0, "nothing recorded");
+        assert_eq!(store.ledger_rows(&id).await, 0);
+        let next = $handler(&store, Payment::new(&id, 5), NoAck).await.expect("redelivery");
+        assert!(next.is_processed(), "{next:?}");
+        assert_eq!(runs(&id), 2);
+        assert_eq!(store.ledger_rows(&id).await, 1);
+
+        // The body fails: its writes and the gate's record are rolled back to the savepoint;
+        // the caller's own write stays, and a caller that commits anyway records nothing.
+        let id = unique_key("caller-body-fails");
+        idem_tests::fail_once(&id);
+        let mut tx = store.pool().begin().await.expect("begin");
+        caller_write(&mut tx, &id).await;
+        let failed = $in_transaction(&store, &mut tx, Payment::new(&id, 5)).await;
+        assert!(
+            matches!(failed, Err(idem_runtime::Error::Handler(AppError::Transient(_)))),
+            "{failed:?}"
+        );
+        tx.commit().await.expect("the caller commits its own write");
+        assert_eq!(store.ledger_rows(&format!("caller-{id}")).await, 1);
+        assert_eq!(store.ledger_rows(&id).await, 0, "the body's write was rolled back");
+        assert_eq!(store.records($scope, &id).await, 0, "so was the gate's record");
+        let next = $handler(&store, Payment::new(&id, 5), NoAck).await.expect("redelivery");
+        assert!(next.is_processed(), "the message is processed on redelivery: {next:?}");
+        assert_eq!(store.ledger_rows(&id).await, 1);
+
+        // The undecorated body: no gate, no record, the caller's transaction.
+        let id = unique_key("body-alone");
+        let mut tx = store.pool().begin().await.expect("begin");
+        let result: Result<(), AppError> = $body(&mut tx, Payment::new(&id, 5)).await;
+        result.expect("the body alone");
+        tx.commit().await.expect("commit");
+        assert_eq!(store.ledger_rows(&id).await, 1);
+        assert_eq!(store.records($scope, &id).await, 0, "the body alone writes no record");
+        assert_eq!(runs(&id), 1);
+    }};
+}
+
+#[tokio::test]
+async fn postgres_runs_in_the_callers_transaction() {
+    caller_transaction_cases!(
+        idem_tests::pg::store().await,
+        SCOPE_PG,
+        on_pg,
+        on_pg_in_transaction,
+        on_pg_body
+    );
+}
+
+#[tokio::test]
+async fn sqlite_runs_in_the_callers_transaction() {
+    caller_transaction_cases!(
+        idem_tests::sqlite::store().await,
+        SCOPE_SQLITE,
+        on_sqlite,
+        on_sqlite_in_transaction,
+        on_sqlite_body
+    );
+}
+
+/// Twins racing in callers' transactions: one runs the body, the others are duplicates once
+/// it commits.
+#[tokio::test]
+async fn postgres_twins_in_callers_transactions_run_the_body_once() {
+    let store = idem_tests::pg::store().await;
+    let id = unique_key("caller-twins");
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            let store = store.clone();
+            let id = id.clone();
+            tokio::spawn(async move {
+                let mut tx = store.pool().begin().await.expect("begin");
+                let outcome = on_pg_in_transaction(&store, &mut tx, Payment::new(&id, 1))
+                    .await
+                    .expect("in the caller's transaction");
+                tx.commit().await.expect("commit");
+                outcome
+            })
+        })
+        .collect();
+    let mut processed = 0;
+    for task in tasks {
+        if task.await.expect("task").is_processed() {
+            processed += 1;
+        }
+    }
+    assert_eq!(processed, 1);
+    assert_eq!(runs(&id), 1);
+    assert_eq!(store.ledger_rows(&id).await, 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Observe mode: the gate records as it would, a would-be duplicate is counted, the body runs.
+
+const SCOPE_OBSERVED_PG: &str = "adoption.observed.pg";
+const SCOPE_OBSERVED_SQLITE: &str = "adoption.observed.sqlite";
+
+#[idempotent(
+    key = "order_id",
+    store = "pg",
+    strategy = "dedup_table",
+    scope = "adoption.observed.pg",
+    mode = "observe"
+)]
+async fn observed_pg(tx: &mut PgTx<'_>, msg: Payment) -> Result<(), AppError> {
+    idem_tests::count_run(&msg.order_id);
+    tx.ledger(&msg.order_id, msg.amount).await
+}
+
+#[idempotent(
+    key = "order_id",
+    store = "sqlite",
+    strategy = "dedup_table",
+    scope = "adoption.observed.sqlite",
+    mode = "observe"
+)]
+async fn observed_sqlite(tx: &mut SqliteTx<'_>, msg: Payment) -> Result<(), AppError> {
+    idem_tests::count_run(&msg.order_id);
+    tx.ledger(&msg.order_id, msg.amount).await
+}
+
+macro_rules! observe_cases {
+    ($store:expr, $scope:expr, $observed:ident) => {{
+        let store = $store;
+        let id = unique_key("observed");
+        let before = idem_runtime::observed_duplicates($scope);
+        let first = $observed(&store, Payment::new(&id, 3), NoAck).await.expect("first");
+        assert!(first.is_processed() && !first.is_observed_duplicate(), "{first:?}");
+        assert_eq!(store.records($scope, &id).await, 1, "the gate records as it would");
+        for delivery in 2..=3 {
+            let again = $observed(&store, Payment::new(&id, 3), NoAck).await.expect("again");
+            assert!(again.is_observed_duplicate(), "{again:?}");
+            assert!(again.is_processed(), "the body ran anyway");
+            assert_eq!(runs(&id), delivery);
+        }
+        assert_eq!(store.ledger_rows(&id).await, 3, "every delivery committed its effects");
+        assert_eq!(store.records($scope, &id).await, 1, "one record");
+        assert!(
+            idem_runtime::observed_duplicates($scope) >= before + 2,
+            "would-be duplicates are counted"
+        );
+    }};
+}
+
+#[tokio::test]
+async fn postgres_observe_mode_counts_duplicates_and_runs_the_body() {
+    observe_cases!(idem_tests::pg::store().await, SCOPE_OBSERVED_PG, observed_pg);
+}
+
+#[tokio::test]
+async fn sqlite_observe_mode_counts_duplicates_and_runs_the_body() {
+    observe_cases!(
+        idem_tests::sqlite::store().await,
+        SCOPE_OBSERVED_SQLITE,
+        observed_sqlite
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The handler as a value: one consumer dispatching several handlers.
+
+#[tokio::test]
+async fn one_consumer_dispatches_several_handlers_by_route() {
+    use idem_runtime::handler::{DynHandler, Handler as _};
+    use std::collections::HashMap;
+
+    let store = idem_tests::sqlite::store().await;
+    let mut routes: HashMap<&str, Box<dyn DynHandler<idem_runtime::SqliteStore>>> =
+        HashMap::new();
+    routes.insert("payments", idem_runtime::handler!(on_sqlite).into_dyn());
+    routes.insert("observed", idem_runtime::handler!(observed_sqlite).into_dyn());
+
+    let id = unique_key("routed");
+    let payload = serde_json::to_vec(&Payment::new(&id, 7)).expect("payload");
+    let first = routes["payments"]
+        .handle_payload(&store, &payload, Box::new(NoAck))
+        .await
+        .expect("routed");
+    assert!(first.is_processed());
+    let again = routes["payments"]
+        .handle_payload(&store, &payload, Box::new(NoAck))
+        .await
+        .expect("routed again");
+    assert!(again.is_duplicate());
+    assert_eq!(runs(&id), 1);
+
+    // A payload that does not decode is dead-lettered, with the reason.
+    let ack = idem_tests::RecordingAck::new();
+    let undecodable = routes["payments"]
+        .handle_payload(&store, b"{not json", Box::new(ack.clone()))
+        .await;
+    assert!(
+        matches!(undecodable, Err(idem_runtime::Error::Decode { .. })),
+        "{undecodable:?}"
+    );
+    assert!(ack.dead_lettered_with("does not decode"), "{:?}", ack.events());
+
+    // The typed value does what the function does.
+    let typed = idem_runtime::handler!(on_sqlite);
+    let id = unique_key("typed");
+    assert!(
+        typed
+            .handle(&store, Payment::new(&id, 1), NoAck)
+            .await
+            .expect("typed")
+            .is_processed()
+    );
+    assert_eq!(runs(&id), 1);
 }

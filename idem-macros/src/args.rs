@@ -20,6 +20,7 @@ const COMMON_ARGUMENTS: &[&str] = &[
     "replay",
     "fingerprint",
     "max_attempts",
+    "mode",
     "crate",
 ];
 
@@ -143,6 +144,8 @@ pub(crate) struct Args {
     pub(crate) fingerprint: Option<Span>,
     /// `max_attempts = N`: deliveries before a retryable failure is dead-lettered.
     pub(crate) max_attempts: Option<(u32, Span)>,
+    /// `mode = "observe"`.
+    pub(crate) observe: Option<Span>,
     pub(crate) krate: Option<syn::Path>,
     /// Every argument written, valid or not: an invalid one is not also reported missing.
     pub(crate) present: Vec<String>,
@@ -317,6 +320,11 @@ fn apply(args: &mut Args, name: &str, lit: &LitStr, errors: &mut Errors) {
                 args.to = Some((value, span));
             }
         }
+        "mode" => match value.as_str() {
+            "enforce" => {}
+            "observe" => args.observe = Some(span),
+            other => errors.error(span, unknown("`mode`", other, &["enforce", "observe"])),
+        },
         "on_missing" => match value.as_str() {
             "retry" => {}
             "dead_letter" => args.dead_letter_missing = Some(span),
@@ -403,6 +411,7 @@ fn string_value(meta: &Meta, name: &str, errors: &mut Errors) -> Option<LitStr> 
         "to" => "to = \"paid\"",
         "on_missing" => "on_missing = \"dead_letter\"",
         "max_attempts" => "max_attempts = 5",
+        "mode" => "mode = \"observe\"",
         _ => "crate = \"idem\"",
     };
     match meta {
@@ -649,6 +658,19 @@ pub(crate) fn validate(args: &Args, attribute_span: Span, errors: &mut Errors) {
             *span,
             "on MySQL/MariaDB the error names the key but not its table, so `PRIMARY` would match a primary-key violation in any table the body writes to; put a named unique key on the key column (`CONSTRAINT payments_order_id_key UNIQUE (order_id)`) and name it",
         );
+    }
+    if let (Some(span), Some((strategy, _))) = (args.observe, args.strategy) {
+        match strategy {
+            StrategyKind::DedupTable => {}
+            StrategyKind::UniqueConstraint => errors.error(
+                span,
+                "`mode = \"observe\"` needs a gate that can let a duplicate through, and under `unique_constraint` the database's unique index is the gate: it refuses the duplicate's write itself. Observe with `strategy = \"dedup_table\"` first, or adopt `unique_constraint` directly",
+            ),
+            StrategyKind::StateMachine => errors.error(
+                span,
+                "`mode = \"observe\"` cannot apply to `state_machine`: the guarded status update is both the gate and the business write, so it cannot be observed without being enforced. Observe with `strategy = \"dedup_table\"` first, or adopt `state_machine` directly",
+            ),
+        }
     }
     if let Some((_, span)) = &args.constraint
         && !matches!(

@@ -95,6 +95,7 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
     let gate = format_ident!("gate", span = mixed);
     let span_var = format_ident!("span", span = mixed);
     let result = format_ident!("result", span = mixed);
+    let tx_param = format_ident!("caller_tx", span = mixed);
 
     // Inner attributes (`#![allow(..)]` at the top of the body) stay inner, in the new body.
     let (inner_attrs, attrs): (Vec<&syn::Attribute>, Vec<&syn::Attribute>) = item
@@ -148,6 +149,7 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
     let max_attempts = args
         .max_attempts
         .map(|(attempts, _)| quote!(.with_max_attempts(#attempts)));
+    let observe = args.observe.map(|_| quote!(.observing()));
 
     let key_spec = args
         .key
@@ -265,6 +267,70 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
         }
     });
 
+    let spec_and_prepared = quote! {
+        // A static, not a const: its address identifies this entry point's spec, and its
+        // site (the attribute's `file:line:column`) the handler, so that two handlers sharing
+        // a scope are caught at their first delivery, and one handler's entry points are not.
+        static #spec: #private::HandlerSpec = #private::HandlerSpec::new(#scope)
+            .at(#private::core::concat!(
+                #private::core::file!(), ":",
+                #private::core::line!(), ":",
+                #private::core::column!()
+            ))
+            #ttl #max_attempts #observe;
+        // Every handler of the binary is listed, so that two sharing a scope both fail.
+        #private::inventory::submit! { #private::Registration::of(&#spec) }
+        const _: () = #check_scope(#scope);
+        #strategy_items
+        // The gate, the key and the fingerprint run user code (`StateKeyPart`, `KeyPart`,
+        // `Serialize`): a panic there is caught and settled like a failed delivery.
+        let #prepared = #private::Prepared::new(
+            || #strategy_value,
+            || #private::key(#spec.scope(), &[#(#key_parts),*]),
+            || #fingerprint_value,
+        );
+    };
+    // The body runs in the delivery's span; a panic in it is caught and rolled back.
+    let run_body = quote! {
+        let (#tx_arg, #span_var) = #gate.parts();
+        let #result = #private::body::<#output, _>(#span_var, async {
+            // These were parameters: `_tx` there is not a lint, here it would be.
+            #[allow(clippy::no_effect_underscore_binding)]
+            let #tx_pat: #tx_type = #tx_arg;
+            #[allow(clippy::no_effect_underscore_binding)]
+            let #message_pat = #message_param;
+            #(#body)*
+        })
+        .await;
+        #gate.finish(#into_result(#result)).await
+    };
+
+    // The companions: plain functions, so that they are valid next to a free function and in
+    // an `impl` block alike (the attribute cannot tell which it is in). Each holds its own copy
+    // of the body, since neither can name the other there (`f` vs `Self::f`).
+    let companion_attrs: Vec<&syn::Attribute> = attrs
+        .iter()
+        .copied()
+        .filter(|attr| {
+            [
+                "cfg", "cfg_attr", "allow", "warn", "deny", "forbid", "expect",
+            ]
+            .iter()
+            .any(|name| attr.path().is_ident(name))
+        })
+        .collect();
+    let body_ident = format_ident!("{}_body", ident, span = ident.span());
+    let in_transaction_ident = format_ident!("{}_in_transaction", ident, span = ident.span());
+    let body_doc = format!(
+        "The body of `{ident}` alone, undecorated: no gate, no record, no commit; it runs in the transaction you pass. For unit tests, and for callers that must not gate. Emitted by `#[idempotent]`."
+    );
+    let in_transaction_doc = format!(
+        "`{ident}` inside a transaction you own: the gate and the body run in `tx` (in a savepoint); nothing begins, commits or acknowledges. `Ok(Processed)`: commit `tx` to make the body's writes and the dedup record durable together (roll it back and neither happened). `Ok(Duplicate)`: processed before; nothing written. `Err`: this call's writes were rolled back to the savepoint; roll `tx` back unless you handle the error. Emitted by `#[idempotent]`."
+    );
+    let inputs = &sig.inputs;
+    let asyncness = &sig.asyncness;
+    let original_output = &sig.output;
+
     quote! {
         #scope_probe
         #(#attrs)*
@@ -275,21 +341,7 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
             #ack_param: impl #private::Acknowledger,
         ) -> #returns #where_clause {
             #(#inner_attrs)*
-            // A static, not a const: its address identifies this handler, so that two handlers
-            // sharing a scope are caught at their first delivery.
-            static #spec: #private::HandlerSpec =
-                #private::HandlerSpec::new(#scope) #ttl #max_attempts;
-            // Every handler of the binary is listed, so that two sharing a scope both fail.
-            #private::inventory::submit! { #private::Registration::of(&#spec) }
-            const _: () = #check_scope(#scope);
-            #strategy_items
-            // The gate, the key and the fingerprint run user code (`StateKeyPart`, `KeyPart`,
-            // `Serialize`): a panic there is caught and settled like a failed delivery.
-            let #prepared = #private::Prepared::new(
-                || #strategy_value,
-                || #private::key(#spec.scope(), &[#(#key_parts),*]),
-                || #fingerprint_value,
-            );
+            #spec_and_prepared
             // Three steps rather than one call taking the body as a closure: a closure over
             // `&mut Tx` needs a higher-ranked bound, and rustc cannot then prove the handler's
             // future `Send` (rust-lang/rust#110338). The body is an async block instead, so
@@ -307,19 +359,42 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
                 #private::core::result::Result::Ok(gate) => gate,
                 #private::core::result::Result::Err(settled) => return settled,
             };
-            let (#tx_arg, #span_var) = #gate.parts();
-            // The body runs in the delivery's span; a panic in it is caught, rolled back and
-            // settled as a retryable failure.
-            let #result = #private::body::<#output, _>(#span_var, async {
-                // These were parameters: `_tx` there is not a lint, here it would be.
-                #[allow(clippy::no_effect_underscore_binding)]
-                let #tx_pat: #tx_type = #tx_arg;
-                #[allow(clippy::no_effect_underscore_binding)]
-                let #message_pat = #message_param;
-                #(#body)*
-            })
-            .await;
-            #gate.finish(#into_result(#result)).await
+            #run_body
+        }
+
+        #(#companion_attrs)*
+        #[doc = #in_transaction_doc]
+        #[allow(dead_code, clippy::all, clippy::pedantic)]
+        #vis async fn #in_transaction_ident #generics (
+            #receiver
+            #store_param: &#private::#store_type,
+            #tx_param: &mut <#private::#store_type as #private::Store>::Tx,
+            #message_param: #message_type,
+        ) -> #returns #where_clause {
+            #(#inner_attrs)*
+            #spec_and_prepared
+            let mut #gate = match #private::open_in(
+                #store_param,
+                #tx_param,
+                &#spec,
+                #prepared,
+                #codec,
+                #handler_errors,
+            )
+            .await
+            {
+                #private::core::result::Result::Ok(gate) => gate,
+                #private::core::result::Result::Err(settled) => return settled,
+            };
+            #run_body
+        }
+
+        #(#companion_attrs)*
+        #[doc = #body_doc]
+        #[allow(dead_code)]
+        #vis #asyncness fn #body_ident #generics (#inputs) #original_output #where_clause {
+            #(#inner_attrs)*
+            #(#body)*
         }
     }
 }

@@ -11,8 +11,10 @@ pub use crate::key::{Key, KeyPart};
 pub use crate::outcome::Outcome;
 pub use crate::payload::{JsonReplay, NoReplay};
 pub use crate::pipeline::{
-    HandlerResult, HandlerSpec, OpenGate, PanicPayload, Prepared, Registration, body, open,
+    CallerGate, HandlerResult, HandlerSpec, OpenGate, PanicPayload, Prepared, Registration, body,
+    open, open_in,
 };
+pub use crate::store::Store;
 pub use crate::store::memory::MemoryStore;
 #[cfg(feature = "mysql")]
 pub use crate::store::mysql::MySqlStore;
