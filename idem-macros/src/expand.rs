@@ -280,7 +280,6 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
             #ttl #max_attempts #observe;
         // Every handler of the binary is listed, so that two sharing a scope both fail.
         #private::inventory::submit! { #private::Registration::of(&#spec) }
-        const _: () = #check_scope(#scope);
         #strategy_items
         // The gate, the key and the fingerprint run user code (`StateKeyPart`, `KeyPart`,
         // `Serialize`): a panic there is caught and settled like a failed delivery.
@@ -341,6 +340,8 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
             #ack_param: impl #private::Acknowledger,
         ) -> #returns #where_clause {
             #(#inner_attrs)*
+            // Checked once, here: the companions share the scope.
+            const _: () = #check_scope(#scope);
             #spec_and_prepared
             // Three steps rather than one call taking the body as a closure: a closure over
             // `&mut Tx` needs a higher-ranked bound, and rustc cannot then prove the handler's
