@@ -392,7 +392,8 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
 
         #(#companion_attrs)*
         #[doc = #body_doc]
-        #[allow(dead_code)]
+        // The same statements are linted where they also stand, in the handler itself.
+        #[allow(dead_code, clippy::all, clippy::pedantic)]
         #vis #asyncness fn #body_ident #generics (#inputs) #original_output #where_clause {
             #(#inner_attrs)*
             #(#body)*
