@@ -34,7 +34,8 @@
 //! ```
 //!
 //! See [`idempotent`] for every argument and the exact expansion, [`strategy`] for how each
-//! strategy recognises a duplicate, and [`store`] for the backends.
+//! strategy recognises a duplicate, and [`store`] for the backends. Adding idem to a service
+//! that already runs: [the adoption guide](guide::adoption).
 //!
 //! ## Cargo features
 //!
@@ -43,6 +44,8 @@
 //! - `sqlite`: the SQLite store, [`SqliteStore`].
 //! - `uuid`: [`uuid::Uuid`] key fields, also as `state_machine` keys on UUID columns.
 //! - `ulid`: [`ulid::Ulid`] key fields.
+//! - `anyhow`, `eyre`: handlers may return `anyhow::Error` / `eyre::Report`
+//!   ([`HandlerFailure`]).
 //!
 //! The [`MemoryStore`], for unit tests, is always available.
 
@@ -56,6 +59,7 @@ pub mod ack;
 pub mod classify;
 pub mod clock;
 pub mod error;
+pub mod guide;
 pub mod handler;
 pub mod key;
 pub mod outcome;
