@@ -843,6 +843,56 @@ macro_rules! __dedup_table_cases {
             assert!(again.is_duplicate());
         }
 
+        /// The record keeps the store clock's time of the first write: read back by
+        /// `find_record`, and returned by a later claim that finds it.
+        #[tokio::test]
+        async fn the_time_of_the_first_write_is_read_back() {
+            use ::idem_runtime::Store as _;
+            let clock = ManualClock::starting_now();
+            let store = $open.with_clock(clock.clone());
+            let order_id = unique_key("created");
+            let first_write = store.now_ms();
+            handlers::dedup_ttl(&store, Payment::new(&order_id, 1), NoAck)
+                .await
+                .expect("first");
+            clock.advance(Duration::from_secs(90));
+            assert!(
+                handlers::dedup_ttl(&store, Payment::new(&order_id, 1), NoAck)
+                    .await
+                    .expect("duplicate")
+                    .is_duplicate()
+            );
+            let key = ::idem_runtime::Key::new("conf.dedup.ttl", &[("order_id", &order_id)])
+                .expect("a valid key");
+            let record = store
+                .find_record(&key, store.now_ms())
+                .await
+                .expect("read the record")
+                .expect("a live record");
+            assert_eq!(record.created_at_ms, first_write);
+            match $crate::claim_and_roll_back(&store, &key).await {
+                ::idem_runtime::store::Claim::Existing(existing) => {
+                    assert_eq!(existing.created_at_ms, first_write);
+                }
+                other => panic!("the record exists: {other:?}"),
+            }
+            // A delivery that takes an expired record over writes it anew.
+            clock.advance(HOUR);
+            let take_over = store.now_ms();
+            assert!(
+                handlers::dedup_ttl(&store, Payment::new(&order_id, 1), NoAck)
+                    .await
+                    .expect("after expiry")
+                    .is_processed()
+            );
+            let renewed = store
+                .find_record(&key, store.now_ms())
+                .await
+                .expect("read the record")
+                .expect("a live record");
+            assert_eq!(renewed.created_at_ms, take_over);
+        }
+
         /// A failure that never heals: requeued with a growing delay, then dead-lettered with
         /// the attempt count on the last attempt.
         #[tokio::test]

@@ -270,6 +270,7 @@ impl Store for MemoryStore {
                 stored: StoredRecord {
                     fingerprint: record.fingerprint.map(str::to_owned),
                     response: record.response.map(str::to_owned),
+                    created_at_ms: record.now_ms,
                 },
                 expires_at_ms: record.expires_at_ms,
             },

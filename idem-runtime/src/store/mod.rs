@@ -15,7 +15,7 @@
 //! | `record_key` | the encoded key ([`Key::value`]) |
 //! | `fingerprint` | SHA-256 of the JSON payload, when the handler has `fingerprint` |
 //! | `response` | the JSON result, when the handler has `replay` |
-//! | `created_at_ms` | when the record was written, Unix milliseconds |
+//! | `created_at_ms` | when the record was first written, Unix milliseconds ([`StoredRecord::created_at_ms`]) |
 //! | `expires_at_ms` | when it stops counting, Unix milliseconds; `NULL` = never (no `ttl`) |
 //!
 //! Timestamps are integers so that one schema reads the same on every database. An expired
@@ -57,19 +57,24 @@ pub struct StoredRecord {
     pub fingerprint: Option<String>,
     /// The first delivery's result, JSON, if the handler replays results.
     pub response: Option<String>,
+    /// When the record was written, Unix milliseconds by the store's
+    /// [`Clock`](crate::clock::Clock): the first delivery's time (or the time of the delivery
+    /// that took an expired record over, or of [`Store::mark_processed`]).
+    pub created_at_ms: i64,
 }
 
-/// A dedup row as SQL stores read it: fingerprint, response, expiry.
-pub(crate) type RecordRow = (Option<String>, Option<String>, Option<i64>);
+/// A dedup row as SQL stores read it: fingerprint, response, creation, expiry.
+pub(crate) type RecordRow = (Option<String>, Option<String>, i64, Option<i64>);
 
 /// The record in `row`, if there is one and it has not expired at `now_ms`.
 pub(crate) fn live_record(row: Option<RecordRow>, now_ms: i64) -> Option<StoredRecord> {
-    let (fingerprint, response, expires_at_ms) = row?;
+    let (fingerprint, response, created_at_ms, expires_at_ms) = row?;
     expires_at_ms
         .is_none_or(|expires| expires > now_ms)
         .then_some(StoredRecord {
             fingerprint,
             response,
+            created_at_ms,
         })
 }
 

@@ -95,8 +95,8 @@ const CONVERT_TABLE: &str =
 const INSERT: &str = "INSERT INTO idem_records \
     (scope, record_key, fingerprint, response, created_at_ms, expires_at_ms) \
     VALUES (?, ?, ?, ?, ?, ?)";
-const SELECT: &str = "SELECT fingerprint, response, expires_at_ms FROM idem_records \
-    WHERE scope = ? AND record_key = ?";
+const SELECT: &str = "SELECT fingerprint, response, created_at_ms, expires_at_ms \
+    FROM idem_records WHERE scope = ? AND record_key = ?";
 const TAKE_OVER_EXPIRED: &str = "UPDATE idem_records \
     SET fingerprint = ?, response = ?, created_at_ms = ?, expires_at_ms = ? \
     WHERE scope = ? AND record_key = ? AND expires_at_ms IS NOT NULL AND expires_at_ms <= ?";

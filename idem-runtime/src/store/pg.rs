@@ -66,8 +66,8 @@ const CREATE_EXPIRY_INDEX: &str = "CREATE INDEX IF NOT EXISTS idem_records_expir
 const INSERT: &str = "INSERT INTO idem_records \
     (scope, record_key, fingerprint, response, created_at_ms, expires_at_ms) \
     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (scope, record_key) DO NOTHING";
-const SELECT: &str = "SELECT fingerprint, response, expires_at_ms FROM idem_records \
-    WHERE scope = $1 AND record_key = $2";
+const SELECT: &str = "SELECT fingerprint, response, created_at_ms, expires_at_ms \
+    FROM idem_records WHERE scope = $1 AND record_key = $2";
 const TAKE_OVER_EXPIRED: &str = "UPDATE idem_records \
     SET fingerprint = $3, response = $4, created_at_ms = $5, expires_at_ms = $6 \
     WHERE scope = $1 AND record_key = $2 AND expires_at_ms IS NOT NULL AND expires_at_ms <= $5";
