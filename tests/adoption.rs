@@ -1,12 +1,15 @@
 //! Adopting idem in a service that already handled messages before it (issue 11, in progress):
 //! importing the keys it processed (`mark_processed`), and reprocessing one on purpose
-//! (`forget`), on PostgreSQL, SQLite and the memory store.
+//! (`forget`, by scope and key as logged), on PostgreSQL, MariaDB, SQLite and the memory store.
 
-use idem_runtime::{Key, MemoryStore, MemoryTx, NoAck, PgTx, SqliteTx, Store as _, idempotent};
+use idem_runtime::{
+    Key, MemoryStore, MemoryTx, MySqlTx, NoAck, PgTx, SqliteTx, Store as _, idempotent,
+};
 use idem_tests::effects::{Effects as _, TestStore as _};
 use idem_tests::{AppError, Payment, runs, unique_key};
 
 const SCOPE_PG: &str = "adoption.pg";
+const SCOPE_MYSQL: &str = "adoption.mysql";
 const SCOPE_SQLITE: &str = "adoption.sqlite";
 const SCOPE_MEMORY: &str = "adoption.memory";
 
@@ -17,6 +20,17 @@ const SCOPE_MEMORY: &str = "adoption.memory";
     scope = "adoption.pg"
 )]
 async fn on_pg(tx: &mut PgTx<'_>, msg: Payment) -> Result<(), AppError> {
+    idem_tests::count_run(&msg.order_id);
+    tx.ledger(&msg.order_id, msg.amount).await
+}
+
+#[idempotent(
+    key = "order_id",
+    store = "mysql",
+    strategy = "dedup_table",
+    scope = "adoption.mysql"
+)]
+async fn on_mysql(tx: &mut MySqlTx<'_>, msg: Payment) -> Result<(), AppError> {
     idem_tests::count_run(&msg.order_id);
     tx.ledger(&msg.order_id, msg.amount).await
 }
@@ -50,7 +64,7 @@ fn key(scope: &'static str, order_id: &str) -> Key {
 /// The cases, for any store: keys imported before the switch are duplicates (their bodies do
 /// not run); an import is idempotent; a forgotten key is processed again, once.
 macro_rules! adoption_cases {
-    ($store:expr, $scope:expr, $handler:path, forget = |$s:ident, $k:ident| $forget:expr) => {{
+    ($store:expr, $scope:expr, $handler:path) => {{
         let store = $store;
         let handled_before: Vec<String> = (0..5).map(|_| unique_key("imported")).collect();
         let imported = store
@@ -79,9 +93,14 @@ macro_rules! adoption_cases {
         );
 
         let replayed = &handled_before[0];
-        let $s = &store;
-        let $k = key($scope, replayed);
-        assert!($forget, "the record existed");
+        let logged = key($scope, replayed);
+        assert!(
+            store
+                .forget(logged.scope(), logged.value())
+                .await
+                .expect("forget"),
+            "the record existed"
+        );
         let outcome = $handler(&store, Payment::new(replayed, 1), NoAck)
             .await
             .expect("replay");
@@ -98,32 +117,22 @@ macro_rules! adoption_cases {
 
 #[tokio::test]
 async fn postgres_imports_and_forgets() {
-    adoption_cases!(
-        idem_tests::pg::store().await,
-        SCOPE_PG,
-        on_pg,
-        forget = |store, key| store.forget(&key).await.expect("forget")
-    );
+    adoption_cases!(idem_tests::pg::store().await, SCOPE_PG, on_pg);
+}
+
+#[tokio::test]
+async fn mysql_imports_and_forgets() {
+    adoption_cases!(idem_tests::mysql::store().await, SCOPE_MYSQL, on_mysql);
 }
 
 #[tokio::test]
 async fn sqlite_imports_and_forgets() {
-    adoption_cases!(
-        idem_tests::sqlite::store().await,
-        SCOPE_SQLITE,
-        on_sqlite,
-        forget = |store, key| store.forget(&key).await.expect("forget")
-    );
+    adoption_cases!(idem_tests::sqlite::store().await, SCOPE_SQLITE, on_sqlite);
 }
 
 #[tokio::test]
 async fn memory_imports_and_forgets() {
-    adoption_cases!(
-        MemoryStore::new(),
-        SCOPE_MEMORY,
-        on_memory,
-        forget = |store, key| store.forget(&key)
-    );
+    adoption_cases!(MemoryStore::new(), SCOPE_MEMORY, on_memory);
 }
 
 /// Importing a key whose record expired renews it, as a first delivery would.

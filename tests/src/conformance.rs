@@ -843,6 +843,64 @@ macro_rules! __dedup_table_cases {
             assert!(again.is_duplicate());
         }
 
+        /// An operator forgets one message by its scope and its key as logged
+        /// (`Store::forget`): its next delivery runs the body again, once; the first run's
+        /// business rows stay; other scopes are untouched.
+        #[tokio::test]
+        async fn a_forgotten_key_is_processed_again() {
+            use ::idem_runtime::Store as _;
+            let store = $open;
+            let order_id = unique_key("forget");
+            handlers::dedup(&store, Payment::new(&order_id, 1), NoAck)
+                .await
+                .expect("first");
+            let logged = ::idem_runtime::Key::new("conf.dedup", &[("order_id", &order_id)])
+                .expect("a valid key");
+            assert!(
+                !store
+                    .forget("conf.dedup.replay", logged.value())
+                    .await
+                    .expect("forget in another scope"),
+                "another scope holds no record of this key"
+            );
+            assert!(
+                handlers::dedup(&store, Payment::new(&order_id, 1), NoAck)
+                    .await
+                    .expect("duplicate")
+                    .is_duplicate()
+            );
+            assert!(
+                store
+                    .forget(logged.scope(), logged.value())
+                    .await
+                    .expect("forget"),
+                "the record existed"
+            );
+            assert_eq!(store.records("conf.dedup", &order_id).await, 0);
+            assert!(
+                !store
+                    .forget(logged.scope(), logged.value())
+                    .await
+                    .expect("forget again"),
+                "nothing left to forget"
+            );
+            let again = handlers::dedup(&store, Payment::new(&order_id, 1), NoAck)
+                .await
+                .expect("after forget");
+            assert!(again.is_processed(), "{again:?}");
+            assert_eq!(runs(&order_id), 2, "the body ran again");
+            assert_eq!(
+                store.ledger_rows(&order_id).await,
+                2,
+                "the first run's business rows stay"
+            );
+            let last = handlers::dedup(&store, Payment::new(&order_id, 1), NoAck)
+                .await
+                .expect("after the reprocessing");
+            assert!(last.is_duplicate(), "{last:?}");
+            assert_eq!(runs(&order_id), 2, "and only once");
+        }
+
         /// The record keeps the store clock's time of the first write: read back by
         /// `find_record`, and returned by a later claim that finds it.
         #[tokio::test]

@@ -20,7 +20,8 @@
 //!
 //! Timestamps are integers so that one schema reads the same on every database. An expired
 //! record no longer makes a delivery a duplicate: the next delivery takes it over. Delete
-//! expired rows with the store's `purge_expired()`.
+//! expired rows with the store's `purge_expired()`; delete one record, so that its message is
+//! processed again, with [`Store::forget`].
 
 use std::future::Future;
 
@@ -249,6 +250,33 @@ pub trait Store: sealed::Sealed + Send + Sync {
             }
         }
     }
+
+    /// Deletes the dedup record of the key `key` in `scope`, so that the next delivery of its
+    /// message is processed again (its body runs): for an operator who reprocesses one message
+    /// on purpose. `scope` is the handler's scope and `key` the encoded key, both as the
+    /// handler's logs show them (the `scope` and `key` fields of the `idem.handle` span;
+    /// [`Key::scope`] and [`Key::value`]). Returns whether a record existed (live or expired).
+    ///
+    /// Only the dedup record goes: the business rows the first delivery wrote stay, so the
+    /// body must be able to run again on top of them. A record is deleted outside any handler's
+    /// transaction: a delivery of the same key in flight is unaffected. `unique_constraint`
+    /// without `replay` or `fingerprint` keeps no record (its constraint is the record: delete
+    /// the business row instead), and neither does `state_machine` (the status is the record:
+    /// move it back instead); for those, `forget` finds nothing and returns `false`.
+    ///
+    /// ```no_run
+    /// # async fn demo(store: idem_runtime::PgStore) -> Result<(), sqlx::Error> {
+    /// use idem_runtime::Store as _;
+    ///
+    /// // From a log line: scope=billing.order_paid key=o-1
+    /// let existed = store.forget("billing.order_paid", "o-1").await?;
+    /// # Ok(()) }
+    /// ```
+    fn forget(
+        &self,
+        scope: &str,
+        key: &str,
+    ) -> impl Future<Output = Result<bool, sqlx::Error>> + Send;
 
     /// Whether `error` is a unique violation of `constraint`. Stores without business tables
     /// return `false`.

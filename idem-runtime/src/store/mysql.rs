@@ -169,20 +169,6 @@ impl MySqlStore {
         Ok(())
     }
 
-    /// Deletes the record of `key`, so that its next delivery is processed again (its body
-    /// runs): for an operator who reprocesses one message on purpose. Only the dedup record
-    /// goes; the business rows the first delivery wrote stay. `state_machine` keeps no record
-    /// (the status is the record): move the status back instead. Returns whether a record
-    /// existed.
-    pub async fn forget(&self, key: &Key) -> Result<bool, sqlx::Error> {
-        let done = sqlx::query(FORGET)
-            .bind(key.scope())
-            .bind(key.value())
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected() > 0)
-    }
-
     /// Deletes records that expired before now; returns how many.
     pub async fn purge_expired(&self) -> Result<u64, sqlx::Error> {
         let done = sqlx::query(PURGE_EXPIRED)
@@ -326,6 +312,15 @@ impl Store for MySqlStore {
     ) -> Result<Option<StoredRecord>, sqlx::Error> {
         let mut conn = self.pool.acquire().await?;
         Ok(live_record(Self::read(&mut conn, key).await?, now_ms))
+    }
+
+    async fn forget(&self, scope: &str, key: &str) -> Result<bool, sqlx::Error> {
+        let done = sqlx::query(FORGET)
+            .bind(scope)
+            .bind(key)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
     }
 
     /// MySQL names the violated key in the message (`Duplicate entry 'x' for key 'name'`);
