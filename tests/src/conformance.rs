@@ -284,7 +284,7 @@ macro_rules! conformance_suite {
         $crate::__unless_skipped!(sql, [$($skip),*],
             mod sql {
                 use super::*;
-                $crate::__sql_cases!(open = $open, p1 = $p1, p2 = $p2);
+                $crate::__sql_cases!(open = $open);
             }
         );
     };
@@ -1277,7 +1277,7 @@ macro_rules! __state_machine_cases {
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __sql_cases {
-    (open = $open:expr, p1 = $p1:literal, p2 = $p2:literal) => {
+    (open = $open:expr) => {
         use ::idem_runtime::{Error, NoAck, Outcome};
         use $crate::effects::SqlTestStore as _;
         use $crate::{Payment, RecordingAck, unique_key};
@@ -1416,15 +1416,7 @@ macro_rules! __sql_cases {
                 .await
                 .expect("first");
             store
-                .execute_with_texts(
-                    concat!(
-                        "UPDATE idem_records SET response = '\"not a number\"' WHERE scope = ",
-                        $p1,
-                        " AND record_key = ",
-                        $p2
-                    ),
-                    &["conf.dedup.replay", &key],
-                )
+                .set_response("conf.dedup.replay", &key, "\"not a number\"")
                 .await;
             let ack = RecordingAck::new();
             let result = handlers::dedup_replay(&store, Payment::new(&key, 41), ack.clone()).await;
@@ -1437,4 +1429,69 @@ macro_rules! __sql_cases {
             assert_eq!(store.ledger_rows(&key).await, 1);
         }
     };
+}
+
+/// Runs every statement a store makes on its records table (claim, read, take-over of an
+/// expired record, stored result, purge, forget) through the conformance handlers
+/// (`handlers::…` of the calling test target, which instantiates [`conformance_suite!`]), on
+/// `$store`: proves that a table made some other way than the store's `migrate()` (the shipped
+/// migration file, applied by another tool) is one the store accepts.
+#[macro_export]
+macro_rules! exercise_records_table {
+    ($store:expr) => {{
+        use ::idem_runtime::clock::ManualClock;
+        use ::idem_runtime::{NoAck, Outcome, Store as _};
+        use $crate::Payment;
+        use $crate::effects::TestStore as _;
+
+        let clock = ManualClock::starting_now();
+        let store = $store.with_clock(clock.clone());
+        let key = $crate::unique_key("records-table");
+        let first = handlers::dedup_replay(&store, Payment::new(&key, 5), NoAck)
+            .await
+            .expect("first delivery");
+        assert_eq!(first, Outcome::Processed(5));
+        let again = handlers::dedup_replay(&store, Payment::new(&key, 6), NoAck)
+            .await
+            .expect("duplicate");
+        assert_eq!(again, Outcome::Duplicate { replayed: Some(5) });
+
+        let hours = |n: u64| ::std::time::Duration::from_secs(3600 * n);
+        assert!(
+            handlers::dedup_ttl(&store, Payment::new(&key, 1), NoAck)
+                .await
+                .expect("with a ttl")
+                .is_processed()
+        );
+        clock.advance(hours(2));
+        assert!(
+            handlers::dedup_ttl(&store, Payment::new(&key, 1), NoAck)
+                .await
+                .expect("after expiry")
+                .is_processed(),
+            "the expired record is taken over"
+        );
+        assert_eq!(store.records("conf.dedup.ttl", &key).await, 1);
+        clock.advance(hours(2));
+        assert!(store.purge().await >= 1);
+        assert_eq!(store.records("conf.dedup.ttl", &key).await, 0);
+
+        assert!(
+            store
+                .forget("conf.dedup.replay", &key)
+                .await
+                .expect("forget")
+        );
+        assert!(
+            handlers::dedup_replay(&store, Payment::new(&key, 7), NoAck)
+                .await
+                .expect("after forget")
+                .is_processed()
+        );
+        assert_eq!(
+            store.ledger_rows(&key).await,
+            4,
+            "every processed delivery's row"
+        );
+    }};
 }

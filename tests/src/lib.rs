@@ -326,6 +326,30 @@ pub async fn claim_and_roll_back<S: Store>(store: &S, key: &Key) -> Claim {
     claim
 }
 
+/// Runs the shipped migration directory `idem-runtime/migrations/<database>/` with sqlx's
+/// migrator (what `sqlx migrate run --source …` does) on the database of `pool`.
+///
+/// # Panics
+///
+/// When the directory is not a valid sqlx migration source or a migration fails.
+pub async fn run_shipped_migrations<DB>(database: &str, pool: &sqlx::Pool<DB>)
+where
+    DB: sqlx::Database,
+    DB::Connection: sqlx::migrate::Migrate,
+{
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../idem-runtime/migrations")
+        .join(database);
+    let migrator = sqlx::migrate::Migrator::new(source)
+        .await
+        .expect("a valid sqlx migration directory");
+    assert_eq!(migrator.iter().count(), 1, "one migration: {database}");
+    migrator
+        .run(pool)
+        .await
+        .expect("run the shipped migrations");
+}
+
 /// Installs a tracing subscriber once (controlled by `RUST_LOG`), so failing tests can show
 /// the handlers' spans.
 pub fn init_tracing() {

@@ -6,8 +6,8 @@
 //!
 //! # The dedup table
 //!
-//! SQL stores keep one row per processed message in `idem_records`, created by the store's
-//! `migrate()` (safe to run any number of times):
+//! SQL stores keep one row per processed message in a records table, `idem_records` unless
+//! configured otherwise:
 //!
 //! | column | meaning |
 //! |---|---|
@@ -19,9 +19,35 @@
 //! | `expires_at_ms` | when it stops counting, Unix milliseconds; `NULL` = never (no `ttl`) |
 //!
 //! Timestamps are integers so that one schema reads the same on every database. An expired
-//! record no longer makes a delivery a duplicate: the next delivery takes it over. Delete
-//! expired rows with the store's `purge_expired()`; delete one record, so that its message is
-//! processed again, with [`Store::forget`].
+//! record no longer makes a delivery a duplicate: the next delivery takes it over (and its
+//! `created_at_ms` becomes that delivery's). Delete expired rows with the store's
+//! `purge_expired()`; delete one record, so that its message is processed again, with
+//! [`Store::forget`].
+//!
+//! # Creating it
+//!
+//! Either call the store's `migrate()` at start-up (safe to run any number of times, from
+//! several processes at once), or run the SQL yourself with your migration tool: the crate
+//! ships it as plain files in sqlx-cli's layout, `migrations/{postgres,mysql,mariadb,sqlite}/`,
+//! also available as constants in [`migrations`]. `migrate()` runs exactly that SQL.
+//!
+//! # Another name, another schema
+//!
+//! Each SQL store takes a [`RecordsTable`] with `with_records_table`, checked when built and
+//! quoted for the database; its statements are built once, when the table is set. The expiry
+//! index is named after the table (`<table>_expires_at_ms`).
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use idem_runtime::PgStore;
+//! use idem_runtime::store::RecordsTable;
+//!
+//! let store = PgStore::connect("postgres://postgres@127.0.0.1/test")
+//!     .await?
+//!     .with_records_table(RecordsTable::new("dedup_records")?.in_schema("billing")?);
+//! store.migrate().await?; // creates billing.dedup_records (the schema must exist)
+//! # Ok(()) }
+//! ```
 
 use std::future::Future;
 
@@ -29,12 +55,18 @@ use crate::key::Key;
 use crate::transition::{StateKey, Transition, TransitionOutcome, TransitionSql};
 
 pub mod memory;
+pub mod migrations;
 #[cfg(feature = "mysql")]
 pub mod mysql;
 #[cfg(feature = "pg")]
 pub mod pg;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
+mod table;
+
+pub use table::{
+    IdentifierPart, InvalidIdentifier, MAX_IDENTIFIER_BYTES, MAX_TABLE_NAME_BYTES, RecordsTable,
+};
 
 /// A dedup record about to be written.
 #[derive(Debug, Clone, Copy)]
