@@ -1,13 +1,17 @@
 //! Adopting idem in a service that already runs: the handler inside a transaction the caller
 //! owns (`<name>_in_transaction`), the undecorated body (`<name>_body`), the handler as a value
 //! (`handler!`), observe mode, importing the keys it processed before (`mark_processed`), and
-//! reprocessing one on purpose (`forget`), on PostgreSQL, SQLite and the memory store.
+//! reprocessing one on purpose (`forget`, by scope and key as logged), on PostgreSQL, MariaDB,
+//! SQLite and the memory store.
 
-use idem_runtime::{Key, MemoryStore, MemoryTx, NoAck, PgTx, SqliteTx, Store as _, idempotent};
+use idem_runtime::{
+    Key, MemoryStore, MemoryTx, MySqlTx, NoAck, PgTx, SqliteTx, Store as _, idempotent,
+};
 use idem_tests::effects::{Effects as _, TestStore as _};
 use idem_tests::{AppError, Payment, runs, unique_key};
 
 const SCOPE_PG: &str = "adoption.pg";
+const SCOPE_MYSQL: &str = "adoption.mysql";
 const SCOPE_SQLITE: &str = "adoption.sqlite";
 const SCOPE_MEMORY: &str = "adoption.memory";
 
@@ -18,6 +22,18 @@ const SCOPE_MEMORY: &str = "adoption.memory";
     scope = "adoption.pg"
 )]
 async fn on_pg(tx: &mut PgTx<'_>, msg: Payment) -> Result<(), AppError> {
+    idem_tests::count_run(&msg.order_id);
+    tx.ledger(&msg.order_id, msg.amount).await?;
+    idem_tests::maybe_fail(&msg.order_id)
+}
+
+#[idempotent(
+    key = "order_id",
+    store = "mysql",
+    strategy = "dedup_table",
+    scope = "adoption.mysql"
+)]
+async fn on_mysql(tx: &mut MySqlTx<'_>, msg: Payment) -> Result<(), AppError> {
     idem_tests::count_run(&msg.order_id);
     tx.ledger(&msg.order_id, msg.amount).await?;
     idem_tests::maybe_fail(&msg.order_id)
@@ -53,7 +69,7 @@ fn key(scope: &'static str, order_id: &str) -> Key {
 /// The cases, for any store: keys imported before the switch are duplicates (their bodies do
 /// not run); an import is idempotent; a forgotten key is processed again, once.
 macro_rules! adoption_cases {
-    ($store:expr, $scope:expr, $handler:path, forget = |$s:ident, $k:ident| $forget:expr) => {{
+    ($store:expr, $scope:expr, $handler:path) => {{
         let store = $store;
         let handled_before: Vec<String> = (0..5).map(|_| unique_key("imported")).collect();
         let imported = store
@@ -82,9 +98,14 @@ macro_rules! adoption_cases {
         );
 
         let replayed = &handled_before[0];
-        let $s = &store;
-        let $k = key($scope, replayed);
-        assert!($forget, "the record existed");
+        let logged = key($scope, replayed);
+        assert!(
+            store
+                .forget(logged.scope(), logged.value())
+                .await
+                .expect("forget"),
+            "the record existed"
+        );
         let outcome = $handler(&store, Payment::new(replayed, 1), NoAck)
             .await
             .expect("replay");
@@ -101,32 +122,22 @@ macro_rules! adoption_cases {
 
 #[tokio::test]
 async fn postgres_imports_and_forgets() {
-    adoption_cases!(
-        idem_tests::pg::store().await,
-        SCOPE_PG,
-        on_pg,
-        forget = |store, key| store.forget(&key).await.expect("forget")
-    );
+    adoption_cases!(idem_tests::pg::store().await, SCOPE_PG, on_pg);
+}
+
+#[tokio::test]
+async fn mysql_imports_and_forgets() {
+    adoption_cases!(idem_tests::mysql::store().await, SCOPE_MYSQL, on_mysql);
 }
 
 #[tokio::test]
 async fn sqlite_imports_and_forgets() {
-    adoption_cases!(
-        idem_tests::sqlite::store().await,
-        SCOPE_SQLITE,
-        on_sqlite,
-        forget = |store, key| store.forget(&key).await.expect("forget")
-    );
+    adoption_cases!(idem_tests::sqlite::store().await, SCOPE_SQLITE, on_sqlite);
 }
 
 #[tokio::test]
 async fn memory_imports_and_forgets() {
-    adoption_cases!(
-        MemoryStore::new(),
-        SCOPE_MEMORY,
-        on_memory,
-        forget = |store, key| store.forget(&key)
-    );
+    adoption_cases!(MemoryStore::new(), SCOPE_MEMORY, on_memory);
 }
 
 /// Importing a key whose record expired renews it, as a first delivery would.
@@ -182,12 +193,21 @@ macro_rules! caller_transaction_cases {
             .await
             .expect("in the caller's transaction");
         assert!(outcome.is_processed(), "{outcome:?}");
-        assert_eq!(store.records($scope, &id).await, 0, "nothing is committed before the caller commits");
+        assert_eq!(
+            store.records($scope, &id).await,
+            0,
+            "nothing is committed before the caller commits"
+        );
         tx.commit().await.expect("the caller commits");
         assert_eq!(store.ledger_rows(&id).await, 1);
         assert_eq!(store.ledger_rows(&format!("caller-{id}")).await, 1);
-        let next = $handler(&store, Payment::new(&id, 5), NoAck).await.expect("redelivery");
-        assert!(next.is_duplicate(), "the caller's commit made the record durable: {next:?}");
+        let next = $handler(&store, Payment::new(&id, 5), NoAck)
+            .await
+            .expect("redelivery");
+        assert!(
+            next.is_duplicate(),
+            "the caller's commit made the record durable: {next:?}"
+        );
         let mut tx = store.pool().begin().await.expect("begin");
         let again = $in_transaction(&store, &mut tx, Payment::new(&id, 5))
             .await
@@ -207,7 +227,9 @@ macro_rules! caller_transaction_cases {
         tx.rollback().await.expect("the caller rolls back");
         assert_eq!(store.records($scope, &id).await, 0, "nothing recorded");
         assert_eq!(store.ledger_rows(&id).await, 0);
-        let next = $handler(&store, Payment::new(&id, 5), NoAck).await.expect("redelivery");
+        let next = $handler(&store, Payment::new(&id, 5), NoAck)
+            .await
+            .expect("redelivery");
         assert!(next.is_processed(), "{next:?}");
         assert_eq!(runs(&id), 2);
         assert_eq!(store.ledger_rows(&id).await, 1);
@@ -220,15 +242,31 @@ macro_rules! caller_transaction_cases {
         caller_write(&mut tx, &id).await;
         let failed = $in_transaction(&store, &mut tx, Payment::new(&id, 5)).await;
         assert!(
-            matches!(failed, Err(idem_runtime::Error::Handler(AppError::Transient(_)))),
+            matches!(
+                failed,
+                Err(idem_runtime::Error::Handler(AppError::Transient(_)))
+            ),
             "{failed:?}"
         );
         tx.commit().await.expect("the caller commits its own write");
         assert_eq!(store.ledger_rows(&format!("caller-{id}")).await, 1);
-        assert_eq!(store.ledger_rows(&id).await, 0, "the body's write was rolled back");
-        assert_eq!(store.records($scope, &id).await, 0, "so was the gate's record");
-        let next = $handler(&store, Payment::new(&id, 5), NoAck).await.expect("redelivery");
-        assert!(next.is_processed(), "the message is processed on redelivery: {next:?}");
+        assert_eq!(
+            store.ledger_rows(&id).await,
+            0,
+            "the body's write was rolled back"
+        );
+        assert_eq!(
+            store.records($scope, &id).await,
+            0,
+            "so was the gate's record"
+        );
+        let next = $handler(&store, Payment::new(&id, 5), NoAck)
+            .await
+            .expect("redelivery");
+        assert!(
+            next.is_processed(),
+            "the message is processed on redelivery: {next:?}"
+        );
         assert_eq!(store.ledger_rows(&id).await, 1);
 
         // The undecorated body: no gate, no record, the caller's transaction.
@@ -238,7 +276,11 @@ macro_rules! caller_transaction_cases {
         result.expect("the body alone");
         tx.commit().await.expect("commit");
         assert_eq!(store.ledger_rows(&id).await, 1);
-        assert_eq!(store.records($scope, &id).await, 0, "the body alone writes no record");
+        assert_eq!(
+            store.records($scope, &id).await,
+            0,
+            "the body alone writes no record"
+        );
         assert_eq!(runs(&id), 1);
     }};
 }
@@ -251,6 +293,17 @@ async fn postgres_runs_in_the_callers_transaction() {
         on_pg,
         on_pg_in_transaction,
         on_pg_body
+    );
+}
+
+#[tokio::test]
+async fn mysql_runs_in_the_callers_transaction() {
+    caller_transaction_cases!(
+        idem_tests::mysql::store().await,
+        SCOPE_MYSQL,
+        on_mysql,
+        on_mysql_in_transaction,
+        on_mysql_body
     );
 }
 
@@ -328,19 +381,45 @@ async fn observed_sqlite(tx: &mut SqliteTx<'_>, msg: Payment) -> Result<(), AppE
 
 macro_rules! observe_cases {
     ($store:expr, $scope:expr, $observed:ident) => {{
-        let store = $store;
+        use idem_runtime::clock::{Clock as _, ManualClock};
+        let clock = ManualClock::starting_now();
+        let store = $store.with_clock(clock.clone());
         let id = unique_key("observed");
         let before = idem_runtime::observed_duplicates($scope);
-        let first = $observed(&store, Payment::new(&id, 3), NoAck).await.expect("first");
-        assert!(first.is_processed() && !first.is_observed_duplicate(), "{first:?}");
-        assert_eq!(store.records($scope, &id).await, 1, "the gate records as it would");
+        let first_at = clock.now_ms();
+        let first = $observed(&store, Payment::new(&id, 3), NoAck)
+            .await
+            .expect("first");
+        assert!(
+            first.is_processed() && !first.is_observed_duplicate(),
+            "{first:?}"
+        );
+        assert_eq!(
+            store.records($scope, &id).await,
+            1,
+            "the gate records as it would"
+        );
         for delivery in 2..=3 {
-            let again = $observed(&store, Payment::new(&id, 3), NoAck).await.expect("again");
-            assert!(again.is_observed_duplicate(), "{again:?}");
+            clock.advance(std::time::Duration::from_secs(60));
+            let again = $observed(&store, Payment::new(&id, 3), NoAck)
+                .await
+                .expect("again");
             assert!(again.is_processed(), "the body ran anyway");
+            assert_eq!(
+                again,
+                idem_runtime::Outcome::ObservedDuplicate {
+                    value: (),
+                    first_seen_ms: Some(first_at)
+                },
+                "observed, with the first delivery's time"
+            );
             assert_eq!(runs(&id), delivery);
         }
-        assert_eq!(store.ledger_rows(&id).await, 3, "every delivery committed its effects");
+        assert_eq!(
+            store.ledger_rows(&id).await,
+            3,
+            "every delivery committed its effects"
+        );
         assert_eq!(store.records($scope, &id).await, 1, "one record");
         assert!(
             idem_runtime::observed_duplicates($scope) >= before + 2,
@@ -351,7 +430,11 @@ macro_rules! observe_cases {
 
 #[tokio::test]
 async fn postgres_observe_mode_counts_duplicates_and_runs_the_body() {
-    observe_cases!(idem_tests::pg::store().await, SCOPE_OBSERVED_PG, observed_pg);
+    observe_cases!(
+        idem_tests::pg::store().await,
+        SCOPE_OBSERVED_PG,
+        observed_pg
+    );
 }
 
 #[tokio::test]
@@ -372,10 +455,12 @@ async fn one_consumer_dispatches_several_handlers_by_route() {
     use std::collections::HashMap;
 
     let store = idem_tests::sqlite::store().await;
-    let mut routes: HashMap<&str, Box<dyn DynHandler<idem_runtime::SqliteStore>>> =
-        HashMap::new();
+    let mut routes: HashMap<&str, Box<dyn DynHandler<idem_runtime::SqliteStore>>> = HashMap::new();
     routes.insert("payments", idem_runtime::handler!(on_sqlite).into_dyn());
-    routes.insert("observed", idem_runtime::handler!(observed_sqlite).into_dyn());
+    routes.insert(
+        "observed",
+        idem_runtime::handler!(observed_sqlite).into_dyn(),
+    );
 
     let id = unique_key("routed");
     let payload = serde_json::to_vec(&Payment::new(&id, 7)).expect("payload");
@@ -400,7 +485,11 @@ async fn one_consumer_dispatches_several_handlers_by_route() {
         matches!(undecodable, Err(idem_runtime::Error::Decode { .. })),
         "{undecodable:?}"
     );
-    assert!(ack.dead_lettered_with("does not decode"), "{:?}", ack.events());
+    assert!(
+        ack.dead_lettered_with("does not decode"),
+        "{:?}",
+        ack.events()
+    );
 
     // The typed value does what the function does.
     let typed = idem_runtime::handler!(on_sqlite);

@@ -10,6 +10,34 @@ idem_tests::conformance_suite! {
     skip = [],
 }
 
+/// The shipped migration directory for this server, run by another tool (sqlx's migrator, as
+/// `sqlx migrate run` would) on an empty database, makes a table the store uses as it is,
+/// without `migrate()`; and so does the text made for another table, applied with `raw_sql`.
+#[tokio::test]
+async fn the_shipped_migration_makes_a_table_the_store_accepts() {
+    use idem_runtime::store::{RecordsTable, migrations};
+    let (store, database) = idem_tests::mysql::fresh_database().await;
+    let mariadb = idem_tests::mysql::is_mariadb(&store).await;
+    let directory = if mariadb { "mariadb" } else { "mysql" };
+    idem_tests::run_shipped_migrations(directory, store.pool()).await;
+    idem_tests::exercise_records_table!(store.clone());
+
+    let custom = RecordsTable::new("Shipped")
+        .and_then(|table| table.in_schema(&database))
+        .expect("a valid table name");
+    let sql = if mariadb {
+        migrations::mariadb(&custom)
+    } else {
+        migrations::mysql(&custom)
+    };
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+        .execute(store.pool())
+        .await
+        .expect("apply the text made for another table");
+    idem_tests::exercise_records_table!(store.clone().with_records_table(custom));
+    idem_tests::mysql::drop_database(&database).await;
+}
+
 /// Deadlocks and lock wait time-outs are retryable; duplicate entries on other keys are not.
 #[tokio::test]
 async fn mysql_errors_are_classified() {

@@ -10,6 +10,28 @@ idem_tests::conformance_suite! {
     skip = [],
 }
 
+/// The shipped migration directory, run by another tool (sqlx's migrator, as `sqlx migrate
+/// run` would) on an empty schema, makes a table the store uses as it is, without `migrate()`;
+/// and so does the text made for another table, applied with `raw_sql`.
+#[tokio::test]
+async fn the_shipped_migration_makes_a_table_the_store_accepts() {
+    use idem_runtime::store::{RecordsTable, migrations};
+    let (store, schema) = idem_tests::pg::fresh_schema().await;
+    idem_tests::run_shipped_migrations("postgres", store.pool()).await;
+    idem_tests::exercise_records_table!(store.clone());
+
+    let custom = RecordsTable::new("Shipped")
+        .and_then(|table| table.in_schema(&schema))
+        .expect("a valid table name");
+    let sql = migrations::postgres(&custom);
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+        .execute(store.pool())
+        .await
+        .expect("apply the text made for another table");
+    idem_tests::exercise_records_table!(store.clone().with_records_table(custom));
+    idem_tests::pg::drop_schema(&schema).await;
+}
+
 /// Classification by SQLSTATE class, through `#[error(transparent)]` wrappers: errors that
 /// no redelivery can fix are dead-lettered (each of these was retried forever before), the
 /// transient ones retried.

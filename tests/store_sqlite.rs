@@ -9,6 +9,24 @@ idem_tests::conformance_suite! {
     skip = [],
 }
 
+/// The shipped migration directory, run by another tool (sqlx's migrator, as `sqlx migrate
+/// run` would) on an empty database, makes a table the store uses as it is, without
+/// `migrate()`; and so does the text made for another table, applied with `raw_sql`.
+#[tokio::test]
+async fn the_shipped_migration_makes_a_table_the_store_accepts() {
+    use idem_runtime::store::{RecordsTable, migrations};
+    let store = idem_tests::sqlite::fresh_database().await;
+    idem_tests::run_shipped_migrations("sqlite", store.pool()).await;
+    idem_tests::exercise_records_table!(store.clone());
+
+    let custom = RecordsTable::parse("main.Shipped").expect("a valid table name");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(migrations::sqlite(&custom)))
+        .execute(store.pool())
+        .await
+        .expect("apply the text made for another table");
+    idem_tests::exercise_records_table!(store.clone().with_records_table(custom));
+}
+
 /// Records persist in the file: a store reopened on the same file (a restarted consumer)
 /// still recognises the duplicate.
 #[tokio::test]

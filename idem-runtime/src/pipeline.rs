@@ -494,9 +494,9 @@ fn observe(spec: &HandlerSpec, delivery: &Delivery<'_>, record: Option<StoredRec
     Observed { first_seen_ms }
 }
 
-/// When the record was first written, as far as the store says.
-fn first_seen_ms(_record: &StoredRecord) -> Option<i64> {
-    None // TODO(merge): StoredRecord::created_at_ms
+/// When the record was first written.
+fn first_seen_ms(record: &StoredRecord) -> Option<i64> {
+    Some(record.created_at_ms)
 }
 
 impl<'s, S, G, C, A, E> OpenGate<'s, S, G, C, A, E>

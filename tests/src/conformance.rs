@@ -284,7 +284,7 @@ macro_rules! conformance_suite {
         $crate::__unless_skipped!(sql, [$($skip),*],
             mod sql {
                 use super::*;
-                $crate::__sql_cases!(open = $open, p1 = $p1, p2 = $p2);
+                $crate::__sql_cases!(open = $open);
             }
         );
     };
@@ -843,6 +843,114 @@ macro_rules! __dedup_table_cases {
             assert!(again.is_duplicate());
         }
 
+        /// An operator forgets one message by its scope and its key as logged
+        /// (`Store::forget`): its next delivery runs the body again, once; the first run's
+        /// business rows stay; other scopes are untouched.
+        #[tokio::test]
+        async fn a_forgotten_key_is_processed_again() {
+            use ::idem_runtime::Store as _;
+            let store = $open;
+            let order_id = unique_key("forget");
+            handlers::dedup(&store, Payment::new(&order_id, 1), NoAck)
+                .await
+                .expect("first");
+            let logged = ::idem_runtime::Key::new("conf.dedup", &[("order_id", &order_id)])
+                .expect("a valid key");
+            assert!(
+                !store
+                    .forget("conf.dedup.replay", logged.value())
+                    .await
+                    .expect("forget in another scope"),
+                "another scope holds no record of this key"
+            );
+            assert!(
+                handlers::dedup(&store, Payment::new(&order_id, 1), NoAck)
+                    .await
+                    .expect("duplicate")
+                    .is_duplicate()
+            );
+            assert!(
+                store
+                    .forget(logged.scope(), logged.value())
+                    .await
+                    .expect("forget"),
+                "the record existed"
+            );
+            assert_eq!(store.records("conf.dedup", &order_id).await, 0);
+            assert!(
+                !store
+                    .forget(logged.scope(), logged.value())
+                    .await
+                    .expect("forget again"),
+                "nothing left to forget"
+            );
+            let again = handlers::dedup(&store, Payment::new(&order_id, 1), NoAck)
+                .await
+                .expect("after forget");
+            assert!(again.is_processed(), "{again:?}");
+            assert_eq!(runs(&order_id), 2, "the body ran again");
+            assert_eq!(
+                store.ledger_rows(&order_id).await,
+                2,
+                "the first run's business rows stay"
+            );
+            let last = handlers::dedup(&store, Payment::new(&order_id, 1), NoAck)
+                .await
+                .expect("after the reprocessing");
+            assert!(last.is_duplicate(), "{last:?}");
+            assert_eq!(runs(&order_id), 2, "and only once");
+        }
+
+        /// The record keeps the store clock's time of the first write: read back by
+        /// `find_record`, and returned by a later claim that finds it.
+        #[tokio::test]
+        async fn the_time_of_the_first_write_is_read_back() {
+            use ::idem_runtime::Store as _;
+            let clock = ManualClock::starting_now();
+            let store = $open.with_clock(clock.clone());
+            let order_id = unique_key("created");
+            let first_write = store.now_ms();
+            handlers::dedup_ttl(&store, Payment::new(&order_id, 1), NoAck)
+                .await
+                .expect("first");
+            clock.advance(Duration::from_secs(90));
+            assert!(
+                handlers::dedup_ttl(&store, Payment::new(&order_id, 1), NoAck)
+                    .await
+                    .expect("duplicate")
+                    .is_duplicate()
+            );
+            let key = ::idem_runtime::Key::new("conf.dedup.ttl", &[("order_id", &order_id)])
+                .expect("a valid key");
+            let record = store
+                .find_record(&key, store.now_ms())
+                .await
+                .expect("read the record")
+                .expect("a live record");
+            assert_eq!(record.created_at_ms, first_write);
+            match $crate::claim_and_roll_back(&store, &key).await {
+                ::idem_runtime::store::Claim::Existing(existing) => {
+                    assert_eq!(existing.created_at_ms, first_write);
+                }
+                other => panic!("the record exists: {other:?}"),
+            }
+            // A delivery that takes an expired record over writes it anew.
+            clock.advance(HOUR);
+            let take_over = store.now_ms();
+            assert!(
+                handlers::dedup_ttl(&store, Payment::new(&order_id, 1), NoAck)
+                    .await
+                    .expect("after expiry")
+                    .is_processed()
+            );
+            let renewed = store
+                .find_record(&key, store.now_ms())
+                .await
+                .expect("read the record")
+                .expect("a live record");
+            assert_eq!(renewed.created_at_ms, take_over);
+        }
+
         /// A failure that never heals: requeued with a growing delay, then dead-lettered with
         /// the attempt count on the last attempt.
         #[tokio::test]
@@ -1169,7 +1277,7 @@ macro_rules! __state_machine_cases {
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __sql_cases {
-    (open = $open:expr, p1 = $p1:literal, p2 = $p2:literal) => {
+    (open = $open:expr) => {
         use ::idem_runtime::{Error, NoAck, Outcome};
         use $crate::effects::SqlTestStore as _;
         use $crate::{Payment, RecordingAck, unique_key};
@@ -1308,15 +1416,7 @@ macro_rules! __sql_cases {
                 .await
                 .expect("first");
             store
-                .execute_with_texts(
-                    concat!(
-                        "UPDATE idem_records SET response = '\"not a number\"' WHERE scope = ",
-                        $p1,
-                        " AND record_key = ",
-                        $p2
-                    ),
-                    &["conf.dedup.replay", &key],
-                )
+                .set_response("conf.dedup.replay", &key, "\"not a number\"")
                 .await;
             let ack = RecordingAck::new();
             let result = handlers::dedup_replay(&store, Payment::new(&key, 41), ack.clone()).await;
@@ -1329,4 +1429,69 @@ macro_rules! __sql_cases {
             assert_eq!(store.ledger_rows(&key).await, 1);
         }
     };
+}
+
+/// Runs every statement a store makes on its records table (claim, read, take-over of an
+/// expired record, stored result, purge, forget) through the conformance handlers
+/// (`handlers::…` of the calling test target, which instantiates [`conformance_suite!`]), on
+/// `$store`: proves that a table made some other way than the store's `migrate()` (the shipped
+/// migration file, applied by another tool) is one the store accepts.
+#[macro_export]
+macro_rules! exercise_records_table {
+    ($store:expr) => {{
+        use ::idem_runtime::clock::ManualClock;
+        use ::idem_runtime::{NoAck, Outcome, Store as _};
+        use $crate::Payment;
+        use $crate::effects::TestStore as _;
+
+        let clock = ManualClock::starting_now();
+        let store = $store.with_clock(clock.clone());
+        let key = $crate::unique_key("records-table");
+        let first = handlers::dedup_replay(&store, Payment::new(&key, 5), NoAck)
+            .await
+            .expect("first delivery");
+        assert_eq!(first, Outcome::Processed(5));
+        let again = handlers::dedup_replay(&store, Payment::new(&key, 6), NoAck)
+            .await
+            .expect("duplicate");
+        assert_eq!(again, Outcome::Duplicate { replayed: Some(5) });
+
+        let hours = |n: u64| ::std::time::Duration::from_secs(3600 * n);
+        assert!(
+            handlers::dedup_ttl(&store, Payment::new(&key, 1), NoAck)
+                .await
+                .expect("with a ttl")
+                .is_processed()
+        );
+        clock.advance(hours(2));
+        assert!(
+            handlers::dedup_ttl(&store, Payment::new(&key, 1), NoAck)
+                .await
+                .expect("after expiry")
+                .is_processed(),
+            "the expired record is taken over"
+        );
+        assert_eq!(store.records("conf.dedup.ttl", &key).await, 1);
+        clock.advance(hours(2));
+        assert!(store.purge().await >= 1);
+        assert_eq!(store.records("conf.dedup.ttl", &key).await, 0);
+
+        assert!(
+            store
+                .forget("conf.dedup.replay", &key)
+                .await
+                .expect("forget")
+        );
+        assert!(
+            handlers::dedup_replay(&store, Payment::new(&key, 7), NoAck)
+                .await
+                .expect("after forget")
+                .is_processed()
+        );
+        assert_eq!(
+            store.ledger_rows(&key).await,
+            4,
+            "every processed delivery's row"
+        );
+    }};
 }

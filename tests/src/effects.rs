@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Mutex, OnceLock, PoisonError};
 
+use idem_runtime::store::RecordsTable;
 use idem_runtime::{
     MemoryStore, MemoryTx, MySqlStore, MySqlTx, PgStore, PgTx, SqliteStore, SqliteTx,
 };
@@ -99,8 +100,22 @@ impl TestStore for MemoryStore {
     }
 }
 
+/// `table` as a statement names it: each part quoted with `quote`, the schema first.
+pub fn quoted(table: &RecordsTable, quote: char) -> String {
+    let part = |name: &str| format!("{quote}{name}{quote}");
+    match table.schema() {
+        Some(schema) => format!("{}.{}", part(schema), part(table.name())),
+        None => part(table.name()),
+    }
+}
+
+/// `template` with `{records}` replaced by the store's records table, quoted with `quote`.
+fn on_records_table(template: &str, table: &RecordsTable, quote: char) -> String {
+    template.replace("{records}", &quoted(table, quote))
+}
+
 macro_rules! sql_test_store {
-    ($store:ty, $ledger:literal, $records:literal) => {
+    ($store:ty, $ledger:literal, $records:literal, quote = $quote:literal) => {
         impl TestStore for $store {
             async fn ledger_rows(&self, entry: &str) -> i64 {
                 sqlx::query_scalar($ledger)
@@ -111,7 +126,8 @@ macro_rules! sql_test_store {
             }
 
             async fn records(&self, scope: &str, key: &str) -> i64 {
-                sqlx::query_scalar($records)
+                let sql = on_records_table($records, self.records_table(), $quote);
+                sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
                     .bind(scope)
                     .bind(key)
                     .fetch_one(self.pool())
@@ -129,17 +145,20 @@ macro_rules! sql_test_store {
 sql_test_store!(
     PgStore,
     "SELECT COUNT(*) FROM idem_conf_ledger WHERE order_id = $1",
-    "SELECT COUNT(*) FROM idem_records WHERE scope = $1 AND record_key = $2"
+    "SELECT COUNT(*) FROM {records} WHERE scope = $1 AND record_key = $2",
+    quote = '"'
 );
 sql_test_store!(
     MySqlStore,
     "SELECT COUNT(*) FROM idem_conf_ledger WHERE order_id = ?",
-    "SELECT COUNT(*) FROM idem_records WHERE scope = ? AND record_key = ?"
+    "SELECT COUNT(*) FROM {records} WHERE scope = ? AND record_key = ?",
+    quote = '`'
 );
 sql_test_store!(
     SqliteStore,
     "SELECT COUNT(*) FROM idem_conf_ledger WHERE order_id = ?1",
-    "SELECT COUNT(*) FROM idem_records WHERE scope = ?1 AND record_key = ?2"
+    "SELECT COUNT(*) FROM {records} WHERE scope = ?1 AND record_key = ?2",
+    quote = '"'
 );
 
 /// The SQL stores' extra views, for the cases that need their tables.
@@ -148,19 +167,20 @@ pub trait SqlTestStore: TestStore {
     fn status(&self, order_id: &str) -> impl Future<Output = Option<String>> + Send;
     /// Runs a set-up statement with one integer parameter.
     fn execute_with_int(&self, sql: &'static str, value: i64) -> impl Future<Output = ()> + Send;
-    /// Another store on the same database, with a pool of one connection: every delivery then
-    /// reuses the connection the previous one left behind.
+    /// Another store on the same database and records table, with a pool of one connection:
+    /// every delivery then reuses the connection the previous one left behind.
     fn single_connection(&self) -> impl Future<Output = Self> + Send;
-    /// Runs a set-up statement with text parameters.
-    fn execute_with_texts(
+    /// Overwrites the stored result of the record of `key` in `scope` with `response`.
+    fn set_response(
         &self,
-        sql: &'static str,
-        values: &[&str],
+        scope: &str,
+        key: &str,
+        response: &str,
     ) -> impl Future<Output = ()> + Send;
 }
 
 macro_rules! sql_extras {
-    ($store:ty, $status:literal) => {
+    ($store:ty, $status:literal, $set_response:literal, quote = $quote:literal) => {
         impl SqlTestStore for $store {
             async fn single_connection(&self) -> Self {
                 let options = (*self.pool().connect_options()).clone();
@@ -169,7 +189,19 @@ macro_rules! sql_extras {
                     .connect_with(options)
                     .await
                     .expect("a one-connection pool");
-                Self::new(pool)
+                Self::new(pool).with_records_table(self.records_table().clone())
+            }
+
+            async fn set_response(&self, scope: &str, key: &str, response: &str) {
+                let sql = on_records_table($set_response, self.records_table(), $quote);
+                let done = sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(response)
+                    .bind(scope)
+                    .bind(key)
+                    .execute(self.pool())
+                    .await
+                    .expect("overwrite a stored result");
+                assert_eq!(done.rows_affected(), 1, "one record for {scope}/{key}");
             }
 
             async fn status(&self, order_id: &str) -> Option<String> {
@@ -187,32 +219,27 @@ macro_rules! sql_extras {
                     .await
                     .expect("execute a set-up statement");
             }
-
-            async fn execute_with_texts(&self, sql: &'static str, values: &[&str]) {
-                let mut query = sqlx::query(sql);
-                for value in values {
-                    query = query.bind(*value);
-                }
-                query
-                    .execute(self.pool())
-                    .await
-                    .expect("execute a set-up statement");
-            }
         }
     };
 }
 
 sql_extras!(
     PgStore,
-    "SELECT status FROM idem_conf_orders WHERE order_id = $1"
+    "SELECT status FROM idem_conf_orders WHERE order_id = $1",
+    "UPDATE {records} SET response = $1 WHERE scope = $2 AND record_key = $3",
+    quote = '"'
 );
 sql_extras!(
     MySqlStore,
-    "SELECT status FROM idem_conf_orders WHERE order_id = ?"
+    "SELECT status FROM idem_conf_orders WHERE order_id = ?",
+    "UPDATE {records} SET response = ? WHERE scope = ? AND record_key = ?",
+    quote = '`'
 );
 sql_extras!(
     SqliteStore,
-    "SELECT status FROM idem_conf_orders WHERE order_id = ?1"
+    "SELECT status FROM idem_conf_orders WHERE order_id = ?1",
+    "UPDATE {records} SET response = ?1 WHERE scope = ?2 AND record_key = ?3",
+    quote = '"'
 );
 
 /// A transaction whose body can run a statement that fails *and ignore the error*, in the way

@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use idem_runtime::{Acknowledger, Committed, DeadLetter, HandlerError, Requeue};
+use idem_runtime::store::{Claim, NewRecord};
+use idem_runtime::{Acknowledger, Committed, DeadLetter, HandlerError, Key, Requeue, Store};
 
 pub mod conformance;
 pub mod effects;
@@ -303,6 +304,50 @@ impl Acknowledger for RecordingAck {
         self.record(AckEvent::DeadLetter(letter.reason.to_owned()));
         Ok(())
     }
+}
+
+/// Claims `key` now, by the store's clock, in a transaction that is then rolled back: what a
+/// delivery's gate finds, without running a handler.
+///
+/// # Panics
+///
+/// When the store fails.
+pub async fn claim_and_roll_back<S: Store>(store: &S, key: &Key) -> Claim {
+    let mut tx = store.begin().await.expect("begin");
+    let record = NewRecord {
+        key,
+        fingerprint: None,
+        response: None,
+        now_ms: store.now_ms(),
+        expires_at_ms: None,
+    };
+    let claim = store.claim(&mut tx, &record).await.expect("claim");
+    S::rollback(tx).await.expect("roll back");
+    claim
+}
+
+/// Runs the shipped migration directory `idem-runtime/migrations/<database>/` with sqlx's
+/// migrator (what `sqlx migrate run --source …` does) on the database of `pool`.
+///
+/// # Panics
+///
+/// When the directory is not a valid sqlx migration source or a migration fails.
+pub async fn run_shipped_migrations<DB>(database: &str, pool: &sqlx::Pool<DB>)
+where
+    DB: sqlx::Database,
+    DB::Connection: sqlx::migrate::Migrate,
+{
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../idem-runtime/migrations")
+        .join(database);
+    let migrator = sqlx::migrate::Migrator::new(source)
+        .await
+        .expect("a valid sqlx migration directory");
+    assert_eq!(migrator.iter().count(), 1, "one migration: {database}");
+    migrator
+        .run(pool)
+        .await
+        .expect("run the shipped migrations");
 }
 
 /// Installs a tracing subscriber once (controlled by `RUST_LOG`), so failing tests can show

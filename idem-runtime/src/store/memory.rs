@@ -187,15 +187,6 @@ impl MemoryStore {
         lock(&self.inner.records).clear();
     }
 
-    /// Deletes the record of `key`, so that its next delivery is processed again (its body
-    /// runs): for an operator who reprocesses one message on purpose. Only the dedup record
-    /// goes; the business rows the first delivery wrote stay. `state_machine` keeps no record
-    /// (the status is the record): move the status back instead. Returns whether a record
-    /// existed.
-    pub fn forget(&self, key: &Key) -> bool {
-        lock(&self.inner.records).remove(&record_id(key)).is_some()
-    }
-
     /// Deletes records that expired before now; returns how many.
     pub fn purge_expired(&self) -> u64 {
         let now = self.clock.now_ms();
@@ -300,6 +291,7 @@ impl Store for MemoryStore {
                 stored: StoredRecord {
                     fingerprint: record.fingerprint.map(str::to_owned),
                     response: record.response.map(str::to_owned),
+                    created_at_ms: record.now_ms,
                 },
                 expires_at_ms: record.expires_at_ms,
             },
@@ -329,6 +321,11 @@ impl Store for MemoryStore {
             .get(&record_id(key))
             .filter(|record| record.is_live(now_ms))
             .map(|record| record.stored.clone()))
+    }
+
+    async fn forget(&self, scope: &str, key: &str) -> Result<bool, sqlx::Error> {
+        let id = (scope.to_owned(), key.to_owned());
+        Ok(lock(&self.inner.records).remove(&id).is_some())
     }
 
     fn is_unique_violation(

@@ -6,8 +6,8 @@
 //!
 //! # The dedup table
 //!
-//! SQL stores keep one row per processed message in `idem_records`, created by the store's
-//! `migrate()` (safe to run any number of times):
+//! SQL stores keep one row per processed message in a records table, `idem_records` unless
+//! configured otherwise:
 //!
 //! | column | meaning |
 //! |---|---|
@@ -15,12 +15,39 @@
 //! | `record_key` | the encoded key ([`Key::value`]) |
 //! | `fingerprint` | SHA-256 of the JSON payload, when the handler has `fingerprint` |
 //! | `response` | the JSON result, when the handler has `replay` |
-//! | `created_at_ms` | when the record was written, Unix milliseconds |
+//! | `created_at_ms` | when the record was first written, Unix milliseconds ([`StoredRecord::created_at_ms`]) |
 //! | `expires_at_ms` | when it stops counting, Unix milliseconds; `NULL` = never (no `ttl`) |
 //!
 //! Timestamps are integers so that one schema reads the same on every database. An expired
-//! record no longer makes a delivery a duplicate: the next delivery takes it over. Delete
-//! expired rows with the store's `purge_expired()`.
+//! record no longer makes a delivery a duplicate: the next delivery takes it over (and its
+//! `created_at_ms` becomes that delivery's). Delete expired rows with the store's
+//! `purge_expired()`; delete one record, so that its message is processed again, with
+//! [`Store::forget`].
+//!
+//! # Creating it
+//!
+//! Either call the store's `migrate()` at start-up (safe to run any number of times, from
+//! several processes at once), or run the SQL yourself with your migration tool: the crate
+//! ships it as plain files in sqlx-cli's layout, `migrations/{postgres,mysql,mariadb,sqlite}/`,
+//! also available as constants in [`migrations`]. `migrate()` runs exactly that SQL.
+//!
+//! # Another name, another schema
+//!
+//! Each SQL store takes a [`RecordsTable`] with `with_records_table`, checked when built and
+//! quoted for the database; its statements are built once, when the table is set. The expiry
+//! index is named after the table (`<table>_expires_at_ms`).
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use idem_runtime::PgStore;
+//! use idem_runtime::store::RecordsTable;
+//!
+//! let store = PgStore::connect("postgres://postgres@127.0.0.1/test")
+//!     .await?
+//!     .with_records_table(RecordsTable::new("dedup_records")?.in_schema("billing")?);
+//! store.migrate().await?; // creates billing.dedup_records (the schema must exist)
+//! # Ok(()) }
+//! ```
 
 use std::future::Future;
 
@@ -28,12 +55,18 @@ use crate::key::Key;
 use crate::transition::{StateKey, Transition, TransitionOutcome, TransitionSql};
 
 pub mod memory;
+pub mod migrations;
 #[cfg(feature = "mysql")]
 pub mod mysql;
 #[cfg(feature = "pg")]
 pub mod pg;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
+mod table;
+
+pub use table::{
+    IdentifierPart, InvalidIdentifier, MAX_IDENTIFIER_BYTES, MAX_TABLE_NAME_BYTES, RecordsTable,
+};
 
 /// A dedup record about to be written.
 #[derive(Debug, Clone, Copy)]
@@ -57,19 +90,24 @@ pub struct StoredRecord {
     pub fingerprint: Option<String>,
     /// The first delivery's result, JSON, if the handler replays results.
     pub response: Option<String>,
+    /// When the record was written, Unix milliseconds by the store's
+    /// [`Clock`](crate::clock::Clock): the first delivery's time (or the time of the delivery
+    /// that took an expired record over, or of [`Store::mark_processed`]).
+    pub created_at_ms: i64,
 }
 
-/// A dedup row as SQL stores read it: fingerprint, response, expiry.
-pub(crate) type RecordRow = (Option<String>, Option<String>, Option<i64>);
+/// A dedup row as SQL stores read it: fingerprint, response, creation, expiry.
+pub(crate) type RecordRow = (Option<String>, Option<String>, i64, Option<i64>);
 
 /// The record in `row`, if there is one and it has not expired at `now_ms`.
 pub(crate) fn live_record(row: Option<RecordRow>, now_ms: i64) -> Option<StoredRecord> {
-    let (fingerprint, response, expires_at_ms) = row?;
+    let (fingerprint, response, created_at_ms, expires_at_ms) = row?;
     expires_at_ms
         .is_none_or(|expires| expires > now_ms)
         .then_some(StoredRecord {
             fingerprint,
             response,
+            created_at_ms,
         })
 }
 
@@ -272,6 +310,33 @@ pub trait Store: sealed::Sealed + Send + Sync {
             }
         }
     }
+
+    /// Deletes the dedup record of the key `key` in `scope`, so that the next delivery of its
+    /// message is processed again (its body runs): for an operator who reprocesses one message
+    /// on purpose. `scope` is the handler's scope and `key` the encoded key, both as the
+    /// handler's logs show them (the `scope` and `key` fields of the `idem.handle` span;
+    /// [`Key::scope`] and [`Key::value`]). Returns whether a record existed (live or expired).
+    ///
+    /// Only the dedup record goes: the business rows the first delivery wrote stay, so the
+    /// body must be able to run again on top of them. A record is deleted outside any handler's
+    /// transaction: a delivery of the same key in flight is unaffected. `unique_constraint`
+    /// without `replay` or `fingerprint` keeps no record (its constraint is the record: delete
+    /// the business row instead), and neither does `state_machine` (the status is the record:
+    /// move it back instead); for those, `forget` finds nothing and returns `false`.
+    ///
+    /// ```no_run
+    /// # async fn demo(store: idem_runtime::PgStore) -> Result<(), sqlx::Error> {
+    /// use idem_runtime::Store as _;
+    ///
+    /// // From a log line: scope=billing.order_paid key=o-1
+    /// let existed = store.forget("billing.order_paid", "o-1").await?;
+    /// # Ok(()) }
+    /// ```
+    fn forget(
+        &self,
+        scope: &str,
+        key: &str,
+    ) -> impl Future<Output = Result<bool, sqlx::Error>> + Send;
 
     /// Whether `error` is a unique violation of `constraint`. Stores without business tables
     /// return `false`.

@@ -30,14 +30,15 @@
 //! transaction, such as a duplicate key, is not caught: that statement had no effect and the
 //! rest commits.) The check needs no privilege and works the same on MariaDB and MySQL.
 
-use sqlx::Transaction;
 use sqlx::mysql::{MySql, MySqlDatabaseError, MySqlPool, MySqlPoolOptions};
+use sqlx::{SqlStr, Transaction};
 
 use std::sync::Arc;
 
+use super::table::Dialect;
 use super::{
-    CLAIM_ATTEMPTS, Claim, CommitFailure, NewRecord, RecordRow, Store, StoredRecord,
-    TransitionStore, live_record, record_kept_vanishing, sealed,
+    CLAIM_ATTEMPTS, Claim, CommitFailure, NewRecord, RecordRow, RecordsTable, Store, StoredRecord,
+    TransitionStore, live_record, migrations, record_kept_vanishing, sealed,
 };
 use crate::classify::{MYSQL_DUPLICATE_ENTRY, is_savepoint_gone, mysql_duplicate_key_name};
 use crate::clock::{Clock, SharedClock};
@@ -59,10 +60,14 @@ pub type MySqlTx<'c> = Transaction<'c, MySql>;
 /// store.migrate().await?; // creates idem_records if missing; safe to run twice
 /// # Ok(()) }
 /// ```
+///
+/// The records live in `idem_records` unless [`with_records_table`](Self::with_records_table)
+/// names another table.
 #[derive(Debug, Clone)]
 pub struct MySqlStore {
     pool: MySqlPool,
     clock: SharedClock,
+    sql: Arc<RecordsSql>,
 }
 
 /// `BEGIN`, then the savepoint whose presence proves the transaction is still open.
@@ -73,30 +78,23 @@ const CHECKED_COMMIT: &str = "RELEASE SAVEPOINT idem_open; COMMIT; BEGIN";
 /// The same check before a write after the body, re-arming the savepoint.
 const ENSURE_OPEN: &str = "RELEASE SAVEPOINT idem_open; SAVEPOINT idem_open";
 
-// Scope and key fit one index entry: (200 + 500) characters × 4 bytes = 2,800 of InnoDB's
-// 3,072. The collation is binary *and* NO PAD, so that keys compare byte for byte, as on
-// PostgreSQL and SQLite: under `utf8mb4_bin` (PAD SPACE), "k" and "k " are the same key and
-// the second message would be skipped as a duplicate of the first. `{collation}` is
-// `utf8mb4_nopad_bin` on MariaDB and `utf8mb4_0900_bin` on MySQL 8.
-const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS idem_records (
-    scope         VARCHAR(200) NOT NULL,
-    record_key    VARCHAR(500) NOT NULL,
-    fingerprint   CHAR(64),
-    response      MEDIUMTEXT,
-    created_at_ms BIGINT NOT NULL,
-    expires_at_ms BIGINT,
-    PRIMARY KEY (scope, record_key),
-    KEY idem_records_expires_at_ms (expires_at_ms)
-) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = {collation}";
+// The table is created by `migrations::MYSQL` (MySQL 8) or `migrations::MARIADB`: keys compare
+// byte for byte (a binary NO PAD collation, named differently on each server). The statements
+// on the records table are written for the default one; `RecordsSql::new` rewrites them for
+// another.
+/// The key column's collation; binds: the table's schema (`NULL`: the current database), its
+/// name.
 const KEY_COLLATION: &str = "SELECT COLLATION_NAME FROM information_schema.COLUMNS \
-    WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'idem_records' AND COLUMN_NAME = 'record_key'";
+    WHERE TABLE_SCHEMA = COALESCE(?, DATABASE()) AND TABLE_NAME = ? AND COLUMN_NAME = 'record_key'";
 const CONVERT_TABLE: &str =
     "ALTER TABLE idem_records CONVERT TO CHARACTER SET utf8mb4 COLLATE {collation}";
+const MARIADB_COLLATION: &str = "utf8mb4_nopad_bin";
+const MYSQL_COLLATION: &str = "utf8mb4_0900_bin";
 const INSERT: &str = "INSERT INTO idem_records \
     (scope, record_key, fingerprint, response, created_at_ms, expires_at_ms) \
     VALUES (?, ?, ?, ?, ?, ?)";
-const SELECT: &str = "SELECT fingerprint, response, expires_at_ms FROM idem_records \
-    WHERE scope = ? AND record_key = ?";
+const SELECT: &str = "SELECT fingerprint, response, created_at_ms, expires_at_ms \
+    FROM idem_records WHERE scope = ? AND record_key = ?";
 const TAKE_OVER_EXPIRED: &str = "UPDATE idem_records \
     SET fingerprint = ?, response = ?, created_at_ms = ?, expires_at_ms = ? \
     WHERE scope = ? AND record_key = ? AND expires_at_ms IS NOT NULL AND expires_at_ms <= ?";
@@ -106,13 +104,71 @@ const FORGET: &str = "DELETE FROM idem_records WHERE scope = ? AND record_key = 
 const PURGE_EXPIRED: &str =
     "DELETE FROM idem_records WHERE expires_at_ms IS NOT NULL AND expires_at_ms <= ?";
 
+/// The statements a store runs on its records table, built once, when the table is set.
+#[derive(Debug)]
+struct RecordsSql {
+    table: RecordsTable,
+    create_mysql: SqlStr,
+    create_mariadb: SqlStr,
+    convert: String,
+    insert: SqlStr,
+    select: SqlStr,
+    take_over_expired: SqlStr,
+    save_response: SqlStr,
+    forget: SqlStr,
+    purge_expired: SqlStr,
+}
+
+impl RecordsSql {
+    fn new(table: RecordsTable) -> Self {
+        let sql = |statement| table.rewrite(statement, Dialect::MySql);
+        Self {
+            create_mysql: sql(migrations::MYSQL),
+            create_mariadb: sql(migrations::MARIADB),
+            convert: table.rewrite_text(CONVERT_TABLE, Dialect::MySql),
+            insert: sql(INSERT),
+            select: sql(SELECT),
+            take_over_expired: sql(TAKE_OVER_EXPIRED),
+            save_response: sql(SAVE_RESPONSE),
+            forget: sql(FORGET),
+            purge_expired: sql(PURGE_EXPIRED),
+            table,
+        }
+    }
+}
+
 impl MySqlStore {
     /// Uses an existing pool: the store shares your service's connections and transactions.
     pub fn new(pool: MySqlPool) -> Self {
         Self {
             pool,
             clock: crate::clock::system(),
+            sql: Arc::new(RecordsSql::new(RecordsTable::default())),
         }
+    }
+
+    /// Keeps the records in `table` instead of `idem_records` (every statement on the table is
+    /// built here, once). A schema is a MySQL database, which must exist;
+    /// [`migrate`](Self::migrate) creates the table in it.
+    ///
+    /// ```no_run
+    /// # async fn demo(pool: sqlx::MySqlPool) -> Result<(), Box<dyn std::error::Error>> {
+    /// use idem_runtime::MySqlStore;
+    /// use idem_runtime::store::RecordsTable;
+    ///
+    /// let store = MySqlStore::new(pool).with_records_table(RecordsTable::parse("billing.dedup")?);
+    /// store.migrate().await?;
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn with_records_table(mut self, table: RecordsTable) -> Self {
+        self.sql = Arc::new(RecordsSql::new(table));
+        self
+    }
+
+    /// The table that holds the records.
+    pub fn records_table(&self) -> &RecordsTable {
+        &self.sql.table
     }
 
     /// Reads the time from `clock` instead of the system's (for tests of expiry).
@@ -132,9 +188,11 @@ impl MySqlStore {
         &self.pool
     }
 
-    /// Creates `idem_records` if missing. Safe to run any number of times. (MySQL commits DDL
-    /// implicitly, so there is no transaction to hold a lock in; `IF NOT EXISTS` makes
-    /// concurrent runs harmless.)
+    /// Creates the records table, with its expiry index, if missing: runs
+    /// [`migrations::MARIADB`] on MariaDB and [`migrations::MYSQL`] on MySQL (for another
+    /// table, [`migrations::mariadb`] and [`migrations::mysql`]). Safe to run any number of
+    /// times. (MySQL commits DDL implicitly, so there is no transaction to hold a lock in;
+    /// `IF NOT EXISTS` makes concurrent runs harmless.)
     ///
     /// A table created by idem 0.1 before 2026-11-23 compared keys with a PAD SPACE collation
     /// (trailing spaces ignored); `migrate` converts it to the NO PAD one. That is a table
@@ -146,22 +204,21 @@ impl MySqlStore {
         let version: String = sqlx::query_scalar("SELECT VERSION()")
             .fetch_one(&self.pool)
             .await?;
-        let collation = if version.contains("MariaDB") {
-            "utf8mb4_nopad_bin"
+        let (create, collation) = if version.contains("MariaDB") {
+            (&self.sql.create_mariadb, MARIADB_COLLATION)
         } else {
-            "utf8mb4_0900_bin"
+            (&self.sql.create_mysql, MYSQL_COLLATION)
         };
-        // The collation is one of the two constants above, never input.
-        let create = CREATE_TABLE.replace("{collation}", collation);
-        sqlx::query(sqlx::AssertSqlSafe(create))
-            .execute(&self.pool)
-            .await?;
+        sqlx::raw_sql(create.clone()).execute(&self.pool).await?;
         let current: Option<String> = sqlx::query_scalar(KEY_COLLATION)
+            .bind(self.sql.table.schema())
+            .bind(self.sql.table.name())
             .fetch_optional(&self.pool)
             .await?
             .flatten();
         if current.as_deref() != Some(collation) {
-            let convert = CONVERT_TABLE.replace("{collation}", collation);
+            // The collation is one of the two constants above, the table a validated name.
+            let convert = self.sql.convert.replace("{collation}", collation);
             sqlx::query(sqlx::AssertSqlSafe(convert))
                 .execute(&self.pool)
                 .await?;
@@ -169,23 +226,9 @@ impl MySqlStore {
         Ok(())
     }
 
-    /// Deletes the record of `key`, so that its next delivery is processed again (its body
-    /// runs): for an operator who reprocesses one message on purpose. Only the dedup record
-    /// goes; the business rows the first delivery wrote stay. `state_machine` keeps no record
-    /// (the status is the record): move the status back instead. Returns whether a record
-    /// existed.
-    pub async fn forget(&self, key: &Key) -> Result<bool, sqlx::Error> {
-        let done = sqlx::query(FORGET)
-            .bind(key.scope())
-            .bind(key.value())
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected() > 0)
-    }
-
     /// Deletes records that expired before now; returns how many.
     pub async fn purge_expired(&self) -> Result<u64, sqlx::Error> {
-        let done = sqlx::query(PURGE_EXPIRED)
+        let done = sqlx::query(self.sql.purge_expired.clone())
             .bind(self.clock.now_ms())
             .execute(&self.pool)
             .await?;
@@ -193,10 +236,11 @@ impl MySqlStore {
     }
 
     async fn read(
+        &self,
         conn: &mut sqlx::MySqlConnection,
         key: &Key,
     ) -> Result<Option<RecordRow>, sqlx::Error> {
-        sqlx::query_as::<_, RecordRow>(SELECT)
+        sqlx::query_as::<_, RecordRow>(self.sql.select.clone())
             .bind(key.scope())
             .bind(key.value())
             .fetch_optional(conn)
@@ -204,7 +248,8 @@ impl MySqlStore {
     }
 }
 
-/// Whether `error` is a duplicate entry on `idem_records`' primary key.
+/// Whether `error` is a duplicate entry on the records table's primary key (the only unique
+/// key of that table, and no other table is written in the gate's statement).
 fn is_record_conflict(error: &sqlx::Error) -> bool {
     let Some(db) = error.as_database_error() else {
         return false;
@@ -277,7 +322,7 @@ impl Store for MySqlStore {
 
     async fn claim(&self, tx: &mut Self::Tx, record: &NewRecord<'_>) -> Result<Claim, sqlx::Error> {
         for _ in 0..CLAIM_ATTEMPTS {
-            let inserted = sqlx::query(INSERT)
+            let inserted = sqlx::query(self.sql.insert.clone())
                 .bind(record.key.scope())
                 .bind(record.key.value())
                 .bind(record.fingerprint)
@@ -291,7 +336,7 @@ impl Store for MySqlStore {
                 Err(error) if is_record_conflict(&error) => {}
                 Err(error) => return Err(error),
             }
-            let row = Self::read(tx, record.key).await?;
+            let row = self.read(tx, record.key).await?;
             if row.is_none() {
                 // Purged since the insert conflicted: the key is free again. Start over.
                 continue;
@@ -302,7 +347,7 @@ impl Store for MySqlStore {
             // Expired: take it over. A racing twin that also saw the expired record holds a
             // shared lock on it from its failed INSERT, as we do: one of the two updates
             // deadlocks (1213, retryable) and that delivery is requeued (module docs).
-            let taken = sqlx::query(TAKE_OVER_EXPIRED)
+            let taken = sqlx::query(self.sql.take_over_expired.clone())
                 .bind(record.fingerprint)
                 .bind(record.response)
                 .bind(record.now_ms)
@@ -316,7 +361,7 @@ impl Store for MySqlStore {
                 return Ok(Claim::Claimed);
             }
             // A twin renewed it first (it is live now), or a purge deleted it (start over).
-            if let Some(existing) = live_record(Self::read(tx, record.key).await?, record.now_ms) {
+            if let Some(existing) = live_record(self.read(tx, record.key).await?, record.now_ms) {
                 return Ok(Claim::Existing(existing));
             }
         }
@@ -329,7 +374,7 @@ impl Store for MySqlStore {
         key: &Key,
         response: &str,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query(SAVE_RESPONSE)
+        sqlx::query(self.sql.save_response.clone())
             .bind(response)
             .bind(key.scope())
             .bind(key.value())
@@ -344,7 +389,16 @@ impl Store for MySqlStore {
         now_ms: i64,
     ) -> Result<Option<StoredRecord>, sqlx::Error> {
         let mut conn = self.pool.acquire().await?;
-        Ok(live_record(Self::read(&mut conn, key).await?, now_ms))
+        Ok(live_record(self.read(&mut conn, key).await?, now_ms))
+    }
+
+    async fn forget(&self, scope: &str, key: &str) -> Result<bool, sqlx::Error> {
+        let done = sqlx::query(self.sql.forget.clone())
+            .bind(scope)
+            .bind(key)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
     }
 
     /// MySQL names the violated key in the message (`Duplicate entry 'x' for key 'name'`);

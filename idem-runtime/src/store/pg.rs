@@ -14,12 +14,15 @@
 //! back when dropped, on the round trip with which the pool tests every returned connection.
 //! The check costs no extra round trip (BENCHMARKS.md measures it).
 
-use sqlx::postgres::{PgPool, PgPoolOptions};
-use sqlx::{Postgres, Transaction};
+use std::sync::Arc;
 
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::{Postgres, SqlStr, Transaction};
+
+use super::table::Dialect;
 use super::{
-    CLAIM_ATTEMPTS, Claim, CommitFailure, NewRecord, RecordRow, Store, StoredRecord,
-    TransitionStore, live_record, record_kept_vanishing, sealed,
+    CLAIM_ATTEMPTS, Claim, CommitFailure, NewRecord, RecordRow, RecordsTable, Store, StoredRecord,
+    TransitionStore, live_record, migrations, record_kept_vanishing, sealed,
 };
 use crate::classify::is_transaction_gone;
 use crate::clock::{Clock, SharedClock};
@@ -41,10 +44,14 @@ pub type PgTx<'c> = Transaction<'c, Postgres>;
 /// store.migrate().await?; // creates idem_records if missing; safe to run twice
 /// # Ok(()) }
 /// ```
+///
+/// The records live in `idem_records` unless [`with_records_table`](Self::with_records_table)
+/// names another table.
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
     clock: SharedClock,
+    sql: Arc<RecordsSql>,
 }
 
 /// The commit, with the check that the transaction was not aborted riding on its round trip
@@ -52,22 +59,13 @@ pub struct PgStore {
 const CHECKED_COMMIT: &str = "SELECT 1; COMMIT; BEGIN";
 
 const MIGRATION_LOCK: &str = "SELECT pg_advisory_xact_lock(7280321149621735001)";
-const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS idem_records (
-    scope         TEXT   NOT NULL,
-    record_key    TEXT   NOT NULL,
-    fingerprint   TEXT,
-    response      TEXT,
-    created_at_ms BIGINT NOT NULL,
-    expires_at_ms BIGINT,
-    PRIMARY KEY (scope, record_key)
-)";
-const CREATE_EXPIRY_INDEX: &str = "CREATE INDEX IF NOT EXISTS idem_records_expires_at_ms \
-    ON idem_records (expires_at_ms) WHERE expires_at_ms IS NOT NULL";
+// The statements on the records table, written for the default one; `RecordsSql::new` rewrites
+// them for another.
 const INSERT: &str = "INSERT INTO idem_records \
     (scope, record_key, fingerprint, response, created_at_ms, expires_at_ms) \
     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (scope, record_key) DO NOTHING";
-const SELECT: &str = "SELECT fingerprint, response, expires_at_ms FROM idem_records \
-    WHERE scope = $1 AND record_key = $2";
+const SELECT: &str = "SELECT fingerprint, response, created_at_ms, expires_at_ms \
+    FROM idem_records WHERE scope = $1 AND record_key = $2";
 const TAKE_OVER_EXPIRED: &str = "UPDATE idem_records \
     SET fingerprint = $3, response = $4, created_at_ms = $5, expires_at_ms = $6 \
     WHERE scope = $1 AND record_key = $2 AND expires_at_ms IS NOT NULL AND expires_at_ms <= $5";
@@ -77,19 +75,73 @@ const FORGET: &str = "DELETE FROM idem_records WHERE scope = $1 AND record_key =
 const PURGE_EXPIRED: &str =
     "DELETE FROM idem_records WHERE expires_at_ms IS NOT NULL AND expires_at_ms <= $1";
 
+/// The statements a store runs on its records table, built once, when the table is set.
+#[derive(Debug)]
+struct RecordsSql {
+    table: RecordsTable,
+    migration: SqlStr,
+    insert: SqlStr,
+    select: SqlStr,
+    take_over_expired: SqlStr,
+    save_response: SqlStr,
+    forget: SqlStr,
+    purge_expired: SqlStr,
+}
+
+impl RecordsSql {
+    fn new(table: RecordsTable) -> Self {
+        let sql = |statement| table.rewrite(statement, Dialect::Postgres);
+        Self {
+            migration: sql(migrations::POSTGRES),
+            insert: sql(INSERT),
+            select: sql(SELECT),
+            take_over_expired: sql(TAKE_OVER_EXPIRED),
+            save_response: sql(SAVE_RESPONSE),
+            forget: sql(FORGET),
+            purge_expired: sql(PURGE_EXPIRED),
+            table,
+        }
+    }
+}
+
 impl PgStore {
     /// Uses an existing pool: the store shares your service's connections and transactions.
     pub fn new(pool: PgPool) -> Self {
         Self {
             pool,
             clock: crate::clock::system(),
+            sql: Arc::new(RecordsSql::new(RecordsTable::default())),
         }
+    }
+
+    /// Keeps the records in `table` instead of `idem_records` (every statement on the table is
+    /// built here, once). The schema must exist; [`migrate`](Self::migrate) creates the table
+    /// in it.
+    ///
+    /// ```no_run
+    /// # async fn demo(pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
+    /// use idem_runtime::PgStore;
+    /// use idem_runtime::store::RecordsTable;
+    ///
+    /// let store = PgStore::new(pool).with_records_table(RecordsTable::parse("billing.dedup")?);
+    /// store.migrate().await?;
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn with_records_table(mut self, table: RecordsTable) -> Self {
+        self.sql = Arc::new(RecordsSql::new(table));
+        self
+    }
+
+    /// The table that holds the records.
+    pub fn records_table(&self) -> &RecordsTable {
+        &self.sql.table
     }
 
     /// Reads the time from `clock` instead of the system's (for tests of expiry).
     #[must_use]
     pub fn with_clock(mut self, clock: impl Clock) -> Self {
-        self.clock = std::sync::Arc::new(clock);
+        self.clock = Arc::new(clock);
         self
     }
 
@@ -103,33 +155,22 @@ impl PgStore {
         &self.pool
     }
 
-    /// Creates `idem_records` and its expiry index if missing. Safe to run any number of times,
-    /// also from several processes at once (it serialises on an advisory lock).
+    /// Creates the records table and its expiry index if missing: runs
+    /// [`migrations::POSTGRES`] (for another table, [`migrations::postgres`]) in one
+    /// transaction. Safe to run any number of times, also from several processes at once (it
+    /// serialises on an advisory lock).
     pub async fn migrate(&self) -> Result<(), sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(MIGRATION_LOCK).execute(&mut *tx).await?;
-        sqlx::query(CREATE_TABLE).execute(&mut *tx).await?;
-        sqlx::query(CREATE_EXPIRY_INDEX).execute(&mut *tx).await?;
-        tx.commit().await
-    }
-
-    /// Deletes the record of `key`, so that its next delivery is processed again (its body
-    /// runs): for an operator who reprocesses one message on purpose. Only the dedup record
-    /// goes; the business rows the first delivery wrote stay. `state_machine` keeps no record
-    /// (the status is the record): move the status back instead. Returns whether a record
-    /// existed.
-    pub async fn forget(&self, key: &Key) -> Result<bool, sqlx::Error> {
-        let done = sqlx::query(FORGET)
-            .bind(key.scope())
-            .bind(key.value())
-            .execute(&self.pool)
+        sqlx::raw_sql(self.sql.migration.clone())
+            .execute(&mut *tx)
             .await?;
-        Ok(done.rows_affected() > 0)
+        tx.commit().await
     }
 
     /// Deletes records that expired before now; returns how many.
     pub async fn purge_expired(&self) -> Result<u64, sqlx::Error> {
-        let done = sqlx::query(PURGE_EXPIRED)
+        let done = sqlx::query(self.sql.purge_expired.clone())
             .bind(self.clock.now_ms())
             .execute(&self.pool)
             .await?;
@@ -137,10 +178,11 @@ impl PgStore {
     }
 
     async fn read(
+        &self,
         conn: &mut sqlx::PgConnection,
         key: &Key,
     ) -> Result<Option<RecordRow>, sqlx::Error> {
-        sqlx::query_as::<_, RecordRow>(SELECT)
+        sqlx::query_as::<_, RecordRow>(self.sql.select.clone())
             .bind(key.scope())
             .bind(key.value())
             .fetch_optional(conn)
@@ -209,8 +251,8 @@ impl Store for PgStore {
     }
 
     async fn claim(&self, tx: &mut Self::Tx, record: &NewRecord<'_>) -> Result<Claim, sqlx::Error> {
-        let bind = |sql| {
-            sqlx::query(sql)
+        let bind = |sql: &SqlStr| {
+            sqlx::query(sql.clone())
                 .bind(record.key.scope())
                 .bind(record.key.value())
                 .bind(record.fingerprint)
@@ -220,10 +262,15 @@ impl Store for PgStore {
         };
         for _ in 0..CLAIM_ATTEMPTS {
             // Fresh key: one statement. A twin in flight makes it wait here, on the row.
-            if bind(INSERT).execute(&mut **tx).await?.rows_affected() == 1 {
+            if bind(&self.sql.insert)
+                .execute(&mut **tx)
+                .await?
+                .rows_affected()
+                == 1
+            {
                 return Ok(Claim::Claimed);
             }
-            let row = Self::read(tx, record.key).await?;
+            let row = self.read(tx, record.key).await?;
             if row.is_none() {
                 // Purged since the insert conflicted: the key is free again. Start over.
                 continue;
@@ -233,7 +280,7 @@ impl Store for PgStore {
             }
             // Expired: take it over. A racing twin blocks on the row lock and then sees the
             // renewed expiry, so at most one of them claims it.
-            if bind(TAKE_OVER_EXPIRED)
+            if bind(&self.sql.take_over_expired)
                 .execute(&mut **tx)
                 .await?
                 .rows_affected()
@@ -242,7 +289,7 @@ impl Store for PgStore {
                 return Ok(Claim::Claimed);
             }
             // A twin renewed it first (it is live now), or a purge deleted it (start over).
-            if let Some(existing) = live_record(Self::read(tx, record.key).await?, record.now_ms) {
+            if let Some(existing) = live_record(self.read(tx, record.key).await?, record.now_ms) {
                 return Ok(Claim::Existing(existing));
             }
         }
@@ -255,7 +302,7 @@ impl Store for PgStore {
         key: &Key,
         response: &str,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query(SAVE_RESPONSE)
+        sqlx::query(self.sql.save_response.clone())
             .bind(key.scope())
             .bind(key.value())
             .bind(response)
@@ -270,7 +317,16 @@ impl Store for PgStore {
         now_ms: i64,
     ) -> Result<Option<StoredRecord>, sqlx::Error> {
         let mut conn = self.pool.acquire().await?;
-        Ok(live_record(Self::read(&mut conn, key).await?, now_ms))
+        Ok(live_record(self.read(&mut conn, key).await?, now_ms))
+    }
+
+    async fn forget(&self, scope: &str, key: &str) -> Result<bool, sqlx::Error> {
+        let done = sqlx::query(self.sql.forget.clone())
+            .bind(scope)
+            .bind(key)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
     }
 
     fn is_unique_violation(

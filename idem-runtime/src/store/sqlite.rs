@@ -22,16 +22,18 @@
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{Sqlite, Transaction};
+use sqlx::{SqlStr, Sqlite, Transaction};
 
+use super::table::Dialect;
 use super::{
-    Claim, CommitFailure, NewRecord, RecordRow, Store, StoredRecord, TransitionStore, live_record,
-    sealed,
+    Claim, CommitFailure, NewRecord, RecordRow, RecordsTable, Store, StoredRecord, TransitionStore,
+    live_record, migrations, sealed,
 };
 use crate::classify::{is_savepoint_gone, sqlite_unique_detail_matches};
 use crate::clock::{Clock, SharedClock};
@@ -57,10 +59,14 @@ pub const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 /// store.migrate().await?;
 /// # Ok(()) }
 /// ```
+///
+/// The records live in `idem_records` unless [`with_records_table`](Self::with_records_table)
+/// names another table.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
     clock: SharedClock,
+    sql: Arc<RecordsSql>,
 }
 
 /// How hard SQLite works to keep a committed transaction across a power loss
@@ -76,22 +82,13 @@ pub enum Synchronous {
     Normal,
 }
 
-const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS idem_records (
-    scope         TEXT    NOT NULL,
-    record_key    TEXT    NOT NULL,
-    fingerprint   TEXT,
-    response      TEXT,
-    created_at_ms INTEGER NOT NULL,
-    expires_at_ms INTEGER,
-    PRIMARY KEY (scope, record_key)
-) WITHOUT ROWID";
-const CREATE_EXPIRY_INDEX: &str = "CREATE INDEX IF NOT EXISTS idem_records_expires_at_ms \
-    ON idem_records (expires_at_ms) WHERE expires_at_ms IS NOT NULL";
+// The statements on the records table, written for the default one; `RecordsSql::new` rewrites
+// them for another.
 const INSERT: &str = "INSERT INTO idem_records \
     (scope, record_key, fingerprint, response, created_at_ms, expires_at_ms) \
     VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (scope, record_key) DO NOTHING";
-const SELECT: &str = "SELECT fingerprint, response, expires_at_ms FROM idem_records \
-    WHERE scope = ?1 AND record_key = ?2";
+const SELECT: &str = "SELECT fingerprint, response, created_at_ms, expires_at_ms \
+    FROM idem_records WHERE scope = ?1 AND record_key = ?2";
 const TAKE_OVER_EXPIRED: &str = "UPDATE idem_records \
     SET fingerprint = ?3, response = ?4, created_at_ms = ?5, expires_at_ms = ?6 \
     WHERE scope = ?1 AND record_key = ?2 AND expires_at_ms IS NOT NULL AND expires_at_ms <= ?5";
@@ -100,6 +97,35 @@ const SAVE_RESPONSE: &str =
 const FORGET: &str = "DELETE FROM idem_records WHERE scope = ?1 AND record_key = ?2";
 const PURGE_EXPIRED: &str =
     "DELETE FROM idem_records WHERE expires_at_ms IS NOT NULL AND expires_at_ms <= ?1";
+
+/// The statements a store runs on its records table, built once, when the table is set.
+#[derive(Debug)]
+struct RecordsSql {
+    table: RecordsTable,
+    migration: SqlStr,
+    insert: SqlStr,
+    select: SqlStr,
+    take_over_expired: SqlStr,
+    save_response: SqlStr,
+    forget: SqlStr,
+    purge_expired: SqlStr,
+}
+
+impl RecordsSql {
+    fn new(table: RecordsTable) -> Self {
+        let sql = |statement| table.rewrite(statement, Dialect::Sqlite);
+        Self {
+            migration: sql(migrations::SQLITE),
+            insert: sql(INSERT),
+            select: sql(SELECT),
+            take_over_expired: sql(TAKE_OVER_EXPIRED),
+            save_response: sql(SAVE_RESPONSE),
+            forget: sql(FORGET),
+            purge_expired: sql(PURGE_EXPIRED),
+            table,
+        }
+    }
+}
 
 impl SqliteStore {
     /// Opens (creating if missing) the database file at `path` with the settings this store
@@ -151,14 +177,41 @@ impl SqliteStore {
         Self {
             pool,
             clock: crate::clock::system(),
+            sql: Arc::new(RecordsSql::new(RecordsTable::default())),
         }
     }
 
     /// Reads the time from `clock` instead of the system's (for tests of expiry).
     #[must_use]
     pub fn with_clock(mut self, clock: impl Clock) -> Self {
-        self.clock = std::sync::Arc::new(clock);
+        self.clock = Arc::new(clock);
         self
+    }
+
+    /// Keeps the records in `table` instead of `idem_records` (every statement on the table is
+    /// built here, once). A schema is an attached database (`main`, or one every connection of
+    /// the pool attaches); [`migrate`](Self::migrate) creates the table in it.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// use idem_runtime::SqliteStore;
+    /// use idem_runtime::store::RecordsTable;
+    ///
+    /// let store = SqliteStore::open("orders.db")
+    ///     .await?
+    ///     .with_records_table(RecordsTable::new("dedup")?);
+    /// store.migrate().await?;
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn with_records_table(mut self, table: RecordsTable) -> Self {
+        self.sql = Arc::new(RecordsSql::new(table));
+        self
+    }
+
+    /// The table that holds the records.
+    pub fn records_table(&self) -> &RecordsTable {
+        &self.sql.table
     }
 
     /// The pool, for the rest of your queries.
@@ -166,31 +219,20 @@ impl SqliteStore {
         &self.pool
     }
 
-    /// Creates `idem_records` and its expiry index if missing. Safe to run any number of times.
+    /// Creates the records table and its expiry index if missing: runs [`migrations::SQLITE`]
+    /// (for another table, [`migrations::sqlite`]) in one transaction. Safe to run any number
+    /// of times.
     pub async fn migrate(&self) -> Result<(), sqlx::Error> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query(CREATE_TABLE).execute(&mut *tx).await?;
-        sqlx::query(CREATE_EXPIRY_INDEX).execute(&mut *tx).await?;
-        tx.commit().await
-    }
-
-    /// Deletes the record of `key`, so that its next delivery is processed again (its body
-    /// runs): for an operator who reprocesses one message on purpose. Only the dedup record
-    /// goes; the business rows the first delivery wrote stay. `state_machine` keeps no record
-    /// (the status is the record): move the status back instead. Returns whether a record
-    /// existed.
-    pub async fn forget(&self, key: &Key) -> Result<bool, sqlx::Error> {
-        let done = sqlx::query(FORGET)
-            .bind(key.scope())
-            .bind(key.value())
-            .execute(&self.pool)
+        sqlx::raw_sql(self.sql.migration.clone())
+            .execute(&mut *tx)
             .await?;
-        Ok(done.rows_affected() > 0)
+        tx.commit().await
     }
 
     /// Deletes records that expired before now; returns how many.
     pub async fn purge_expired(&self) -> Result<u64, sqlx::Error> {
-        let done = sqlx::query(PURGE_EXPIRED)
+        let done = sqlx::query(self.sql.purge_expired.clone())
             .bind(self.clock.now_ms())
             .execute(&self.pool)
             .await?;
@@ -198,10 +240,11 @@ impl SqliteStore {
     }
 
     async fn read(
+        &self,
         conn: &mut sqlx::SqliteConnection,
         key: &Key,
     ) -> Result<Option<RecordRow>, sqlx::Error> {
-        sqlx::query_as::<_, RecordRow>(SELECT)
+        sqlx::query_as::<_, RecordRow>(self.sql.select.clone())
             .bind(key.scope())
             .bind(key.value())
             .fetch_optional(conn)
@@ -286,8 +329,8 @@ impl Store for SqliteStore {
     }
 
     async fn claim(&self, tx: &mut Self::Tx, record: &NewRecord<'_>) -> Result<Claim, sqlx::Error> {
-        let bind = |sql| {
-            sqlx::query(sql)
+        let bind = |sql: &SqlStr| {
+            sqlx::query(sql.clone())
                 .bind(record.key.scope())
                 .bind(record.key.value())
                 .bind(record.fingerprint)
@@ -295,14 +338,19 @@ impl Store for SqliteStore {
                 .bind(record.now_ms)
                 .bind(record.expires_at_ms)
         };
-        if bind(INSERT).execute(&mut **tx).await?.rows_affected() == 1 {
+        if bind(&self.sql.insert)
+            .execute(&mut **tx)
+            .await?
+            .rows_affected()
+            == 1
+        {
             return Ok(Claim::Claimed);
         }
         // We hold the write lock (BEGIN IMMEDIATE): nothing changes between these statements.
-        if let Some(existing) = live_record(Self::read(tx, record.key).await?, record.now_ms) {
+        if let Some(existing) = live_record(self.read(tx, record.key).await?, record.now_ms) {
             return Ok(Claim::Existing(existing));
         }
-        bind(TAKE_OVER_EXPIRED).execute(&mut **tx).await?;
+        bind(&self.sql.take_over_expired).execute(&mut **tx).await?;
         Ok(Claim::Claimed)
     }
 
@@ -312,7 +360,7 @@ impl Store for SqliteStore {
         key: &Key,
         response: &str,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query(SAVE_RESPONSE)
+        sqlx::query(self.sql.save_response.clone())
             .bind(key.scope())
             .bind(key.value())
             .bind(response)
@@ -327,7 +375,16 @@ impl Store for SqliteStore {
         now_ms: i64,
     ) -> Result<Option<StoredRecord>, sqlx::Error> {
         let mut conn = self.pool.acquire().await?;
-        Ok(live_record(Self::read(&mut conn, key).await?, now_ms))
+        Ok(live_record(self.read(&mut conn, key).await?, now_ms))
+    }
+
+    async fn forget(&self, scope: &str, key: &str) -> Result<bool, sqlx::Error> {
+        let done = sqlx::query(self.sql.forget.clone())
+            .bind(scope)
+            .bind(key)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
     }
 
     /// SQLite reports no constraint names; `constraint` is matched against its message (see
