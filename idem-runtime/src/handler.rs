@@ -282,7 +282,7 @@ impl<'b> Acknowledger for Box<dyn DynAcknowledger + 'b> {
 /// });
 /// let store = MemoryStore::new();
 /// let outcome = handler.handle(&store, ("o-1".to_owned(), 10_i64), NoAck).await.unwrap();
-/// assert_eq!(outcome.into_value(), Some(8));
+/// assert_eq!(outcome.into_value(), Some(8_i64));
 /// # });
 /// ```
 pub struct FnHandler<S, M, T, E, F> {
