@@ -20,7 +20,9 @@
 //! duplicate; 16 concurrent deliveries of one key; a failure in the body (nothing committed,
 //! the redelivery succeeds); a lost ack after commit (the redelivery is a duplicate); payload
 //! mismatch (dead-lettered); replay of the first result; bad input (an empty key and a NUL in
-//! a key are dead-lettered); a storm of redeliveries. The effect counted is a ledger entry
+//! a key are dead-lettered); a storm of redeliveries; the handler in a transaction its caller
+//! owns (`<name>_in_transaction`), committed (the next delivery is a duplicate) and rolled
+//! back (nothing recorded). The effect counted is a ledger entry
 //! per committed body run, in a table with no unique key, and the body runs themselves:
 //! a unique constraint's own row count proves nothing about a gate. `dedup_table` adds expiry
 //! under a controlled clock, a concurrent take-over of an expired record, purging while
@@ -251,6 +253,7 @@ macro_rules! conformance_suite {
             $crate::__strategy_cases!(
                 open = $open,
                 plain = handlers::dedup,
+                plain_in_transaction = handlers::dedup_in_transaction,
                 replay = handlers::dedup_replay,
                 fingerprint = handlers::dedup_fingerprint,
                 plain_scope = "conf.dedup",
@@ -265,6 +268,7 @@ macro_rules! conformance_suite {
                 $crate::__strategy_cases!(
                     open = $open,
                     plain = handlers::unique,
+                    plain_in_transaction = handlers::unique_in_transaction,
                     replay = handlers::unique_replay,
                     fingerprint = handlers::unique_fingerprint,
                     plain_scope = "conf.unique",
@@ -311,6 +315,7 @@ macro_rules! __strategy_cases {
     (
         open = $open:expr,
         plain = $plain:path,
+        plain_in_transaction = $in_transaction:path,
         replay = $replay:path,
         fingerprint = $fingerprint:path,
         plain_scope = $scope:literal,
@@ -392,6 +397,59 @@ macro_rules! __strategy_cases {
                     "every twin is acked once"
                 );
             }
+        }
+
+        #[tokio::test]
+        async fn in_the_callers_transaction_its_commit_makes_the_next_delivery_a_duplicate() {
+            use ::idem_runtime::Store as _;
+            let store = $open;
+            let key = unique_key("caller-commits");
+            let mut tx = store.begin().await.expect("the caller begins");
+            let outcome = $in_transaction(&store, &mut tx, Payment::new(&key, 7))
+                .await
+                .expect("in the caller's transaction");
+            assert_eq!(outcome, Outcome::Processed(7));
+            assert_eq!(
+                store.records($scope, &key).await,
+                0,
+                "nothing durable before the caller commits"
+            );
+            store.commit(tx).await.expect("the caller commits");
+            assert_eq!(store.ledger_rows(&key).await, 1);
+            let ack = RecordingAck::new();
+            let again = $plain(&store, Payment::new(&key, 7), ack.clone())
+                .await
+                .expect("redelivery");
+            assert_eq!(again, Outcome::Duplicate { replayed: None });
+            assert_eq!(ack.events(), vec![AckEvent::Ack]);
+            let mut tx = store.begin().await.expect("the caller begins");
+            let in_caller = $in_transaction(&store, &mut tx, Payment::new(&key, 7))
+                .await
+                .expect("a duplicate in the caller's transaction");
+            assert_eq!(in_caller, Outcome::Duplicate { replayed: None });
+            store.commit(tx).await.expect("the caller commits");
+            assert_eq!(runs(&key), if $runs_on_duplicate { 3 } else { 1 });
+            assert_eq!(store.ledger_rows(&key).await, 1, "one body run committed");
+        }
+
+        #[tokio::test]
+        async fn in_the_callers_transaction_its_rollback_records_nothing() {
+            use ::idem_runtime::Store as _;
+            let store = $open;
+            let key = unique_key("caller-rolls-back");
+            let mut tx = store.begin().await.expect("the caller begins");
+            let outcome = $in_transaction(&store, &mut tx, Payment::new(&key, 7))
+                .await
+                .expect("in the caller's transaction");
+            assert_eq!(outcome, Outcome::Processed(7));
+            $crate::effects::rollback(&store, tx).await;
+            assert_eq!(store.records($scope, &key).await, 0, "nothing recorded");
+            assert_eq!(store.ledger_rows(&key).await, 0, "nothing written");
+            let retried = $plain(&store, Payment::new(&key, 7), NoAck)
+                .await
+                .expect("the next delivery");
+            assert_eq!(retried, Outcome::Processed(7), "is processed");
+            assert_eq!(store.ledger_rows(&key).await, 1);
         }
 
         #[tokio::test]

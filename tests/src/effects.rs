@@ -333,3 +333,12 @@ impl SwallowsAFailure for MySqlTx<'_> {
         helper.await.expect("helper task");
     }
 }
+
+/// Rolls back a transaction `store` began, as its caller would.
+///
+/// # Panics
+///
+/// When the rollback fails: the tests need it to happen.
+pub async fn rollback<S: idem_runtime::Store>(_store: &S, tx: S::Tx) {
+    S::rollback(tx).await.expect("the caller rolls back");
+}
