@@ -6,15 +6,13 @@ use quote::{format_ident, quote};
 use syn::spanned::Spanned;
 use syn::{GenericArgument, ItemFn, PathArguments, Type};
 
-use crate::args::{Args, StoreKind, StrategyKind};
+use crate::config::{Config, Mode, OnMissing, StrategyConfig};
 use crate::handler::Handler;
 
 /// Everything the expansion needs, already validated.
 pub(crate) struct Expansion<'a> {
     pub(crate) item: &'a ItemFn,
-    pub(crate) args: &'a Args,
-    pub(crate) store: StoreKind,
-    pub(crate) strategy: StrategyKind,
+    pub(crate) config: &'a Config,
     pub(crate) handler: Handler,
 }
 
@@ -73,12 +71,10 @@ fn result_parts(ty: &Type) -> Option<(&Type, &Type)> {
 pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
     let Expansion {
         item,
-        args,
-        store,
-        strategy,
+        config,
         handler,
     } = expansion;
-    let krate = args
+    let krate = config
         .krate
         .as_ref()
         .map_or_else(|| quote!(::idem_runtime), |path| quote!(#path));
@@ -111,7 +107,7 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
     // `unused_braces` in the user's code.
     let body = &item.block.stmts;
     let receiver = handler.receiver.as_ref().map(|r| quote!(#r,));
-    let store_type = format_ident!("{}", store.type_name());
+    let store_type = format_ident!("{}", config.store.type_name());
     let message_type = &handler.message.ty;
     let message_pat = &handler.message.pat;
     let tx_pat = &handler.tx.pat;
@@ -136,25 +132,25 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
         },
     };
 
-    let scope = match &args.scope {
+    let scope = match &config.scope {
         Some(scope) => quote!(#scope),
         None => {
             let name = ident.to_string();
             quote!(#private::core::concat!(#private::core::module_path!(), "::", #name))
         }
     };
-    let ttl = args
+    let ttl = config
         .ttl_millis
         .map(|millis| quote!(.with_ttl_millis(#millis)));
-    let max_attempts = args
+    let max_attempts = config
         .max_attempts
-        .map(|(attempts, _)| quote!(.with_max_attempts(#attempts)));
-    let observe = args.observe.map(|_| quote!(.observing()));
+        .map(|attempts| quote!(.with_max_attempts(#attempts)));
+    let observe = match config.mode {
+        Mode::Enforce => None,
+        Mode::Observe => Some(quote!(.observing())),
+    };
 
-    let key_spec = args
-        .key
-        .as_ref()
-        .expect("validated: a key is present when expanding");
+    let key_spec = &config.key;
     // Spanned on the key literal: a missing field, a private field or a type that cannot be a
     // key part is reported there.
     let key_part = respan(quote!(#private::key_part), key_spec.span);
@@ -168,37 +164,26 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
     });
 
     let mut strategy_items = TokenStream::new();
-    let strategy_value = match strategy {
-        StrategyKind::DedupTable => quote!(#private::DedupTable),
-        StrategyKind::UniqueConstraint => {
-            // Required for this strategy: validation reported its absence.
-            let constraint = args.constraint.as_ref().map(|(name, _)| name);
+    let strategy_value = match &config.strategy {
+        StrategyConfig::DedupTable => quote!(#private::DedupTable),
+        StrategyConfig::UniqueConstraint { constraint } => {
             quote!(#private::UniqueConstraint::new(#constraint))
         }
-        StrategyKind::StateMachine => {
-            let field = key_spec
-                .fields
-                .first()
-                .expect("validated: state_machine keys on one field");
-            let (table, column, from, to) = (
-                args.table.as_ref().map(|t| &t.0),
-                args.column.as_ref().map(|c| &c.0),
-                args.from.as_ref().map(|f| &f.0),
-                args.to.as_ref().map(|t| &t.0),
-            );
-            let key_column = args.key_column.as_ref().map_or_else(
-                || match field.segments.last() {
-                    Some(syn::Member::Named(ident)) => ident.to_string(),
-                    _ => String::new(),
-                },
-                |k| k.0.clone(),
-            );
-            let from = from.into_iter().flatten();
-            let done = args.done.iter().flat_map(|d| d.0.iter());
-            let early = args.early.iter().flat_map(|e| e.0.iter());
-            let missing = args
-                .dead_letter_missing
-                .map(|_| quote!(.on_missing(#private::OnMissing::DeadLetter)));
+        StrategyConfig::StateMachine {
+            table,
+            column,
+            key_field,
+            key_column,
+            from,
+            to,
+            done,
+            early,
+            on_missing,
+        } => {
+            let missing = match on_missing {
+                OnMissing::Retry => None,
+                OnMissing::DeadLetter => Some(quote!(.on_missing(#private::OnMissing::DeadLetter))),
+            };
             let transition = format_ident!("TRANSITION", span = mixed);
             let statements = format_ident!("STATEMENTS", span = mixed);
             strategy_items = quote! {
@@ -214,7 +199,7 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
             let state_key = respan(quote!(#private::state_key), key_spec.span);
             let amp = syn::Token![&](key_spec.span);
             let dot = syn::Token![.](key_spec.span);
-            let segments = &field.segments;
+            let segments = &key_field.segments;
             quote!(#private::StateMachine::new(
                 &#transition,
                 &#statements,
@@ -223,11 +208,11 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
         }
     };
 
-    let codec = match args.replay {
+    let codec = match config.replay {
         Some(span) => respan(quote!(#private::JsonReplay::new()), span),
         None => quote!(#private::NoReplay),
     };
-    let fingerprint_value = match args.fingerprint {
+    let fingerprint_value = match config.fingerprint {
         Some(span) => {
             let fingerprint_fn = respan(quote!(#private::fingerprint), span);
             let message = format_ident!("message", span = mixed.located_at(span));
@@ -246,7 +231,7 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
     // `scope` (the default, `module::name`, would be shared by every type's method of that
     // name, by every instantiation of a generic `impl`, and by every nested function of that
     // name in the module).
-    let scope_probe = args.scope.is_none().then(|| {
+    let scope_probe = config.scope.is_none().then(|| {
         let probe = format_ident!(
             "handlers_in_impl_blocks_or_functions_need_an_explicit_scope_{}",
             ident,

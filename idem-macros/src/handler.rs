@@ -4,7 +4,7 @@
 use syn::spanned::Spanned;
 use syn::{FnArg, PatType, ReturnType, Signature, Type};
 
-use crate::args::StoreKind;
+use crate::config::StoreKind;
 use crate::errors::Errors;
 
 /// The parts of the signature the expansion needs.

@@ -4,18 +4,23 @@
 //! crate only parses, validates and expands: every behaviour lives in the runtime, reached
 //! through `idem_runtime::__private`.
 //!
-//! The pipeline: `args` parses and validates the arguments, `handler` checks the
-//! signature, `expand` emits the new function. On any error the original function is
-//! emitted unchanged next to the `compile_error!`s, so one mistake gives one message.
+//! The pipeline, in two phases like tokio-macros': `parse` reads each argument as the one list
+//! of them, `arguments`, says, and `config::validate` checks them together and produces a
+//! typed `Config` only when all is well; `handler` checks the signature; `expand` emits the new
+//! function from the `Config` alone. Every error of one attribute is reported at once, and on
+//! any error the original function is emitted unchanged next to the `compile_error!`s, so one
+//! mistake gives one message.
 
 use proc_macro::TokenStream;
 use quote::ToTokens;
 use syn::ItemFn;
 
-mod args;
+mod arguments;
+mod config;
 mod errors;
 mod expand;
 mod handler;
+mod parse;
 
 /// Makes an async message handler idempotent. See `idem_runtime::idempotent` for the
 /// arguments, the generated signature and the equivalent code.
@@ -42,25 +47,30 @@ fn idempotent_impl(
             return out;
         }
     };
-    let args = args::parse(attr, &mut errors);
-    args::validate(&args, attribute_span, &mut errors);
-    let store = args.store.map(|(kind, _)| kind);
+    let parsed = parse::parse(attr, &mut errors);
+    let store = parsed.store.map(|(kind, _)| kind);
+    // A misspelt `scope` counts as written: it is reported once, as misspelt.
+    let scope_written = parsed.unparsable || parsed.has(arguments::Name::Scope);
+    let config = config::validate(parsed, attribute_span, &mut errors);
     let handler = handler::check(&function.sig, store, &mut errors);
-    if !args.unparsable && args.scope.is_none() && !args.present.iter().any(|p| p == "scope") {
+    if !scope_written {
         handler::require_scope_where_the_default_is_shared(&function.sig, &mut errors);
     }
 
-    match (errors.is_empty(), store, args.strategy, handler) {
-        (true, Some(store), Some((strategy, _)), Some(handler)) if args.key.is_some() => {
-            expand::expand(expand::Expansion {
-                item: &function,
-                args: &args,
-                store,
-                strategy,
-                handler,
-            })
-        }
+    match (config, handler) {
+        (Some(config), Some(handler)) if errors.is_empty() => expand::expand(expand::Expansion {
+            item: &function,
+            config: &config,
+            handler,
+        }),
         _ => {
+            if errors.is_empty() {
+                // Every refusal above reports its reason; never drop the handler silently.
+                errors.error(
+                    attribute_span,
+                    "internal error in #[idempotent]: the handler was refused without a reason; please report this",
+                );
+            }
             let mut out = errors.into_compile_errors();
             // The original function, so that one mistake gives one message; without `const`,
             // which rustc would reject again next to our error about it.
