@@ -503,3 +503,76 @@ async fn one_consumer_dispatches_several_handlers_by_route() {
     );
     assert_eq!(runs(&id), 1);
 }
+
+// ---------------------------------------------------------------------------------------------
+// anyhow and eyre as handler errors: classified by the sqlx error in their chain.
+
+#[idempotent(
+    key = "order_id",
+    store = "memory",
+    strategy = "dedup_table",
+    scope = "adoption.anyhow"
+)]
+async fn with_anyhow(_tx: &mut MemoryTx, msg: Payment) -> anyhow::Result<i64> {
+    use anyhow::Context as _;
+    if msg.amount < 0 {
+        // A missing column is permanent: the chain holds the sqlx error under the context.
+        return Err(sqlx::Error::ColumnNotFound("amount".into())).context("reading the amount");
+    }
+    if msg.amount == 0 {
+        anyhow::bail!("the ledger is busy");
+    }
+    Ok(msg.amount)
+}
+
+#[idempotent(
+    key = "order_id",
+    store = "memory",
+    strategy = "dedup_table",
+    scope = "adoption.eyre"
+)]
+async fn with_eyre(_tx: &mut MemoryTx, msg: Payment) -> eyre::Result<i64> {
+    use eyre::WrapErr as _;
+    if msg.amount < 0 {
+        return Err(sqlx::Error::ColumnNotFound("amount".into())).wrap_err("reading the amount");
+    }
+    Ok(msg.amount)
+}
+
+#[tokio::test]
+async fn anyhow_and_eyre_errors_are_classified_by_their_chain() {
+    use idem_runtime::Disposition;
+    let store = MemoryStore::new();
+
+    let ack = idem_tests::RecordingAck::new();
+    let permanent = with_anyhow(&store, Payment::new(unique_key("anyhow"), -1), ack.clone()).await;
+    let error = permanent.expect_err("a missing column");
+    assert_eq!(error.disposition(), Disposition::DeadLetter);
+    assert!(
+        ack.dead_lettered_with("reading the amount"),
+        "{:?}",
+        ack.events()
+    );
+
+    let ack = idem_tests::RecordingAck::new();
+    let retried = with_anyhow(&store, Payment::new(unique_key("anyhow"), 0), ack.clone()).await;
+    assert_eq!(retried.expect_err("busy").disposition(), Disposition::Retry);
+    assert!(ack.requeued_once(), "{:?}", ack.events());
+
+    let processed = with_anyhow(&store, Payment::new(unique_key("anyhow"), 4), NoAck)
+        .await
+        .expect("processed");
+    assert_eq!(processed.into_value(), Some(4));
+
+    let ack = idem_tests::RecordingAck::new();
+    let permanent = with_eyre(&store, Payment::new(unique_key("eyre"), -1), ack.clone()).await;
+    assert_eq!(
+        permanent.expect_err("a missing column").disposition(),
+        Disposition::DeadLetter
+    );
+    assert!(
+        ack.dead_lettered_with("reading the amount"),
+        "{:?}",
+        ack.events()
+    );
+}

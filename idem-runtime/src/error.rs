@@ -89,14 +89,15 @@ impl HandlerError for std::convert::Infallible {}
     note = "add `impl idem_runtime::HandlerError for {Self} {{}}` (errors are retried by default; override `disposition` to dead-letter the permanent ones); `anyhow::Error` and `eyre::Report` need idem-runtime's `anyhow` / `eyre` feature"
 )]
 pub trait HandlerFailure: fmt::Debug + Send + Sync + 'static {
-    /// Whether a redelivery may succeed.
-    fn disposition(&self) -> Disposition;
+    /// Whether a redelivery may succeed: [`HandlerError::disposition`] for a `HandlerError`.
+    /// (Named apart from it, so that a type with both in scope has one `disposition`.)
+    fn classify(&self) -> Disposition;
     /// The error as a `std::error::Error`, to display it and search its source chain.
     fn as_std_error(&self) -> &(dyn StdError + 'static);
 }
 
 impl<E: HandlerError> HandlerFailure for E {
-    fn disposition(&self) -> Disposition {
+    fn classify(&self) -> Disposition {
         HandlerError::disposition(self)
     }
     fn as_std_error(&self) -> &(dyn StdError + 'static) {
@@ -106,7 +107,7 @@ impl<E: HandlerError> HandlerFailure for E {
 
 #[cfg(feature = "anyhow")]
 impl HandlerFailure for anyhow::Error {
-    fn disposition(&self) -> Disposition {
+    fn classify(&self) -> Disposition {
         crate::classify::classify_error_chain(self.as_std_error())
     }
     fn as_std_error(&self) -> &(dyn StdError + 'static) {
@@ -117,7 +118,7 @@ impl HandlerFailure for anyhow::Error {
 
 #[cfg(feature = "eyre")]
 impl HandlerFailure for eyre::Report {
-    fn disposition(&self) -> Disposition {
+    fn classify(&self) -> Disposition {
         crate::classify::classify_error_chain(self.as_std_error())
     }
     fn as_std_error(&self) -> &(dyn StdError + 'static) {
@@ -407,7 +408,7 @@ impl<E: HandlerFailure> HandlerErrors<E> {
     /// The inspector of `E`.
     pub const fn of() -> Self {
         Self {
-            disposition: <E as HandlerFailure>::disposition,
+            disposition: <E as HandlerFailure>::classify,
             as_error: <E as HandlerFailure>::as_std_error,
         }
     }

@@ -94,8 +94,8 @@ pub trait Handler: Send + Sync + 'static {
 pub type DynError = Error<Box<dyn HandlerFailure>>;
 
 impl HandlerFailure for Box<dyn HandlerFailure> {
-    fn disposition(&self) -> crate::Disposition {
-        (**self).disposition()
+    fn classify(&self) -> crate::Disposition {
+        (**self).classify()
     }
     fn as_std_error(&self) -> &(dyn std::error::Error + 'static) {
         (**self).as_std_error()
@@ -287,8 +287,11 @@ impl<'b> Acknowledger for Box<dyn DynAcknowledger + 'b> {
 /// ```
 pub struct FnHandler<S, M, T, E, F> {
     call: F,
-    types: PhantomData<fn(&S, M) -> (T, E)>,
+    types: PhantomData<Signature<S, M, T, E>>,
 }
+
+/// The types a [`FnHandler`] handles, without owning any of them.
+type Signature<S, M, T, E> = fn(&S, M) -> (T, E);
 
 impl<S, M, T, E, F> std::fmt::Debug for FnHandler<S, M, T, E, F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
