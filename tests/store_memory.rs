@@ -272,6 +272,41 @@ mod collision {
         Ok(msg.amount)
     }
 
+    /// Two handlers that one `macro_rules!` invocation emits share its `file:line:column`:
+    /// their names still tell them apart.
+    macro_rules! two_handlers_sharing_a_scope {
+        ($($name:ident),*) => {$(
+            #[idempotent(key = "order_id", store = "memory", strategy = "dedup_table", scope = "mem.macro_shared")]
+            async fn $name(_tx: &mut MemoryTx, msg: Payment) -> Result<i64, AppError> {
+                Ok(msg.amount)
+            }
+        )*};
+    }
+    two_handlers_sharing_a_scope!(from_a_macro, from_the_same_macro);
+
+    #[tokio::test]
+    async fn handlers_from_one_macro_invocation_sharing_a_scope_both_fail() {
+        let store = MemoryStore::new();
+        let key = unique_key("macro");
+        let first = from_a_macro(&store, Payment::new(&key, 1), NoAck).await;
+        assert!(
+            matches!(&first, Err(Error::ScopeCollision { .. })),
+            "{first:?}"
+        );
+        let second = from_the_same_macro(&store, Payment::new(&key, 1), NoAck).await;
+        assert!(
+            matches!(&second, Err(Error::ScopeCollision { .. })),
+            "{second:?}"
+        );
+        // A colliding handler's companion collides too.
+        let mut tx = idem_runtime::Store::begin(&store).await.expect("begin");
+        let in_tx = emailer_in_transaction(&store, &mut tx, Payment::new(&key, 1)).await;
+        assert!(
+            matches!(&in_tx, Err(Error::ScopeCollision { .. })),
+            "emailer shares mem.shared with ledger: {in_tx:?}"
+        );
+    }
+
     /// Both fail, whichever is delivered first, in every process: no replica can let one of
     /// them win and then skip the other's messages as duplicates.
     #[tokio::test]

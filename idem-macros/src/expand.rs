@@ -101,6 +101,7 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
     let vis = &item.vis;
     let sig = &item.sig;
     let ident = &sig.ident;
+    let ident_text = ident.to_string();
     let generics = &sig.generics;
     let where_clause = &generics.where_clause;
     // The body's statements, not its block: a block in tail position would trip
@@ -257,7 +258,10 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
         // site (the attribute's `file:line:column`) the handler, so that two handlers sharing
         // a scope are caught at their first delivery, and one handler's entry points are not.
         static #spec: #private::HandlerSpec = #private::HandlerSpec::new(#scope)
+            // The name and module too: handlers that one `macro_rules!` invocation emits
+            // share its `file:line:column`.
             .at(#private::core::concat!(
+                #private::core::module_path!(), "::", #ident_text, "@",
                 #private::core::file!(), ":",
                 #private::core::line!(), ":",
                 #private::core::column!()
