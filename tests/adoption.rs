@@ -576,3 +576,148 @@ async fn anyhow_and_eyre_errors_are_classified_by_their_chain() {
         ack.events()
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// The caller's transaction under stress: nested calls, and a transaction that had ended.
+
+static NESTED_MYSQL: std::sync::OnceLock<idem_runtime::MySqlStore> = std::sync::OnceLock::new();
+
+#[idempotent(
+    key = "order_id",
+    store = "mysql",
+    strategy = "dedup_table",
+    scope = "adoption.mysql.outer"
+)]
+async fn outer_mysql(tx: &mut MySqlTx<'static>, msg: Payment) -> Result<(), AppError> {
+    let outer = format!("outer-{}", msg.order_id);
+    tx.ledger(&outer, 1).await?;
+    let store = NESTED_MYSQL.get().expect("the test sets the store");
+    // Another handler, on the same transaction: its own savepoint inside ours.
+    let inner = on_mysql_in_transaction(store, tx, msg.clone()).await;
+    assert!(inner.expect("the inner handler").is_processed());
+    idem_tests::maybe_fail(&outer)
+}
+
+/// A body that calls another handler's `_in_transaction` and then fails: everything of both
+/// is rolled back, the caller's transaction stays usable, and the redelivery processes both.
+#[tokio::test]
+async fn mysql_nested_calls_roll_back_together() {
+    let store = idem_tests::mysql::store().await;
+    let _ = NESTED_MYSQL.set(store.clone());
+    let id = unique_key("nested");
+    let outer = format!("outer-{id}");
+    idem_tests::fail_once(&outer);
+    let mut tx = store.pool().begin().await.expect("begin");
+    caller_write(&mut tx, &id).await;
+    let failed = outer_mysql_in_transaction(&store, &mut tx, Payment::new(&id, 1)).await;
+    assert!(
+        matches!(failed, Err(idem_runtime::Error::Handler(_))),
+        "{failed:?}"
+    );
+    tx.commit().await.expect("the caller commits its own write");
+    assert_eq!(store.ledger_rows(&format!("caller-{id}")).await, 1);
+    assert_eq!(
+        store.ledger_rows(&outer).await,
+        0,
+        "the outer body's write rolled back"
+    );
+    assert_eq!(
+        store.ledger_rows(&id).await,
+        0,
+        "the inner body's write rolled back"
+    );
+    assert_eq!(store.records("adoption.mysql.outer", &id).await, 0);
+    assert_eq!(
+        store.records(SCOPE_MYSQL, &id).await,
+        0,
+        "the inner record rolled back"
+    );
+
+    let mut tx = store.pool().begin().await.expect("begin");
+    let outcome = outer_mysql_in_transaction(&store, &mut tx, Payment::new(&id, 1))
+        .await
+        .expect("the redelivery");
+    assert!(outcome.is_processed());
+    tx.commit().await.expect("commit");
+    assert_eq!(store.ledger_rows(&outer).await, 1);
+    assert_eq!(store.ledger_rows(&id).await, 1);
+    assert_eq!(store.records(SCOPE_MYSQL, &id).await, 1);
+}
+
+/// A caller's transaction the database had already ended (here: rolled back behind sqlx's
+/// back) leaves MySQL and SQLite in autocommit mode, where the gate's record would commit on
+/// its own: the call refuses with `TransactionAborted`, and nothing is recorded.
+macro_rules! ended_transaction_case {
+    ($store:expr, $scope:expr, $in_transaction:ident) => {{
+        let store = $store;
+        let id = unique_key("ended");
+        let mut tx = store.pool().begin().await.expect("begin");
+        sqlx::raw_sql("ROLLBACK")
+            .execute(&mut *tx)
+            .await
+            .expect("end the transaction behind the caller's back");
+        let refused = $in_transaction(&store, &mut tx, Payment::new(&id, 1)).await;
+        assert!(
+            matches!(refused, Err(idem_runtime::Error::TransactionAborted { .. })),
+            "{refused:?}"
+        );
+        let _ = tx.rollback().await;
+        assert_eq!(
+            store.records($scope, &id).await,
+            0,
+            "no record autocommitted"
+        );
+        assert_eq!(store.ledger_rows(&id).await, 0, "no effect autocommitted");
+        assert_eq!(runs(&id), 0, "the body did not run");
+    }};
+}
+
+#[tokio::test]
+async fn mysql_refuses_a_callers_transaction_that_had_ended() {
+    ended_transaction_case!(
+        idem_tests::mysql::store().await,
+        SCOPE_MYSQL,
+        on_mysql_in_transaction
+    );
+}
+
+#[tokio::test]
+async fn sqlite_refuses_a_callers_transaction_that_had_ended() {
+    ended_transaction_case!(
+        idem_tests::sqlite::store().await,
+        SCOPE_SQLITE,
+        on_sqlite_in_transaction
+    );
+}
+
+/// The memory store: a failed call releases its key, so the same task can deliver the message
+/// again while it still holds its transaction; nested savepoints unwind in order.
+#[tokio::test]
+async fn memory_savepoints_release_keys_and_nest() {
+    use idem_runtime::Store as _;
+    let store = MemoryStore::new();
+    let id = unique_key("memory-caller");
+    idem_tests::fail_once(&id);
+    let mut tx = store.begin().await.expect("begin");
+    let failed = on_memory_failing_in_transaction(&store, &mut tx, Payment::new(&id, 1)).await;
+    assert!(failed.is_err(), "{failed:?}");
+    // Would wait forever on the key this transaction locked, were it kept.
+    let outcome = on_memory_failing(&store, Payment::new(&id, 1), NoAck)
+        .await
+        .expect("a delivery while the caller still holds its transaction");
+    assert!(outcome.is_processed());
+    store.commit(tx).await.expect("commit");
+    assert_eq!(store.ledger_rows(&id).await, 1);
+}
+
+#[idempotent(
+    key = "order_id",
+    store = "memory",
+    strategy = "dedup_table",
+    scope = "adoption.memory.failing"
+)]
+async fn on_memory_failing(tx: &mut MemoryTx, msg: Payment) -> Result<(), AppError> {
+    idem_tests::count_run(&msg.order_id);
+    tx.ledger(&msg.order_id, msg.amount).await?;
+    idem_tests::maybe_fail(&msg.order_id)
+}

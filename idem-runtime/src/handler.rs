@@ -113,8 +113,10 @@ impl std::fmt::Display for dyn HandlerFailure {
 /// [`Handler::into_dyn`].
 pub trait DynHandler<S: Store>: Send + Sync {
     /// Decodes `payload` into the handler's message type and handles it. A payload that does
-    /// not decode can never succeed: it is dead-lettered through `ack`, and the result is
-    /// [`Error::Decode`]. The handler's result value is dropped (`Outcome<()>`).
+    /// not decode (or whose `Deserialize` panics) is dead-lettered through `ack` at once, with
+    /// the reason, and the result is [`Error::Decode`]: redelivering the same bytes to the same
+    /// code cannot succeed (a message from a newer producer during a rolling deploy lands in the
+    /// dead-letter queue, to be replayed once the consumers understand it). The handler's result value is dropped (`Outcome<()>`).
     fn handle_payload<'a>(
         &'a self,
         store: &'a S,
@@ -138,7 +140,16 @@ where
         ack: Box<dyn DynAcknowledger + 'a>,
     ) -> BoxFuture<'a, Result<Outcome<()>, DynError>> {
         Box::pin(async move {
-            let message: H::Message = match serde_json::from_slice(payload) {
+            // The message type's `Deserialize` is user code: a panic there is a failure to
+            // decode, not a crashed consumer.
+            let decoded =
+                crate::unwind::catch_sync(|| serde_json::from_slice::<H::Message>(payload))
+                    .unwrap_or_else(|message| {
+                        Err(serde::de::Error::custom(format_args!(
+                            "the decoder panicked: {message}"
+                        )))
+                    });
+            let message: H::Message = match decoded {
                 Ok(message) => message,
                 Err(source) => {
                     let error = Error::Decode {

@@ -476,7 +476,6 @@ fn judge<C: ResultCodec<T>, T, E>(
 
 /// Observe mode met a delivery that enforcing would drop: log it, count it, let the body run.
 fn observe(spec: &HandlerSpec, delivery: &Delivery<'_>, record: Option<StoredRecord>) -> Observed {
-    spec.observed.fetch_add(1, Ordering::Relaxed);
     let first_seen_ms = record.as_ref().and_then(first_seen_ms);
     let mismatch = matches!(
         (delivery.fingerprint, record.as_ref().and_then(|r| r.fingerprint.as_deref())),
@@ -528,6 +527,7 @@ where
         } = self;
         async move {
             let attempt = complete(store, &entered, errors, tx, result).await;
+            count_observed(spec, &attempt);
             conclude(ack, spec, errors, attempt).await
         }
         .instrument(span)
@@ -542,6 +542,8 @@ where
 #[must_use = "a gate holds a savepoint in your transaction: finish it"]
 pub struct CallerGate<'s, 't, S: Store, G, C, E> {
     store: &'s S,
+    spec: &'static HandlerSpec,
+    savepoint: String,
     entered: Entered<G, C>,
     errors: HandlerErrors<E>,
     tx: &'t mut S::Tx,
@@ -582,23 +584,28 @@ where
         store = S::NAME,
         outcome = tracing::field::Empty,
     );
+    // A name of its own, so that calls nest (a body that calls another handler's
+    // `_in_transaction` on the same transaction).
+    static SAVEPOINTS: AtomicU64 = AtomicU64::new(0);
+    let savepoint = format!("idem_call_{}", SAVEPOINTS.fetch_add(1, Ordering::Relaxed));
+    let name = savepoint.as_str();
     let opened = async {
         let mut entered = prepare(store, spec, prepared, codec)?;
-        store
-            .savepoint(tx)
-            .await
-            .map_err(|error| Err(Error::Database(error)))?;
         let delivery = entered.delivery();
+        store
+            .savepoint(tx, name)
+            .await
+            .map_err(|failure| Err(commit_failure(failure, &delivery)))?;
         let verdict = entered.strategy.enter(store, tx, &delivery).await;
         match judge(spec, verdict, &delivery, &entered.codec) {
             Ok(observed) => {
                 entered.observed = observed;
                 Ok(entered)
             }
-            Err(ended) => {
-                rollback_to_savepoint(store, tx).await;
-                Err(ended)
-            }
+            Err(ended) => match rollback_to_savepoint(store, tx, name, &delivery).await {
+                Ok(()) => Err(ended),
+                Err(gone) => Err(Err(gone)),
+            },
         }
     }
     .instrument(span.clone())
@@ -606,6 +613,8 @@ where
     match opened {
         Ok(entered) => Ok(CallerGate {
             store,
+            spec,
+            savepoint,
             entered,
             errors,
             tx,
@@ -634,14 +643,17 @@ where
     {
         let Self {
             store,
+            spec,
+            savepoint,
             entered,
             errors,
             tx,
             span,
         } = self;
-        let attempt = complete_in(store, &entered, errors, tx, result)
+        let attempt = complete_in(store, &entered, errors, tx, &savepoint, result)
             .instrument(span.clone())
             .await;
+        count_observed(spec, &attempt);
         record_outcome(&span, attempt)
     }
 }
@@ -665,6 +677,7 @@ async fn complete_in<S, G, C, T, E>(
     entered: &Entered<G, C>,
     errors: HandlerErrors<E>,
     tx: &mut S::Tx,
+    name: &str,
     result: Result<Result<T, E>, PanicPayload>,
 ) -> Attempt<T, E>
 where
@@ -678,7 +691,7 @@ where
     let value = match result {
         Ok(Ok(value)) => value,
         Ok(Err(error)) => {
-            rollback_to_savepoint(store, tx).await;
+            rollback_to_savepoint(store, tx, name, &delivery).await?;
             let duplicate =
                 catch_sync(|| strategy.is_duplicate_failure(store, errors.as_error(&error)))
                     .unwrap_or(false);
@@ -688,7 +701,7 @@ where
             return Err(Error::Handler(error));
         }
         Err(payload) => {
-            rollback_to_savepoint(store, tx).await;
+            rollback_to_savepoint(store, tx, name, &delivery).await?;
             return Err(Error::Panicked {
                 scope: delivery.key.scope().to_owned(),
                 during: "body",
@@ -699,14 +712,14 @@ where
     let response = match catch_sync(|| codec.encode(&value)) {
         Ok(Ok(response)) => response,
         Ok(Err(source)) => {
-            rollback_to_savepoint(store, tx).await;
+            rollback_to_savepoint(store, tx, name, &delivery).await?;
             return Err(Error::Serialize {
                 what: "result",
                 source,
             });
         }
         Err(message) => {
-            rollback_to_savepoint(store, tx).await;
+            rollback_to_savepoint(store, tx, name, &delivery).await?;
             return Err(Error::Panicked {
                 scope: delivery.key.scope().to_owned(),
                 during: "result's serialization",
@@ -715,15 +728,17 @@ where
         }
     };
     if entered.observed.is_none() {
-        // The savepoint lives exactly as long as the transaction: releasing it (and taking it
-        // again) proves the transaction alive before a write that would otherwise autocommit.
+        // Before a write that would otherwise autocommit on MySQL or SQLite, prove the caller's
+        // transaction alive with a probe savepoint of its own (taking one checks that): the
+        // call's savepoint stays, so a failure after this still undoes the body's writes.
         if strategy.writes_after_body(&delivery, response.as_deref()) {
-            let rearmed = match store.release_savepoint(tx).await {
-                Ok(()) => store.savepoint(tx).await.map_err(CommitFailure::Database),
+            let probe = format!("{name}_probe");
+            let rearmed = match store.savepoint(tx, &probe).await {
+                Ok(()) => store.release_savepoint(tx, &probe).await,
                 Err(failure) => Err(failure),
             };
             if let Err(failure) = rearmed {
-                rollback_to_savepoint(store, tx).await;
+                rollback_to_savepoint(store, tx, name, &delivery).await?;
                 return Err(commit_failure(failure, &delivery));
             }
         }
@@ -731,25 +746,47 @@ where
             .leave(store, tx, &delivery, response.as_deref())
             .await;
         if let Err(ended) = judge_after_body(verdict, &delivery, codec) {
-            rollback_to_savepoint(store, tx).await;
+            rollback_to_savepoint(store, tx, name, &delivery).await?;
             return ended;
         }
     }
-    match store.release_savepoint(tx).await {
+    match store.release_savepoint(tx, name).await {
         // Not committed yet: the proof is dropped, nothing acknowledges.
         Ok(()) => Ok((outcome_of(entered.observed, value), Committed::new())),
         Err(failure) => {
-            rollback_to_savepoint(store, tx).await;
+            rollback_to_savepoint(store, tx, name, &delivery).await?;
             Err(commit_failure(failure, &delivery))
         }
     }
 }
 
-async fn rollback_to_savepoint<S: Store>(store: &S, tx: &mut S::Tx) {
-    // A failed rollback to the savepoint means the transaction itself is gone: the caller's
-    // commit then fails or commits nothing of ours.
-    if let Err(error) = store.rollback_to_savepoint(tx).await {
-        tracing::debug!(%error, "rollback to the savepoint failed; the transaction is gone");
+async fn rollback_to_savepoint<S: Store, E>(
+    store: &S,
+    tx: &mut S::Tx,
+    name: &str,
+    delivery: &Delivery<'_>,
+) -> Result<(), Error<E>> {
+    // When the savepoint cannot be rolled back to, the database ended the caller's whole
+    // transaction (a deadlock on MySQL, `OR ROLLBACK` on SQLite): the caller must know, since
+    // a commit there would commit nothing (or, in autocommit mode, succeed on nothing) while
+    // the caller's own writes are gone.
+    store
+        .rollback_to_savepoint(tx, name)
+        .await
+        .map_err(|error| {
+            tracing::warn!(%error, "the caller's transaction is gone: it must be rolled back");
+            Error::TransactionAborted {
+                scope: delivery.key.scope().to_owned(),
+                key: delivery.key.value().to_owned(),
+            }
+        })
+}
+
+/// Observe mode counts a would-be duplicate once its body's effects are committed (or, in a
+/// caller's transaction, released into it).
+fn count_observed<T, E>(spec: &HandlerSpec, attempt: &Attempt<T, E>) {
+    if let Ok((Outcome::ObservedDuplicate { .. }, _)) = attempt {
+        spec.observed.fetch_add(1, Ordering::Relaxed);
     }
 }
 

@@ -81,8 +81,9 @@ pub struct MemoryTx {
     held: Vec<(RecordId, OwnedMutexGuard<()>)>,
     pending: Vec<(RecordId, MemoryRecord)>,
     effects: Vec<Effect>,
-    /// `in_transaction`'s savepoint: how many records and effects were pending when it was taken.
-    savepoint: Option<(usize, usize)>,
+    /// `in_transaction`'s savepoints, innermost last: each name, and how many locks, records
+    /// and effects were held or pending when it was taken.
+    savepoints: Vec<(String, usize, usize, usize)>,
 }
 
 impl std::fmt::Debug for MemoryTx {
@@ -217,7 +218,7 @@ impl Store for MemoryStore {
             held: Vec::new(),
             pending: Vec::new(),
             effects: Vec::new(),
-            savepoint: None,
+            savepoints: Vec::new(),
         })
     }
 
@@ -248,20 +249,48 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    async fn savepoint(&self, tx: &mut Self::Tx) -> Result<(), sqlx::Error> {
-        tx.savepoint = Some((tx.pending.len(), tx.effects.len()));
+    async fn savepoint(&self, tx: &mut Self::Tx, name: &str) -> Result<(), CommitFailure> {
+        let mark = (
+            name.to_owned(),
+            tx.held.len(),
+            tx.pending.len(),
+            tx.effects.len(),
+        );
+        tx.savepoints.push(mark);
         Ok(())
     }
 
-    async fn release_savepoint(&self, tx: &mut Self::Tx) -> Result<(), CommitFailure> {
-        tx.savepoint = None;
-        Ok(())
+    async fn release_savepoint(&self, tx: &mut Self::Tx, name: &str) -> Result<(), CommitFailure> {
+        match tx.savepoints.iter().rposition(|(taken, ..)| taken == name) {
+            Some(at) => {
+                tx.savepoints.truncate(at);
+                Ok(())
+            }
+            None => Err(CommitFailure::Aborted),
+        }
     }
 
-    async fn rollback_to_savepoint(&self, tx: &mut Self::Tx) -> Result<(), sqlx::Error> {
-        if let Some((pending, effects)) = tx.savepoint.take() {
-            tx.pending.truncate(pending);
-            tx.effects.truncate(effects);
+    async fn rollback_to_savepoint(
+        &self,
+        tx: &mut Self::Tx,
+        name: &str,
+    ) -> Result<(), sqlx::Error> {
+        let Some(at) = tx.savepoints.iter().rposition(|(taken, ..)| taken == name) else {
+            return Err(sqlx::Error::Io(std::io::Error::other(format!(
+                "no savepoint {name} in this memory transaction"
+            ))));
+        };
+        let (_, held, pending, effects) = tx.savepoints[at].clone();
+        tx.savepoints.truncate(at);
+        tx.pending.truncate(pending);
+        tx.effects.truncate(effects);
+        // As a database releases the row locks of a rolled-back savepoint.
+        let released: Vec<RecordId> = tx.held.drain(held..).map(|(id, _guard)| id).collect();
+        let mut locks = lock(&tx.inner.key_locks);
+        for id in released {
+            if locks.get(&id).is_some_and(|l| Arc::strong_count(l) == 1) {
+                locks.remove(&id);
+            }
         }
         Ok(())
     }

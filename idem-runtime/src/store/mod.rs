@@ -116,16 +116,12 @@ pub(crate) fn live_record(row: Option<RecordRow>, now_ms: i64) -> Option<StoredR
 /// appear and vanish between two statements, so this bound is never reached in practice.
 pub(crate) const CLAIM_ATTEMPTS: usize = 8;
 
-/// The savepoint a handler's `in_transaction` takes in its caller's transaction.
+/// The statements of a savepoint a handler's `in_transaction` takes in its caller's
+/// transaction; `name` is the runtime's own (`idem_call_<n>`), never user input.
 #[cfg(any(feature = "pg", feature = "mysql", feature = "sqlite"))]
-pub(crate) const SAVEPOINT: &str = "SAVEPOINT idem_call";
-/// Its release.
-#[cfg(any(feature = "pg", feature = "mysql", feature = "sqlite"))]
-pub(crate) const RELEASE_SAVEPOINT: &str = "RELEASE SAVEPOINT idem_call";
-/// Its rollback, then its release (a savepoint outlives a rollback to it).
-#[cfg(any(feature = "pg", feature = "mysql", feature = "sqlite"))]
-pub(crate) const ROLLBACK_TO_SAVEPOINT: &str =
-    "ROLLBACK TO SAVEPOINT idem_call; RELEASE SAVEPOINT idem_call";
+pub(crate) fn savepoint_sql(statement: &str, name: &str) -> sqlx::AssertSqlSafe<String> {
+    sqlx::AssertSqlSafe(statement.replace("{name}", name))
+}
 
 /// The error when [`CLAIM_ATTEMPTS`] ran out: retryable (an I/O-class error), so the message is
 /// requeued. Never a duplicate: the key was free each time we looked.
@@ -204,22 +200,31 @@ pub trait Store: sealed::Sealed + Send + Sync {
         tx: &mut Self::Tx,
     ) -> impl Future<Output = Result<(), CommitFailure>> + Send;
 
-    /// Takes the savepoint `idem_call` in a transaction the caller owns, before a handler's
-    /// `in_transaction` runs its gate and body there.
-    fn savepoint(&self, tx: &mut Self::Tx) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
-    /// Releases `idem_call`: what the gate and the body wrote joins the caller's transaction.
+    /// Takes the savepoint `name` in a transaction the caller owns, before a handler's
+    /// `in_transaction` runs its gate and body there, after proving that the transaction is
+    /// still open: on MySQL and SQLite a transaction the database ended leaves the connection in
+    /// autocommit mode, where the gate's and the body's writes would each commit on their own.
+    /// Each call takes its own name, so calls nest.
+    fn savepoint(
+        &self,
+        tx: &mut Self::Tx,
+        name: &str,
+    ) -> impl Future<Output = Result<(), CommitFailure>> + Send;
+    /// Releases `name`: what the gate and the body wrote joins the caller's transaction.
     /// Fails when the transaction ended under the call (the savepoint went with it), or, on
     /// PostgreSQL, when a failed statement aborted it.
     fn release_savepoint(
         &self,
         tx: &mut Self::Tx,
+        name: &str,
     ) -> impl Future<Output = Result<(), CommitFailure>> + Send;
-    /// Rolls back to `idem_call` and releases it: nothing the gate and the body wrote stays,
-    /// and the caller's transaction is usable again (on PostgreSQL, also after a failed
-    /// statement in the body).
+    /// Rolls back to `name` and releases it: nothing the gate and the body wrote stays, and the
+    /// caller's transaction is usable again (on PostgreSQL, also after a failed statement in
+    /// the body). Fails when the transaction itself is gone.
     fn rollback_to_savepoint(
         &self,
         tx: &mut Self::Tx,
+        name: &str,
     ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
     /// Writes `record` inside `tx`, unless a live record exists for its key. A concurrent
     /// transaction writing the same key makes this wait until that one ends, so a twin in

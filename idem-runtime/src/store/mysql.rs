@@ -301,22 +301,36 @@ impl Store for MySqlStore {
         tx.rollback().await
     }
 
-    async fn savepoint(&self, tx: &mut Self::Tx) -> Result<(), sqlx::Error> {
-        sqlx::raw_sql(super::SAVEPOINT).execute(&mut **tx).await?;
+    async fn savepoint(&self, tx: &mut Self::Tx, name: &str) -> Result<(), CommitFailure> {
+        // In autocommit mode each statement is its own transaction: the savepoint is gone by
+        // the release, which fails (1305): the caller's transaction had ended.
+        sqlx::raw_sql(super::savepoint_sql(
+            "SAVEPOINT {name}; RELEASE SAVEPOINT {name}; SAVEPOINT {name}",
+            name,
+        ))
+        .execute(&mut **tx)
+        .await?;
         Ok(())
     }
 
-    async fn release_savepoint(&self, tx: &mut Self::Tx) -> Result<(), CommitFailure> {
-        sqlx::raw_sql(super::RELEASE_SAVEPOINT)
+    async fn release_savepoint(&self, tx: &mut Self::Tx, name: &str) -> Result<(), CommitFailure> {
+        sqlx::raw_sql(super::savepoint_sql("RELEASE SAVEPOINT {name}", name))
             .execute(&mut **tx)
             .await?;
         Ok(())
     }
 
-    async fn rollback_to_savepoint(&self, tx: &mut Self::Tx) -> Result<(), sqlx::Error> {
-        sqlx::raw_sql(super::ROLLBACK_TO_SAVEPOINT)
-            .execute(&mut **tx)
-            .await?;
+    async fn rollback_to_savepoint(
+        &self,
+        tx: &mut Self::Tx,
+        name: &str,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::raw_sql(super::savepoint_sql(
+            "ROLLBACK TO SAVEPOINT {name}; RELEASE SAVEPOINT {name}",
+            name,
+        ))
+        .execute(&mut **tx)
+        .await?;
         Ok(())
     }
 

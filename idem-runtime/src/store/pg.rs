@@ -231,22 +231,32 @@ impl Store for PgStore {
         tx.rollback().await
     }
 
-    async fn savepoint(&self, tx: &mut Self::Tx) -> Result<(), sqlx::Error> {
-        sqlx::raw_sql(super::SAVEPOINT).execute(&mut **tx).await?;
-        Ok(())
-    }
-
-    async fn release_savepoint(&self, tx: &mut Self::Tx) -> Result<(), CommitFailure> {
-        sqlx::raw_sql(super::RELEASE_SAVEPOINT)
+    async fn savepoint(&self, tx: &mut Self::Tx, name: &str) -> Result<(), CommitFailure> {
+        // In an aborted transaction this fails (25P02), which the runtime reports as such.
+        sqlx::raw_sql(super::savepoint_sql("SAVEPOINT {name}", name))
             .execute(&mut **tx)
             .await?;
         Ok(())
     }
 
-    async fn rollback_to_savepoint(&self, tx: &mut Self::Tx) -> Result<(), sqlx::Error> {
-        sqlx::raw_sql(super::ROLLBACK_TO_SAVEPOINT)
+    async fn release_savepoint(&self, tx: &mut Self::Tx, name: &str) -> Result<(), CommitFailure> {
+        sqlx::raw_sql(super::savepoint_sql("RELEASE SAVEPOINT {name}", name))
             .execute(&mut **tx)
             .await?;
+        Ok(())
+    }
+
+    async fn rollback_to_savepoint(
+        &self,
+        tx: &mut Self::Tx,
+        name: &str,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::raw_sql(super::savepoint_sql(
+            "ROLLBACK TO SAVEPOINT {name}; RELEASE SAVEPOINT {name}",
+            name,
+        ))
+        .execute(&mut **tx)
+        .await?;
         Ok(())
     }
 

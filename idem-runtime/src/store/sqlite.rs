@@ -309,22 +309,37 @@ impl Store for SqliteStore {
         tx.rollback().await
     }
 
-    async fn savepoint(&self, tx: &mut Self::Tx) -> Result<(), sqlx::Error> {
-        sqlx::raw_sql(super::SAVEPOINT).execute(&mut **tx).await?;
-        Ok(())
-    }
-
-    async fn release_savepoint(&self, tx: &mut Self::Tx) -> Result<(), CommitFailure> {
-        sqlx::raw_sql(super::RELEASE_SAVEPOINT)
+    async fn savepoint(&self, tx: &mut Self::Tx, name: &str) -> Result<(), CommitFailure> {
+        // `BEGIN` succeeds only outside a transaction: then the caller's had ended (a
+        // savepoint there would open a new one, and its release would commit).
+        if sqlx::raw_sql("BEGIN").execute(&mut **tx).await.is_ok() {
+            let _ = sqlx::raw_sql("ROLLBACK").execute(&mut **tx).await;
+            return Err(CommitFailure::Aborted);
+        }
+        sqlx::raw_sql(super::savepoint_sql("SAVEPOINT {name}", name))
             .execute(&mut **tx)
             .await?;
         Ok(())
     }
 
-    async fn rollback_to_savepoint(&self, tx: &mut Self::Tx) -> Result<(), sqlx::Error> {
-        sqlx::raw_sql(super::ROLLBACK_TO_SAVEPOINT)
+    async fn release_savepoint(&self, tx: &mut Self::Tx, name: &str) -> Result<(), CommitFailure> {
+        sqlx::raw_sql(super::savepoint_sql("RELEASE SAVEPOINT {name}", name))
             .execute(&mut **tx)
             .await?;
+        Ok(())
+    }
+
+    async fn rollback_to_savepoint(
+        &self,
+        tx: &mut Self::Tx,
+        name: &str,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::raw_sql(super::savepoint_sql(
+            "ROLLBACK TO SAVEPOINT {name}; RELEASE SAVEPOINT {name}",
+            name,
+        ))
+        .execute(&mut **tx)
+        .await?;
         Ok(())
     }
 
