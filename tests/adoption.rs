@@ -721,3 +721,28 @@ async fn on_memory_failing(tx: &mut MemoryTx, msg: Payment) -> Result<(), AppErr
     tx.ledger(&msg.order_id, msg.amount).await?;
     idem_tests::maybe_fail(&msg.order_id)
 }
+
+/// A key listed twice in one import is one key, on every store (the second claim finds the
+/// transaction's own record; the memory store does not wait on its own lock).
+#[tokio::test]
+async fn a_key_listed_twice_is_imported_once() {
+    let id = unique_key("twice");
+    let memory = MemoryStore::new();
+    let keys = || [key(SCOPE_MEMORY, &id), key(SCOPE_MEMORY, &id)];
+    assert_eq!(
+        memory.mark_processed(keys(), None).await.expect("memory"),
+        1
+    );
+    let sqlite = idem_tests::sqlite::store().await;
+    let keys = || [key(SCOPE_SQLITE, &id), key(SCOPE_SQLITE, &id)];
+    assert_eq!(
+        sqlite.mark_processed(keys(), None).await.expect("sqlite"),
+        1
+    );
+    let pg = idem_tests::pg::store().await;
+    let keys = || [key(SCOPE_PG, &id), key(SCOPE_PG, &id)];
+    assert_eq!(pg.mark_processed(keys(), None).await.expect("pg"), 1);
+    let mysql = idem_tests::mysql::store().await;
+    let keys = || [key(SCOPE_MYSQL, &id), key(SCOPE_MYSQL, &id)];
+    assert_eq!(mysql.mark_processed(keys(), None).await.expect("mysql"), 1);
+}

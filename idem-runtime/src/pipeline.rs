@@ -10,6 +10,9 @@
 //!    ignored a failed statement may have let the database abort it);
 //! 7. only then acknowledge, with the [`Committed`] proof the commit produced.
 //!
+//! In a transaction the caller owns ([`open_in`], `<name>_in_transaction`) the steps are the
+//! same, with a savepoint of the call's own in place of begin, commit and rollback, and no ack.
+//!
 //! A failure anywhere rolls back, then requeues with a growing delay (retryable, until the
 //! handler's `max_attempts`) or dead-letters (permanent, or out of attempts). A failure that the
 //! strategy recognises as "an earlier delivery committed" (a unique violation under
@@ -686,76 +689,18 @@ where
     C: ResultCodec<T>,
 {
     let delivery = entered.delivery();
-    let strategy = &entered.strategy;
-    let codec = &entered.codec;
-    let value = match result {
-        Ok(Ok(value)) => value,
-        Ok(Err(error)) => {
-            rollback_to_savepoint(store, tx, name, &delivery).await?;
-            let duplicate =
-                catch_sync(|| strategy.is_duplicate_failure(store, errors.as_error(&error)))
-                    .unwrap_or(false);
-            if duplicate {
-                return accept_duplicate(&delivery, codec, read_record(store, &delivery).await?);
-            }
-            return Err(Error::Handler(error));
-        }
-        Err(payload) => {
-            rollback_to_savepoint(store, tx, name, &delivery).await?;
-            return Err(Error::Panicked {
-                scope: delivery.key.scope().to_owned(),
-                during: "body",
-                message: panic_message(&payload),
-            });
-        }
-    };
-    let response = match catch_sync(|| codec.encode(&value)) {
-        Ok(Ok(response)) => response,
-        Ok(Err(source)) => {
-            rollback_to_savepoint(store, tx, name, &delivery).await?;
-            return Err(Error::Serialize {
-                what: "result",
-                source,
-            });
-        }
-        Err(message) => {
-            rollback_to_savepoint(store, tx, name, &delivery).await?;
-            return Err(Error::Panicked {
-                scope: delivery.key.scope().to_owned(),
-                during: "result's serialization",
-                message,
-            });
-        }
-    };
-    if entered.observed.is_none() {
-        // Before a write that would otherwise autocommit on MySQL or SQLite, prove the caller's
-        // transaction alive with a probe savepoint of its own (taking one checks that): the
-        // call's savepoint stays, so a failure after this still undoes the body's writes.
-        if strategy.writes_after_body(&delivery, response.as_deref()) {
-            let probe = format!("{name}_probe");
-            let rearmed = match store.savepoint(tx, &probe).await {
-                Ok(()) => store.release_savepoint(tx, &probe).await,
-                Err(failure) => Err(failure),
-            };
-            if let Err(failure) = rearmed {
+    match after_body(store, entered, tx, Alive::Savepoint(name), result).await {
+        AfterBody::Keep(value) => match store.release_savepoint(tx, name).await {
+            // Not committed yet: the proof is dropped, nothing acknowledges.
+            Ok(()) => Ok((outcome_of(entered.observed, value), Committed::new())),
+            Err(failure) => {
                 rollback_to_savepoint(store, tx, name, &delivery).await?;
-                return Err(commit_failure(failure, &delivery));
+                Err(commit_failure(failure, &delivery))
             }
-        }
-        let verdict = strategy
-            .leave(store, tx, &delivery, response.as_deref())
-            .await;
-        if let Err(ended) = judge_after_body(verdict, &delivery, codec) {
+        },
+        AfterBody::Undo(undo) => {
             rollback_to_savepoint(store, tx, name, &delivery).await?;
-            return ended;
-        }
-    }
-    match store.release_savepoint(tx, name).await {
-        // Not committed yet: the proof is dropped, nothing acknowledges.
-        Ok(()) => Ok((outcome_of(entered.observed, value), Committed::new())),
-        Err(failure) => {
-            rollback_to_savepoint(store, tx, name, &delivery).await?;
-            Err(commit_failure(failure, &delivery))
+            undone(store, entered, errors, undo).await
         }
     }
 }
@@ -816,80 +761,153 @@ where
     C: ResultCodec<T>,
 {
     let delivery = entered.delivery();
-    let strategy = &entered.strategy;
-    let codec = &entered.codec;
-    let value = match result {
-        Ok(Ok(value)) => value,
-        Ok(Err(error)) => {
+    let value = match after_body(store, entered, &mut tx, Alive::Transaction, result).await {
+        AfterBody::Keep(value) => value,
+        AfterBody::Undo(undo) => {
             rollback(store, tx).await;
-            // The error's `source()` chain is user code: a panic there means "not a duplicate".
-            let duplicate =
-                catch_sync(|| strategy.is_duplicate_failure(store, errors.as_error(&error)))
-                    .unwrap_or(false);
-            if duplicate {
-                return accept_duplicate(&delivery, codec, read_record(store, &delivery).await?);
-            }
-            return Err(Error::Handler(error));
-        }
-        Err(payload) => {
-            rollback(store, tx).await;
-            return Err(Error::Panicked {
-                scope: delivery.key.scope().to_owned(),
-                during: "body",
-                message: panic_message(&payload),
-            });
+            return undone(store, entered, errors, undo).await;
         }
     };
-
-    let response = match catch_sync(|| codec.encode(&value)) {
-        Ok(Ok(response)) => response,
-        Ok(Err(source)) => {
-            rollback(store, tx).await;
-            return Err(Error::Serialize {
-                what: "result",
-                source,
-            });
-        }
-        Err(message) => {
-            rollback(store, tx).await;
-            return Err(Error::Panicked {
-                scope: delivery.key.scope().to_owned(),
-                during: "result's serialization",
-                message,
-            });
-        }
-    };
-    // Observe mode, on a would-be duplicate: the record is the first delivery's; leave it be.
-    if entered.observed.is_none() {
-        // Where the database would run it in autocommit mode after rolling the transaction
-        // back (MySQL, SQLite), a write after the body must first make sure the transaction
-        // is alive.
-        if strategy.writes_after_body(&delivery, response.as_deref()) {
-            match store.ensure_open(&mut tx).await {
-                Ok(()) => {}
-                Err(failure) => {
-                    rollback(store, tx).await;
-                    return Err(commit_failure(failure, &delivery));
-                }
-            }
-        }
-        let verdict = strategy
-            .leave(store, &mut tx, &delivery, response.as_deref())
-            .await;
-        if let Err(ended) = judge_after_body(verdict, &delivery, codec) {
-            rollback(store, tx).await;
-            return ended;
-        }
-    }
-
     match store.commit(tx).await {
         Ok(()) => Ok((outcome_of(entered.observed, value), Committed::new())),
-        Err(CommitFailure::Database(error)) if strategy.is_duplicate_failure(store, &error) => {
-            accept_duplicate(&delivery, codec, read_record(store, &delivery).await?)
+        Err(CommitFailure::Database(error))
+            if entered.strategy.is_duplicate_failure(store, &error) =>
+        {
+            accept_duplicate(
+                &delivery,
+                &entered.codec,
+                read_record(store, &delivery).await?,
+            )
         }
         // The commit's outcome may be unknown (connection lost mid-commit): requeue, and let
         // the gate sort the redelivery out.
         Err(failure) => Err(commit_failure(failure, &delivery)),
+    }
+}
+
+/// How the runtime proves a transaction still open before it writes after the body (on MySQL
+/// and SQLite a write in a transaction the database ended would autocommit alone).
+enum Alive<'n> {
+    /// The runtime's own transaction: [`Store::ensure_open`].
+    Transaction,
+    /// A caller's transaction, holding the call's savepoint `name`: a probe savepoint of its
+    /// own (taking one proves the transaction open), so that the call's stays in place and a
+    /// failure after this still undoes the body's writes.
+    Savepoint(&'n str),
+}
+
+/// What the body's result comes to, before its transaction (or savepoint) ends.
+enum AfterBody<T, E> {
+    /// Keep the writes: commit, or release the caller's savepoint.
+    Keep(T),
+    /// Undo the writes, then end as this says.
+    Undo(Undo<T, E>),
+}
+
+/// How a delivery ends once its writes are undone.
+enum Undo<T, E> {
+    /// The body failed: a duplicate if the strategy says so (read after the rollback), else
+    /// the handler's error.
+    Handler(E),
+    /// Decided already.
+    Ended(Attempt<T, E>),
+}
+
+/// The steps after the body, the same in the runtime's own transaction and in a caller's: the
+/// body's result (a panic and an error undo), its encoding for `replay`, then the gate after
+/// the body, skipped for an observed duplicate (the record is the first delivery's).
+async fn after_body<S, G, C, T, E>(
+    store: &S,
+    entered: &Entered<G, C>,
+    tx: &mut S::Tx,
+    alive: Alive<'_>,
+    result: Result<Result<T, E>, PanicPayload>,
+) -> AfterBody<T, E>
+where
+    S: Store,
+    G: Strategy<S>,
+    C: ResultCodec<T>,
+{
+    let delivery = entered.delivery();
+    let panicked = |during, message| {
+        AfterBody::Undo(Undo::Ended(Err(Error::Panicked {
+            scope: delivery.key.scope().to_owned(),
+            during,
+            message,
+        })))
+    };
+    let value = match result {
+        Ok(Ok(value)) => value,
+        Ok(Err(error)) => return AfterBody::Undo(Undo::Handler(error)),
+        Err(payload) => return panicked("body", panic_message(&payload)),
+    };
+    let response = match catch_sync(|| entered.codec.encode(&value)) {
+        Ok(Ok(response)) => response,
+        Ok(Err(source)) => {
+            return AfterBody::Undo(Undo::Ended(Err(Error::Serialize {
+                what: "result",
+                source,
+            })));
+        }
+        Err(message) => return panicked("result's serialization", message),
+    };
+    if entered.observed.is_some() {
+        return AfterBody::Keep(value);
+    }
+    let strategy = &entered.strategy;
+    if strategy.writes_after_body(&delivery, response.as_deref()) {
+        let open = match alive {
+            Alive::Transaction => store.ensure_open(tx).await,
+            Alive::Savepoint(name) => {
+                let probe = format!("{name}_probe");
+                match store.savepoint(tx, &probe).await {
+                    Ok(()) => store.release_savepoint(tx, &probe).await,
+                    Err(failure) => Err(failure),
+                }
+            }
+        };
+        if let Err(failure) = open {
+            return AfterBody::Undo(Undo::Ended(Err(commit_failure(failure, &delivery))));
+        }
+    }
+    let verdict = strategy
+        .leave(store, tx, &delivery, response.as_deref())
+        .await;
+    match judge_after_body(verdict, &delivery, &entered.codec) {
+        Ok(()) => AfterBody::Keep(value),
+        Err(ended) => AfterBody::Undo(Undo::Ended(ended)),
+    }
+}
+
+/// The end of a delivery whose writes were undone.
+async fn undone<S, G, C, T, E>(
+    store: &S,
+    entered: &Entered<G, C>,
+    errors: HandlerErrors<E>,
+    undo: Undo<T, E>,
+) -> Attempt<T, E>
+where
+    S: Store,
+    G: Strategy<S>,
+    C: ResultCodec<T>,
+{
+    match undo {
+        Undo::Ended(attempt) => attempt,
+        Undo::Handler(error) => {
+            // The error's `source()` chain is user code: a panic there means "not a duplicate".
+            let duplicate = catch_sync(|| {
+                entered
+                    .strategy
+                    .is_duplicate_failure(store, errors.as_error(&error))
+            })
+            .unwrap_or(false);
+            if duplicate {
+                let delivery = entered.delivery();
+                let record = read_record(store, &delivery).await?;
+                return accept_duplicate(&delivery, &entered.codec, record);
+            }
+            Err(Error::Handler(error))
+        }
     }
 }
 

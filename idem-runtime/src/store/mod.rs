@@ -287,9 +287,8 @@ pub trait Store: sealed::Sealed + Send + Sync {
             });
             let mut tx = self.begin().await?;
             let mut recorded = 0;
-            let mut seen = std::collections::HashSet::new();
-            // A key given twice is one key (and the memory store would wait on its own lock).
-            for key in keys.into_iter().filter(|key| seen.insert(key.clone())) {
+            // A key given twice is one key: its second claim finds this transaction's record.
+            for key in keys {
                 let record = NewRecord {
                     key: &key,
                     fingerprint: None,
@@ -363,6 +362,44 @@ pub trait TransitionStore: Store {
         key: &StateKey,
     ) -> impl Future<Output = Result<TransitionOutcome, sqlx::Error>> + Send;
 }
+
+/// [`Store::release_savepoint`] and [`Store::rollback_to_savepoint`] for a sqlx store whose
+/// transaction derefs to its connection: the same standard statements on every SQL database
+/// (each store writes its own [`Store::savepoint`], which must also prove the transaction open).
+#[cfg(any(feature = "pg", feature = "mysql", feature = "sqlite"))]
+macro_rules! sql_savepoint_endings {
+    () => {
+        async fn release_savepoint(
+            &self,
+            tx: &mut Self::Tx,
+            name: &str,
+        ) -> Result<(), CommitFailure> {
+            sqlx::raw_sql($crate::store::savepoint_sql(
+                "RELEASE SAVEPOINT {name}",
+                name,
+            ))
+            .execute(&mut **tx)
+            .await?;
+            Ok(())
+        }
+
+        async fn rollback_to_savepoint(
+            &self,
+            tx: &mut Self::Tx,
+            name: &str,
+        ) -> Result<(), sqlx::Error> {
+            sqlx::raw_sql($crate::store::savepoint_sql(
+                "ROLLBACK TO SAVEPOINT {name}; RELEASE SAVEPOINT {name}",
+                name,
+            ))
+            .execute(&mut **tx)
+            .await?;
+            Ok(())
+        }
+    };
+}
+#[cfg(any(feature = "pg", feature = "mysql", feature = "sqlite"))]
+pub(crate) use sql_savepoint_endings;
 
 /// The body of [`TransitionStore::transition`] for a sqlx store, the same in every dialect
 /// once the statements are built: bind `to`, the key and `from`; run the guarded update; when

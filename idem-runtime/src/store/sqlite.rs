@@ -322,26 +322,7 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn release_savepoint(&self, tx: &mut Self::Tx, name: &str) -> Result<(), CommitFailure> {
-        sqlx::raw_sql(super::savepoint_sql("RELEASE SAVEPOINT {name}", name))
-            .execute(&mut **tx)
-            .await?;
-        Ok(())
-    }
-
-    async fn rollback_to_savepoint(
-        &self,
-        tx: &mut Self::Tx,
-        name: &str,
-    ) -> Result<(), sqlx::Error> {
-        sqlx::raw_sql(super::savepoint_sql(
-            "ROLLBACK TO SAVEPOINT {name}; RELEASE SAVEPOINT {name}",
-            name,
-        ))
-        .execute(&mut **tx)
-        .await?;
-        Ok(())
-    }
+    super::sql_savepoint_endings!();
 
     async fn claim(&self, tx: &mut Self::Tx, record: &NewRecord<'_>) -> Result<Claim, sqlx::Error> {
         let bind = |sql: &SqlStr| {
