@@ -128,13 +128,13 @@ pub(crate) const ARGUMENTS: &[Argument] = &[
     Argument {
         id: Name::Key,
         name: "key",
-        shape: Shape::Text(r#"`"field"`, `"a.b"`, `"user_id, op"`"#),
+        shape: Shape::Text(r#"`"field"`, `"a.b"`, `"user_id, op"`, `"$message_id"`"#),
         example: r#"key = "order_id""#,
         presence: Presence::Required {
             why: ", naming the message field(s) that identify a message",
         },
         applies: Applies::Always,
-        doc: "message fields that identify the message; nested paths and composites allowed. Each field's type implements [`KeyPart`](crate::KeyPart).",
+        doc: "message fields that identify the message; nested paths and composites allowed. Each field's type implements [`KeyPart`](crate::KeyPart). `$message_id` is the broker's id of the message ([`Acknowledger::message_id`](crate::Acknowledger::message_id)), alone or with fields.",
     },
     Argument {
         id: Name::Store,

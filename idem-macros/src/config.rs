@@ -139,8 +139,20 @@ impl OnMissing {
 pub(crate) struct KeyField {
     /// The path as written, e.g. `"order.id"`: the field's name in key errors at runtime.
     pub(crate) text: String,
-    /// Its segments, each spanned on the key literal.
+    /// Its segments, each spanned on the key literal. Empty for `$message_id`.
     pub(crate) segments: Vec<syn::Member>,
+    /// `$message_id`: the broker's id of the delivery, not a message field.
+    pub(crate) message_id: bool,
+}
+
+/// The spelling of the broker's message id in `key`.
+pub(crate) const MESSAGE_ID: &str = "$message_id";
+
+impl KeySpec {
+    /// Whether the key includes the broker's message id.
+    pub(crate) fn uses_message_id(&self) -> bool {
+        self.fields.iter().any(|field| field.message_id)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -327,6 +339,13 @@ fn state_machine(parsed: &Parsed, errors: &mut Errors) -> Option<StrategyConfig>
         );
         return None;
     };
+    if key_field.message_id {
+        errors.error(
+            key.span,
+            "`state_machine` finds the business row by a message field; `$message_id` is the broker's id, not a column value: key on the field that names the row",
+        );
+        return None;
+    }
     let key_column = match (&parsed.key_column, key_field.segments.last()) {
         (Some(key_column), _) => key_column.clone(),
         (None, Some(syn::Member::Named(field))) => field.to_string(),

@@ -156,12 +156,44 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
     // key part is reported there.
     let key_part = respan(quote!(#private::key_part), key_spec.span);
     let message_at_key = format_ident!("message", span = mixed.located_at(key_spec.span));
+    let message_id_var = format_ident!("message_id", span = mixed);
+    let message_id_part = format_ident!("message_id_part", span = mixed);
     let key_parts = key_spec.fields.iter().map(|field| {
         let text = &field.text;
+        if field.message_id {
+            return quote! { (#text, #key_part(&#message_id_part)) };
+        }
         let segments = &field.segments;
         let amp = syn::Token![&](key_spec.span);
         let dot = syn::Token![.](key_spec.span);
         quote! { (#text, #key_part(#amp #message_at_key #(#dot #segments)*)) }
+    });
+    let uses_message_id = key_spec.uses_message_id();
+    let build_key = if uses_message_id {
+        quote! {
+            #private::key_with_message_id(
+                #spec.scope(),
+                #message_id_var.as_deref(),
+                |#message_id_part| #private::key(#spec.scope(), &[#(#key_parts),*]),
+            )
+        }
+    } else {
+        quote!(#private::key(#spec.scope(), &[#(#key_parts),*]))
+    };
+    // Taken before the acknowledger moves into the pipeline; the companion that runs in the
+    // caller's transaction takes the id as a parameter instead.
+    let message_id_from_ack = uses_message_id.then(|| {
+        quote! {
+            let #message_id_var: #private::core::option::Option<::std::string::String> =
+                #private::message_id(&#ack_param);
+        }
+    });
+    let message_id_param = uses_message_id.then(|| quote!(#message_id_var: &str,));
+    let message_id_from_param = uses_message_id.then(|| {
+        quote! {
+            let #message_id_var: #private::core::option::Option<::std::string::String> =
+                #private::core::option::Option::Some(::std::string::String::from(#message_id_var));
+        }
     });
 
     let mut strategy_items = TokenStream::new();
@@ -274,7 +306,7 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
         // `Serialize`): a panic there is caught and settled like a failed delivery.
         let #prepared = #private::Prepared::new(
             || #strategy_value,
-            || #private::key(#spec.scope(), &[#(#key_parts),*]),
+            || #build_key,
             || #fingerprint_value,
         );
     };
@@ -315,6 +347,13 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
     let in_transaction_doc = format!(
         "`{ident}` inside a transaction you own: the gate and the body run in `tx` (in a savepoint); nothing begins, commits or acknowledges. `Ok(Processed)`: commit `tx` to make the body's writes and the dedup record durable together (roll it back and neither happened). `Ok(Duplicate)`: processed before; nothing written. `Err`: this call's writes were rolled back to the savepoint; roll `tx` back unless you handle the error. Emitted by `#[idempotent]`."
     );
+    let in_transaction_doc = if uses_message_id {
+        format!(
+            "{in_transaction_doc} `message_id`: the broker's id of the message, which the key (`$message_id`) includes."
+        )
+    } else {
+        in_transaction_doc
+    };
     let inputs = &sig.inputs;
     let asyncness = &sig.asyncness;
     let original_output = &sig.output;
@@ -331,6 +370,7 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
             #(#inner_attrs)*
             // Checked once, here: the companions share the scope.
             const _: () = #check_scope(#scope);
+            #message_id_from_ack
             #spec_and_prepared
             // Three steps rather than one call taking the body as a closure: a closure over
             // `&mut Tx` needs a higher-ranked bound, and rustc cannot then prove the handler's
@@ -360,8 +400,10 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
             #store_param: &#private::#store_type,
             #tx_param: &mut <#private::#store_type as #private::Store>::Tx,
             #message_param: #message_type,
+            #message_id_param
         ) -> #returns #where_clause {
             #(#inner_attrs)*
+            #message_id_from_param
             #spec_and_prepared
             let mut #gate = match #private::open_in(
                 #store_param,

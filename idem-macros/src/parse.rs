@@ -12,7 +12,7 @@ use syn::spanned::Spanned;
 use syn::{Expr, ExprLit, Ident, Lit, LitStr, Meta, Token};
 
 use crate::arguments::{self, Argument, Name, unknown};
-use crate::config::{KeyField, KeySpec, Mode, OnMissing, StoreKind, StrategyKind};
+use crate::config::{KeyField, KeySpec, MESSAGE_ID, Mode, OnMissing, StoreKind, StrategyKind};
 use crate::errors::Errors;
 
 /// PostgreSQL truncates identifiers past 63 bytes; refuse them instead.
@@ -412,6 +412,34 @@ fn parse_key(lit: &LitStr, errors: &mut Errors) -> Option<KeySpec> {
             );
             return None;
         }
+        if let Some(name) = text.strip_prefix('$') {
+            if text != MESSAGE_ID {
+                let hint = match crate::arguments::closest(text, &[MESSAGE_ID]) {
+                    Some(best) => format!("did you mean `{best}`?"),
+                    None => format!("the only one is `{MESSAGE_ID}`, the broker's message id"),
+                };
+                errors.error(
+                    span,
+                    format!(
+                        "`${name}` in key `{value}` is not something the delivery carries; {hint}"
+                    ),
+                );
+                return None;
+            }
+            if fields.iter().any(|f| f.message_id) {
+                errors.error(
+                    span,
+                    format!("`{MESSAGE_ID}` appears twice in the key; list it once"),
+                );
+                return None;
+            }
+            fields.push(KeyField {
+                text: text.to_owned(),
+                segments: Vec::new(),
+                message_id: true,
+            });
+            continue;
+        }
         let mut segments = Vec::new();
         for segment in text.split('.') {
             let segment = segment.trim();
@@ -440,6 +468,7 @@ fn parse_key(lit: &LitStr, errors: &mut Errors) -> Option<KeySpec> {
         fields.push(KeyField {
             text: text.to_owned(),
             segments,
+            message_id: false,
         });
     }
     Some(KeySpec { fields, span })

@@ -33,6 +33,29 @@ pub fn key(scope: &'static str, parts: &[(&str, &dyn KeyPart)]) -> Result<Key, K
     Key::new(scope, parts)
 }
 
+/// The delivery's broker message id, for `key = "$message_id"`: taken before the
+/// acknowledger moves into the pipeline.
+#[inline]
+pub fn message_id<A: Acknowledger>(ack: &A) -> Option<String> {
+    ack.message_id().map(str::to_owned)
+}
+
+/// Builds a key that includes the broker's message id: `MissingMessageId` when the delivery
+/// has none, else `build` with it.
+#[inline]
+pub fn key_with_message_id(
+    scope: &'static str,
+    message_id: Option<&str>,
+    build: impl FnOnce(&str) -> Result<Key, KeyError>,
+) -> Result<Key, KeyError> {
+    match message_id {
+        Some(id) => build(id),
+        None => Err(KeyError::MissingMessageId {
+            scope: scope.to_owned(),
+        }),
+    }
+}
+
 /// Checks at the use site that a key field's type can be a key part, so that the compiler's
 /// error points at the key in the attribute.
 #[inline(always)]

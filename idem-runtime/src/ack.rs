@@ -88,6 +88,22 @@ pub trait Acknowledger: Send {
     /// every delivery as the first, so `max_attempts` cannot end its retries.
     fn attempt(&self) -> Option<u32>;
 
+    /// The broker's own limit on deliveries of this message, when it has one and will stop
+    /// redelivering by itself past it (JetStream's `max_deliver`). The runtime dead-letters at
+    /// the last delivery the broker allows even when the handler's `max_attempts` is higher,
+    /// so that the broker never drops a message silently. `None` (the default): no such limit.
+    fn delivery_limit(&self) -> Option<u32> {
+        None
+    }
+
+    /// The broker's id for this message, for `key = "$message_id"`: the AMQP `message_id`
+    /// property, the JetStream `Nats-Msg-Id` header, the Redis Streams entry id. `None` (the
+    /// default) when the message has none; a handler keyed on it then dead-letters the
+    /// delivery with [`KeyError::MissingMessageId`](crate::KeyError::MissingMessageId).
+    fn message_id(&self) -> Option<&str> {
+        None
+    }
+
     /// The message's effects are committed: remove it from the queue.
     fn ack(self, proof: Committed) -> impl Future<Output = Result<(), Self::Error>> + Send;
 

@@ -236,7 +236,7 @@ pub enum Error<E> {
         /// The message type it was decoded into.
         message_type: &'static str,
         /// The decoder's error.
-        source: serde_json::Error,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// A stored result could not be decoded into the handler's result type; the type changed
     /// since the record was written.
@@ -360,9 +360,8 @@ impl<E: StdError + 'static> StdError for Error<E> {
             Self::Handler(error) => Some(error),
             Self::Key(error) => Some(error),
             Self::Database(error) => Some(error),
-            Self::Serialize { source, .. }
-            | Self::Replay { source, .. }
-            | Self::Decode { source, .. } => Some(source),
+            Self::Serialize { source, .. } | Self::Replay { source, .. } => Some(source),
+            Self::Decode { source, .. } => Some(&**source as &(dyn StdError + 'static)),
             Self::PayloadMismatch { .. }
             | Self::TransactionAborted { .. }
             | Self::Panicked { .. }

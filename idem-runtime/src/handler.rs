@@ -152,23 +152,9 @@ where
             let message: H::Message = match decoded {
                 Ok(message) => message,
                 Err(source) => {
-                    let error = Error::Decode {
-                        message_type: std::any::type_name::<H::Message>(),
-                        source,
-                    };
-                    let reason = error.to_string();
-                    let attempt = Acknowledger::attempt(&ack).unwrap_or(1).max(1);
-                    tracing::error!(target: "idem", %reason, "undecodable payload; dead-lettering");
-                    if let Err(ack_error) = ack
-                        .dead_letter(DeadLetter {
-                            reason: &reason,
-                            attempt,
-                        })
-                        .await
-                    {
-                        tracing::warn!(error = %ack_error, "could not dead-letter the undecodable delivery");
-                    }
-                    return Err(error);
+                    return Err(
+                        dead_letter_undecodable::<H::Message, _>(ack, Box::new(source)).await,
+                    );
                 }
             };
             match self.0.handle(store, message, ack).await {
@@ -181,11 +167,40 @@ where
     }
 }
 
+/// Dead-letters a delivery whose payload does not decode into `M`, with the decoder's error
+/// as the reason: the same bytes to the same code can never succeed.
+pub(crate) async fn dead_letter_undecodable<M, A: Acknowledger>(
+    ack: A,
+    source: Box<dyn std::error::Error + Send + Sync>,
+) -> DynError {
+    let error = Error::Decode {
+        message_type: std::any::type_name::<M>(),
+        source,
+    };
+    let reason = error.to_string();
+    let attempt = ack.attempt().unwrap_or(1).max(1);
+    tracing::error!(target: "idem", %reason, attempt, "undecodable payload; dead-lettering");
+    if let Err(ack_error) = ack
+        .dead_letter(DeadLetter {
+            reason: &reason,
+            attempt,
+        })
+        .await
+    {
+        tracing::warn!(error = %ack_error, "could not dead-letter the undecodable delivery");
+    }
+    error
+}
+
 /// An [`Acknowledger`] behind a pointer: what a [`DynHandler`] takes. Implemented for every
 /// `Acknowledger`; you never implement it.
 pub trait DynAcknowledger: Send {
     /// [`Acknowledger::attempt`].
     fn attempt(&self) -> Option<u32>;
+    /// [`Acknowledger::delivery_limit`].
+    fn delivery_limit(&self) -> Option<u32>;
+    /// [`Acknowledger::message_id`].
+    fn message_id(&self) -> Option<&str>;
     /// [`Acknowledger::ack`].
     fn ack_boxed<'a>(self: Box<Self>, proof: Committed) -> BoxFuture<'a, Result<(), BoxedAckError>>
     where
@@ -212,6 +227,12 @@ pub type BoxedAckError = Box<dyn std::error::Error + Send + Sync>;
 impl<A: Acknowledger> DynAcknowledger for A {
     fn attempt(&self) -> Option<u32> {
         Acknowledger::attempt(self)
+    }
+    fn delivery_limit(&self) -> Option<u32> {
+        Acknowledger::delivery_limit(self)
+    }
+    fn message_id(&self) -> Option<&str> {
+        Acknowledger::message_id(self)
     }
     fn ack_boxed<'a>(self: Box<Self>, proof: Committed) -> BoxFuture<'a, Result<(), BoxedAckError>>
     where
@@ -248,6 +269,12 @@ impl<'b> Acknowledger for Box<dyn DynAcknowledger + 'b> {
     type Error = DynAckError;
     fn attempt(&self) -> Option<u32> {
         (**self).attempt()
+    }
+    fn delivery_limit(&self) -> Option<u32> {
+        (**self).delivery_limit()
+    }
+    fn message_id(&self) -> Option<&str> {
+        (**self).message_id()
     }
     async fn ack(self, proof: Committed) -> Result<(), Self::Error> {
         self.ack_boxed(proof).await.map_err(DynAckError)

@@ -155,6 +155,16 @@ pub enum KeyError {
         /// The limit, [`MAX_KEY_BYTES`].
         max: usize,
     },
+    /// The handler keys on `$message_id` and the delivery carries no broker message id (no
+    /// AMQP `message_id` property, no `Nats-Msg-Id` header), or was handed to the handler by
+    /// an acknowledger that has none ([`NoAck`](crate::NoAck)).
+    #[error(
+        "the handler in scope `{scope}` keys on `$message_id`, but the delivery has no message id; it is dead-lettered (have the producer set one: the AMQP `message_id` property, the JetStream `Nats-Msg-Id` header; or key on message fields)"
+    )]
+    MissingMessageId {
+        /// The handler's scope.
+        scope: String,
+    },
     /// The scope is empty or longer than [`MAX_SCOPE_BYTES`].
     #[error(
         "idempotency scope `{scope}` must be 1 to {max} bytes long; set a shorter `scope = \"...\"` on the handler"

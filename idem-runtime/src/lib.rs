@@ -46,6 +46,8 @@
 //! - `ulid`: [`ulid::Ulid`] key fields.
 //! - `anyhow`, `eyre`: handlers may return `anyhow::Error` / `eyre::Report`
 //!   ([`HandlerFailure`]).
+//! - `rabbitmq`, `nats`, `redis-streams`: consumers for RabbitMQ (lapin), NATS JetStream
+//!   (async-nats) and Redis Streams (redis); see [`broker`].
 //!
 //! The [`MemoryStore`], for unit tests, is always available.
 
@@ -56,6 +58,7 @@
 // `error` uses `classify` and `key`; `store` uses those; `strategy` uses `store`; `ack` uses
 // `error` and `retry`; `pipeline` uses all of them and is used by none.
 pub mod ack;
+pub mod broker;
 pub mod classify;
 pub mod clock;
 pub mod error;

@@ -987,13 +987,9 @@ async fn conclude<T, E, A: Acknowledger>(
                 catch_sync(|| errors.disposition(&error)).unwrap_or(crate::Disposition::Retry);
             let text = catch_sync(|| errors.display(&error).to_string())
                 .unwrap_or_else(|message| format!("(the error's Display panicked: {message})"));
-            let settlement = Settlement::of_failure(
-                disposition,
-                number,
-                spec.retry_policy(),
-                &text,
-                fastrand::f64(),
-            );
+            let policy = spec.retry_policy().capped_at(ack.delivery_limit());
+            let settlement =
+                Settlement::of_failure(disposition, number, &policy, &text, fastrand::f64());
             let told = match settlement {
                 Settlement::Requeue { attempt, delay } => {
                     tracing::warn!(

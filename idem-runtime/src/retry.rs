@@ -77,6 +77,26 @@ impl RetryPolicy {
         attempt >= self.max_attempts
     }
 
+    /// This policy with at most `limit` attempts, when the broker allows fewer deliveries than
+    /// the policy (see [`Acknowledger::delivery_limit`](crate::Acknowledger::delivery_limit)).
+    ///
+    /// ```
+    /// use idem_runtime::RetryPolicy;
+    ///
+    /// assert_eq!(RetryPolicy::DEFAULT.capped_at(Some(3)).max_attempts(), 3);
+    /// assert_eq!(RetryPolicy::DEFAULT.capped_at(Some(50)).max_attempts(), 10);
+    /// assert_eq!(RetryPolicy::DEFAULT.capped_at(None).max_attempts(), 10);
+    /// ```
+    #[must_use]
+    pub const fn capped_at(mut self, limit: Option<u32>) -> Self {
+        if let Some(limit) = limit {
+            if limit < self.max_attempts {
+                self.max_attempts = if limit == 0 { 1 } else { limit };
+            }
+        }
+        self
+    }
+
     /// The delay after delivery number `attempt` failed: `base · 2^(attempt-1)`, capped at
     /// [`max_delay`](Self::max_delay), scaled into its upper half by `jitter` in `[0, 1]`
     /// ("equal jitter": never shorter than half, so delays still grow).
