@@ -746,3 +746,57 @@ async fn a_key_listed_twice_is_imported_once() {
     let keys = || [key(SCOPE_MYSQL, &id), key(SCOPE_MYSQL, &id)];
     assert_eq!(mysql.mark_processed(keys(), None).await.expect("mysql"), 1);
 }
+
+#[idempotent(
+    key = "$message_id, order_id",
+    store = "memory",
+    strategy = "dedup_table",
+    scope = "adoption.message_id"
+)]
+async fn on_memory_by_message_id(_tx: &mut MemoryTx, msg: Payment) -> Result<(), AppError> {
+    idem_tests::count_run(&msg.order_id);
+    Ok(())
+}
+
+/// `key = "$message_id, order_id"`: the broker's id, from the acknowledger, is part of the key;
+/// a delivery without one is dead-lettered with a typed reason, and its body never runs.
+#[tokio::test]
+async fn the_broker_message_id_is_part_of_the_key_and_its_absence_is_dead_lettered() {
+    use idem_tests::RecordingAck;
+    let store = MemoryStore::new();
+    let order = unique_key("message-id");
+    let payment = || Payment::new(&order, 5);
+
+    let first = on_memory_by_message_id(&store, payment(), RecordingAck::with_message_id("m-1"));
+    assert!(first.await.expect("first delivery").is_processed());
+    let again = on_memory_by_message_id(&store, payment(), RecordingAck::with_message_id("m-1"));
+    assert!(again.await.expect("same id").is_duplicate());
+    // Another message id is another message, even for the same order.
+    let other = on_memory_by_message_id(&store, payment(), RecordingAck::with_message_id("m-2"));
+    assert!(other.await.expect("other id").is_processed());
+    assert_eq!(runs(&order), 2);
+
+    let without_id = RecordingAck::new();
+    let missing = on_memory_by_message_id(&store, payment(), without_id.clone()).await;
+    assert!(
+        matches!(
+            &missing,
+            Err(idem_runtime::Error::Key(idem_runtime::KeyError::MissingMessageId { scope }))
+                if scope == "adoption.message_id"
+        ),
+        "{missing:?}"
+    );
+    assert!(
+        without_id.dead_lettered_with("has no message id"),
+        "{:?}",
+        without_id.events()
+    );
+    let direct = on_memory_by_message_id(&store, payment(), NoAck).await;
+    assert!(matches!(
+        direct,
+        Err(idem_runtime::Error::Key(
+            idem_runtime::KeyError::MissingMessageId { .. }
+        ))
+    ));
+    assert_eq!(runs(&order), 2, "no body ran without a message id");
+}

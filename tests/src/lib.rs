@@ -225,6 +225,7 @@ pub struct RecordingAck {
     events: Arc<Mutex<Vec<AckEvent>>>,
     fail_ack: bool,
     attempt: Option<u32>,
+    message_id: Option<String>,
 }
 
 /// The error of a [`RecordingAck`] told to fail.
@@ -250,6 +251,14 @@ impl RecordingAck {
     pub fn at_attempt(attempt: u32) -> Self {
         Self {
             attempt: Some(attempt),
+            ..Self::default()
+        }
+    }
+
+    /// Records, for a delivery that carries the broker message id `id`.
+    pub fn with_message_id(id: &str) -> Self {
+        Self {
+            message_id: Some(id.to_owned()),
             ..Self::default()
         }
     }
@@ -285,6 +294,10 @@ impl Acknowledger for RecordingAck {
 
     fn attempt(&self) -> Option<u32> {
         self.attempt
+    }
+
+    fn message_id(&self) -> Option<&str> {
+        self.message_id.as_deref()
     }
 
     async fn ack(self, _proof: Committed) -> Result<(), AckLost> {
