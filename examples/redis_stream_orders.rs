@@ -99,7 +99,9 @@ async fn main() -> Result<(), BoxError> {
         };
         let copies = 1 + u64::from(n % 3 == 0) + u64::from(n % 10 == 0);
         for _ in 0..copies {
-            group.publish(&mut conn, &serde_json::to_vec(&order)?).await?;
+            group
+                .publish(&mut conn, &serde_json::to_vec(&order)?)
+                .await?;
             published += 1;
         }
     }

@@ -130,7 +130,12 @@ async fn record(tx: &mut PgTx<'_>, msg: &Order) -> Result<(), TestError> {
     Ok(())
 }
 
-#[idempotent(key = "key", store = "pg", strategy = "dedup_table", scope = "rs.order")]
+#[idempotent(
+    key = "key",
+    store = "pg",
+    strategy = "dedup_table",
+    scope = "rs.order"
+)]
 async fn on_order(tx: &mut PgTx<'_>, msg: Order) -> Result<(), TestError> {
     record(tx, &msg).await
 }
@@ -142,7 +147,12 @@ async fn on_kill(tx: &mut PgTx<'_>, msg: Order) -> Result<(), TestError> {
 }
 
 /// Refuses keys containing `permanent`.
-#[idempotent(key = "key", store = "pg", strategy = "dedup_table", scope = "rs.poison")]
+#[idempotent(
+    key = "key",
+    store = "pg",
+    strategy = "dedup_table",
+    scope = "rs.poison"
+)]
 async fn on_poison(tx: &mut PgTx<'_>, msg: Order) -> Result<(), TestError> {
     record(tx, &msg).await?;
     if msg.key.contains("permanent") {
@@ -203,7 +213,12 @@ async fn on_slow(tx: &mut PgTx<'_>, msg: Order) -> Result<(), TestError> {
 }
 
 /// Hangs for a minute on its first run of a key, after its write.
-#[idempotent(key = "key", store = "pg", strategy = "dedup_table", scope = "rs.stuck")]
+#[idempotent(
+    key = "key",
+    store = "pg",
+    strategy = "dedup_table",
+    scope = "rs.stuck"
+)]
 async fn on_stuck(tx: &mut PgTx<'_>, msg: Order) -> Result<(), TestError> {
     record(tx, &msg).await?;
     started(&msg.key);
@@ -374,7 +389,10 @@ async fn pending_entries(conn: &mut ConnectionManager, group: &StreamGroup) -> V
 }
 
 /// Every entry of a stream, as `(id, field -> value)`.
-async fn entries(conn: &mut ConnectionManager, stream: &str) -> Vec<(String, HashMap<String, String>)> {
+async fn entries(
+    conn: &mut ConnectionManager,
+    stream: &str,
+) -> Vec<(String, HashMap<String, String>)> {
     let reply: Value = redis::cmd("XRANGE")
         .arg(stream)
         .arg("-")
@@ -429,7 +447,9 @@ async fn drain_and_stop(
     stats: &idem_runtime::broker::ConsumerStats,
     settled: u64,
     shutdown: &CancellationToken,
-    run: tokio::task::JoinHandle<Result<ConsumerReport, idem_runtime::broker::redis_streams::RedisStreamError>>,
+    run: tokio::task::JoinHandle<
+        Result<ConsumerReport, idem_runtime::broker::redis_streams::RedisStreamError>,
+    >,
 ) -> ConsumerReport {
     eventually("the stream is drained", || {
         let mut conn = conn.clone();
@@ -454,9 +474,7 @@ async fn duplicates_run_once_under_concurrency() {
     let (store, table) = pg("dups").await;
     let mut conn = redis().await;
     let group = fresh_group("dups").with_reclaim_idle(Duration::from_secs(10));
-    let keys: Vec<String> = (0..200)
-        .map(|_| idem_tests::unique_key("rs-dup"))
-        .collect();
+    let keys: Vec<String> = (0..200).map(|_| idem_tests::unique_key("rs-dup")).collect();
     let mut published = 0_u64;
     // Duplicates close together and far apart: two rounds of everything, then extra copies.
     for round in 0..4 {
@@ -504,7 +522,11 @@ async fn duplicates_run_once_under_concurrency() {
         assert_eq!(rows.get(key), Some(&1), "rows of {key}");
     }
     assert_eq!(pending(&mut conn, &group).await, 0);
-    assert!(entries(&mut conn, group.dead_letter_stream()).await.is_empty());
+    assert!(
+        entries(&mut conn, group.dead_letter_stream())
+            .await
+            .is_empty()
+    );
     drop_table(&store, &table).await;
 }
 
@@ -538,7 +560,11 @@ async fn killed_between_commit_and_ack_is_a_duplicate_on_reclaim() {
         .expect("wait for the consumer process")
         .expect("start the consumer process");
     assert!(!status.success(), "the consumer process aborts: {status:?}");
-    assert_ne!(status.code(), Some(2), "it never saw the message to abort on");
+    assert_ne!(
+        status.code(),
+        Some(2),
+        "it never saw the message to abort on"
+    );
 
     // The dead consumer committed the first three, acked two, and held the last two unread.
     let committed = rows(&store, &table).await;
@@ -547,7 +573,11 @@ async fn killed_between_commit_and_ack_is_a_duplicate_on_reclaim() {
         assert_eq!(committed.get(key), Some(&1));
     }
     let held = pending_entries(&mut conn, &group).await;
-    assert_eq!(held.len(), 3, "the aborted one and the two read after it: {held:?}");
+    assert_eq!(
+        held.len(),
+        3,
+        "the aborted one and the two read after it: {held:?}"
+    );
     assert!(held.iter().all(|(_, count)| *count == 1), "{held:?}");
 
     let consumer = RedisStreamConsumer::new(
@@ -631,17 +661,28 @@ async fn poison_entries_are_dead_lettered_with_reasons() {
     xadd(
         &mut conn,
         by_field.stream(),
-        &[("payload", &first.json()), ("msg-id", message_id.as_bytes())],
+        &[
+            ("payload", &first.json()),
+            ("msg-id", message_id.as_bytes()),
+        ],
     )
     .await;
     // A re-publish of the same message (same producer id, new entry): a duplicate.
     xadd(
         &mut conn,
         by_field.stream(),
-        &[("payload", &again.json()), ("msg-id", message_id.as_bytes())],
+        &[
+            ("payload", &again.json()),
+            ("msg-id", message_id.as_bytes()),
+        ],
     )
     .await;
-    let anonymous_id = xadd(&mut conn, by_field.stream(), &[("payload", &anonymous.json())]).await;
+    let anonymous_id = xadd(
+        &mut conn,
+        by_field.stream(),
+        &[("payload", &anonymous.json())],
+    )
+    .await;
 
     let shutdown = CancellationToken::new();
     let consumer = RedisStreamConsumer::new(
@@ -668,7 +709,11 @@ async fn poison_entries_are_dead_lettered_with_reasons() {
     let report = drain_and_stop(&mut conn, &group, &stats, 6, &shutdown, run).await;
     assert_eq!(report.processed, 2, "{report:?}");
     assert_eq!(report.dead_lettered, 4, "{report:?}");
-    assert_eq!(report.duplicates + report.requeued + report.unsettled, 0, "{report:?}");
+    assert_eq!(
+        report.duplicates + report.requeued + report.unsettled,
+        0,
+        "{report:?}"
+    );
     let by_field_report = drain_and_stop(
         &mut conn,
         &by_field,
@@ -713,7 +758,10 @@ async fn poison_entries_are_dead_lettered_with_reasons() {
         "{fields:?}"
     );
     assert_eq!(fields[ATTEMPT_FIELD], "1");
-    assert_eq!(fields["payload"], String::from_utf8_lossy(&anonymous.json()));
+    assert_eq!(
+        fields["payload"],
+        String::from_utf8_lossy(&anonymous.json())
+    );
     assert_eq!(runs(&first.key), 1);
     assert_eq!(runs(&again.key), 0, "a re-publish with the same message id");
     assert_eq!(runs(&anonymous.key), 0);
@@ -765,7 +813,11 @@ async fn retries_are_spaced_by_the_backoff_and_counted() {
     assert_eq!(rows(&store, &table).await.get(&order.key), Some(&1));
     assert_eq!(pending(&mut conn, &group).await, 0);
     // The same entry all along: gone from the stream's pending list, never dead-lettered.
-    assert!(entries(&mut conn, group.dead_letter_stream()).await.is_empty());
+    assert!(
+        entries(&mut conn, group.dead_letter_stream())
+            .await
+            .is_empty()
+    );
     assert!(
         entries(&mut conn, group.stream())
             .await
@@ -813,7 +865,10 @@ async fn a_failure_that_never_heals_is_dead_lettered_after_max_attempts() {
         fields[REASON_FIELD].starts_with("gave up after 3 attempts: "),
         "{fields:?}"
     );
-    assert!(fields[REASON_FIELD].contains("failed for now"), "{fields:?}");
+    assert!(
+        fields[REASON_FIELD].contains("failed for now"),
+        "{fields:?}"
+    );
     assert_eq!(fields["payload"], String::from_utf8_lossy(&order.json()));
     assert_eq!(rows(&store, &table).await.get(&order.key), None);
     assert_eq!(pending(&mut conn, &group).await, 0);
@@ -859,7 +914,11 @@ async fn shutdown_lets_a_running_handler_finish_and_ack() {
     );
     assert_eq!(report.processed, 1, "{report:?}");
     assert_eq!(report.unsettled, 0, "{report:?}");
-    assert_eq!(pending(&mut conn, &group).await, 0, "acked before run returned");
+    assert_eq!(
+        pending(&mut conn, &group).await,
+        0,
+        "acked before run returned"
+    );
     assert_eq!(rows(&store, &table).await.get(&order.key), Some(&1));
     drop_table(&store, &table).await;
 }
@@ -968,8 +1027,15 @@ async fn the_entry_id_is_the_message_id() {
     let combined_stats = combined_consumer.stats();
     let combined_shutdown = CancellationToken::new();
     let combined_run = tokio::spawn(combined_consumer.run(combined_shutdown.clone()));
-    let report =
-        drain_and_stop(&mut conn, &alone, &alone_stats, 2, &alone_shutdown, alone_run).await;
+    let report = drain_and_stop(
+        &mut conn,
+        &alone,
+        &alone_stats,
+        2,
+        &alone_shutdown,
+        alone_run,
+    )
+    .await;
     assert_eq!(report.processed, 2, "two entries, two messages: {report:?}");
     let report = drain_and_stop(
         &mut conn,

@@ -463,16 +463,16 @@ impl StreamGroup {
         let deleted = parts.pop();
         let claimed = parts.pop();
         let next = parts.pop().and_then(text).ok_or_else(malformed)?;
-        if let Some(Value::Array(deleted)) = deleted {
-            if !deleted.is_empty() {
-                tracing::warn!(
-                    target: "idem",
-                    stream = %self.stream,
-                    group = %self.group,
-                    deleted = deleted.len(),
-                    "pending entries were deleted from the stream before they were acknowledged; Redis dropped them from the pending list"
-                );
-            }
+        if let Some(Value::Array(deleted)) = deleted
+            && !deleted.is_empty()
+        {
+            tracing::warn!(
+                target: "idem",
+                stream = %self.stream,
+                group = %self.group,
+                deleted = deleted.len(),
+                "pending entries were deleted from the stream before they were acknowledged; Redis dropped them from the pending list"
+            );
         }
         let Some(Value::Array(claimed)) = claimed else {
             return Err(malformed());
@@ -576,8 +576,11 @@ fn bytes(value: Value) -> Option<Vec<u8>> {
     }
 }
 
+/// An entry's fields, in order.
+type Fields = Vec<(String, Vec<u8>)>;
+
 /// `[id, [field, value, …]]` (or a map of fields, in RESP3).
-fn parse_entry(entry: Value) -> Option<(String, Vec<(String, Vec<u8>)>)> {
+fn parse_entry(entry: Value) -> Option<(String, Fields)> {
     let Value::Array(mut pair) = entry else {
         return None;
     };
@@ -968,7 +971,10 @@ where
     /// Consumes until `shutdown` is cancelled, then drains (see the type's docs) and returns
     /// the counts. Fails only when it cannot connect or make the group at the start; later
     /// errors (a lost connection) are logged and retried.
-    pub async fn run(self, shutdown: CancellationToken) -> Result<ConsumerReport, RedisStreamError> {
+    pub async fn run(
+        self,
+        shutdown: CancellationToken,
+    ) -> Result<ConsumerReport, RedisStreamError> {
         let connect_error = |source| RedisStreamError::Connect {
             stream: self.group.stream.to_string(),
             source,

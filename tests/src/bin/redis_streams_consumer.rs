@@ -7,9 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use idem_runtime::broker::redis_streams::{
-    RedisStreamAcknowledger, RedisStreamError, StreamGroup,
-};
+use idem_runtime::broker::redis_streams::{RedisStreamAcknowledger, RedisStreamError, StreamGroup};
 use idem_runtime::{Acknowledger, Committed, DeadLetter, PgTx, Requeue, idempotent};
 use idem_tests::AppError;
 
