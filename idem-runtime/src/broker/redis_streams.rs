@@ -47,7 +47,7 @@
 //! struct AppError(#[from] idem_runtime::sqlx::Error);
 //! impl HandlerError for AppError {}
 //!
-//! #[idempotent(key = "order_id", store = "pg", strategy = "dedup_table")]
+//! #[idempotent(key = "order_id", store = "pg", strategy = "dedup_table", scope = "doc.redis.runner")]
 //! async fn on_order_paid(tx: &mut PgTx<'_>, msg: OrderPaid) -> Result<(), AppError> {
 //!     idem_runtime::sqlx::query("INSERT INTO ledger (order_id, amount) VALUES ($1, $2)")
 //!         .bind(&msg.order_id)
@@ -95,7 +95,7 @@
 //! # #[error("failed")]
 //! # struct AppError;
 //! # impl HandlerError for AppError {}
-//! # #[idempotent(key = "order_id", store = "pg", strategy = "dedup_table")]
+//! # #[idempotent(key = "order_id", store = "pg", strategy = "dedup_table", scope = "doc.redis.loop")]
 //! # async fn on_order_paid(tx: &mut PgTx<'_>, msg: OrderPaid) -> Result<(), AppError> { Ok(()) }
 //!
 //! # async fn run(store: PgStore) -> Result<(), Box<dyn std::error::Error>> {
