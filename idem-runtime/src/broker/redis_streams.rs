@@ -1,1 +1,1253 @@
-//! stub
+//! Redis Streams: consumer groups read with `XREADGROUP`, `XACK` after the commit, delayed
+//! retries that keep the entry, dead-letters to a stream, and `XAUTOCLAIM` of the entries a
+//! dead consumer left pending. Behind the `redis-streams` feature, on the `redis` crate.
+//!
+//! # The pieces
+//!
+//! - [`StreamGroup`]: the stream, its consumer group and how entries are read (the payload
+//!   field, the dead-letter stream, the reclaim idle time), with the low-level calls a
+//!   service's own loop needs: [`create`](StreamGroup::create), [`read`](StreamGroup::read),
+//!   [`reclaim`](StreamGroup::reclaim), [`publish`](StreamGroup::publish),
+//!   [`pending`](StreamGroup::pending).
+//! - [`RedisStreamAcknowledger`]: the [`Acknowledger`] of one entry read by one consumer.
+//! - [`RedisStreamConsumer`]: the runner that does the loop.
+//!
+//! # What each outcome becomes
+//!
+//! | outcome | Redis |
+//! |---|---|
+//! | processed, duplicate | `XACK`, after the commit |
+//! | retryable failure | the entry stays pending; `XCLAIM … IDLE <reclaim_idle − delay> JUSTID` makes it reclaimable `delay` from now |
+//! | permanent failure, out of attempts, undecodable | one script: `XACK`, and `XADD <dead-letter stream>` with the entry's fields plus `idem-reason`, `idem-attempt`, `idem-stream`, `idem-id`, `idem-group` |
+//! | cancelled at the shutdown deadline, process died | nothing: the entry stays pending and is reclaimed |
+//!
+//! The attempt number is the entry's delivery count in the group's pending list: 1 for a
+//! fresh read, and one more each time `XAUTOCLAIM` takes the entry over. Because a retry
+//! keeps the entry, its id ([`Acknowledger::message_id`], for `key = "$message_id"`) and its
+//! count survive the retries.
+//!
+//! **Retry delays are capped at the reclaim idle time**: a requeued entry becomes reclaimable
+//! when its idle time reaches [`StreamGroup::with_reclaim_idle`] (60 s by default), so a delay
+//! longer than that is shortened to it. Keep the reclaim idle time above the longest backoff
+//! you want honoured. A requeued entry is picked up by the next reclaim sweep after its delay
+//! ([`RedisStreamConsumer::with_reclaim_interval`]), by this consumer or any other.
+//!
+//! # The runner
+//!
+//! ```no_run
+//! use idem_runtime::broker::redis_streams::{RedisStreamConsumer, StreamGroup};
+//! use idem_runtime::broker::{CancellationToken, ConsumerOptions};
+//! use idem_runtime::{idempotent, HandlerError, PgStore, PgTx};
+//!
+//! #[derive(serde::Deserialize)]
+//! struct OrderPaid { order_id: String, amount: i64 }
+//!
+//! #[derive(Debug, thiserror::Error)]
+//! #[error(transparent)]
+//! struct AppError(#[from] idem_runtime::sqlx::Error);
+//! impl HandlerError for AppError {}
+//!
+//! #[idempotent(key = "order_id", store = "pg", strategy = "dedup_table", scope = "doc.redis.runner")]
+//! async fn on_order_paid(tx: &mut PgTx<'_>, msg: OrderPaid) -> Result<(), AppError> {
+//!     idem_runtime::sqlx::query("INSERT INTO ledger (order_id, amount) VALUES ($1, $2)")
+//!         .bind(&msg.order_id)
+//!         .bind(msg.amount)
+//!         .execute(&mut **tx)
+//!         .await?;
+//!     Ok(())
+//! }
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let client = redis::Client::open("redis://127.0.0.1:6379")?;
+//! let store = PgStore::connect("postgres://postgres@127.0.0.1/app").await?;
+//! let shutdown = CancellationToken::new();
+//!
+//! let group = StreamGroup::new("orders", "ledger");
+//! let consumer = RedisStreamConsumer::new(
+//!     client,
+//!     group,
+//!     "ledger-1", // unique per process: a host name, a pod name
+//!     idem_runtime::handler!(on_order_paid),
+//!     store,
+//! )
+//! .with_options(ConsumerOptions::default().concurrency(8).prefetch(32));
+//!
+//! // Cancel `shutdown` on SIGTERM; `run` then drains and returns.
+//! let report = consumer.run(shutdown).await?;
+//! println!("processed {}", report.processed);
+//! # Ok(()) }
+//! ```
+//!
+//! # Your own loop
+//!
+//! A service that already reads its streams keeps its loop and hands each entry to the
+//! handler with a [`RedisStreamAcknowledger`]: the handler acks, requeues or dead-letters the
+//! entry itself, after its commit. Run [`StreamGroup::reclaim`] now and then so that retries
+//! and a dead consumer's entries come back.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use idem_runtime::broker::redis_streams::{GroupStart, RedisStreamAcknowledger, StreamGroup};
+//! # use idem_runtime::{idempotent, HandlerError, PgStore, PgTx};
+//! # #[derive(serde::Deserialize)]
+//! # struct OrderPaid { order_id: String }
+//! # #[derive(Debug, thiserror::Error)]
+//! # #[error("failed")]
+//! # struct AppError;
+//! # impl HandlerError for AppError {}
+//! # #[idempotent(key = "order_id", store = "pg", strategy = "dedup_table", scope = "doc.redis.loop")]
+//! # async fn on_order_paid(tx: &mut PgTx<'_>, msg: OrderPaid) -> Result<(), AppError> { Ok(()) }
+//!
+//! # async fn run(store: PgStore) -> Result<(), Box<dyn std::error::Error>> {
+//! let client = redis::Client::open("redis://127.0.0.1:6379")?;
+//! let mut conn = client.get_connection_manager().await?;
+//! let group = StreamGroup::new("orders", "ledger");
+//! group.create(&mut conn, GroupStart::Beginning).await?;
+//!
+//! loop {
+//!     // No BLOCK on a shared connection manager: a blocked connection delays the acks
+//!     // behind it. Block on a connection of its own instead.
+//!     let mut deliveries = group.read(&mut conn, "ledger-1", 16, None).await?;
+//!     deliveries.extend(group.reclaim(&mut conn, "ledger-1", 16).await?);
+//!     if deliveries.is_empty() {
+//!         tokio::time::sleep(Duration::from_millis(200)).await;
+//!     }
+//!     for delivery in deliveries {
+//!         let Ok(message) = serde_json::from_slice(delivery.payload(&group)) else {
+//!             // Undecodable: dead-letter it (here through the handler's own path).
+//!             continue;
+//!         };
+//!         let ack = RedisStreamAcknowledger::new(conn.clone(), &group, "ledger-1", delivery);
+//!         // Acks after the commit, requeues or dead-letters by itself.
+//!         let _outcome = on_order_paid(&store, message, ack).await;
+//!     }
+//! }
+//! # }
+//! ```
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::Value;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::time::Instant;
+use tracing::Instrument as _;
+
+use super::{
+    CancellationToken, ConsumerOptions, ConsumerReport, ConsumerStats, Decode, Json, Workers,
+    deliver,
+};
+use crate::ack::{Acknowledger, Committed, DeadLetter, Requeue};
+use crate::handler::Handler;
+
+/// What went wrong talking to Redis.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RedisStreamError {
+    /// The runner could not open its connections.
+    #[error(
+        "could not connect to Redis for the stream `{stream}`: {source} (check the client's URL and that the server is running)"
+    )]
+    Connect {
+        /// The stream the runner consumes.
+        stream: String,
+        /// The client's error.
+        #[source]
+        source: redis::RedisError,
+    },
+    /// Redis refused a command, or the connection failed during it.
+    #[error("Redis refused `{command}` on the stream `{stream}`, group `{group}`: {source}")]
+    Command {
+        /// The command, as Redis names it.
+        command: &'static str,
+        /// The stream.
+        stream: String,
+        /// The consumer group.
+        group: String,
+        /// The client's error.
+        #[source]
+        source: redis::RedisError,
+    },
+    /// Redis answered something this module does not understand.
+    #[error(
+        "unexpected reply to `{command}` on the stream `{stream}`: {detail} (is the server Redis 7 or later, and the key a stream?)"
+    )]
+    Reply {
+        /// The command.
+        command: &'static str,
+        /// The stream.
+        stream: String,
+        /// What was wrong with the reply.
+        detail: String,
+    },
+}
+
+/// Where a new consumer group starts reading, when [`StreamGroup::create`] makes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum GroupStart {
+    /// From the first entry in the stream (`0`): nothing already published is missed. The
+    /// default.
+    #[default]
+    Beginning,
+    /// Only entries added after the group is made (`$`).
+    New,
+}
+
+/// A stream, the consumer group that reads it, and how its entries are read and settled.
+///
+/// Cheap to clone. The defaults: the payload in the field `payload`, dead-letters to
+/// `<stream>:dead-letter`, entries reclaimable after 60 s idle, `$message_id` is the entry id.
+///
+/// ```
+/// use std::time::Duration;
+/// use idem_runtime::broker::redis_streams::StreamGroup;
+///
+/// let group = StreamGroup::new("orders", "ledger")
+///     .with_payload_field("body")
+///     .with_reclaim_idle(Duration::from_secs(120));
+/// assert_eq!(group.dead_letter_stream(), "orders:dead-letter");
+/// assert_eq!(group.payload_field(), "body");
+/// ```
+#[derive(Debug, Clone)]
+pub struct StreamGroup {
+    stream: Arc<str>,
+    group: Arc<str>,
+    dead_letter_stream: Arc<str>,
+    payload_field: Arc<str>,
+    message_id_field: Option<Arc<str>>,
+    reclaim_idle: Duration,
+}
+
+/// The field the dead-letter entries carry the reason in.
+pub const REASON_FIELD: &str = "idem-reason";
+/// The field the dead-letter entries carry the failed delivery's number in (1 for the first).
+pub const ATTEMPT_FIELD: &str = "idem-attempt";
+/// The field the dead-letter entries carry the original stream's key in.
+pub const STREAM_FIELD: &str = "idem-stream";
+/// The field the dead-letter entries carry the original entry's id in.
+pub const ID_FIELD: &str = "idem-id";
+/// The field the dead-letter entries carry the consumer group's name in.
+pub const GROUP_FIELD: &str = "idem-group";
+
+impl StreamGroup {
+    /// The default reclaim idle time: 60 seconds.
+    pub const DEFAULT_RECLAIM_IDLE: Duration = Duration::from_secs(60);
+
+    /// The group `group` on the stream `stream`, with the defaults.
+    pub fn new(stream: impl Into<String>, group: impl Into<String>) -> Self {
+        let stream: String = stream.into();
+        Self {
+            dead_letter_stream: Arc::from(format!("{stream}:dead-letter")),
+            stream: Arc::from(stream),
+            group: Arc::from(group.into()),
+            payload_field: Arc::from("payload"),
+            message_id_field: None,
+            reclaim_idle: Self::DEFAULT_RECLAIM_IDLE,
+        }
+    }
+
+    /// Dead-letters go to this stream (default `<stream>:dead-letter`).
+    #[must_use]
+    pub fn with_dead_letter_stream(mut self, stream: impl Into<String>) -> Self {
+        self.dead_letter_stream = Arc::from(stream.into());
+        self
+    }
+
+    /// The entry field that holds the payload (default `payload`). An entry without it has an
+    /// empty payload, which the decoder refuses: it is dead-lettered.
+    #[must_use]
+    pub fn with_payload_field(mut self, field: impl Into<String>) -> Self {
+        self.payload_field = Arc::from(field.into());
+        self
+    }
+
+    /// Take `$message_id` from this entry field, set by the producer, instead of the entry id.
+    ///
+    /// The entry id is Redis's: a message published twice gets two ids, so keying on it
+    /// catches redeliveries of one entry but not a producer's re-publish. A producer-set id
+    /// field catches both. An entry without the field (or with a value that is not UTF-8) has
+    /// no message id: a handler keyed on `$message_id` dead-letters it.
+    #[must_use]
+    pub fn with_message_id_field(mut self, field: impl Into<String>) -> Self {
+        self.message_id_field = Some(Arc::from(field.into()));
+        self
+    }
+
+    /// How long an entry stays pending, unacknowledged and untouched, before a consumer may
+    /// take it over with `XAUTOCLAIM` (default 60 s): the time a dead consumer's entries wait,
+    /// and the cap on retry delays. Runners keep their running entries fresh (`XCLAIM …
+    /// JUSTID` every third of it), so a long handler is not taken over while it runs.
+    #[must_use]
+    pub fn with_reclaim_idle(mut self, idle: Duration) -> Self {
+        self.reclaim_idle = idle.max(Duration::from_millis(1));
+        self
+    }
+
+    /// The stream's key.
+    pub fn stream(&self) -> &str {
+        &self.stream
+    }
+
+    /// The consumer group's name.
+    pub fn group(&self) -> &str {
+        &self.group
+    }
+
+    /// The dead-letter stream's key.
+    pub fn dead_letter_stream(&self) -> &str {
+        &self.dead_letter_stream
+    }
+
+    /// The payload field.
+    pub fn payload_field(&self) -> &str {
+        &self.payload_field
+    }
+
+    /// The field `$message_id` comes from, when not the entry id.
+    pub fn message_id_field(&self) -> Option<&str> {
+        self.message_id_field.as_deref()
+    }
+
+    /// The reclaim idle time.
+    pub fn reclaim_idle(&self) -> Duration {
+        self.reclaim_idle
+    }
+
+    fn command_error(&self, command: &'static str, source: redis::RedisError) -> RedisStreamError {
+        RedisStreamError::Command {
+            command,
+            stream: self.stream.to_string(),
+            group: self.group.to_string(),
+            source,
+        }
+    }
+
+    fn reply_error(&self, command: &'static str, detail: impl Into<String>) -> RedisStreamError {
+        RedisStreamError::Reply {
+            command,
+            stream: self.stream.to_string(),
+            detail: detail.into(),
+        }
+    }
+
+    /// Creates the consumer group, and the stream if missing (`XGROUP CREATE … MKSTREAM`).
+    /// Returns `false` when the group already existed (`BUSYGROUP`), which is not an error.
+    pub async fn create(
+        &self,
+        conn: &mut ConnectionManager,
+        start: GroupStart,
+    ) -> Result<bool, RedisStreamError> {
+        let start = match start {
+            GroupStart::Beginning => "0",
+            GroupStart::New => "$",
+        };
+        let created: Result<Value, _> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&*self.stream)
+            .arg(&*self.group)
+            .arg(start)
+            .arg("MKSTREAM")
+            .query_async(conn)
+            .await;
+        match created {
+            Ok(_) => Ok(true),
+            Err(error) if error.code() == Some("BUSYGROUP") => Ok(false),
+            Err(error) => Err(self.command_error("XGROUP CREATE", error)),
+        }
+    }
+
+    /// Reads up to `count` new entries for `consumer` (`XREADGROUP GROUP g c COUNT n [BLOCK ms]
+    /// STREAMS s >`). They join the group's pending list under `consumer`, with a delivery
+    /// count of 1, until acknowledged.
+    ///
+    /// `block`: wait up to this long when there is nothing new (`None`: return at once). Do
+    /// not block on a connection shared with other work: Redis answers nothing else on it
+    /// while the read blocks, and the client's response timeout (500 ms by default) must be
+    /// longer than the block.
+    pub async fn read(
+        &self,
+        conn: &mut ConnectionManager,
+        consumer: &str,
+        count: usize,
+        block: Option<Duration>,
+    ) -> Result<Vec<StreamDelivery>, RedisStreamError> {
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(&*self.group)
+            .arg(consumer)
+            .arg("COUNT")
+            .arg(count.max(1));
+        if let Some(block) = block {
+            // BLOCK 0 would wait forever.
+            cmd.arg("BLOCK").arg(millis(block).max(1));
+        }
+        cmd.arg("STREAMS").arg(&*self.stream).arg(">");
+        let reply: Value = cmd
+            .query_async(conn)
+            .await
+            .map_err(|error| self.command_error("XREADGROUP", error))?;
+        let entries = match reply {
+            Value::Nil => return Ok(Vec::new()),
+            Value::Array(streams) => streams
+                .into_iter()
+                .filter_map(|stream| match stream {
+                    Value::Array(mut pair) if pair.len() == 2 => pair.pop(),
+                    _ => None,
+                })
+                .collect::<Vec<_>>(),
+            Value::Map(streams) => streams.into_iter().map(|(_, entries)| entries).collect(),
+            other => {
+                return Err(self.reply_error("XREADGROUP", format!("{other:?}")));
+            }
+        };
+        let mut deliveries = Vec::new();
+        for entries in entries {
+            let Value::Array(entries) = entries else {
+                return Err(self.reply_error("XREADGROUP", "the entries are not an array"));
+            };
+            for entry in entries {
+                let (id, fields) = parse_entry(entry)
+                    .ok_or_else(|| self.reply_error("XREADGROUP", "an entry is malformed"))?;
+                deliveries.push(StreamDelivery::new(self, id, fields, 1));
+            }
+        }
+        Ok(deliveries)
+    }
+
+    /// Takes over up to `count` entries that have been pending, untouched, for at least the
+    /// reclaim idle time, whoever held them (`XAUTOCLAIM`, with each entry's new delivery count
+    /// from `XPENDING`, in one script): a dead consumer's entries, and requeued ones whose
+    /// delay is over. Scans the pending list from the start; entries deleted from the stream
+    /// meanwhile are dropped from the pending list by Redis, and skipped.
+    pub async fn reclaim(
+        &self,
+        conn: &mut ConnectionManager,
+        consumer: &str,
+        count: usize,
+    ) -> Result<Vec<StreamDelivery>, RedisStreamError> {
+        self.reclaim_from(conn, consumer, "0-0", count)
+            .await
+            .map(|(_, deliveries)| deliveries)
+    }
+
+    /// [`reclaim`](Self::reclaim) from `cursor`; returns the cursor to continue from (`0-0`
+    /// once the whole pending list was scanned).
+    async fn reclaim_from(
+        &self,
+        conn: &mut ConnectionManager,
+        consumer: &str,
+        cursor: &str,
+        count: usize,
+    ) -> Result<(String, Vec<StreamDelivery>), RedisStreamError> {
+        static RECLAIM: std::sync::LazyLock<redis::Script> =
+            std::sync::LazyLock::new(|| redis::Script::new(RECLAIM_SCRIPT));
+        let reply: Value = RECLAIM
+            .key(&*self.stream)
+            .arg(&*self.group)
+            .arg(consumer)
+            .arg(millis(self.reclaim_idle))
+            .arg(cursor)
+            .arg(count.max(1))
+            .invoke_async(conn)
+            .await
+            .map_err(|error| self.command_error("XAUTOCLAIM", error))?;
+        let malformed = || self.reply_error("XAUTOCLAIM", "the reply is malformed");
+        let Value::Array(mut parts) = reply else {
+            return Err(malformed());
+        };
+        if parts.len() < 3 {
+            return Err(malformed());
+        }
+        let deleted = parts.pop();
+        let claimed = parts.pop();
+        let next = parts.pop().and_then(text).ok_or_else(malformed)?;
+        if let Some(Value::Array(deleted)) = deleted
+            && !deleted.is_empty()
+        {
+            tracing::warn!(
+                target: "idem",
+                stream = %self.stream,
+                group = %self.group,
+                deleted = deleted.len(),
+                "pending entries were deleted from the stream before they were acknowledged; Redis dropped them from the pending list"
+            );
+        }
+        let Some(Value::Array(claimed)) = claimed else {
+            return Err(malformed());
+        };
+        let mut deliveries = Vec::with_capacity(claimed.len());
+        for entry in claimed {
+            let Value::Array(mut triple) = entry else {
+                return Err(malformed());
+            };
+            let count = match triple.pop() {
+                Some(Value::Int(count)) => u32::try_from(count).unwrap_or(u32::MAX),
+                _ => return Err(malformed()),
+            };
+            let fields = triple.pop().ok_or_else(malformed)?;
+            let id = triple.pop().ok_or_else(malformed)?;
+            let (id, fields) = parse_entry(Value::Array(vec![id, fields])).ok_or_else(malformed)?;
+            deliveries.push(StreamDelivery::new(self, id, fields, count.max(1)));
+        }
+        Ok((next, deliveries))
+    }
+
+    /// Appends a message: `XADD <stream> * <payload field> <payload>`. Returns the entry id.
+    pub async fn publish(
+        &self,
+        conn: &mut ConnectionManager,
+        payload: &[u8],
+    ) -> Result<String, RedisStreamError> {
+        redis::cmd("XADD")
+            .arg(&*self.stream)
+            .arg("*")
+            .arg(&*self.payload_field)
+            .arg(payload)
+            .query_async(conn)
+            .await
+            .map_err(|error| self.command_error("XADD", error))
+    }
+
+    /// How many entries the group has pending: read by a consumer, not yet acknowledged
+    /// (`XPENDING <stream> <group>`).
+    pub async fn pending(&self, conn: &mut ConnectionManager) -> Result<u64, RedisStreamError> {
+        let reply: Value = redis::cmd("XPENDING")
+            .arg(&*self.stream)
+            .arg(&*self.group)
+            .query_async(conn)
+            .await
+            .map_err(|error| self.command_error("XPENDING", error))?;
+        match reply {
+            Value::Array(parts) => match parts.first() {
+                Some(Value::Int(count)) => Ok(u64::try_from(*count).unwrap_or(0)),
+                _ => Err(self.reply_error("XPENDING", "no count in the summary")),
+            },
+            other => Err(self.reply_error("XPENDING", format!("{other:?}"))),
+        }
+    }
+}
+
+/// `XAUTOCLAIM`, then each claimed entry's delivery count from `XPENDING`, atomically.
+/// Replies `{next cursor, {{id, {field, value, …}, count}, …}, {deleted id, …}}`.
+const RECLAIM_SCRIPT: &str = r"
+local reply = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 'COUNT', ARGV[5])
+local claimed = {}
+for _, entry in ipairs(reply[2]) do
+  if type(entry) == 'table' and type(entry[2]) == 'table' then
+    local pending = redis.call('XPENDING', KEYS[1], ARGV[1], entry[1], entry[1], 1)
+    local count = 1
+    if pending[1] then count = pending[1][4] end
+    claimed[#claimed + 1] = {entry[1], entry[2], count}
+  end
+end
+return {reply[1], claimed, reply[3] or {}}
+";
+
+/// `XACK` the entry and, if it was still pending, `XADD` the dead letter: atomically, and
+/// never twice. KEYS: stream, dead-letter stream. ARGV: group, id, then field/value pairs.
+const DEAD_LETTER_SCRIPT: &str = r"
+local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+if acked == 1 then
+  return redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
+end
+return false
+";
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn text(value: Value) -> Option<String> {
+    match value {
+        Value::BulkString(bytes) => String::from_utf8(bytes).ok(),
+        Value::SimpleString(text) => Some(text),
+        _ => None,
+    }
+}
+
+fn bytes(value: Value) -> Option<Vec<u8>> {
+    match value {
+        Value::BulkString(bytes) => Some(bytes),
+        Value::SimpleString(text) => Some(text.into_bytes()),
+        Value::Int(number) => Some(number.to_string().into_bytes()),
+        _ => None,
+    }
+}
+
+/// An entry's fields, in order.
+type Fields = Vec<(String, Vec<u8>)>;
+
+/// `[id, [field, value, …]]` (or a map of fields, in RESP3).
+fn parse_entry(entry: Value) -> Option<(String, Fields)> {
+    let Value::Array(mut pair) = entry else {
+        return None;
+    };
+    if pair.len() != 2 {
+        return None;
+    }
+    let fields = pair.pop()?;
+    let id = text(pair.pop()?)?;
+    let fields = match fields {
+        Value::Array(flat) => {
+            let mut fields = Vec::with_capacity(flat.len() / 2);
+            let mut flat = flat.into_iter();
+            while let (Some(name), Some(value)) = (flat.next(), flat.next()) {
+                fields.push((text(name)?, bytes(value)?));
+            }
+            fields
+        }
+        Value::Map(map) => map
+            .into_iter()
+            .map(|(name, value)| Some((text(name)?, bytes(value)?)))
+            .collect::<Option<Vec<_>>>()?,
+        // A pending entry whose stream entry was deleted.
+        Value::Nil => Vec::new(),
+        _ => return None,
+    };
+    Some((id, fields))
+}
+
+/// One stream entry as a consumer received it: its id, its fields and its delivery count.
+#[derive(Debug, Clone)]
+pub struct StreamDelivery {
+    id: String,
+    fields: Arc<[(String, Vec<u8>)]>,
+    payload_index: Option<usize>,
+    message_id_index: Option<usize>,
+    delivery_count: u32,
+}
+
+impl StreamDelivery {
+    fn new(group: &StreamGroup, id: String, fields: Vec<(String, Vec<u8>)>, count: u32) -> Self {
+        let index = |name: &str| fields.iter().position(|(field, _)| field == name);
+        let payload_index = index(&group.payload_field);
+        let message_id_index = group.message_id_field.as_deref().and_then(index);
+        Self {
+            id,
+            payload_index,
+            message_id_index,
+            fields: fields.into(),
+            delivery_count: count,
+        }
+    }
+
+    /// The entry id (`1700000000000-0`).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Which delivery of the entry this is, from the group's pending list: 1 for the first.
+    pub fn delivery_count(&self) -> u32 {
+        self.delivery_count
+    }
+
+    /// The entry's fields, in order.
+    pub fn fields(&self) -> &[(String, Vec<u8>)] {
+        &self.fields
+    }
+
+    /// The value of `field`, if the entry has it.
+    pub fn field(&self, field: &str) -> Option<&[u8]> {
+        self.fields
+            .iter()
+            .find(|(name, _)| name == field)
+            .map(|(_, value)| value.as_slice())
+    }
+
+    /// The payload: the value of the group's payload field, empty when the entry lacks it.
+    /// `group` must be the one the entry was read with.
+    pub fn payload(&self, group: &StreamGroup) -> &[u8] {
+        match self.payload_index {
+            Some(index) => self.fields.get(index).map_or(&[][..], |(_, v)| v),
+            None => self.field(&group.payload_field).unwrap_or_default(),
+        }
+    }
+
+    fn message_id(&self) -> Option<&str> {
+        let index = self.message_id_index?;
+        std::str::from_utf8(&self.fields.get(index)?.1).ok()
+    }
+}
+
+/// The entries a runner's handlers hold: kept fresh while they run, so that no consumer
+/// reclaims them; what is left after the shutdown deadline was cancelled.
+type Held = tokio::sync::Mutex<HashSet<String>>;
+
+/// The [`Acknowledger`] of one stream entry read by one consumer of a group.
+///
+/// - `ack`: `XACK`.
+/// - `requeue`: the entry stays pending (its id and delivery count survive); its idle time is
+///   set so that it becomes reclaimable after the delay (`XCLAIM … IDLE <reclaim_idle −
+///   delay> JUSTID`), capped at the group's reclaim idle time. A reclaim sweep
+///   ([`StreamGroup::reclaim`], or a runner's) delivers it again with the next count.
+/// - `dead_letter`: one script `XACK`s the entry and appends it, with all its fields and
+///   `idem-reason`, `idem-attempt`, `idem-stream`, `idem-id`, `idem-group`, to the dead-letter
+///   stream; nothing is appended if the entry was no longer pending (settled elsewhere).
+/// - `attempt`: the delivery count; `message_id`: the entry id, or the group's
+///   [message id field](StreamGroup::with_message_id_field).
+pub struct RedisStreamAcknowledger {
+    conn: ConnectionManager,
+    group: StreamGroup,
+    consumer: Arc<str>,
+    delivery: StreamDelivery,
+    held: Option<Arc<Held>>,
+}
+
+impl std::fmt::Debug for RedisStreamAcknowledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStreamAcknowledger")
+            .field("stream", &self.group.stream)
+            .field("group", &self.group.group)
+            .field("consumer", &self.consumer)
+            .field("entry_id", &self.delivery.id)
+            .field("delivery_count", &self.delivery.delivery_count)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStreamAcknowledger {
+    /// The acknowledger of `delivery`, read from `group` by `consumer`, settling through
+    /// `conn` (a clone of the service's connection manager).
+    pub fn new(
+        conn: ConnectionManager,
+        group: &StreamGroup,
+        consumer: impl Into<Arc<str>>,
+        delivery: StreamDelivery,
+    ) -> Self {
+        Self {
+            conn,
+            group: group.clone(),
+            consumer: consumer.into(),
+            delivery,
+            held: None,
+        }
+    }
+
+    /// The entry.
+    pub fn delivery(&self) -> &StreamDelivery {
+        &self.delivery
+    }
+
+    /// The entry no longer needs keeping fresh: it is being settled.
+    async fn release(&self) {
+        if let Some(held) = &self.held {
+            held.lock().await.remove(&self.delivery.id);
+        }
+    }
+}
+
+impl Acknowledger for RedisStreamAcknowledger {
+    type Error = RedisStreamError;
+
+    fn attempt(&self) -> Option<u32> {
+        Some(self.delivery.delivery_count.max(1))
+    }
+
+    fn message_id(&self) -> Option<&str> {
+        if self.group.message_id_field.is_some() {
+            self.delivery.message_id()
+        } else {
+            Some(&self.delivery.id)
+        }
+    }
+
+    async fn ack(mut self, _proof: Committed) -> Result<(), Self::Error> {
+        self.release().await;
+        let _acked: i64 = redis::cmd("XACK")
+            .arg(&*self.group.stream)
+            .arg(&*self.group.group)
+            .arg(&self.delivery.id)
+            .query_async(&mut self.conn)
+            .await
+            .map_err(|error| self.group.command_error("XACK", error))?;
+        Ok(())
+    }
+
+    async fn requeue(mut self, requeue: Requeue) -> Result<(), Self::Error> {
+        self.release().await;
+        let idle = self.group.reclaim_idle.saturating_sub(requeue.delay);
+        if requeue.delay > self.group.reclaim_idle {
+            tracing::debug!(
+                target: "idem",
+                delay_ms = millis(requeue.delay),
+                reclaim_idle_ms = millis(self.group.reclaim_idle),
+                "the retry delay is longer than the reclaim idle time; shortened to it"
+            );
+        }
+        let _claimed: Value = redis::cmd("XCLAIM")
+            .arg(&*self.group.stream)
+            .arg(&*self.group.group)
+            .arg(&*self.consumer)
+            .arg(0)
+            .arg(&self.delivery.id)
+            .arg("IDLE")
+            .arg(millis(idle))
+            .arg("JUSTID")
+            .query_async(&mut self.conn)
+            .await
+            .map_err(|error| self.group.command_error("XCLAIM", error))?;
+        Ok(())
+    }
+
+    async fn dead_letter(mut self, letter: DeadLetter<'_>) -> Result<(), Self::Error> {
+        static DEAD_LETTER: std::sync::LazyLock<redis::Script> =
+            std::sync::LazyLock::new(|| redis::Script::new(DEAD_LETTER_SCRIPT));
+        self.release().await;
+        let mut invocation = DEAD_LETTER.key(&*self.group.stream);
+        invocation
+            .key(&*self.group.dead_letter_stream)
+            .arg(&*self.group.group)
+            .arg(&self.delivery.id);
+        for (name, value) in self.delivery.fields.iter() {
+            invocation.arg(name).arg(value.as_slice());
+        }
+        invocation
+            .arg(REASON_FIELD)
+            .arg(letter.reason)
+            .arg(ATTEMPT_FIELD)
+            .arg(letter.attempt)
+            .arg(STREAM_FIELD)
+            .arg(&*self.group.stream)
+            .arg(ID_FIELD)
+            .arg(&self.delivery.id)
+            .arg(GROUP_FIELD)
+            .arg(&*self.group.group);
+        let added: Value = invocation
+            .invoke_async(&mut self.conn)
+            .await
+            .map_err(|error| self.group.command_error("XADD", error))?;
+        if matches!(added, Value::Nil) {
+            tracing::warn!(
+                target: "idem",
+                entry_id = %self.delivery.id,
+                "the entry was no longer pending (settled by another consumer); not dead-lettered"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A consumer of one stream's consumer group: reads with `XREADGROUP` and reclaims with
+/// `XAUTOCLAIM`, runs the handler on each entry, acks after the commit.
+///
+/// - Bounded: `XREADGROUP … COUNT` [`ConsumerOptions::prefetch`] when a handler slot is free,
+///   at most [`ConsumerOptions::concurrency`] handlers at once.
+/// - Every [reclaim interval](Self::with_reclaim_interval), a sweep takes over the group's
+///   entries idle for at least the [reclaim idle time](StreamGroup::with_reclaim_idle):
+///   retries whose delay is over, and entries of consumers that died.
+/// - Every third of the reclaim idle time, the entries its handlers hold (and those fetched
+///   ahead) are touched (`XCLAIM … JUSTID`, which resets their idle time and not their
+///   delivery count), so that no one reclaims them while they run.
+/// - Each entry is handled inside a span `idem.delivery` with `stream`, `entry_id` and
+///   `delivery_count`.
+/// - On cancellation it stops reading and reclaiming, hands the entries fetched ahead back
+///   (reclaimable at once, their delivery count unchanged), lets the running handlers finish
+///   for [`ConsumerOptions::shutdown_grace`], then cancels the rest: their entries stay
+///   pending, unacknowledged, and are made reclaimable at once by another consumer.
+///
+/// The runner opens two connections from the client: one for its blocking reads, one for
+/// everything else (settling, reclaiming), so that a blocked read never delays an ack.
+pub struct RedisStreamConsumer<H: Handler, D = Json> {
+    client: redis::Client,
+    group: StreamGroup,
+    consumer: Arc<str>,
+    handler: Arc<H>,
+    store: Arc<H::Store>,
+    decoder: Arc<D>,
+    options: ConsumerOptions,
+    block: Duration,
+    reclaim_interval: Option<Duration>,
+    start: GroupStart,
+    stats: Arc<ConsumerStats>,
+}
+
+impl<H: Handler, D> std::fmt::Debug for RedisStreamConsumer<H, D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStreamConsumer")
+            .field("group", &self.group)
+            .field("consumer", &self.consumer)
+            .field("options", &self.options)
+            .field("block", &self.block)
+            .field("reclaim_interval", &self.reclaim_interval)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<H> RedisStreamConsumer<H, Json>
+where
+    H: Handler,
+    H::Store: 'static,
+    Json: Decode<H::Message>,
+{
+    /// A consumer named `consumer` (unique among the group's live consumers: a host or pod
+    /// name) of `group`, running `handler` on `store`. JSON payloads, the default
+    /// [`ConsumerOptions`], reads blocking for 2 s at most, the group made at
+    /// [`GroupStart::Beginning`] if missing.
+    pub fn new(
+        client: redis::Client,
+        group: StreamGroup,
+        consumer: impl Into<String>,
+        handler: H,
+        store: H::Store,
+    ) -> Self {
+        Self {
+            client,
+            group,
+            consumer: Arc::from(consumer.into()),
+            handler: Arc::new(handler),
+            store: Arc::new(store),
+            decoder: Arc::new(Json),
+            options: ConsumerOptions::default(),
+            block: Duration::from_secs(2),
+            reclaim_interval: None,
+            start: GroupStart::Beginning,
+            stats: Arc::new(ConsumerStats::default()),
+        }
+    }
+}
+
+impl<H, D> RedisStreamConsumer<H, D>
+where
+    H: Handler,
+    H::Store: 'static,
+    D: Decode<H::Message>,
+{
+    /// Decode payloads with `decoder` instead of JSON.
+    pub fn with_decoder<D2: Decode<H::Message>>(self, decoder: D2) -> RedisStreamConsumer<H, D2> {
+        RedisStreamConsumer {
+            client: self.client,
+            group: self.group,
+            consumer: self.consumer,
+            handler: self.handler,
+            store: self.store,
+            decoder: Arc::new(decoder),
+            options: self.options,
+            block: self.block,
+            reclaim_interval: self.reclaim_interval,
+            start: self.start,
+            stats: self.stats,
+        }
+    }
+
+    /// Concurrency, prefetch (the `XREADGROUP` `COUNT`) and shutdown grace.
+    #[must_use]
+    pub fn with_options(mut self, options: ConsumerOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// How long one `XREADGROUP` waits for new entries (default 2 s, at least 1 ms). Shutdown
+    /// waits for a read in progress, so this bounds how long it takes to stop reading.
+    #[must_use]
+    pub fn with_block(mut self, block: Duration) -> Self {
+        self.block = block.max(Duration::from_millis(1));
+        self
+    }
+
+    /// How often the runner sweeps the pending list for entries to reclaim (default: a quarter
+    /// of the reclaim idle time, at most 1 s). A retry is delivered within this long after its
+    /// delay.
+    #[must_use]
+    pub fn with_reclaim_interval(mut self, interval: Duration) -> Self {
+        self.reclaim_interval = Some(interval.max(Duration::from_millis(1)));
+        self
+    }
+
+    /// Where the group starts if the runner has to make it (default
+    /// [`GroupStart::Beginning`]).
+    #[must_use]
+    pub fn with_group_start(mut self, start: GroupStart) -> Self {
+        self.start = start;
+        self
+    }
+
+    /// The runner's counts, live.
+    pub fn stats(&self) -> Arc<ConsumerStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// Consumes until `shutdown` is cancelled, then drains (see the type's docs) and returns
+    /// the counts. Fails only when it cannot connect or make the group at the start; later
+    /// errors (a lost connection) are logged and retried.
+    pub async fn run(
+        self,
+        shutdown: CancellationToken,
+    ) -> Result<ConsumerReport, RedisStreamError> {
+        let connect_error = |source| RedisStreamError::Connect {
+            stream: self.group.stream.to_string(),
+            source,
+        };
+        let mut conn = self
+            .client
+            .get_connection_manager()
+            .await
+            .map_err(connect_error)?;
+        // The reads block: a connection of their own, with a response timeout past the block.
+        let mut reader = self
+            .client
+            .get_connection_manager_with_config(
+                ConnectionManagerConfig::new()
+                    .set_response_timeout(Some(self.block + Duration::from_secs(5))),
+            )
+            .await
+            .map_err(connect_error)?;
+        self.group.create(&mut conn, self.start).await?;
+
+        let group = &self.group;
+        let reclaim_idle = group.reclaim_idle;
+        let reclaim_interval = self.reclaim_interval.unwrap_or_else(|| {
+            (reclaim_idle / 4)
+                .min(Duration::from_secs(1))
+                .max(Duration::from_millis(1))
+        });
+        let touch_interval = (reclaim_idle / 3).max(Duration::from_millis(1));
+        let prefetch = usize::from(self.options.prefetch_count());
+        let held: Arc<Held> = Arc::default();
+        let mut workers = Workers::new(self.options.concurrency_limit(), Arc::clone(&self.stats));
+        let mut ahead: VecDeque<StreamDelivery> = VecDeque::new();
+        // Take over what dead consumers left at once.
+        let mut next_reclaim = Instant::now();
+        let mut next_touch = Instant::now() + touch_interval;
+        let mut cursor = String::from("0-0");
+        let mut retry_after_error = Duration::ZERO;
+
+        'consume: loop {
+            // A free handler slot, keeping held entries fresh while waiting for one.
+            let permit = loop {
+                tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => break 'consume,
+                    () = tokio::time::sleep_until(next_touch) => {
+                        touch(&mut conn, group, &self.consumer, &held, &ahead).await;
+                        next_touch = Instant::now() + touch_interval;
+                    }
+                    permit = workers.ready() => break permit,
+                }
+            };
+            // An entry: fetched ahead, reclaimed, or read.
+            let delivery = loop {
+                let now = Instant::now();
+                if now >= next_touch {
+                    touch(&mut conn, group, &self.consumer, &held, &ahead).await;
+                    next_touch = now + touch_interval;
+                }
+                if let Some(delivery) = ahead.pop_front() {
+                    break delivery;
+                }
+                if !retry_after_error.is_zero() {
+                    tokio::select! {
+                        biased;
+                        () = shutdown.cancelled() => break 'consume,
+                        () = tokio::time::sleep(retry_after_error) => {}
+                    }
+                }
+                if now >= next_reclaim {
+                    match group
+                        .reclaim_from(&mut conn, &self.consumer, &cursor, prefetch)
+                        .await
+                    {
+                        Ok((next, reclaimed)) => {
+                            retry_after_error = Duration::ZERO;
+                            ahead.extend(reclaimed);
+                            // A full sweep done: the next one after the interval; otherwise
+                            // continue the scan at once.
+                            if next == "0-0" {
+                                next_reclaim = now + reclaim_interval;
+                            }
+                            cursor = next;
+                        }
+                        Err(error) => {
+                            tracing::warn!(target: "idem", %error, "reclaim failed; retrying");
+                            retry_after_error = backoff(retry_after_error);
+                            next_reclaim = now + reclaim_interval;
+                        }
+                    }
+                    continue;
+                }
+                let wait = next_reclaim
+                    .min(next_touch)
+                    .saturating_duration_since(now)
+                    .min(self.block);
+                let read = group.read(
+                    &mut reader,
+                    &self.consumer,
+                    prefetch,
+                    Some(wait.max(Duration::from_millis(1))),
+                );
+                tokio::pin!(read);
+                let read = tokio::select! {
+                    biased;
+                    read = &mut read => read,
+                    () = shutdown.cancelled() => {
+                        // The server may be handing out entries to this read: take them, to
+                        // hand them back below, rather than leave them pending for a reclaim.
+                        if let Ok(read) = read.await {
+                            ahead.extend(read);
+                        }
+                        break 'consume;
+                    }
+                };
+                match read {
+                    Ok(read) => {
+                        retry_after_error = Duration::ZERO;
+                        ahead.extend(read);
+                    }
+                    Err(error) => {
+                        tracing::warn!(target: "idem", %error, "XREADGROUP failed; retrying");
+                        retry_after_error = backoff(retry_after_error);
+                    }
+                }
+            };
+            self.spawn(&mut workers, permit, &conn, &held, delivery)
+                .await;
+        }
+
+        // Entries fetched ahead never reached a handler: hand them back, reclaimable at once,
+        // with the delivery count they had before this consumer took them.
+        let unstarted: Vec<StreamDelivery> = ahead.drain(..).collect();
+        hand_back(&mut conn, group, &self.consumer, &unstarted).await;
+        workers.drain(self.options.grace()).await;
+        // What is still held was cancelled at the deadline: unacknowledged, reclaimable now.
+        let cancelled: Vec<String> = held.lock().await.drain().collect();
+        if !cancelled.is_empty() {
+            let ids: Vec<&str> = cancelled.iter().map(String::as_str).collect();
+            release_ids(&mut conn, group, &self.consumer, &ids, None).await;
+        }
+        Ok(self.stats.snapshot())
+    }
+
+    async fn spawn(
+        &self,
+        workers: &mut Workers,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        conn: &ConnectionManager,
+        held: &Arc<Held>,
+        delivery: StreamDelivery,
+    ) {
+        let id = delivery.id.clone();
+        held.lock().await.insert(id.clone());
+        let span = tracing::info_span!(
+            "idem.delivery",
+            stream = %self.group.stream,
+            entry_id = %delivery.id,
+            delivery_count = delivery.delivery_count,
+        );
+        let fields = Arc::clone(&delivery.fields);
+        let payload_index = delivery.payload_index;
+        let ack = RedisStreamAcknowledger {
+            conn: conn.clone(),
+            group: self.group.clone(),
+            consumer: Arc::clone(&self.consumer),
+            delivery,
+            held: Some(Arc::clone(held)),
+        };
+        let handler = Arc::clone(&self.handler);
+        let store = Arc::clone(&self.store);
+        let decoder = Arc::clone(&self.decoder);
+        let stats = Arc::clone(&self.stats);
+        let held = Arc::clone(held);
+        workers.spawn(
+            permit,
+            async move {
+                let payload = payload_index
+                    .and_then(|index| fields.get(index))
+                    .map_or(&[][..], |(_, value)| value.as_slice());
+                deliver(&*handler, &*decoder, &*store, payload, ack, &stats).await;
+                // Settled, or left for a reclaim after a refused settle: no longer held.
+                held.lock().await.remove(&id);
+            }
+            .instrument(span),
+        );
+    }
+}
+
+fn backoff(previous: Duration) -> Duration {
+    (previous * 2)
+        .max(Duration::from_millis(100))
+        .min(Duration::from_secs(5))
+}
+
+/// Resets the idle time of the entries the handlers hold and of those fetched ahead.
+async fn touch(
+    conn: &mut ConnectionManager,
+    group: &StreamGroup,
+    consumer: &str,
+    held: &Held,
+    ahead: &VecDeque<StreamDelivery>,
+) {
+    // Holding the lock across the command: a handler settling meanwhile (a requeue setting
+    // its own idle time) waits, so that this touch never lands after it.
+    let held = held.lock().await;
+    if held.is_empty() && ahead.is_empty() {
+        return;
+    }
+    let mut cmd = redis::cmd("XCLAIM");
+    cmd.arg(&*group.stream)
+        .arg(&*group.group)
+        .arg(consumer)
+        .arg(0);
+    for id in held.iter() {
+        cmd.arg(id);
+    }
+    for delivery in ahead {
+        cmd.arg(&delivery.id);
+    }
+    cmd.arg("JUSTID");
+    let touched: Result<Value, _> = cmd.query_async(conn).await;
+    drop(held);
+    if let Err(error) = touched {
+        tracing::warn!(target: "idem", %error, "could not keep the running entries fresh; another consumer may reclaim them");
+    }
+}
+
+/// Hands entries that never reached a handler back to the group, reclaimable at once, with
+/// the delivery count they had before this consumer took them.
+async fn hand_back(
+    conn: &mut ConnectionManager,
+    group: &StreamGroup,
+    consumer: &str,
+    deliveries: &[StreamDelivery],
+) {
+    let mut by_count: HashMap<u32, Vec<&str>> = HashMap::new();
+    for delivery in deliveries {
+        by_count
+            .entry(delivery.delivery_count)
+            .or_default()
+            .push(&delivery.id);
+    }
+    for (count, ids) in by_count {
+        release_ids(conn, group, consumer, &ids, Some(count.saturating_sub(1))).await;
+    }
+}
+
+/// `XCLAIM … IDLE <reclaim_idle> [RETRYCOUNT n] JUSTID`: reclaimable by anyone at once.
+async fn release_ids(
+    conn: &mut ConnectionManager,
+    group: &StreamGroup,
+    consumer: &str,
+    ids: &[&str],
+    retry_count: Option<u32>,
+) {
+    if ids.is_empty() {
+        return;
+    }
+    let mut cmd = redis::cmd("XCLAIM");
+    cmd.arg(&*group.stream)
+        .arg(&*group.group)
+        .arg(consumer)
+        .arg(0);
+    for id in ids {
+        cmd.arg(*id);
+    }
+    cmd.arg("IDLE").arg(millis(group.reclaim_idle));
+    if let Some(count) = retry_count {
+        cmd.arg("RETRYCOUNT").arg(count);
+    }
+    cmd.arg("JUSTID");
+    let released: Result<Value, _> = cmd.query_async(conn).await;
+    if let Err(error) = released {
+        tracing::warn!(target: "idem", %error, entries = ids.len(), "could not hand entries back; they are reclaimed after the reclaim idle time");
+    }
+}

@@ -1,0 +1,1095 @@
+//! Redis Streams against the live Redis (127.0.0.1:6379, or `IDEM_TEST_REDIS_URL`) and the
+//! live PostgreSQL: duplicates, a consumer killed between commit and ack, poison entries,
+//! retries spaced by the backoff, a retry that never heals, graceful shutdown, and the entry
+//! id as the key.
+//!
+//! Every stream, group, table and key is unique to the run; nothing shared is deleted. Each
+//! body counts its runs in process ([`idem_tests::count_run`]) and writes one row, in its
+//! transaction, to a table of the test's own with no unique key: rows are committed runs.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
+
+use idem_runtime::broker::redis_streams::{
+    ATTEMPT_FIELD, ID_FIELD, REASON_FIELD, RedisStreamAcknowledger, RedisStreamConsumer,
+    STREAM_FIELD, StreamGroup,
+};
+use idem_runtime::broker::{CancellationToken, ConsumerOptions, ConsumerReport};
+use idem_runtime::{Disposition, HandlerError, PgStore, PgTx, idempotent};
+use idem_tests::{count_run, runs};
+use redis::Value;
+use redis::aio::ConnectionManager;
+
+// ---------------------------------------------------------------------------------------------
+// Services
+
+fn redis_url() -> String {
+    std::env::var("IDEM_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+fn client() -> redis::Client {
+    redis::Client::open(redis_url()).expect("a valid Redis URL")
+}
+
+/// A connection, or a loud failure.
+async fn redis() -> ConnectionManager {
+    let url = redis_url();
+    client().get_connection_manager().await.unwrap_or_else(|error| {
+        panic!(
+            "Redis is not reachable at {url}: {error}. Run scripts/services (or scripts/test), which starts it, or set IDEM_TEST_REDIS_URL."
+        )
+    })
+}
+
+/// The store, and a table of this test's own for the bodies' rows.
+async fn pg(label: &str) -> (PgStore, String) {
+    init_tracing();
+    let store = idem_tests::pg::store().await;
+    let table = format!("rs_{label}_{}", idem_tests::unique_int());
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE TABLE {table} (key TEXT NOT NULL)"
+    )))
+    .execute(store.pool())
+    .await
+    .expect("create the test's table");
+    (store, table)
+}
+
+async fn drop_table(store: &PgStore, table: &str) {
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE {table}")))
+        .execute(store.pool())
+        .await
+        .expect("drop the test's table");
+}
+
+/// Rows per key in `table`.
+async fn rows(store: &PgStore, table: &str) -> BTreeMap<String, i64> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT key, count(*) FROM {table} GROUP BY key"
+    )))
+    .fetch_all(store.pool())
+    .await
+    .expect("count the rows");
+    rows.into_iter().collect()
+}
+
+/// A stream and group unique to this run.
+fn fresh_group(label: &str) -> StreamGroup {
+    StreamGroup::new(
+        format!("idem-test:{}:{label}", idem_tests::unique_key("rs")),
+        "idem-test",
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Messages and handlers
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Order {
+    key: String,
+    table: String,
+}
+
+impl Order {
+    fn json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("serialize an order")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum TestError {
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+    #[error("the order {0} is refused for good")]
+    Refused(String),
+    #[error("the order {0} failed for now")]
+    Transient(String),
+}
+
+impl HandlerError for TestError {
+    fn disposition(&self) -> Disposition {
+        match self {
+            Self::Refused(_) => Disposition::DeadLetter,
+            Self::Transient(_) => Disposition::Retry,
+            Self::Db(error) => idem_runtime::classify_error_chain(error),
+        }
+    }
+}
+
+/// The body every handler shares: count the run, write one row.
+async fn record(tx: &mut PgTx<'_>, msg: &Order) -> Result<(), TestError> {
+    count_run(&msg.key);
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO {} (key) VALUES ($1)",
+        msg.table
+    )))
+    .bind(&msg.key)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+#[idempotent(
+    key = "key",
+    store = "pg",
+    strategy = "dedup_table",
+    scope = "rs.order"
+)]
+async fn on_order(tx: &mut PgTx<'_>, msg: Order) -> Result<(), TestError> {
+    record(tx, &msg).await
+}
+
+/// The handler of the kill test; the consumer process has the same one.
+#[idempotent(key = "key", store = "pg", strategy = "dedup_table", scope = "rs.kill")]
+async fn on_kill(tx: &mut PgTx<'_>, msg: Order) -> Result<(), TestError> {
+    record(tx, &msg).await
+}
+
+/// Refuses keys containing `permanent`.
+#[idempotent(
+    key = "key",
+    store = "pg",
+    strategy = "dedup_table",
+    scope = "rs.poison"
+)]
+async fn on_poison(tx: &mut PgTx<'_>, msg: Order) -> Result<(), TestError> {
+    record(tx, &msg).await?;
+    if msg.key.contains("permanent") {
+        return Err(TestError::Refused(msg.key));
+    }
+    Ok(())
+}
+
+/// `$message_id` from the producer's `msg-id` field.
+#[idempotent(
+    key = "$message_id",
+    store = "pg",
+    strategy = "dedup_table",
+    scope = "rs.by_field"
+)]
+async fn on_by_field(tx: &mut PgTx<'_>, msg: Order) -> Result<(), TestError> {
+    record(tx, &msg).await
+}
+
+/// Fails (retryably) on its first two runs of a key, then succeeds.
+#[idempotent(
+    key = "key",
+    store = "pg",
+    strategy = "dedup_table",
+    scope = "rs.flaky",
+    max_attempts = 5
+)]
+async fn on_flaky(tx: &mut PgTx<'_>, msg: Order) -> Result<(), TestError> {
+    record(tx, &msg).await?;
+    seen(&msg.key);
+    if runs(&msg.key) < 3 {
+        return Err(TestError::Transient(msg.key));
+    }
+    Ok(())
+}
+
+/// Always fails, retryably.
+#[idempotent(
+    key = "key",
+    store = "pg",
+    strategy = "dedup_table",
+    scope = "rs.broken",
+    max_attempts = 3
+)]
+async fn on_broken(tx: &mut PgTx<'_>, msg: Order) -> Result<(), TestError> {
+    record(tx, &msg).await?;
+    seen(&msg.key);
+    Err(TestError::Transient(msg.key))
+}
+
+/// Takes 1.5 s.
+#[idempotent(key = "key", store = "pg", strategy = "dedup_table", scope = "rs.slow")]
+async fn on_slow(tx: &mut PgTx<'_>, msg: Order) -> Result<(), TestError> {
+    record(tx, &msg).await?;
+    started(&msg.key);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    Ok(())
+}
+
+/// Hangs for a minute on its first run of a key, after its write.
+#[idempotent(
+    key = "key",
+    store = "pg",
+    strategy = "dedup_table",
+    scope = "rs.stuck"
+)]
+async fn on_stuck(tx: &mut PgTx<'_>, msg: Order) -> Result<(), TestError> {
+    record(tx, &msg).await?;
+    started(&msg.key);
+    if runs(&msg.key) == 1 {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    }
+    Ok(())
+}
+
+#[idempotent(
+    key = "$message_id",
+    store = "pg",
+    strategy = "dedup_table",
+    scope = "rs.by_id"
+)]
+async fn on_by_id(tx: &mut PgTx<'_>, msg: Order) -> Result<(), TestError> {
+    record(tx, &msg).await
+}
+
+#[idempotent(
+    key = "$message_id, key",
+    store = "pg",
+    strategy = "dedup_table",
+    scope = "rs.by_id_and_key"
+)]
+async fn on_by_id_and_key(tx: &mut PgTx<'_>, msg: Order) -> Result<(), TestError> {
+    record(tx, &msg).await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Observations
+
+/// When each body ran, per key.
+fn seen(key: &str) {
+    static_times()
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .entry(key.to_owned())
+        .or_default()
+        .push(Instant::now());
+}
+
+fn times(key: &str) -> Vec<Instant> {
+    static_times()
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(key)
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn static_times() -> &'static Mutex<HashMap<String, Vec<Instant>>> {
+    static TIMES: OnceLock<Mutex<HashMap<String, Vec<Instant>>>> = OnceLock::new();
+    TIMES.get_or_init(Mutex::default)
+}
+
+fn started(key: &str) {
+    seen(key);
+}
+
+/// The `attempt` of every `idem.handle` span, per handler scope, in order: the attempt
+/// numbers the pipeline saw.
+fn attempts(scope: &str) -> Vec<u64> {
+    attempts_seen()
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(scope)
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn attempts_seen() -> &'static Mutex<HashMap<String, Vec<u64>>> {
+    static SEEN: OnceLock<Mutex<HashMap<String, Vec<u64>>>> = OnceLock::new();
+    SEEN.get_or_init(Mutex::default)
+}
+
+/// Records the `scope` and `attempt` of each new `idem.handle` span.
+struct AttemptLayer;
+
+#[derive(Default)]
+struct HandleFields {
+    scope: Option<String>,
+    attempt: Option<u64>,
+}
+
+impl tracing::field::Visit for HandleFields {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if field.name() == "scope" {
+            self.scope = Some(value.to_owned());
+        }
+    }
+    fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+        if field.name() == "attempt" {
+            self.attempt = Some(value);
+        }
+    }
+    fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
+        if field.name() == "attempt" {
+            self.attempt = u64::try_from(value).ok();
+        }
+    }
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "scope" {
+            self.scope = Some(format!("{value:?}").trim_matches('"').to_owned());
+        }
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for AttemptLayer {
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        _id: &tracing::span::Id,
+        _ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        if attrs.metadata().name() != "idem.handle" {
+            return;
+        }
+        let mut fields = HandleFields::default();
+        attrs.record(&mut fields);
+        if let (Some(scope), Some(attempt)) = (fields.scope, fields.attempt) {
+            attempts_seen()
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(scope)
+                .or_default()
+                .push(attempt);
+        }
+    }
+}
+
+fn init_tracing() {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::{EnvFilter, Layer as _};
+    static INIT: OnceLock<()> = OnceLock::new();
+    INIT.get_or_init(|| {
+        let subscriber = tracing_subscriber::registry().with(AttemptLayer).with(
+            tracing_subscriber::fmt::layer()
+                .with_test_writer()
+                .with_filter(EnvFilter::from_default_env()),
+        );
+        tracing::subscriber::set_global_default(subscriber).expect("one global subscriber");
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Redis inspection
+
+async fn pending(conn: &mut ConnectionManager, group: &StreamGroup) -> u64 {
+    group.pending(conn).await.expect("XPENDING")
+}
+
+/// `(id, delivery count)` of each pending entry.
+async fn pending_entries(conn: &mut ConnectionManager, group: &StreamGroup) -> Vec<(String, i64)> {
+    let reply: Vec<(String, String, i64, i64)> = redis::cmd("XPENDING")
+        .arg(group.stream())
+        .arg(group.group())
+        .arg("-")
+        .arg("+")
+        .arg(1000)
+        .query_async(conn)
+        .await
+        .expect("XPENDING detail");
+    reply
+        .into_iter()
+        .map(|(id, _consumer, _idle, count)| (id, count))
+        .collect()
+}
+
+/// Every entry of a stream, as `(id, field -> value)`.
+async fn entries(
+    conn: &mut ConnectionManager,
+    stream: &str,
+) -> Vec<(String, HashMap<String, String>)> {
+    let reply: Value = redis::cmd("XRANGE")
+        .arg(stream)
+        .arg("-")
+        .arg("+")
+        .query_async(conn)
+        .await
+        .expect("XRANGE");
+    let Value::Array(entries) = reply else {
+        panic!("XRANGE replied {reply:?}");
+    };
+    entries
+        .into_iter()
+        .map(|entry| {
+            let (id, fields): (String, Vec<(String, Vec<u8>)>) =
+                redis::from_redis_value(entry).expect("an entry");
+            let fields = fields
+                .into_iter()
+                .map(|(name, value)| (name, String::from_utf8_lossy(&value).into_owned()))
+                .collect();
+            (id, fields)
+        })
+        .collect()
+}
+
+async fn xadd(conn: &mut ConnectionManager, stream: &str, fields: &[(&str, &[u8])]) -> String {
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(stream).arg("*");
+    for (name, value) in fields {
+        cmd.arg(*name).arg(*value);
+    }
+    cmd.query_async(conn).await.expect("XADD")
+}
+
+/// Polls `done` every 50 ms for up to 30 s.
+async fn eventually<F, Fut>(what: &str, mut done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !done().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until the runner has settled `settled` deliveries and the group has nothing
+/// pending, then shuts it down and returns its report.
+async fn drain_and_stop(
+    conn: &mut ConnectionManager,
+    group: &StreamGroup,
+    stats: &idem_runtime::broker::ConsumerStats,
+    settled: u64,
+    shutdown: &CancellationToken,
+    run: tokio::task::JoinHandle<
+        Result<ConsumerReport, idem_runtime::broker::redis_streams::RedisStreamError>,
+    >,
+) -> ConsumerReport {
+    eventually("the stream is drained", || {
+        let mut conn = conn.clone();
+        async move {
+            let report = stats.snapshot();
+            let done = report.processed + report.duplicates + report.dead_lettered;
+            done >= settled && pending(&mut conn, group).await == 0
+        }
+    })
+    .await;
+    shutdown.cancel();
+    run.await.expect("the runner's task").expect("the runner")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+
+/// (a) 200 business messages, each published two to four times, consumed with 8 handlers at
+/// once: every body runs once, one row per key, nothing pending, the counts match.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn duplicates_run_once_under_concurrency() {
+    let (store, table) = pg("dups").await;
+    let mut conn = redis().await;
+    let group = fresh_group("dups").with_reclaim_idle(Duration::from_secs(10));
+    let keys: Vec<String> = (0..200).map(|_| idem_tests::unique_key("rs-dup")).collect();
+    let mut published = 0_u64;
+    // Duplicates close together and far apart: two rounds of everything, then extra copies.
+    for round in 0..4 {
+        for (index, key) in keys.iter().enumerate() {
+            let copies = match round {
+                0 | 1 => true,
+                2 => index % 5 == 0,
+                _ => index % 20 == 0,
+            };
+            if copies {
+                let order = Order {
+                    key: key.clone(),
+                    table: table.clone(),
+                };
+                group.publish(&mut conn, &order.json()).await.expect("XADD");
+                published += 1;
+            }
+        }
+    }
+    assert!(published > 400);
+
+    let consumer = RedisStreamConsumer::new(
+        client(),
+        group.clone(),
+        "dups-1",
+        idem_runtime::handler!(on_order),
+        store.clone(),
+    )
+    .with_options(ConsumerOptions::default().concurrency(8).prefetch(16));
+    let stats = consumer.stats();
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(consumer.run(shutdown.clone()));
+    let report = drain_and_stop(&mut conn, &group, &stats, published, &shutdown, run).await;
+
+    assert_eq!(report.processed, 200, "{report:?}");
+    assert_eq!(report.duplicates, published - 200, "{report:?}");
+    assert_eq!(report.dead_lettered, 0, "{report:?}");
+    assert_eq!(report.requeued, 0, "{report:?}");
+    assert_eq!(report.unsettled, 0, "{report:?}");
+    assert_eq!(report.settle_failures, 0, "{report:?}");
+    let rows = rows(&store, &table).await;
+    assert_eq!(rows.len(), 200);
+    for key in &keys {
+        assert_eq!(runs(key), 1, "body runs of {key}");
+        assert_eq!(rows.get(key), Some(&1), "rows of {key}");
+    }
+    assert_eq!(pending(&mut conn, &group).await, 0);
+    assert!(
+        entries(&mut conn, group.dead_letter_stream())
+            .await
+            .is_empty()
+    );
+    drop_table(&store, &table).await;
+}
+
+/// (b) A consumer process dies after a commit, before its `XACK`; another consumer takes the
+/// entry (and those the dead one had read but not handled) over with `XAUTOCLAIM`: the entry
+/// is a duplicate, the others run once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killed_between_commit_and_ack_is_a_duplicate_on_reclaim() {
+    let (store, table) = pg("kill").await;
+    let mut conn = redis().await;
+    let group = fresh_group("kill").with_reclaim_idle(Duration::from_secs(1));
+    let keys: Vec<String> = (0..5).map(|_| idem_tests::unique_key("rs-kill")).collect();
+    group
+        .create(&mut conn, Default::default())
+        .await
+        .expect("XGROUP CREATE");
+    for key in &keys {
+        let order = Order {
+            key: key.clone(),
+            table: table.clone(),
+        };
+        group.publish(&mut conn, &order.json()).await.expect("XADD");
+    }
+
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_redis_streams_consumer"));
+    child
+        .args([group.stream(), group.group(), "doomed", keys[2].as_str()])
+        .env("IDEM_TEST_REDIS_URL", redis_url());
+    let status = tokio::task::spawn_blocking(move || child.status())
+        .await
+        .expect("wait for the consumer process")
+        .expect("start the consumer process");
+    assert!(!status.success(), "the consumer process aborts: {status:?}");
+    assert_ne!(
+        status.code(),
+        Some(2),
+        "it never saw the message to abort on"
+    );
+
+    // The dead consumer committed the first three, acked two, and held the last two unread.
+    let committed = rows(&store, &table).await;
+    assert_eq!(committed.len(), 3, "{committed:?}");
+    for key in &keys[..3] {
+        assert_eq!(committed.get(key), Some(&1));
+    }
+    let held = pending_entries(&mut conn, &group).await;
+    assert_eq!(
+        held.len(),
+        3,
+        "the aborted one and the two read after it: {held:?}"
+    );
+    assert!(held.iter().all(|(_, count)| *count == 1), "{held:?}");
+
+    let consumer = RedisStreamConsumer::new(
+        client(),
+        group.clone(),
+        "survivor",
+        idem_runtime::handler!(on_kill),
+        store.clone(),
+    )
+    .with_options(ConsumerOptions::default().concurrency(4))
+    .with_reclaim_interval(Duration::from_millis(100));
+    let stats = consumer.stats();
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(consumer.run(shutdown.clone()));
+    let report = drain_and_stop(&mut conn, &group, &stats, 3, &shutdown, run).await;
+
+    assert_eq!(report.duplicates, 1, "{report:?}");
+    assert_eq!(report.processed, 2, "{report:?}");
+    assert_eq!(report.dead_lettered + report.requeued + report.unsettled, 0);
+    // In this process: the aborted message's body never ran, the two others once.
+    assert_eq!(runs(&keys[2]), 0);
+    assert_eq!(runs(&keys[3]), 1);
+    assert_eq!(runs(&keys[4]), 1);
+    let rows = rows(&store, &table).await;
+    assert_eq!(rows.len(), 5, "{rows:?}");
+    assert!(rows.values().all(|count| *count == 1), "{rows:?}");
+    assert_eq!(pending(&mut conn, &group).await, 0);
+    // The reclaimed ones were second deliveries.
+    assert_eq!(attempts("rs.kill").iter().filter(|a| **a == 2).count(), 3);
+    drop_table(&store, &table).await;
+}
+
+/// (c, g) Undecodable payloads, an entry without the payload field, a permanent failure, and
+/// a `$message_id` handler given an entry without an id go to the dead-letter stream, exactly
+/// those, with reasons and attempt counts; the good entries around them are processed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn poison_entries_are_dead_lettered_with_reasons() {
+    let (store, table) = pg("poison").await;
+    let mut conn = redis().await;
+    let group = fresh_group("poison");
+    let order = |label: &str| Order {
+        key: idem_tests::unique_key(label),
+        table: table.clone(),
+    };
+    let good_before = order("rs-good");
+    let permanent = order("rs-permanent");
+    let good_after = order("rs-good");
+    let mut poison: HashMap<String, &str> = HashMap::new();
+    group
+        .publish(&mut conn, &good_before.json())
+        .await
+        .expect("XADD");
+    let id = group.publish(&mut conn, b"{not json").await.expect("XADD");
+    poison.insert(id, "does not decode");
+    let id = group
+        .publish(&mut conn, br#"{"key": "no table"}"#)
+        .await
+        .expect("XADD");
+    poison.insert(id, "does not decode into the handler's message type `broker_redis_streams::Order`: missing field `table`");
+    let id = xadd(&mut conn, group.stream(), &[("body", b"{}")]).await;
+    poison.insert(id, "does not decode");
+    let id = group
+        .publish(&mut conn, &permanent.json())
+        .await
+        .expect("XADD");
+    poison.insert(id, "is refused for good");
+    group
+        .publish(&mut conn, &good_after.json())
+        .await
+        .expect("XADD");
+
+    // `$message_id` from a producer's field: one entry without it.
+    let by_field = fresh_group("by-field").with_message_id_field("msg-id");
+    let first = order("rs-field");
+    let again = Order {
+        key: idem_tests::unique_key("rs-field-again"),
+        table: table.clone(),
+    };
+    let anonymous = order("rs-anonymous");
+    let message_id = idem_tests::unique_key("msg");
+    xadd(
+        &mut conn,
+        by_field.stream(),
+        &[
+            ("payload", &first.json()),
+            ("msg-id", message_id.as_bytes()),
+        ],
+    )
+    .await;
+    // A re-publish of the same message (same producer id, new entry): a duplicate.
+    xadd(
+        &mut conn,
+        by_field.stream(),
+        &[
+            ("payload", &again.json()),
+            ("msg-id", message_id.as_bytes()),
+        ],
+    )
+    .await;
+    let anonymous_id = xadd(
+        &mut conn,
+        by_field.stream(),
+        &[("payload", &anonymous.json())],
+    )
+    .await;
+
+    let shutdown = CancellationToken::new();
+    let consumer = RedisStreamConsumer::new(
+        client(),
+        group.clone(),
+        "poison-1",
+        idem_runtime::handler!(on_poison),
+        store.clone(),
+    )
+    .with_options(ConsumerOptions::default().concurrency(3));
+    let stats = consumer.stats();
+    let run = tokio::spawn(consumer.run(shutdown.clone()));
+    let by_field_consumer = RedisStreamConsumer::new(
+        client(),
+        by_field.clone(),
+        "by-field-1",
+        idem_runtime::handler!(on_by_field),
+        store.clone(),
+    );
+    let by_field_stats = by_field_consumer.stats();
+    let by_field_shutdown = CancellationToken::new();
+    let by_field_run = tokio::spawn(by_field_consumer.run(by_field_shutdown.clone()));
+
+    let report = drain_and_stop(&mut conn, &group, &stats, 6, &shutdown, run).await;
+    assert_eq!(report.processed, 2, "{report:?}");
+    assert_eq!(report.dead_lettered, 4, "{report:?}");
+    assert_eq!(
+        report.duplicates + report.requeued + report.unsettled,
+        0,
+        "{report:?}"
+    );
+    let by_field_report = drain_and_stop(
+        &mut conn,
+        &by_field,
+        &by_field_stats,
+        3,
+        &by_field_shutdown,
+        by_field_run,
+    )
+    .await;
+    assert_eq!(by_field_report.processed, 1, "{by_field_report:?}");
+    assert_eq!(by_field_report.duplicates, 1, "{by_field_report:?}");
+    assert_eq!(by_field_report.dead_lettered, 1, "{by_field_report:?}");
+
+    let letters = entries(&mut conn, group.dead_letter_stream()).await;
+    assert_eq!(letters.len(), 4, "{letters:?}");
+    for (_, fields) in &letters {
+        let original = &fields[ID_FIELD];
+        let expected = poison
+            .remove(original)
+            .unwrap_or_else(|| panic!("only poison is dead-lettered: {fields:?}"));
+        assert!(
+            fields[REASON_FIELD].contains(expected),
+            "{expected:?} in {fields:?}"
+        );
+        assert_eq!(fields[ATTEMPT_FIELD], "1", "{fields:?}");
+        assert_eq!(fields[STREAM_FIELD], group.stream());
+    }
+    assert!(poison.is_empty(), "not dead-lettered: {poison:?}");
+    // The permanent failure's body ran and rolled back; the good ones committed once.
+    assert_eq!(runs(&permanent.key), 1);
+    let rows = rows(&store, &table).await;
+    assert_eq!(rows.get(&good_before.key), Some(&1));
+    assert_eq!(rows.get(&good_after.key), Some(&1));
+    assert_eq!(rows.get(&permanent.key), None);
+
+    let letters = entries(&mut conn, by_field.dead_letter_stream()).await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let fields = &letters[0].1;
+    assert_eq!(fields[ID_FIELD], anonymous_id);
+    assert!(
+        fields[REASON_FIELD].contains("keys on `$message_id`, but the delivery has no message id"),
+        "{fields:?}"
+    );
+    assert_eq!(fields[ATTEMPT_FIELD], "1");
+    assert_eq!(
+        fields["payload"],
+        String::from_utf8_lossy(&anonymous.json())
+    );
+    assert_eq!(runs(&first.key), 1);
+    assert_eq!(runs(&again.key), 0, "a re-publish with the same message id");
+    assert_eq!(runs(&anonymous.key), 0);
+    assert_eq!(rows.get(&first.key), Some(&1));
+    assert_eq!(pending(&mut conn, &group).await, 0);
+    assert_eq!(pending(&mut conn, &by_field).await, 0);
+    drop_table(&store, &table).await;
+}
+
+/// (d) A handler that fails twice, then succeeds: attempts 1, 2, 3, spaced by at least the
+/// backoff's lower bounds (0.5 s, then 1 s), one row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retries_are_spaced_by_the_backoff_and_counted() {
+    let (store, table) = pg("flaky").await;
+    let mut conn = redis().await;
+    let group = fresh_group("flaky").with_reclaim_idle(Duration::from_secs(5));
+    let order = Order {
+        key: idem_tests::unique_key("rs-flaky"),
+        table: table.clone(),
+    };
+    let entry_id = group.publish(&mut conn, &order.json()).await.expect("XADD");
+    let consumer = RedisStreamConsumer::new(
+        client(),
+        group.clone(),
+        "flaky-1",
+        idem_runtime::handler!(on_flaky),
+        store.clone(),
+    )
+    .with_reclaim_interval(Duration::from_millis(20));
+    let stats = consumer.stats();
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(consumer.run(shutdown.clone()));
+    let report = drain_and_stop(&mut conn, &group, &stats, 1, &shutdown, run).await;
+
+    assert_eq!(report.processed, 1, "{report:?}");
+    assert_eq!(report.requeued, 2, "{report:?}");
+    assert_eq!(report.dead_lettered, 0, "{report:?}");
+    assert_eq!(runs(&order.key), 3);
+    assert_eq!(attempts("rs.flaky"), [1, 2, 3]);
+    let times = times(&order.key);
+    assert_eq!(times.len(), 3);
+    let first_gap = times[1] - times[0];
+    let second_gap = times[2] - times[1];
+    assert!(first_gap >= Duration::from_millis(500), "{first_gap:?}");
+    assert!(second_gap >= Duration::from_millis(1000), "{second_gap:?}");
+    // Not a hot loop, nor stuck: at most the full delays plus the sweeps.
+    assert!(first_gap < Duration::from_millis(2500), "{first_gap:?}");
+    assert!(second_gap < Duration::from_millis(4000), "{second_gap:?}");
+    assert_eq!(rows(&store, &table).await.get(&order.key), Some(&1));
+    assert_eq!(pending(&mut conn, &group).await, 0);
+    // The same entry all along: gone from the stream's pending list, never dead-lettered.
+    assert!(
+        entries(&mut conn, group.dead_letter_stream())
+            .await
+            .is_empty()
+    );
+    assert!(
+        entries(&mut conn, group.stream())
+            .await
+            .iter()
+            .any(|(id, _)| *id == entry_id)
+    );
+    drop_table(&store, &table).await;
+}
+
+/// (e) A retryable failure that never heals is dead-lettered after `max_attempts` (3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failure_that_never_heals_is_dead_lettered_after_max_attempts() {
+    let (store, table) = pg("broken").await;
+    let mut conn = redis().await;
+    let group = fresh_group("broken").with_reclaim_idle(Duration::from_secs(5));
+    let order = Order {
+        key: idem_tests::unique_key("rs-broken"),
+        table: table.clone(),
+    };
+    let entry_id = group.publish(&mut conn, &order.json()).await.expect("XADD");
+    let consumer = RedisStreamConsumer::new(
+        client(),
+        group.clone(),
+        "broken-1",
+        idem_runtime::handler!(on_broken),
+        store.clone(),
+    )
+    .with_reclaim_interval(Duration::from_millis(20));
+    let stats = consumer.stats();
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(consumer.run(shutdown.clone()));
+    let report = drain_and_stop(&mut conn, &group, &stats, 1, &shutdown, run).await;
+
+    assert_eq!(report.dead_lettered, 1, "{report:?}");
+    assert_eq!(report.requeued, 2, "{report:?}");
+    assert_eq!(report.processed, 0, "{report:?}");
+    assert_eq!(runs(&order.key), 3);
+    assert_eq!(attempts("rs.broken"), [1, 2, 3]);
+    let letters = entries(&mut conn, group.dead_letter_stream()).await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let fields = &letters[0].1;
+    assert_eq!(fields[ID_FIELD], entry_id);
+    assert_eq!(fields[ATTEMPT_FIELD], "3");
+    assert!(
+        fields[REASON_FIELD].starts_with("gave up after 3 attempts: "),
+        "{fields:?}"
+    );
+    assert!(
+        fields[REASON_FIELD].contains("failed for now"),
+        "{fields:?}"
+    );
+    assert_eq!(fields["payload"], String::from_utf8_lossy(&order.json()));
+    assert_eq!(rows(&store, &table).await.get(&order.key), None);
+    assert_eq!(pending(&mut conn, &group).await, 0);
+    drop_table(&store, &table).await;
+}
+
+/// (f) Shutdown while a slow handler runs: it finishes, is acked, `run` returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shutdown_lets_a_running_handler_finish_and_ack() {
+    let (store, table) = pg("slow").await;
+    let mut conn = redis().await;
+    let group = fresh_group("slow");
+    let order = Order {
+        key: idem_tests::unique_key("rs-slow"),
+        table: table.clone(),
+    };
+    group.publish(&mut conn, &order.json()).await.expect("XADD");
+    let consumer = RedisStreamConsumer::new(
+        client(),
+        group.clone(),
+        "slow-1",
+        idem_runtime::handler!(on_slow),
+        store.clone(),
+    )
+    .with_options(ConsumerOptions::default().shutdown_grace(Duration::from_secs(20)));
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(consumer.run(shutdown.clone()));
+    eventually("the slow body started", || async {
+        !times(&order.key).is_empty()
+    })
+    .await;
+    let cancelled_at = Instant::now();
+    shutdown.cancel();
+    let report = run.await.expect("the runner's task").expect("the runner");
+    let body_started = times(&order.key)[0];
+    assert!(
+        cancelled_at.elapsed() <= Duration::from_secs(10),
+        "run returned promptly"
+    );
+    assert!(
+        body_started.elapsed() >= Duration::from_millis(1500),
+        "run waited for the handler"
+    );
+    assert_eq!(report.processed, 1, "{report:?}");
+    assert_eq!(report.unsettled, 0, "{report:?}");
+    assert_eq!(
+        pending(&mut conn, &group).await,
+        0,
+        "acked before run returned"
+    );
+    assert_eq!(rows(&store, &table).await.get(&order.key), Some(&1));
+    drop_table(&store, &table).await;
+}
+
+/// (f) Shutdown with a tiny grace while a handler hangs: the entry is not acked, and the next
+/// consumer gets it (its body runs again, as the first never committed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_handler_cancelled_at_the_deadline_leaves_its_entry_pending() {
+    let (store, table) = pg("stuck").await;
+    let mut conn = redis().await;
+    let group = fresh_group("stuck").with_reclaim_idle(Duration::from_secs(30));
+    let order = Order {
+        key: idem_tests::unique_key("rs-stuck"),
+        table: table.clone(),
+    };
+    let entry_id = group.publish(&mut conn, &order.json()).await.expect("XADD");
+    let consumer = RedisStreamConsumer::new(
+        client(),
+        group.clone(),
+        "stuck-1",
+        idem_runtime::handler!(on_stuck),
+        store.clone(),
+    )
+    .with_options(ConsumerOptions::default().shutdown_grace(Duration::from_millis(200)));
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(consumer.run(shutdown.clone()));
+    eventually("the stuck body started", || async {
+        !times(&order.key).is_empty()
+    })
+    .await;
+    shutdown.cancel();
+    let report = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("run returns after the grace")
+        .expect("the runner's task")
+        .expect("the runner");
+    assert_eq!(report.unsettled, 1, "{report:?}");
+    assert_eq!(report.processed, 0, "{report:?}");
+    // Still pending, delivered once: not acked.
+    assert_eq!(
+        pending_entries(&mut conn, &group).await,
+        [(entry_id.clone(), 1)]
+    );
+
+    // The next consumer reclaims it at once (the runner handed it back) and runs it.
+    let consumer = RedisStreamConsumer::new(
+        client(),
+        group.clone(),
+        "stuck-2",
+        idem_runtime::handler!(on_stuck),
+        store.clone(),
+    )
+    .with_reclaim_interval(Duration::from_millis(50));
+    let stats = consumer.stats();
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(consumer.run(shutdown.clone()));
+    let report = drain_and_stop(&mut conn, &group, &stats, 1, &shutdown, run).await;
+    assert_eq!(report.processed, 1, "{report:?}");
+    assert_eq!(runs(&order.key), 2);
+    assert_eq!(rows(&store, &table).await.get(&order.key), Some(&1));
+    assert_eq!(pending(&mut conn, &group).await, 0);
+    drop_table(&store, &table).await;
+}
+
+/// (g) `$message_id` is the entry id, alone and with a field: distinct entries of one payload
+/// are distinct messages; two deliveries of one entry are one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_entry_id_is_the_message_id() {
+    let (store, table) = pg("by_id").await;
+    let mut conn = redis().await;
+    let alone = fresh_group("by-id");
+    let combined = fresh_group("by-id-and-key");
+    let twin = Order {
+        key: idem_tests::unique_key("rs-twin"),
+        table: table.clone(),
+    };
+    let combined_twin = Order {
+        key: idem_tests::unique_key("rs-combined-twin"),
+        table: table.clone(),
+    };
+    for _ in 0..2 {
+        alone.publish(&mut conn, &twin.json()).await.expect("XADD");
+        combined
+            .publish(&mut conn, &combined_twin.json())
+            .await
+            .expect("XADD");
+    }
+
+    let alone_consumer = RedisStreamConsumer::new(
+        client(),
+        alone.clone(),
+        "by-id-1",
+        idem_runtime::handler!(on_by_id),
+        store.clone(),
+    );
+    let alone_stats = alone_consumer.stats();
+    let alone_shutdown = CancellationToken::new();
+    let alone_run = tokio::spawn(alone_consumer.run(alone_shutdown.clone()));
+    let combined_consumer = RedisStreamConsumer::new(
+        client(),
+        combined.clone(),
+        "by-id-and-key-1",
+        idem_runtime::handler!(on_by_id_and_key),
+        store.clone(),
+    );
+    let combined_stats = combined_consumer.stats();
+    let combined_shutdown = CancellationToken::new();
+    let combined_run = tokio::spawn(combined_consumer.run(combined_shutdown.clone()));
+    let report = drain_and_stop(
+        &mut conn,
+        &alone,
+        &alone_stats,
+        2,
+        &alone_shutdown,
+        alone_run,
+    )
+    .await;
+    assert_eq!(report.processed, 2, "two entries, two messages: {report:?}");
+    let report = drain_and_stop(
+        &mut conn,
+        &combined,
+        &combined_stats,
+        2,
+        &combined_shutdown,
+        combined_run,
+    )
+    .await;
+    assert_eq!(report.processed, 2, "{report:?}");
+    assert_eq!(runs(&twin.key), 2);
+    assert_eq!(runs(&combined_twin.key), 2);
+
+    // One entry delivered twice, through a service's own loop: the second is a duplicate.
+    for (group, label) in [(&alone, "rs-own"), (&combined, "rs-own-combined")] {
+        let order = Order {
+            key: idem_tests::unique_key(label),
+            table: table.clone(),
+        };
+        let entry_id = group.publish(&mut conn, &order.json()).await.expect("XADD");
+        let mut read = group
+            .read(&mut conn, "own-loop", 10, None)
+            .await
+            .expect("XREADGROUP");
+        assert_eq!(read.len(), 1);
+        let delivery = read.remove(0);
+        assert_eq!(delivery.id(), entry_id);
+        assert_eq!(delivery.delivery_count(), 1);
+        let first = RedisStreamAcknowledger::new(conn.clone(), group, "own-loop", delivery.clone());
+        let second = RedisStreamAcknowledger::new(conn.clone(), group, "own-loop", delivery);
+        assert_eq!(
+            idem_runtime::Acknowledger::message_id(&first),
+            Some(entry_id.as_str())
+        );
+        let handle = |ack| {
+            let store = store.clone();
+            let order = order.clone();
+            let by_id_alone = std::ptr::eq(group, &alone);
+            async move {
+                if by_id_alone {
+                    on_by_id(&store, order, ack).await
+                } else {
+                    on_by_id_and_key(&store, order, ack).await
+                }
+            }
+        };
+        assert!(handle(first).await.expect("first").is_processed());
+        assert!(handle(second).await.expect("second").is_duplicate());
+        assert_eq!(runs(&order.key), 1);
+        assert_eq!(pending(&mut conn, group).await, 0);
+    }
+    let rows = rows(&store, &table).await;
+    assert_eq!(rows.get(&twin.key), Some(&2));
+    assert_eq!(rows.values().sum::<i64>(), 6, "{rows:?}");
+    drop_table(&store, &table).await;
+}
