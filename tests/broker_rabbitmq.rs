@@ -465,11 +465,12 @@ async fn each_effect_once_under_duplicates() {
 
     const N: usize = 200;
     let keys: Vec<String> = (0..N).map(|_| unique_key("rmq-basic")).collect();
-    let copies = |i: usize| 2 + usize::from(i % 5 == 0) + usize::from(i % 10 == 0);
+    let copies =
+        |i: usize| 2 + usize::from(i.is_multiple_of(5)) + usize::from(i.is_multiple_of(10));
     let mut published = 0_u64;
     // Back to back for every seventh key, so that twins run at once; spread out for the rest.
     for (i, key) in keys.iter().enumerate() {
-        if i % 7 == 0 {
+        if i.is_multiple_of(7) {
             for _ in 0..copies(i) {
                 publish_payment(&publisher, &topology, &Payment::new(key, 10), None).await;
                 published += 1;
@@ -478,7 +479,7 @@ async fn each_effect_once_under_duplicates() {
     }
     for round in 0..4 {
         for (i, key) in keys.iter().enumerate() {
-            if i % 7 != 0 && round < copies(i) {
+            if !i.is_multiple_of(7) && round < copies(i) {
                 publish_payment(&publisher, &topology, &Payment::new(key, 10), None).await;
                 published += 1;
             }

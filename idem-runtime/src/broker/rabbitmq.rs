@@ -1119,10 +1119,10 @@ where
 /// Closes the runner's channel, if it is still open: its unacknowledged deliveries go back to
 /// the queue.
 async fn close(channel: &Channel) {
-    if channel.status().connected() {
-        if let Err(error) = channel.close(200, "idem consumer stopped".into()).await {
-            tracing::debug!(target: "idem", %error, "closing the consumer's channel failed");
-        }
+    if channel.status().connected()
+        && let Err(error) = channel.close(200, "idem consumer stopped".into()).await
+    {
+        tracing::debug!(target: "idem", %error, "closing the consumer's channel failed");
     }
 }
 
