@@ -143,7 +143,6 @@
 //! # async fn on_order_paid(tx: &mut PgTx<'_>, msg: OrderPaid) -> Result<(), AppError> { Ok(()) }
 //! use futures_util::StreamExt as _;
 //! use idem_runtime::broker::rabbitmq::{lapin, RabbitMqAcknowledger, RabbitMqTopology};
-//! use idem_runtime::{Acknowledger as _, DeadLetter};
 //! use lapin::options::{BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions};
 //! use lapin::types::FieldTable;
 //!
@@ -163,10 +162,8 @@
 //!     match decoded {
 //!         // Acked after the commit, requeued with backoff, or dead-lettered, as it turns out.
 //!         Ok(msg) => { let _ = on_order_paid(&store, msg, ack).await; }
-//!         Err(error) => {
-//!             let attempt = ack.attempt().unwrap_or(1);
-//!             ack.dead_letter(DeadLetter { reason: &error.to_string(), attempt }).await?;
-//!         }
+//!         // Cannot succeed: to the dead-letter queue, with the reason.
+//!         Err(error) => ack.dead_letter_now(&format!("undecodable: {error}")).await?,
 //!     }
 //! }
 //! # Ok(())
@@ -858,6 +855,19 @@ impl RabbitMqAcknowledger {
         } else {
             Err(self.unroutable("retry", "", queue.as_str()))
         }
+    }
+
+    /// Dead-letters the delivery without handing it to a handler (a payload your loop cannot
+    /// decode, a message no handler takes), with `reason` and this delivery's attempt number:
+    /// a copy goes to the dead-letter exchange, then the original is acked.
+    ///
+    /// # Errors
+    ///
+    /// As [`Acknowledger::dead_letter`]: when the broker does not confirm the copy, the
+    /// original is handed back (`basic.nack`, requeued) and the error returned.
+    pub async fn dead_letter_now(self, reason: &str) -> Result<(), RabbitMqError> {
+        let attempt = self.attempt;
+        Acknowledger::dead_letter(self, DeadLetter { reason, attempt }).await
     }
 
     async fn publish_dead_letter(&self, letter: DeadLetter<'_>) -> Result<(), RabbitMqError> {
