@@ -232,7 +232,7 @@ impl ConsumerStats {
             Settled::Duplicate => &self.duplicates,
             Settled::Requeued => &self.requeued,
             Settled::DeadLettered => &self.dead_lettered,
-            Settled::NotSettled => &self.unsettled,
+            Settled::Unsettled => &self.unsettled,
             Settled::Refused => &self.settle_failures,
         };
         counter.fetch_add(1, Ordering::Relaxed);
@@ -247,7 +247,7 @@ pub(crate) enum Settled {
     Duplicate,
     Requeued,
     DeadLettered,
-    NotSettled,
+    Unsettled,
     Refused,
 }
 
@@ -338,7 +338,7 @@ pub(crate) async fn deliver<H, D, A>(
         (REQUEUED, _) => Settled::Requeued,
         (DEAD_LETTERED, _) => Settled::DeadLettered,
         (REFUSED, _) => Settled::Refused,
-        _ => Settled::NotSettled,
+        _ => Settled::Unsettled,
     };
     stats.count(settled);
 }
@@ -401,7 +401,7 @@ impl Workers {
             while let Some(result) = self.tasks.join_next().await {
                 match result {
                     Err(error) if error.is_cancelled() => {
-                        self.stats.count(Settled::NotSettled);
+                        self.stats.count(Settled::Unsettled);
                     }
                     result => Self::reaped(result),
                 }

@@ -1,1 +1,1179 @@
-//! stub
+//! RabbitMQ, through [`lapin`]: an [`Acknowledger`] for a [`Delivery`], the queues it settles
+//! into ([`RabbitMqTopology`]), and a consumer runner ([`RabbitMqConsumer`]).
+//!
+//! # What goes where
+//!
+//! [`RabbitMqTopology::for_queue("orders")`](RabbitMqTopology::for_queue) names, and
+//! [`declare`](RabbitMqTopology::declare)s idempotently:
+//!
+//! | name | what | for |
+//! |---|---|---|
+//! | `orders` | durable queue, dead-lettering to `orders.dead-letter` | the work queue |
+//! | `orders.dead-letter` | durable direct exchange | dead letters |
+//! | `orders.dead-letter` | durable queue, bound to it with the key `orders` | dead letters, to inspect or replay |
+//! | `orders.retry.<k>` | durable queues, declared when first needed, dead-lettering back to `orders`; gone after a while unused | delayed retries |
+//!
+//! How each outcome is settled (every delivery is acknowledged manually, by its delivery tag):
+//!
+//! - **processed, duplicate**: `basic.ack`, after the commit.
+//! - **retryable failure, attempts left**: a copy of the message (same body and properties,
+//!   `message_id` kept) is published to a retry queue with the per-message `expiration` set to
+//!   the backoff delay and the header `x-idem-attempt` set to the next attempt's number; once the
+//!   broker confirms it, the original is acked. When the copy expires, the retry queue
+//!   dead-letters it back to the work queue. A crash between the confirm and the ack leaves two
+//!   copies: the gate makes the second a duplicate.
+//! - **out of attempts, permanent failure, undecodable payload, a bad key**: a copy is published
+//!   to the dead-letter exchange with the headers `x-idem-reason` (why), `x-idem-attempt` (the
+//!   delivery that failed, 1 for the first) and `x-idem-queue` (the work queue); once the broker
+//!   confirms it, the original is acked. Nothing is dropped.
+//! - When the broker does not confirm a copy (a nack, a closed channel, an unroutable copy), the
+//!   original is handed back with `basic.nack` and `requeue = true` (it is redelivered, with the
+//!   same attempt number) and the acknowledger returns the error.
+//! - **cancelled at the shutdown deadline, or the process died**: nothing; RabbitMQ redelivers
+//!   the message when the channel closes.
+//!
+//! ## Why retry queues by tier
+//!
+//! RabbitMQ has no delayed delivery without a plugin, and it expires a message with a
+//! per-message TTL only when the message reaches the head of its queue: in a single retry
+//! queue, a retry due in one second would wait behind one due in five minutes. So retries go to
+//! one queue per *tier* of delay: tier `k` (`orders.retry.<k>`) holds the delays of more than
+//! 2<sup>k-1</sup> and at most 2<sup>k</sup> milliseconds (1 s is in tier 10, 1024 ms). Within
+//! a tier, a message waits behind another for at most the tier's width, so a retry comes back
+//! after its delay and before twice its delay; never in a hot loop. A tier queue is declared with
+//! `x-expires` (twice its longest delay, plus a minute) so that an idle tier vanishes, and is
+//! re-declared while it is used, which keeps it alive.
+//!
+//! ## Which attempt a delivery is
+//!
+//! [`Acknowledger::attempt`] is `x-idem-attempt` (1 when absent), plus the `x-delivery-count`
+//! that quorum queues add to a message they redeliver (after a consumer crashed or a channel
+//! closed with the message unacked). **Classic queues do not count redeliveries**: there, a
+//! delivery redelivered after a crash (`redelivered = true`) keeps the attempt number it had,
+//! so a message that crashes its consumer every time (a poison pill) is redelivered forever.
+//! For such workloads declare the work queue as a quorum queue with a delivery limit (its
+//! dead-lettering already points at the dead-letter exchange), with
+//! [`RabbitMqTopology::with_queue_arguments`]:
+//!
+//! ```
+//! use idem_runtime::broker::rabbitmq::{lapin, RabbitMqTopology};
+//! use lapin::types::{AMQPValue, FieldTable};
+//!
+//! let topology = RabbitMqTopology::for_queue("orders")?;
+//! let mut arguments = topology.queue_arguments().clone();
+//! arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+//! arguments.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(20));
+//! let topology = topology.with_queue_arguments(arguments);
+//! # Ok::<(), idem_runtime::broker::rabbitmq::RabbitMqError>(())
+//! ```
+//!
+//! # The runner
+//!
+//! ```no_run
+//! use idem_runtime::broker::rabbitmq::{lapin, RabbitMqConsumer, RabbitMqTopology};
+//! use idem_runtime::broker::{CancellationToken, ConsumerOptions};
+//! use idem_runtime::{handler, idempotent, HandlerError, PgStore, PgTx};
+//!
+//! #[derive(serde::Deserialize)]
+//! struct OrderPaid { order_id: String, amount: i64 }
+//!
+//! #[derive(Debug, thiserror::Error)]
+//! enum AppError {
+//!     #[error(transparent)]
+//!     Db(#[from] idem_runtime::sqlx::Error),
+//! }
+//! impl HandlerError for AppError {}
+//!
+//! #[idempotent(key = "order_id", store = "pg", strategy = "dedup_table", scope = "billing.order_paid")]
+//! async fn on_order_paid(tx: &mut PgTx<'_>, msg: OrderPaid) -> Result<(), AppError> {
+//!     idem_runtime::sqlx::query("INSERT INTO payments (order_id, amount) VALUES ($1, $2)")
+//!         .bind(&msg.order_id).bind(msg.amount)
+//!         .execute(&mut **tx).await?;
+//!     Ok(())
+//! }
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = PgStore::connect("postgres://postgres@127.0.0.1/app").await?;
+//! store.migrate().await?;
+//! let connection = lapin::Connection::connect(
+//!     "amqp://guest:guest@127.0.0.1:5672/%2f",
+//!     lapin::ConnectionProperties::default(),
+//! ).await?;
+//!
+//! let shutdown = CancellationToken::new();
+//! let consumer = RabbitMqConsumer::new(
+//!     connection.create_channel().await?,      // the runner's own channel
+//!     RabbitMqTopology::for_queue("orders")?,  // declared by `run`
+//!     handler!(on_order_paid),
+//!     store,
+//! )
+//! .with_options(ConsumerOptions::default().concurrency(8).prefetch(32));
+//! let stats = consumer.stats();                 // read it while it runs
+//! let task = tokio::spawn(consumer.run(shutdown.clone()));
+//!
+//! // … on SIGTERM:
+//! shutdown.cancel();
+//! let report = task.await??;                    // in-flight handlers finished and settled
+//! println!("processed={} duplicates={}", report.processed, report.duplicates);
+//! # drop(stats);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! [`RabbitMqConsumer::run`] returns an error when the channel or the connection fails, or the
+//! broker cancels the consumer (the queue was deleted): restart it, on a new channel (and a new
+//! connection if that one is closed). Deliveries it had not settled are redelivered.
+//!
+//! # Your own consumer loop
+//!
+//! To keep a loop you already have, wrap each delivery in a [`RabbitMqAcknowledger`] and hand it
+//! to the handler, which acks, requeues or dead-letters it. The channel it is given publishes the
+//! retry and dead-letter copies and must have publisher confirms enabled (`confirm_select`); it
+//! may be the consuming channel.
+//!
+//! ```no_run
+//! # use idem_runtime::{idempotent, HandlerError, PgStore, PgTx};
+//! # #[derive(serde::Deserialize)]
+//! # struct OrderPaid { order_id: String }
+//! # #[derive(Debug, thiserror::Error)]
+//! # #[error("failed")]
+//! # struct AppError;
+//! # impl HandlerError for AppError {}
+//! # #[idempotent(key = "order_id", store = "pg", strategy = "dedup_table", scope = "billing.order_paid")]
+//! # async fn on_order_paid(tx: &mut PgTx<'_>, msg: OrderPaid) -> Result<(), AppError> { Ok(()) }
+//! use futures_util::StreamExt as _;
+//! use idem_runtime::broker::rabbitmq::{lapin, RabbitMqAcknowledger, RabbitMqTopology};
+//! use lapin::options::{BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions};
+//! use lapin::types::FieldTable;
+//!
+//! # async fn run(store: PgStore, connection: lapin::Connection) -> Result<(), Box<dyn std::error::Error>> {
+//! let topology = RabbitMqTopology::for_queue("orders")?;
+//! let channel = connection.create_channel().await?;
+//! channel.confirm_select(ConfirmSelectOptions::default()).await?;
+//! channel.basic_qos(32, BasicQosOptions::default()).await?;
+//! topology.declare(&channel).await?;
+//! let mut deliveries = channel
+//!     .basic_consume(topology.queue().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+//!     .await?;
+//! while let Some(delivery) = deliveries.next().await {
+//!     let delivery = delivery?;
+//!     let decoded = serde_json::from_slice::<OrderPaid>(&delivery.data);
+//!     let ack = RabbitMqAcknowledger::new(delivery, channel.clone(), topology.clone());
+//!     match decoded {
+//!         // Acked after the commit, requeued with backoff, or dead-lettered, as it turns out.
+//!         Ok(msg) => { let _ = on_order_paid(&store, msg, ack).await; }
+//!         // Cannot succeed: to the dead-letter queue, with the reason.
+//!         Err(error) => ack.dead_letter_now(&format!("undecodable: {error}")).await?,
+//!     }
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! To replay a dead letter, publish it back to the work queue without its `x-idem-attempt`
+//! header (with it, its attempts count on from where they stopped).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt as _;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{Acker, BasicProperties, Channel, Confirmation, ExchangeKind};
+use tracing::Instrument as _;
+
+pub use lapin;
+
+use super::{CancellationToken, ConsumerOptions, ConsumerReport, ConsumerStats, Decode, Json};
+use crate::ack::{Acknowledger, Committed, DeadLetter, Requeue};
+use crate::handler::Handler;
+
+/// The header that carries which delivery of a message a copy is (1 for the first), on retry
+/// copies; on dead letters, the delivery that failed.
+pub const ATTEMPT_HEADER: &str = "x-idem-attempt";
+/// The header of a dead letter that says why it was dead-lettered.
+pub const REASON_HEADER: &str = "x-idem-reason";
+/// The header of a dead letter that names the work queue it came from.
+pub const QUEUE_HEADER: &str = "x-idem-queue";
+/// The header quorum queues set on a redelivered message: how often it was delivered before.
+const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
+
+/// The longest delay a retry copy can wait, in milliseconds: RabbitMQ's per-message
+/// `expiration` is a 32-bit count of milliseconds.
+const MAX_DELAY_MS: u64 = u32::MAX as u64;
+
+/// What went wrong talking to RabbitMQ.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RabbitMqError {
+    /// A queue or exchange name is not a valid AMQP short string.
+    #[error(
+        "`{name}` is not a valid RabbitMQ name ({reason}); AMQP names are at most 255 bytes, and the topology appends suffixes such as `.dead-letter` and `.retry.<tier>`: choose a shorter queue name"
+    )]
+    InvalidName {
+        /// The rejected name.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// The broker or the client refused an operation: a closed channel or connection, a
+    /// declaration that conflicts with an existing queue's arguments, an I/O error.
+    #[error(
+        "RabbitMQ refused `{operation}`: {source}. A closed channel or connection cannot be used again: open new ones (and restart the consumer); a PRECONDITION_FAILED on a declaration means the queue exists with other arguments (see RabbitMqTopology::with_queue_arguments)"
+    )]
+    Amqp {
+        /// The AMQP operation.
+        operation: &'static str,
+        /// The client's error.
+        #[source]
+        source: lapin::Error,
+    },
+    /// The channel given to the acknowledger does not have publisher confirms enabled, so a
+    /// retry or dead-letter copy could not be known to be stored.
+    #[error(
+        "the channel that publishes retry and dead-letter copies must have publisher confirms enabled: call `channel.confirm_select(ConfirmSelectOptions::default())` before handing it to RabbitMqAcknowledger"
+    )]
+    ConfirmsNotEnabled,
+    /// The broker did not store a retry or dead-letter copy: it negatively confirmed it, or
+    /// returned it as unroutable. The original delivery was handed back (`basic.nack` with
+    /// `requeue`), to be delivered again.
+    #[error(
+        "RabbitMQ did not take the {what} copy of delivery {delivery_tag} (exchange `{exchange}`, routing key `{routing_key}`): {why}; the original was requeued. Check that the topology is declared (RabbitMqTopology::declare) and that the broker is not out of resources"
+    )]
+    NotStored {
+        /// `retry` or `dead-letter`.
+        what: &'static str,
+        /// The original delivery's tag.
+        delivery_tag: u64,
+        /// Where the copy was published.
+        exchange: String,
+        /// With which routing key.
+        routing_key: String,
+        /// `nacked by the broker` or `unroutable`.
+        why: &'static str,
+    },
+    /// The delivery's channel closed before it was settled: RabbitMQ requeued it, and will
+    /// deliver it again (after a commit, the redelivery is a duplicate).
+    #[error(
+        "delivery {delivery_tag} cannot be settled: its channel is closed; RabbitMQ redelivers it, and after a commit the redelivery is a duplicate"
+    )]
+    ChannelClosed {
+        /// The delivery's tag.
+        delivery_tag: u64,
+    },
+    /// The broker cancelled the runner's consumer (its queue was deleted, or the node that held
+    /// it went away).
+    #[error(
+        "RabbitMQ cancelled the consumer of queue `{queue}` (was the queue deleted?); restart the consumer once the queue exists"
+    )]
+    ConsumerCancelled {
+        /// The queue.
+        queue: String,
+    },
+}
+
+impl RabbitMqError {
+    fn amqp(operation: &'static str) -> impl FnOnce(lapin::Error) -> Self {
+        move |source| Self::Amqp { operation, source }
+    }
+}
+
+fn short_string(name: String) -> Result<ShortString, RabbitMqError> {
+    ShortString::try_new(name.clone()).map_err(|error| RabbitMqError::InvalidName {
+        name,
+        reason: error.to_string(),
+    })
+}
+
+/// The queues and the exchange a work queue settles into: the work queue itself, the
+/// dead-letter exchange and queue, and the retry queues by tier (see the
+/// [module documentation](self)). Cheap to clone: the clones share the record of which retry
+/// tiers were declared.
+///
+/// ```
+/// use std::time::Duration;
+/// use idem_runtime::broker::rabbitmq::RabbitMqTopology;
+///
+/// let topology = RabbitMqTopology::for_queue("orders")?;
+/// assert_eq!(topology.queue(), "orders");
+/// assert_eq!(topology.dead_letter_exchange(), "orders.dead-letter");
+/// assert_eq!(topology.dead_letter_queue(), "orders.dead-letter");
+/// // 1 s is in the tier of delays up to 1024 ms.
+/// assert_eq!(topology.retry_queue(Duration::from_secs(1)), "orders.retry.10");
+///
+/// let topology = RabbitMqTopology::for_queue("orders")?
+///     .with_dead_letter("errors", "orders.errors")?
+///     .with_retry_prefix("orders.later")?;
+/// assert_eq!(topology.retry_queue(Duration::from_millis(3)), "orders.later.2");
+/// # Ok::<(), idem_runtime::broker::rabbitmq::RabbitMqError>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct RabbitMqTopology {
+    names: Arc<Names>,
+    /// When each retry tier was last declared (which renews its `x-expires` lease).
+    tiers: Arc<Mutex<HashMap<u32, Instant>>>,
+}
+
+#[derive(Debug, Clone)]
+struct Names {
+    queue: ShortString,
+    dead_letter_exchange: ShortString,
+    dead_letter_queue: ShortString,
+    retry_prefix: String,
+    queue_arguments: FieldTable,
+}
+
+impl RabbitMqTopology {
+    /// The topology of the work queue `queue`, with the default names: `<queue>.dead-letter`
+    /// for the dead-letter exchange and queue, `<queue>.retry.<tier>` for the retry queues. The
+    /// work queue is declared durable, dead-lettering (what the broker itself dead-letters:
+    /// quorum queues' delivery limit, rejects) to the dead-letter exchange.
+    ///
+    /// # Errors
+    ///
+    /// [`RabbitMqError::InvalidName`] when a name would be longer than AMQP allows.
+    pub fn for_queue(queue: &str) -> Result<Self, RabbitMqError> {
+        let dead_letter = format!("{queue}.dead-letter");
+        let names = Names {
+            queue: short_string(queue.to_owned())?,
+            dead_letter_exchange: short_string(dead_letter.clone())?,
+            dead_letter_queue: short_string(dead_letter)?,
+            retry_prefix: String::new(),
+            queue_arguments: FieldTable::default(),
+        };
+        let topology = Self {
+            names: Arc::new(names),
+            tiers: Arc::default(),
+        };
+        let topology = topology.with_retry_prefix(&format!("{queue}.retry"))?;
+        let arguments = topology.default_queue_arguments();
+        Ok(topology.with_queue_arguments(arguments))
+    }
+
+    /// Dead letters go to the exchange `exchange` (declared direct and durable) and from it to
+    /// the durable queue `queue`, bound with the work queue's name as the routing key.
+    ///
+    /// # Errors
+    ///
+    /// [`RabbitMqError::InvalidName`] when a name is longer than AMQP allows.
+    pub fn with_dead_letter(mut self, exchange: &str, queue: &str) -> Result<Self, RabbitMqError> {
+        let exchange = short_string(exchange.to_owned())?;
+        let queue = short_string(queue.to_owned())?;
+        let names = Arc::make_mut(&mut self.names);
+        let defaults = Self::dead_letter_arguments(&names.queue, &names.dead_letter_exchange);
+        let still_default = names.queue_arguments == defaults;
+        names.dead_letter_exchange = exchange;
+        names.dead_letter_queue = queue;
+        if still_default {
+            names.queue_arguments =
+                Self::dead_letter_arguments(&names.queue, &names.dead_letter_exchange);
+        }
+        Ok(self)
+    }
+
+    /// Retry queues are named `<prefix>.<tier>`.
+    ///
+    /// # Errors
+    ///
+    /// [`RabbitMqError::InvalidName`] when the retry queues' names would be longer than AMQP
+    /// allows.
+    pub fn with_retry_prefix(mut self, prefix: &str) -> Result<Self, RabbitMqError> {
+        // The longest tier suffix.
+        short_string(format!("{prefix}.{}", tier_of(MAX_DELAY_MS)))?;
+        self.tiers = Arc::default();
+        Arc::make_mut(&mut self.names).retry_prefix = prefix.to_owned();
+        Ok(self)
+    }
+
+    /// The arguments the work queue is declared with, replacing the defaults
+    /// ([`queue_arguments`](Self::queue_arguments)): to match a queue that already exists
+    /// (declaring it with other arguments fails with PRECONDITION_FAILED), or to make it a
+    /// quorum queue with a delivery limit. Pass an empty table for a queue declared without
+    /// arguments.
+    #[must_use]
+    pub fn with_queue_arguments(mut self, arguments: FieldTable) -> Self {
+        Arc::make_mut(&mut self.names).queue_arguments = arguments;
+        self
+    }
+
+    /// The work queue.
+    pub fn queue(&self) -> &str {
+        self.names.queue.as_str()
+    }
+
+    /// The dead-letter exchange.
+    pub fn dead_letter_exchange(&self) -> &str {
+        self.names.dead_letter_exchange.as_str()
+    }
+
+    /// The dead-letter queue.
+    pub fn dead_letter_queue(&self) -> &str {
+        self.names.dead_letter_queue.as_str()
+    }
+
+    /// The arguments the work queue is declared with. By default `x-dead-letter-exchange` (the
+    /// dead-letter exchange) and `x-dead-letter-routing-key` (the work queue's name), so that
+    /// what the broker dead-letters by itself lands in the dead-letter queue too.
+    pub fn queue_arguments(&self) -> &FieldTable {
+        &self.names.queue_arguments
+    }
+
+    /// The retry queue a copy waiting `delay` goes to: `<prefix>.<k>`, where tier `k` holds the
+    /// delays of more than 2<sup>k-1</sup> and at most 2<sup>k</sup> milliseconds.
+    pub fn retry_queue(&self, delay: Duration) -> String {
+        self.retry_queue_of_tier(tier_of(delay_ms(delay)))
+    }
+
+    fn retry_queue_of_tier(&self, tier: u32) -> String {
+        format!("{}.{tier}", self.names.retry_prefix)
+    }
+
+    /// Declares the work queue, the dead-letter exchange and queue and their binding; safe to
+    /// call again (and from every consumer). Retry queues are declared when first used.
+    ///
+    /// # Errors
+    ///
+    /// [`RabbitMqError::Amqp`] when the broker refuses, for instance because the work queue
+    /// exists with other arguments (which also closes the channel).
+    pub async fn declare(&self, channel: &Channel) -> Result<(), RabbitMqError> {
+        self.declare_dead_letter(channel).await?;
+        channel
+            .queue_declare(
+                self.names.queue.clone(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                self.names.queue_arguments.clone(),
+            )
+            .await
+            .map_err(RabbitMqError::amqp("queue.declare (work queue)"))?;
+        Ok(())
+    }
+
+    /// Declares only the dead-letter exchange and queue and their binding, for a work queue
+    /// declared elsewhere.
+    ///
+    /// # Errors
+    ///
+    /// [`RabbitMqError::Amqp`] when the broker refuses.
+    pub async fn declare_dead_letter(&self, channel: &Channel) -> Result<(), RabbitMqError> {
+        channel
+            .exchange_declare(
+                self.names.dead_letter_exchange.clone(),
+                ExchangeKind::Direct,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(RabbitMqError::amqp(
+                "exchange.declare (dead-letter exchange)",
+            ))?;
+        channel
+            .queue_declare(
+                self.names.dead_letter_queue.clone(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(RabbitMqError::amqp("queue.declare (dead-letter queue)"))?;
+        channel
+            .queue_bind(
+                self.names.dead_letter_queue.clone(),
+                self.names.dead_letter_exchange.clone(),
+                self.names.queue.clone(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(RabbitMqError::amqp("queue.bind (dead-letter queue)"))?;
+        Ok(())
+    }
+
+    fn default_queue_arguments(&self) -> FieldTable {
+        Self::dead_letter_arguments(&self.names.queue, &self.names.dead_letter_exchange)
+    }
+
+    fn dead_letter_arguments(queue: &ShortString, exchange: &ShortString) -> FieldTable {
+        let mut arguments = FieldTable::default();
+        arguments.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(exchange.as_str().into()),
+        );
+        arguments.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(queue.as_str().into()),
+        );
+        arguments
+    }
+
+    /// Declares the retry queue of `tier` unless it was declared recently enough that its
+    /// `x-expires` lease cannot run out before a copy published now has left it. `force`
+    /// declares it anyway (a copy came back unroutable: the queue was gone).
+    async fn ensure_tier(
+        &self,
+        channel: &Channel,
+        tier: u32,
+        force: bool,
+    ) -> Result<ShortString, RabbitMqError> {
+        let name = short_string(self.retry_queue_of_tier(tier))?;
+        let expires_ms = tier_expires_ms(tier);
+        // A copy leaves its tier within the tier's width (2^tier ms) of being published; the
+        // lease is x-expires long; renewing it every quarter keeps a wide margin.
+        let renew_after = Duration::from_millis(expires_ms / 4);
+        let fresh = !force
+            && self
+                .tiers
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(&tier)
+                .is_some_and(|declared| declared.elapsed() < renew_after);
+        if fresh {
+            return Ok(name);
+        }
+        let mut arguments = FieldTable::default();
+        arguments.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString("".into()),
+        );
+        arguments.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(self.names.queue.as_str().into()),
+        );
+        arguments.insert(
+            "x-expires".into(),
+            AMQPValue::LongLongInt(i64::try_from(expires_ms).unwrap_or(i64::MAX)),
+        );
+        channel
+            .queue_declare(
+                name.clone(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                arguments,
+            )
+            .await
+            .map_err(RabbitMqError::amqp("queue.declare (retry queue)"))?;
+        self.tiers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(tier, Instant::now());
+        Ok(name)
+    }
+}
+
+fn delay_ms(delay: Duration) -> u64 {
+    u64::try_from(delay.as_millis())
+        .unwrap_or(u64::MAX)
+        .min(MAX_DELAY_MS)
+}
+
+/// The tier of a delay: the power of two of the delay in milliseconds, rounded up.
+fn tier_of(delay_ms: u64) -> u32 {
+    if delay_ms <= 1 {
+        0
+    } else {
+        u64::BITS - (delay_ms - 1).leading_zeros()
+    }
+}
+
+/// How long an unused retry queue of `tier` lives: twice its longest delay, plus a minute.
+fn tier_expires_ms(tier: u32) -> u64 {
+    let widest = 1_u64
+        .checked_shl(tier)
+        .unwrap_or(u64::MAX)
+        .min(MAX_DELAY_MS);
+    widest
+        .saturating_mul(2)
+        .saturating_add(60_000)
+        .min(MAX_DELAY_MS)
+}
+
+fn header_count(headers: Option<&FieldTable>, name: &str) -> Option<u64> {
+    let value = headers?.inner().get(name)?;
+    let count = match value {
+        AMQPValue::ShortShortUInt(n) => i128::from(*n),
+        AMQPValue::ShortUInt(n) => i128::from(*n),
+        AMQPValue::LongUInt(n) => i128::from(*n),
+        AMQPValue::ShortShortInt(n) => i128::from(*n),
+        AMQPValue::ShortInt(n) => i128::from(*n),
+        AMQPValue::LongInt(n) => i128::from(*n),
+        AMQPValue::LongLongInt(n) => i128::from(*n),
+        AMQPValue::Timestamp(n) => i128::from(*n),
+        AMQPValue::LongString(text) => std::str::from_utf8(text.as_bytes())
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?,
+        AMQPValue::ShortString(text) => text.as_str().trim().parse().ok()?,
+        _ => return None,
+    };
+    u64::try_from(count).ok()
+}
+
+/// A copy of `properties` with `headers` and `expiration`. The `user_id` is dropped: RabbitMQ
+/// refuses a publish whose `user_id` is not the publishing connection's user.
+fn copy_properties(
+    properties: &BasicProperties,
+    headers: FieldTable,
+    expiration: Option<ShortString>,
+) -> BasicProperties {
+    let mut copy = BasicProperties::default().with_headers(headers);
+    macro_rules! keep {
+        ($($get:ident => $with:ident),* $(,)?) => {
+            $(if let Some(value) = properties.$get().clone() {
+                copy = copy.$with(value);
+            })*
+        };
+    }
+    keep!(
+        content_type => with_content_type,
+        content_encoding => with_content_encoding,
+        delivery_mode => with_delivery_mode,
+        priority => with_priority,
+        correlation_id => with_correlation_id,
+        reply_to => with_reply_to,
+        message_id => with_message_id,
+        timestamp => with_timestamp,
+        kind => with_type,
+        app_id => with_app_id,
+        cluster_id => with_cluster_id,
+    );
+    if let Some(expiration) = expiration {
+        copy = copy.with_expiration(expiration);
+    }
+    copy
+}
+
+/// The [`Acknowledger`] of one RabbitMQ [`Delivery`]: acks it by its delivery tag after the
+/// commit, requeues it through a retry queue with the backoff delay, dead-letters it to the
+/// dead-letter exchange (see the [module documentation](self)).
+///
+/// `channel` publishes the retry and dead-letter copies: it must have publisher confirms
+/// enabled (`confirm_select`), and may be the channel the delivery came from.
+#[derive(Debug)]
+pub struct RabbitMqAcknowledger {
+    acker: Acker,
+    delivery_tag: u64,
+    redelivered: bool,
+    properties: BasicProperties,
+    payload: Arc<Vec<u8>>,
+    channel: Channel,
+    topology: RabbitMqTopology,
+    attempt: u32,
+}
+
+impl RabbitMqAcknowledger {
+    /// Wraps `delivery`, to be settled through `channel` into `topology`'s queues. Decode the
+    /// payload (`delivery.data`) first, or read it back with [`payload`](Self::payload).
+    pub fn new(delivery: Delivery, channel: Channel, topology: RabbitMqTopology) -> Self {
+        let headers = delivery.properties.headers().as_ref();
+        let first = header_count(headers, ATTEMPT_HEADER).unwrap_or(1).max(1);
+        let redeliveries = header_count(headers, DELIVERY_COUNT_HEADER).unwrap_or(0);
+        let attempt = u32::try_from(first.saturating_add(redeliveries)).unwrap_or(u32::MAX);
+        Self {
+            acker: delivery.acker,
+            delivery_tag: delivery.delivery_tag,
+            redelivered: delivery.redelivered,
+            properties: delivery.properties,
+            payload: Arc::new(delivery.data),
+            channel,
+            topology,
+            attempt,
+        }
+    }
+
+    /// The message's body.
+    pub fn payload(&self) -> &[u8] {
+        &self.payload
+    }
+
+    /// The message's properties and headers.
+    pub fn properties(&self) -> &BasicProperties {
+        &self.properties
+    }
+
+    /// The delivery tag, which acknowledges it on its channel.
+    pub fn delivery_tag(&self) -> u64 {
+        self.delivery_tag
+    }
+
+    /// Whether RabbitMQ delivered this message before (to a consumer that did not settle it).
+    pub fn redelivered(&self) -> bool {
+        self.redelivered
+    }
+
+    fn check_acked(&self, acked: bool) -> Result<(), RabbitMqError> {
+        if acked {
+            Ok(())
+        } else {
+            Err(RabbitMqError::ChannelClosed {
+                delivery_tag: self.delivery_tag,
+            })
+        }
+    }
+
+    async fn ack_original(&self) -> Result<(), RabbitMqError> {
+        let acked = self
+            .acker
+            .ack(BasicAckOptions::default())
+            .await
+            .map_err(RabbitMqError::amqp("basic.ack"))?;
+        self.check_acked(acked)
+    }
+
+    /// Hands the original back after a copy could not be stored, and returns `error`.
+    async fn give_back(&self, error: RabbitMqError) -> RabbitMqError {
+        let requeue = BasicNackOptions {
+            multiple: false,
+            requeue: true,
+        };
+        if let Err(nack_error) = self.acker.nack(requeue).await {
+            tracing::warn!(
+                target: "idem",
+                error = %nack_error,
+                delivery_tag = self.delivery_tag,
+                "could not hand the delivery back either; RabbitMQ redelivers it when the channel closes"
+            );
+        }
+        error
+    }
+
+    /// Publishes a copy of the message and waits for the broker's confirm. `Ok(false)`: the
+    /// copy was returned as unroutable.
+    async fn publish_copy(
+        &self,
+        what: &'static str,
+        exchange: &ShortString,
+        routing_key: &ShortString,
+        properties: BasicProperties,
+    ) -> Result<bool, RabbitMqError> {
+        if !self.channel.status().confirm() {
+            return Err(RabbitMqError::ConfirmsNotEnabled);
+        }
+        let confirm = self
+            .channel
+            .basic_publish(
+                exchange.clone(),
+                routing_key.clone(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                &self.payload,
+                properties,
+            )
+            .await
+            .map_err(RabbitMqError::amqp("basic.publish"))?;
+        let confirmation = confirm
+            .await
+            .map_err(RabbitMqError::amqp("publisher confirm"))?;
+        match confirmation {
+            Confirmation::Ack(None) => Ok(true),
+            Confirmation::Ack(Some(_)) => Ok(false),
+            Confirmation::Nack(_) => Err(RabbitMqError::NotStored {
+                what,
+                delivery_tag: self.delivery_tag,
+                exchange: exchange.to_string(),
+                routing_key: routing_key.to_string(),
+                why: "nacked by the broker",
+            }),
+            Confirmation::NotRequested => Err(RabbitMqError::ConfirmsNotEnabled),
+        }
+    }
+
+    fn unroutable(&self, what: &'static str, exchange: &str, routing_key: &str) -> RabbitMqError {
+        RabbitMqError::NotStored {
+            what,
+            delivery_tag: self.delivery_tag,
+            exchange: exchange.to_owned(),
+            routing_key: routing_key.to_owned(),
+            why: "unroutable",
+        }
+    }
+
+    fn headers_with(&self, drop: &[&str], add: Vec<(&str, AMQPValue)>) -> FieldTable {
+        let mut headers: BTreeMap<ShortString, AMQPValue> = self
+            .properties
+            .headers()
+            .as_ref()
+            .map(|headers| headers.inner().clone())
+            .unwrap_or_default();
+        for name in drop {
+            headers.remove(*name);
+        }
+        for (name, value) in add {
+            headers.insert(name.into(), value);
+        }
+        headers.into()
+    }
+
+    async fn publish_retry(&self, requeue: Requeue) -> Result<(), RabbitMqError> {
+        let delay = delay_ms(requeue.delay);
+        let tier = tier_of(delay);
+        let next = i64::from(requeue.attempt.saturating_add(1));
+        let headers = self.headers_with(
+            &[DELIVERY_COUNT_HEADER],
+            vec![(ATTEMPT_HEADER, AMQPValue::LongLongInt(next))],
+        );
+        let properties = copy_properties(
+            &self.properties,
+            headers,
+            Some(short_string(delay.to_string())?),
+        );
+        let default_exchange = ShortString::default();
+        let queue = self
+            .topology
+            .ensure_tier(&self.channel, tier, false)
+            .await?;
+        if self
+            .publish_copy("retry", &default_exchange, &queue, properties.clone())
+            .await?
+        {
+            return Ok(());
+        }
+        // Unroutable: the tier queue expired under us. Declare it again, and retry once.
+        let queue = self.topology.ensure_tier(&self.channel, tier, true).await?;
+        if self
+            .publish_copy("retry", &default_exchange, &queue, properties)
+            .await?
+        {
+            Ok(())
+        } else {
+            Err(self.unroutable("retry", "", queue.as_str()))
+        }
+    }
+
+    /// Dead-letters the delivery without handing it to a handler (a payload your loop cannot
+    /// decode, a message no handler takes), with `reason` and this delivery's attempt number:
+    /// a copy goes to the dead-letter exchange, then the original is acked.
+    ///
+    /// # Errors
+    ///
+    /// As [`Acknowledger::dead_letter`]: when the broker does not confirm the copy, the
+    /// original is handed back (`basic.nack`, requeued) and the error returned.
+    pub async fn dead_letter_now(self, reason: &str) -> Result<(), RabbitMqError> {
+        let attempt = self.attempt;
+        Acknowledger::dead_letter(self, DeadLetter { reason, attempt }).await
+    }
+
+    async fn publish_dead_letter(&self, letter: DeadLetter<'_>) -> Result<(), RabbitMqError> {
+        let names = &self.topology.names;
+        let headers = self.headers_with(
+            &[],
+            vec![
+                (REASON_HEADER, AMQPValue::LongString(letter.reason.into())),
+                (
+                    ATTEMPT_HEADER,
+                    AMQPValue::LongLongInt(i64::from(letter.attempt)),
+                ),
+                (
+                    QUEUE_HEADER,
+                    AMQPValue::LongString(names.queue.as_str().into()),
+                ),
+            ],
+        );
+        // No expiration: a dead letter waits until someone looks at it.
+        let properties = copy_properties(&self.properties, headers, None);
+        if self
+            .publish_copy(
+                "dead-letter",
+                &names.dead_letter_exchange,
+                &names.queue,
+                properties,
+            )
+            .await?
+        {
+            Ok(())
+        } else {
+            Err(self.unroutable(
+                "dead-letter",
+                names.dead_letter_exchange.as_str(),
+                names.queue.as_str(),
+            ))
+        }
+    }
+}
+
+impl Acknowledger for RabbitMqAcknowledger {
+    type Error = RabbitMqError;
+
+    /// `x-idem-attempt` (1 when absent) plus the quorum queues' `x-delivery-count`.
+    fn attempt(&self) -> Option<u32> {
+        Some(self.attempt)
+    }
+
+    /// The AMQP `message_id` property.
+    fn message_id(&self) -> Option<&str> {
+        self.properties
+            .message_id()
+            .as_ref()
+            .map(ShortString::as_str)
+    }
+
+    async fn ack(self, _proof: Committed) -> Result<(), RabbitMqError> {
+        self.ack_original().await
+    }
+
+    async fn requeue(self, requeue: Requeue) -> Result<(), RabbitMqError> {
+        match self.publish_retry(requeue).await {
+            Ok(()) => self.ack_original().await,
+            Err(error) => Err(self.give_back(error).await),
+        }
+    }
+
+    async fn dead_letter(self, letter: DeadLetter<'_>) -> Result<(), RabbitMqError> {
+        match self.publish_dead_letter(letter).await {
+            Ok(()) => self.ack_original().await,
+            Err(error) => Err(self.give_back(error).await),
+        }
+    }
+}
+
+/// A consumer runner for one work queue: consumes with manual acks and a bounded prefetch,
+/// runs up to [`ConsumerOptions::concurrency`] handlers at once, settles each delivery through
+/// a [`RabbitMqAcknowledger`], and shuts down gracefully (see the
+/// [module documentation](self) for an example).
+///
+/// The channel is the runner's own: [`run`](Self::run) enables publisher confirms and the
+/// prefetch on it, declares the topology, consumes, publishes the retry and dead-letter copies,
+/// and closes it when it returns, so that the deliveries it did not settle go back to the queue
+/// at once.
+pub struct RabbitMqConsumer<H: Handler, D = Json> {
+    channel: Channel,
+    topology: RabbitMqTopology,
+    handler: Arc<H>,
+    store: Arc<H::Store>,
+    decoder: Arc<D>,
+    options: ConsumerOptions,
+    stats: Arc<ConsumerStats>,
+}
+
+impl<H: Handler> RabbitMqConsumer<H, Json> {
+    /// A runner consuming `topology`'s work queue on `channel` (a channel of its own), with
+    /// `handler`, on `store`; payloads are JSON, the options the defaults.
+    pub fn new(channel: Channel, topology: RabbitMqTopology, handler: H, store: H::Store) -> Self {
+        Self {
+            channel,
+            topology,
+            handler: Arc::new(handler),
+            store: Arc::new(store),
+            decoder: Arc::new(Json),
+            options: ConsumerOptions::default(),
+            stats: Arc::default(),
+        }
+    }
+}
+
+impl<H: Handler, D> RabbitMqConsumer<H, D> {
+    /// Decodes payloads with `decoder` instead.
+    pub fn with_decoder<D2: Decode<H::Message>>(self, decoder: D2) -> RabbitMqConsumer<H, D2> {
+        RabbitMqConsumer {
+            channel: self.channel,
+            topology: self.topology,
+            handler: self.handler,
+            store: self.store,
+            decoder: Arc::new(decoder),
+            options: self.options,
+            stats: self.stats,
+        }
+    }
+
+    /// Concurrency, prefetch and shutdown grace.
+    #[must_use]
+    pub fn with_options(mut self, options: ConsumerOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// The runner's counts, live.
+    pub fn stats(&self) -> Arc<ConsumerStats> {
+        Arc::clone(&self.stats)
+    }
+}
+
+impl<H, D> RabbitMqConsumer<H, D>
+where
+    H: Handler,
+    H::Store: 'static,
+    D: Decode<H::Message>,
+{
+    /// Consumes until `shutdown` is cancelled: then stops fetching (`basic.cancel`), lets the
+    /// handlers in flight finish and settle for up to the shutdown grace, cancels the rest
+    /// (their deliveries are not acked), closes the channel (RabbitMQ requeues what was not
+    /// settled) and returns what it did.
+    ///
+    /// # Errors
+    ///
+    /// When the set-up fails (the channel is closed, the topology conflicts with existing
+    /// queues), the channel or connection fails while consuming, or the broker cancels the
+    /// consumer. The handlers in flight are drained first. Restart the runner on a new channel.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<ConsumerReport, RabbitMqError> {
+        let Self {
+            channel,
+            topology,
+            handler,
+            store,
+            decoder,
+            options,
+            stats,
+        } = self;
+        let mut consumer = match Self::start(&channel, &topology, options).await {
+            Ok(consumer) => consumer,
+            Err(error) => {
+                close(&channel).await;
+                return Err(error);
+            }
+        };
+        let mut workers = super::Workers::new(options.concurrency_limit(), Arc::clone(&stats));
+        let ended = loop {
+            let Some(permit) = shutdown.run_until_cancelled(workers.ready()).await else {
+                break Ok(());
+            };
+            let Some(next) = shutdown.run_until_cancelled(consumer.next()).await else {
+                break Ok(());
+            };
+            let delivery = match next {
+                Some(Ok(delivery)) => delivery,
+                Some(Err(source)) => {
+                    break Err(RabbitMqError::Amqp {
+                        operation: "basic.consume",
+                        source,
+                    });
+                }
+                None => {
+                    break Err(RabbitMqError::ConsumerCancelled {
+                        queue: topology.queue().to_owned(),
+                    });
+                }
+            };
+            let ack = RabbitMqAcknowledger::new(delivery, channel.clone(), topology.clone());
+            let span = tracing::info_span!(
+                "idem.delivery",
+                broker = "rabbitmq",
+                queue = topology.queue(),
+                delivery_tag = ack.delivery_tag,
+                redelivered = ack.redelivered,
+                message_id = Acknowledger::message_id(&ack),
+                attempt = ack.attempt,
+            );
+            let payload = Arc::clone(&ack.payload);
+            let (handler, decoder, store, stats) = (
+                Arc::clone(&handler),
+                Arc::clone(&decoder),
+                Arc::clone(&store),
+                Arc::clone(&stats),
+            );
+            workers.spawn(
+                permit,
+                async move {
+                    super::deliver(&*handler, &*decoder, &*store, &payload, ack, &stats).await;
+                }
+                .instrument(span),
+            );
+        };
+        if ended.is_ok() {
+            // Stop fetching; what was prefetched and not started goes back when the channel
+            // closes.
+            if let Err(error) = channel
+                .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+                .await
+            {
+                tracing::warn!(target: "idem", %error, "basic.cancel failed while shutting down");
+            }
+        }
+        workers.drain(options.grace()).await;
+        close(&channel).await;
+        ended.map(|()| stats.snapshot())
+    }
+
+    async fn start(
+        channel: &Channel,
+        topology: &RabbitMqTopology,
+        options: ConsumerOptions,
+    ) -> Result<lapin::Consumer, RabbitMqError> {
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(RabbitMqError::amqp("confirm.select"))?;
+        channel
+            .basic_qos(options.prefetch_count(), BasicQosOptions::default())
+            .await
+            .map_err(RabbitMqError::amqp("basic.qos"))?;
+        topology.declare(channel).await?;
+        channel
+            .basic_consume(
+                topology.names.queue.clone(),
+                ShortString::default(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(RabbitMqError::amqp("basic.consume"))
+    }
+}
+
+/// Closes the runner's channel, if it is still open: its unacknowledged deliveries go back to
+/// the queue.
+async fn close(channel: &Channel) {
+    if channel.status().connected()
+        && let Err(error) = channel.close(200, "idem consumer stopped".into()).await
+    {
+        tracing::debug!(target: "idem", %error, "closing the consumer's channel failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiers_round_the_delay_up_to_a_power_of_two() {
+        assert_eq!(tier_of(0), 0);
+        assert_eq!(tier_of(1), 0);
+        assert_eq!(tier_of(2), 1);
+        assert_eq!(tier_of(3), 2);
+        assert_eq!(tier_of(1000), 10);
+        assert_eq!(tier_of(1024), 10);
+        assert_eq!(tier_of(1025), 11);
+        assert_eq!(tier_of(MAX_DELAY_MS), 32);
+        assert_eq!(tier_expires_ms(10), 2048 + 60_000);
+        assert_eq!(tier_expires_ms(32), MAX_DELAY_MS);
+    }
+
+    #[test]
+    fn attempts_add_the_quorum_delivery_count() {
+        let mut headers = FieldTable::default();
+        assert_eq!(header_count(Some(&headers), ATTEMPT_HEADER), None);
+        headers.insert(ATTEMPT_HEADER.into(), AMQPValue::LongLongInt(3));
+        headers.insert(DELIVERY_COUNT_HEADER.into(), AMQPValue::LongInt(2));
+        assert_eq!(header_count(Some(&headers), ATTEMPT_HEADER), Some(3));
+        assert_eq!(header_count(Some(&headers), DELIVERY_COUNT_HEADER), Some(2));
+        headers.insert(ATTEMPT_HEADER.into(), AMQPValue::LongInt(-1));
+        assert_eq!(header_count(Some(&headers), ATTEMPT_HEADER), None);
+    }
+
+    #[test]
+    fn names_longer_than_amqp_allows_are_errors() {
+        let long = "q".repeat(250);
+        assert!(matches!(
+            RabbitMqTopology::for_queue(&long),
+            Err(RabbitMqError::InvalidName { .. })
+        ));
+        let topology = RabbitMqTopology::for_queue("orders").expect("a valid name");
+        assert!(topology.with_dead_letter(&long, &"x".repeat(300)).is_err());
+    }
+}

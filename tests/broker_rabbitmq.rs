@@ -1,0 +1,987 @@
+//! RabbitMQ, live: the `broker::rabbitmq` runner and acknowledger against the local broker and
+//! PostgreSQL (`dedup_table`). Every queue is unique to this run; the dead-letter queue is read
+//! back message by message; "nothing left unacked" is checked after the consumer's channel is
+//! closed (RabbitMQ then requeues whatever was not acked), by the queues' message counts.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt as _;
+use idem_runtime::broker::rabbitmq::lapin::options::{
+    BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions,
+};
+use idem_runtime::broker::rabbitmq::lapin::types::{AMQPValue, FieldTable};
+use idem_runtime::broker::rabbitmq::lapin::{BasicProperties, Channel, Connection};
+use idem_runtime::broker::rabbitmq::{
+    ATTEMPT_HEADER, QUEUE_HEADER, REASON_HEADER, RabbitMqAcknowledger, RabbitMqConsumer,
+    RabbitMqError, RabbitMqTopology, lapin,
+};
+use idem_runtime::broker::{CancellationToken, ConsumerOptions, ConsumerReport, ConsumerStats};
+use idem_runtime::handler::Handler;
+use idem_runtime::{
+    Acknowledger as _, Disposition, HandlerError, PgStore, PgTx, handler, idempotent,
+};
+use idem_tests::effects::{Effects as _, TestStore as _};
+use idem_tests::{Payment, count_run, run_id, runs, unique_key};
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+// ---------------------------------------------------------------------------------------------
+// Handlers
+
+#[derive(Debug, thiserror::Error)]
+enum TestError {
+    #[error(transparent)]
+    Db(#[from] idem_runtime::sqlx::Error),
+    #[error("order {0} is invalid: negative amount")]
+    Permanent(String),
+    #[error("injected transient failure for order {0}")]
+    Transient(String),
+}
+
+impl HandlerError for TestError {
+    fn disposition(&self) -> Disposition {
+        match self {
+            Self::Db(error) => idem_runtime::classify_error_chain(error),
+            Self::Permanent(_) => Disposition::DeadLetter,
+            Self::Transient(_) => Disposition::Retry,
+        }
+    }
+}
+
+impl From<idem_tests::AppError> for TestError {
+    fn from(error: idem_tests::AppError) -> Self {
+        match error {
+            idem_tests::AppError::Db(error) => Self::Db(error),
+            idem_tests::AppError::Transient(key) => Self::Transient(key),
+        }
+    }
+}
+
+/// Keys whose bodies fail (retryable) this many more times.
+fn failures() -> &'static Mutex<HashMap<String, u32>> {
+    static FAILURES: OnceLock<Mutex<HashMap<String, u32>>> = OnceLock::new();
+    FAILURES.get_or_init(Mutex::default)
+}
+
+fn fail_times(key: &str, times: u32) {
+    failures()
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(key.to_owned(), times);
+}
+
+fn maybe_fail(key: &str) -> Result<(), TestError> {
+    let mut failures = failures().lock().unwrap_or_else(PoisonError::into_inner);
+    match failures.get_mut(key) {
+        Some(left) if *left > 0 => {
+            *left -= 1;
+            Err(TestError::Transient(key.to_owned()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Keys whose bodies sleep: (how long, how many more times).
+fn sleepers() -> &'static Mutex<HashMap<String, (Duration, u32)>> {
+    static SLEEPERS: OnceLock<Mutex<HashMap<String, (Duration, u32)>>> = OnceLock::new();
+    SLEEPERS.get_or_init(Mutex::default)
+}
+
+fn sleep_in_body(key: &str, duration: Duration, times: u32) {
+    sleepers()
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(key.to_owned(), (duration, times));
+}
+
+async fn maybe_sleep(key: &str) {
+    let duration = {
+        let mut sleepers = sleepers().lock().unwrap_or_else(PoisonError::into_inner);
+        match sleepers.get_mut(key) {
+            Some((duration, left)) if *left > 0 => {
+                *left -= 1;
+                Some(*duration)
+            }
+            _ => None,
+        }
+    };
+    if let Some(duration) = duration {
+        tokio::time::sleep(duration).await;
+    }
+}
+
+/// The body every handler runs: count the run, write the ledger row (no unique key: a second
+/// committed run shows), then fail or sleep as the test asked.
+async fn body(tx: &mut PgTx<'_>, counted: &str, msg: &Payment) -> Result<(), TestError> {
+    count_run(counted);
+    tx.ledger(counted, msg.amount).await?;
+    if msg.amount < 0 {
+        return Err(TestError::Permanent(msg.order_id.clone()));
+    }
+    maybe_sleep(counted).await;
+    maybe_fail(counted)
+}
+
+#[idempotent(
+    key = "order_id",
+    store = "pg",
+    strategy = "dedup_table",
+    scope = "rmq.basic"
+)]
+async fn on_basic(tx: &mut PgTx<'_>, msg: Payment) -> Result<(), TestError> {
+    body(tx, &msg.order_id, &msg).await
+}
+
+/// The same scope as the `rabbitmq_consumer` process's handler.
+#[idempotent(
+    key = "order_id",
+    store = "pg",
+    strategy = "dedup_table",
+    scope = "rmq.kill"
+)]
+async fn on_kill(tx: &mut PgTx<'_>, msg: Payment) -> Result<(), TestError> {
+    body(tx, &msg.order_id, &msg).await
+}
+
+#[idempotent(
+    key = "order_id",
+    store = "pg",
+    strategy = "dedup_table",
+    scope = "rmq.poison"
+)]
+async fn on_poison(tx: &mut PgTx<'_>, msg: Payment) -> Result<(), TestError> {
+    body(tx, &msg.order_id, &msg).await
+}
+
+#[idempotent(
+    key = "order_id",
+    store = "pg",
+    strategy = "dedup_table",
+    scope = "rmq.retry",
+    max_attempts = 5
+)]
+async fn on_retry(tx: &mut PgTx<'_>, msg: Payment) -> Result<(), TestError> {
+    body(tx, &msg.order_id, &msg).await
+}
+
+#[idempotent(
+    key = "order_id",
+    store = "pg",
+    strategy = "dedup_table",
+    scope = "rmq.gave_up",
+    max_attempts = 3
+)]
+async fn on_gave_up(tx: &mut PgTx<'_>, msg: Payment) -> Result<(), TestError> {
+    body(tx, &msg.order_id, &msg).await
+}
+
+#[idempotent(
+    key = "order_id",
+    store = "pg",
+    strategy = "dedup_table",
+    scope = "rmq.shutdown"
+)]
+async fn on_shutdown(tx: &mut PgTx<'_>, msg: Payment) -> Result<(), TestError> {
+    body(tx, &msg.order_id, &msg).await
+}
+
+/// Keyed on the AMQP `message_id` alone: runs and rows are counted under the order id.
+#[idempotent(
+    key = "$message_id",
+    store = "pg",
+    strategy = "dedup_table",
+    scope = "rmq.by_id"
+)]
+async fn on_by_id(tx: &mut PgTx<'_>, msg: Payment) -> Result<(), TestError> {
+    body(tx, &msg.order_id, &msg).await
+}
+
+#[idempotent(
+    key = "$message_id, order_id",
+    store = "pg",
+    strategy = "dedup_table",
+    scope = "rmq.by_id_and_field"
+)]
+async fn on_by_id_and_field(tx: &mut PgTx<'_>, msg: Payment) -> Result<(), TestError> {
+    body(tx, &msg.order_id, &msg).await
+}
+
+// ---------------------------------------------------------------------------------------------
+// The broker
+
+fn amqp_url() -> String {
+    std::env::var("IDEM_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+async fn connect() -> Connection {
+    let url = amqp_url();
+    Connection::connect(&url, lapin::ConnectionProperties::default())
+        .await
+        .unwrap_or_else(|error| {
+            panic!(
+                "RabbitMQ is not reachable at {url}: {error}. Run the tests with scripts/test, which starts it, or set IDEM_TEST_AMQP_URL."
+            )
+        })
+}
+
+/// A channel with publisher confirms.
+async fn confirmed_channel(connection: &Connection) -> Channel {
+    let channel = connection.create_channel().await.expect("create a channel");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm.select");
+    channel
+}
+
+/// A topology on a queue unique to this run, declared.
+async fn topology(connection: &Connection, label: &str) -> RabbitMqTopology {
+    let topology = RabbitMqTopology::for_queue(&format!("idem-test.{}.{label}", run_id()))
+        .expect("a valid queue name");
+    let channel = connection.create_channel().await.expect("create a channel");
+    topology
+        .declare(&channel)
+        .await
+        .expect("declare the topology");
+    channel.close(200, "declared".into()).await.expect("close");
+    topology
+}
+
+/// Publishes `body` to the work queue, with `message_id` if given, and waits for the confirm.
+async fn publish(
+    channel: &Channel,
+    topology: &RabbitMqTopology,
+    body: &[u8],
+    message_id: Option<&str>,
+) {
+    let mut properties = BasicProperties::default().with_delivery_mode(2);
+    if let Some(id) = message_id {
+        properties = properties.with_message_id(id.into());
+    }
+    let confirmation = channel
+        .basic_publish(
+            "".into(),
+            topology.queue().into(),
+            BasicPublishOptions {
+                mandatory: true,
+                immediate: false,
+            },
+            body,
+            properties,
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("publisher confirm");
+    assert_eq!(
+        confirmation,
+        lapin::Confirmation::Ack(None),
+        "the broker stored the message"
+    );
+}
+
+async fn publish_payment(
+    channel: &Channel,
+    topology: &RabbitMqTopology,
+    payment: &Payment,
+    message_id: Option<&str>,
+) {
+    let body = serde_json::to_vec(payment).expect("serialize");
+    publish(channel, topology, &body, message_id).await;
+}
+
+/// Messages ready in `queue` (not counting unacked ones); 0 when it does not exist.
+async fn depth(connection: &Connection, queue: &str) -> u32 {
+    // A passive declare of a missing queue closes the channel: use one per look.
+    let channel = connection.create_channel().await.expect("create a channel");
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    match declared {
+        Ok(queue) => {
+            let _ = channel.close(200, "looked".into()).await;
+            queue.message_count()
+        }
+        Err(error) => {
+            let text = error.to_string();
+            assert!(
+                text.contains("NOT_FOUND") || text.contains("404"),
+                "{queue}: {text}"
+            );
+            0
+        }
+    }
+}
+
+/// The work queue and every retry tier queue a delay up to `max_delay` could use are empty.
+async fn assert_nothing_left(connection: &Connection, topology: &RabbitMqTopology) {
+    assert_eq!(
+        depth(connection, topology.queue()).await,
+        0,
+        "work queue {}",
+        topology.queue()
+    );
+    for tier in 0..=16 {
+        let delay = Duration::from_millis(1 << tier);
+        let retry = topology.retry_queue(delay);
+        assert_eq!(depth(connection, &retry).await, 0, "retry queue {retry}");
+    }
+}
+
+/// A dead letter, read back.
+#[derive(Debug)]
+struct Letter {
+    body: String,
+    reason: String,
+    attempt: i64,
+    queue: String,
+    message_id: Option<String>,
+}
+
+fn header_text(headers: &FieldTable, name: &str) -> String {
+    match headers.inner().get(name) {
+        Some(AMQPValue::LongString(text)) => text.to_string(),
+        other => panic!("header {name}: {other:?}"),
+    }
+}
+
+/// Takes every message out of the dead-letter queue.
+async fn dead_letters(connection: &Connection, topology: &RabbitMqTopology) -> Vec<Letter> {
+    let channel = connection.create_channel().await.expect("create a channel");
+    let mut letters = Vec::new();
+    while let Some(message) = channel
+        .basic_get(
+            topology.dead_letter_queue().into(),
+            BasicGetOptions { no_ack: true },
+        )
+        .await
+        .expect("basic.get")
+    {
+        let delivery = message.delivery;
+        let headers = delivery
+            .properties
+            .headers()
+            .clone()
+            .expect("a dead letter has headers");
+        let attempt = match headers.inner().get(ATTEMPT_HEADER) {
+            Some(AMQPValue::LongLongInt(n)) => *n,
+            other => panic!("{ATTEMPT_HEADER}: {other:?}"),
+        };
+        letters.push(Letter {
+            body: String::from_utf8_lossy(&delivery.data).into_owned(),
+            reason: header_text(&headers, REASON_HEADER),
+            attempt,
+            queue: header_text(&headers, QUEUE_HEADER),
+            message_id: delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(ToString::to_string),
+        });
+    }
+    let _ = channel.close(200, "read".into()).await;
+    letters
+}
+
+/// Polls `condition` every 20 ms for up to [`TIMEOUT`].
+async fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + TIMEOUT;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+struct Running {
+    shutdown: CancellationToken,
+    stats: Arc<ConsumerStats>,
+    task: tokio::task::JoinHandle<Result<ConsumerReport, RabbitMqError>>,
+}
+
+impl Running {
+    /// Cancels and waits for `run` to return.
+    async fn stop(self) -> ConsumerReport {
+        self.shutdown.cancel();
+        tokio::time::timeout(TIMEOUT, self.task)
+            .await
+            .expect("run returns after cancellation")
+            .expect("the runner's task")
+            .expect("run ends without an error")
+    }
+
+    fn settled(&self) -> u64 {
+        let report = self.stats.snapshot();
+        report.processed + report.duplicates + report.dead_lettered
+    }
+}
+
+async fn start<H>(
+    connection: &Connection,
+    topology: &RabbitMqTopology,
+    handler: H,
+    store: PgStore,
+    options: ConsumerOptions,
+) -> Running
+where
+    H: Handler<Store = PgStore>,
+    H::Message: serde::de::DeserializeOwned,
+{
+    let channel = connection.create_channel().await.expect("create a channel");
+    let consumer =
+        RabbitMqConsumer::new(channel, topology.clone(), handler, store).with_options(options);
+    let stats = consumer.stats();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(consumer.run(shutdown.clone()));
+    Running {
+        shutdown,
+        stats,
+        task,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The tests
+
+/// a. Every business message published twice, some three or four times, some copies back to
+/// back: each body runs once, one row each, the report counts them all, nothing is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_effect_once_under_duplicates() {
+    idem_tests::init_tracing();
+    let store = idem_tests::pg::store().await;
+    let connection = connect().await;
+    let topology = topology(&connection, "basic").await;
+    let publisher = confirmed_channel(&connection).await;
+
+    const N: usize = 200;
+    let keys: Vec<String> = (0..N).map(|_| unique_key("rmq-basic")).collect();
+    let copies =
+        |i: usize| 2 + usize::from(i.is_multiple_of(5)) + usize::from(i.is_multiple_of(10));
+    let mut published = 0_u64;
+    // Back to back for every seventh key, so that twins run at once; spread out for the rest.
+    for (i, key) in keys.iter().enumerate() {
+        if i.is_multiple_of(7) {
+            for _ in 0..copies(i) {
+                publish_payment(&publisher, &topology, &Payment::new(key, 10), None).await;
+                published += 1;
+            }
+        }
+    }
+    for round in 0..4 {
+        for (i, key) in keys.iter().enumerate() {
+            if !i.is_multiple_of(7) && round < copies(i) {
+                publish_payment(&publisher, &topology, &Payment::new(key, 10), None).await;
+                published += 1;
+            }
+        }
+    }
+    assert_eq!(published, 460);
+
+    let running = start(
+        &connection,
+        &topology,
+        handler!(on_basic),
+        store.clone(),
+        ConsumerOptions::default().concurrency(8).prefetch(32),
+    )
+    .await;
+    wait_for("every copy settled", || running.settled() >= published).await;
+    let report = running.stop().await;
+
+    assert_eq!(report.processed, N as u64, "{report:?}");
+    assert_eq!(report.duplicates, published - N as u64, "{report:?}");
+    assert_eq!(
+        (
+            report.requeued,
+            report.dead_lettered,
+            report.unsettled,
+            report.settle_failures
+        ),
+        (0, 0, 0, 0),
+        "{report:?}"
+    );
+    for key in &keys {
+        assert_eq!(runs(key), 1, "{key}: the body ran once");
+        assert_eq!(store.ledger_rows(key).await, 1, "{key}: one row");
+    }
+    assert_nothing_left(&connection, &topology).await;
+    assert!(dead_letters(&connection, &topology).await.is_empty());
+}
+
+/// b. A consumer process (its own loop, with the acknowledger) dies between commit and ack;
+/// another consumer gets the redelivery as a duplicate and acks it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_killed_between_commit_and_ack() {
+    idem_tests::init_tracing();
+    let store = idem_tests::pg::store().await;
+    let connection = connect().await;
+    let topology = topology(&connection, "kill").await;
+    let publisher = confirmed_channel(&connection).await;
+    let keys: Vec<String> = (0..4).map(|_| unique_key("rmq-kill")).collect();
+    for key in &keys {
+        publish_payment(&publisher, &topology, &Payment::new(key, 7), None).await;
+    }
+    let victim = &keys[2];
+
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_rabbitmq_consumer"))
+        .env("IDEM_RMQ_QUEUE", topology.queue())
+        .env("IDEM_RMQ_ABORT_ON", victim)
+        .env("IDEM_TEST_AMQP_URL", amqp_url())
+        .spawn()
+        .expect("start the consumer process");
+    let deadline = Instant::now() + TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for the consumer process") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the consumer process did not abort at the victim's ack");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!status.success(), "the consumer aborted: {status:?}");
+    // It processed the first two and the victim (committed, not acked), in order (prefetch 1).
+    for key in &keys[..3] {
+        assert_eq!(
+            store.ledger_rows(key).await,
+            1,
+            "{key}: committed by the dead consumer"
+        );
+    }
+    assert_eq!(store.ledger_rows(&keys[3]).await, 0);
+
+    let running = start(
+        &connection,
+        &topology,
+        handler!(on_kill),
+        store.clone(),
+        ConsumerOptions::default().concurrency(2),
+    )
+    .await;
+    wait_for("the victim and the last one", || running.settled() >= 2).await;
+    let report = running.stop().await;
+    assert_eq!((report.processed, report.duplicates), (1, 1), "{report:?}");
+    assert_eq!(runs(victim), 0, "the redelivery did not run the body again");
+    assert_eq!(runs(&keys[3]), 1);
+    for key in &keys {
+        assert_eq!(store.ledger_rows(key).await, 1, "{key}: one row");
+    }
+    assert_nothing_left(&connection, &topology).await;
+}
+
+/// c + g. Poison: an undecodable payload, a permanent failure, a `$message_id` handler given a
+/// message without an id. The dead-letter queues hold exactly those, with their reasons and
+/// attempt counts; the consumers go on processing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_is_dead_lettered_with_reasons() {
+    idem_tests::init_tracing();
+    let store = idem_tests::pg::store().await;
+    let connection = connect().await;
+    let poison = topology(&connection, "poison").await;
+    let by_id = topology(&connection, "by-id").await;
+    let publisher = confirmed_channel(&connection).await;
+
+    let good: Vec<String> = (0..2).map(|_| unique_key("rmq-good")).collect();
+    let invalid = unique_key("rmq-invalid");
+    let undecodable = format!(
+        r#"{{"order_id": "{}", "amount": "#,
+        unique_key("rmq-undecodable")
+    );
+    publish_payment(&publisher, &poison, &Payment::new(&good[0], 1), None).await;
+    publish(&publisher, &poison, undecodable.as_bytes(), None).await;
+    publish_payment(&publisher, &poison, &Payment::new(&invalid, -1), None).await;
+    publish_payment(&publisher, &poison, &Payment::new(&good[1], 1), None).await;
+
+    let with_id = unique_key("rmq-with-id");
+    let without_id = unique_key("rmq-without-id");
+    let message_id = unique_key("rmq-mid");
+    publish_payment(&publisher, &by_id, &Payment::new(&without_id, 1), None).await;
+    publish_payment(
+        &publisher,
+        &by_id,
+        &Payment::new(&with_id, 1),
+        Some(&message_id),
+    )
+    .await;
+
+    let options = ConsumerOptions::default().concurrency(2);
+    let poison_runner = start(
+        &connection,
+        &poison,
+        handler!(on_poison),
+        store.clone(),
+        options,
+    )
+    .await;
+    let by_id_runner = start(
+        &connection,
+        &by_id,
+        handler!(on_by_id),
+        store.clone(),
+        options,
+    )
+    .await;
+    wait_for("the poison queue settled", || poison_runner.settled() >= 4).await;
+    wait_for("the by-id queue settled", || by_id_runner.settled() >= 2).await;
+    // Still consuming after the poison.
+    let late = unique_key("rmq-late");
+    publish_payment(&publisher, &poison, &Payment::new(&late, 1), None).await;
+    wait_for("a message after the poison", || {
+        poison_runner.settled() >= 5
+    })
+    .await;
+    let poison_report = poison_runner.stop().await;
+    let by_id_report = by_id_runner.stop().await;
+
+    assert_eq!(
+        (poison_report.processed, poison_report.dead_lettered),
+        (3, 2),
+        "{poison_report:?}"
+    );
+    assert_eq!(
+        (by_id_report.processed, by_id_report.dead_lettered),
+        (1, 1),
+        "{by_id_report:?}"
+    );
+    for key in good.iter().chain([&late, &with_id]) {
+        assert_eq!((runs(key), store.ledger_rows(key).await), (1, 1), "{key}");
+    }
+    assert_eq!(runs(&invalid), 1, "the permanent failure ran once");
+    assert_eq!(store.ledger_rows(&invalid).await, 0, "and rolled back");
+    assert_eq!(runs(&without_id), 0, "no id, no body");
+
+    let mut letters = dead_letters(&connection, &poison).await;
+    letters.sort_by(|a, b| a.reason.cmp(&b.reason));
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    assert!(
+        letters[0]
+            .reason
+            .contains(&format!("order {invalid} is invalid")),
+        "{letters:?}"
+    );
+    assert_eq!(
+        serde_json::from_str::<Payment>(&letters[0].body).expect("the invalid order"),
+        Payment::new(&invalid, -1)
+    );
+    assert!(letters[1].reason.contains("does not decode"), "{letters:?}");
+    assert_eq!(letters[1].body, undecodable);
+    for letter in &letters {
+        assert_eq!(
+            (letter.attempt, letter.queue.as_str()),
+            (1, poison.queue()),
+            "{letter:?}"
+        );
+    }
+
+    let letters = dead_letters(&connection, &by_id).await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert!(
+        letters[0].reason.contains("has no message id"),
+        "{letters:?}"
+    );
+    assert!(letters[0].reason.contains("rmq.by_id"), "{letters:?}");
+    assert_eq!(
+        (letters[0].attempt, letters[0].message_id.as_deref()),
+        (1, None)
+    );
+    assert_eq!(
+        serde_json::from_str::<Payment>(&letters[0].body).expect("the payment"),
+        Payment::new(&without_id, 1)
+    );
+    assert_nothing_left(&connection, &poison).await;
+    assert_nothing_left(&connection, &by_id).await;
+}
+
+/// d. A retryable failure, twice, then success, through a service's own consumer loop: the
+/// attempts seen are 1, 2, 3, spaced by at least the backoff's lower bound; one row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_are_spaced_by_the_backoff_and_carry_the_attempt() {
+    idem_tests::init_tracing();
+    let store = idem_tests::pg::store().await;
+    let connection = connect().await;
+    let topology = topology(&connection, "retry").await;
+    let publisher = confirmed_channel(&connection).await;
+    let key = unique_key("rmq-retry");
+    let message_id = unique_key("rmq-retry-mid");
+    fail_times(&key, 2);
+    publish_payment(
+        &publisher,
+        &topology,
+        &Payment::new(&key, 5),
+        Some(&message_id),
+    )
+    .await;
+
+    let channel = confirmed_channel(&connection).await;
+    channel
+        .basic_qos(4, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let mut deliveries = channel
+        .basic_consume(
+            topology.queue().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let mut seen: Vec<(u32, Instant)> = Vec::new();
+    let outcome = tokio::time::timeout(TIMEOUT, async {
+        loop {
+            let delivery = deliveries
+                .next()
+                .await
+                .expect("the consumer runs")
+                .expect("a delivery");
+            let msg: Payment = serde_json::from_slice(&delivery.data).expect("a payment");
+            let ack = RabbitMqAcknowledger::new(delivery, channel.clone(), topology.clone());
+            assert_eq!(
+                ack.message_id(),
+                Some(message_id.as_str()),
+                "the copy keeps the id"
+            );
+            seen.push((ack.attempt().expect("counted"), Instant::now()));
+            match on_retry(&store, msg, ack).await {
+                Ok(outcome) => break outcome,
+                Err(error) => assert!(error.to_string().contains("transient"), "{error}"),
+            }
+        }
+    })
+    .await
+    .expect("the third attempt succeeds in time");
+    assert!(outcome.is_processed());
+    channel.close(200, "done".into()).await.expect("close");
+
+    let attempts: Vec<u32> = seen.iter().map(|(attempt, _)| *attempt).collect();
+    assert_eq!(attempts, [1, 2, 3]);
+    // Equal jitter, base 1 s: the delay after attempt n is in [2^(n-1)/2, 2^(n-1)] s.
+    let gap_1 = seen[1].1 - seen[0].1;
+    let gap_2 = seen[2].1 - seen[1].1;
+    assert!(gap_1 >= Duration::from_millis(500), "{gap_1:?}");
+    assert!(gap_2 >= Duration::from_millis(1000), "{gap_2:?}");
+    assert!(
+        gap_1 < Duration::from_secs(5) && gap_2 < Duration::from_secs(6),
+        "{gap_1:?} {gap_2:?}"
+    );
+    assert_eq!(runs(&key), 3);
+    assert_eq!(store.ledger_rows(&key).await, 1);
+    assert_nothing_left(&connection, &topology).await;
+    assert!(dead_letters(&connection, &topology).await.is_empty());
+}
+
+/// e. A retryable failure that never heals: requeued twice, then dead-lettered with "gave up
+/// after 3 attempts" and the attempt count 3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_that_never_heals_is_dead_lettered_after_max_attempts() {
+    idem_tests::init_tracing();
+    let store = idem_tests::pg::store().await;
+    let connection = connect().await;
+    let topology = topology(&connection, "gave-up").await;
+    let publisher = confirmed_channel(&connection).await;
+    let key = unique_key("rmq-gave-up");
+    let healthy = unique_key("rmq-healthy");
+    fail_times(&key, u32::MAX);
+    let began = Instant::now();
+    publish_payment(&publisher, &topology, &Payment::new(&key, 3), None).await;
+    publish_payment(&publisher, &topology, &Payment::new(&healthy, 3), None).await;
+
+    let running = start(
+        &connection,
+        &topology,
+        handler!(on_gave_up),
+        store.clone(),
+        ConsumerOptions::default().concurrency(2),
+    )
+    .await;
+    wait_for("the dead letter", || {
+        running.stats.snapshot().dead_lettered >= 1
+    })
+    .await;
+    let took = began.elapsed();
+    let report = running.stop().await;
+    assert_eq!(
+        (report.processed, report.requeued, report.dead_lettered),
+        (1, 2, 1),
+        "{report:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(1500),
+        "two backoffs: {took:?}"
+    );
+    assert_eq!(runs(&key), 3);
+    assert_eq!(store.ledger_rows(&key).await, 0);
+    let letters = dead_letters(&connection, &topology).await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert!(
+        letters[0]
+            .reason
+            .starts_with("gave up after 3 attempts: handler failed: injected transient failure"),
+        "{letters:?}"
+    );
+    assert_eq!(letters[0].attempt, 3);
+    assert_nothing_left(&connection, &topology).await;
+}
+
+/// f. Shutdown: a slow handler finishes and is acked; one stuck past a tiny grace is cancelled,
+/// not acked, and the next consumer gets it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_settles_or_leaves_unacked() {
+    idem_tests::init_tracing();
+    let store = idem_tests::pg::store().await;
+    let connection = connect().await;
+    let topology = topology(&connection, "shutdown").await;
+    let publisher = confirmed_channel(&connection).await;
+
+    // A slow body, inside the grace: it finishes, commits, is acked; `run` then returns.
+    let slow = unique_key("rmq-slow");
+    sleep_in_body(&slow, Duration::from_millis(1500), 1);
+    publish_payment(&publisher, &topology, &Payment::new(&slow, 1), None).await;
+    let running = start(
+        &connection,
+        &topology,
+        handler!(on_shutdown),
+        store.clone(),
+        ConsumerOptions::default().shutdown_grace(Duration::from_secs(20)),
+    )
+    .await;
+    wait_for("the slow body to start", || runs(&slow) == 1).await;
+    let cancelled = Instant::now();
+    let report = running.stop().await;
+    assert!(
+        cancelled.elapsed() >= Duration::from_millis(1000),
+        "it waited for the body"
+    );
+    assert_eq!((report.processed, report.unsettled), (1, 0), "{report:?}");
+    assert_eq!(store.ledger_rows(&slow).await, 1);
+    assert_nothing_left(&connection, &topology).await;
+
+    // A stuck body, past a tiny grace: cancelled, its transaction rolled back, not acked.
+    let stuck = unique_key("rmq-stuck");
+    sleep_in_body(&stuck, Duration::from_secs(120), 1);
+    publish_payment(&publisher, &topology, &Payment::new(&stuck, 1), None).await;
+    let running = start(
+        &connection,
+        &topology,
+        handler!(on_shutdown),
+        store.clone(),
+        ConsumerOptions::default().shutdown_grace(Duration::from_millis(200)),
+    )
+    .await;
+    wait_for("the stuck body to start", || runs(&stuck) == 1).await;
+    let cancelled = Instant::now();
+    let report = running.stop().await;
+    assert!(
+        cancelled.elapsed() < Duration::from_secs(10),
+        "the grace was short"
+    );
+    assert_eq!((report.processed, report.unsettled), (0, 1), "{report:?}");
+    // Not acked: back in the queue as soon as the runner's channel closed.
+    assert_eq!(
+        depth(&connection, topology.queue()).await,
+        1,
+        "the stuck delivery is back"
+    );
+    assert_eq!(store.ledger_rows(&stuck).await, 0, "rolled back");
+
+    let running = start(
+        &connection,
+        &topology,
+        handler!(on_shutdown),
+        store.clone(),
+        ConsumerOptions::default(),
+    )
+    .await;
+    wait_for("the redelivery", || running.settled() >= 1).await;
+    let report = running.stop().await;
+    assert_eq!((report.processed, report.duplicates), (1, 0), "{report:?}");
+    assert_eq!(runs(&stuck), 2, "the body ran again, to commit");
+    assert_eq!(store.ledger_rows(&stuck).await, 1);
+    assert_nothing_left(&connection, &topology).await;
+}
+
+/// g. The AMQP `message_id` as the key, alone and with a field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_message_id_is_the_key() {
+    idem_tests::init_tracing();
+    let store = idem_tests::pg::store().await;
+    let connection = connect().await;
+    let alone = topology(&connection, "mid").await;
+    let combined = topology(&connection, "mid-field").await;
+    let publisher = confirmed_channel(&connection).await;
+
+    // Alone: two different bodies under one id are one message.
+    let id = unique_key("rmq-mid");
+    let (first, second) = (unique_key("rmq-mid-a"), unique_key("rmq-mid-b"));
+    publish_payment(&publisher, &alone, &Payment::new(&first, 1), Some(&id)).await;
+    publish_payment(&publisher, &alone, &Payment::new(&second, 1), Some(&id)).await;
+    // With a field: one id, two orders, one order again.
+    let shared = unique_key("rmq-mid-shared");
+    let (a, b) = (unique_key("rmq-mid-fa"), unique_key("rmq-mid-fb"));
+    for order in [&a, &b, &a] {
+        publish_payment(
+            &publisher,
+            &combined,
+            &Payment::new(order, 1),
+            Some(&shared),
+        )
+        .await;
+    }
+
+    let options = ConsumerOptions::default().concurrency(1);
+    let alone_runner = start(
+        &connection,
+        &alone,
+        handler!(on_by_id),
+        store.clone(),
+        options,
+    )
+    .await;
+    let combined_runner = start(
+        &connection,
+        &combined,
+        handler!(on_by_id_and_field),
+        store.clone(),
+        options,
+    )
+    .await;
+    wait_for("alone", || alone_runner.settled() >= 2).await;
+    wait_for("combined", || combined_runner.settled() >= 3).await;
+    let alone_report = alone_runner.stop().await;
+    let combined_report = combined_runner.stop().await;
+
+    assert_eq!(
+        (alone_report.processed, alone_report.duplicates),
+        (1, 1),
+        "{alone_report:?}"
+    );
+    assert_eq!(
+        (runs(&first), runs(&second)),
+        (1, 0),
+        "the first is processed, in order"
+    );
+    assert_eq!(
+        (combined_report.processed, combined_report.duplicates),
+        (2, 1),
+        "{combined_report:?}"
+    );
+    assert_eq!((runs(&a), runs(&b)), (1, 1));
+    assert_eq!(
+        (store.ledger_rows(&a).await, store.ledger_rows(&b).await),
+        (1, 1)
+    );
+    assert_nothing_left(&connection, &alone).await;
+    assert_nothing_left(&connection, &combined).await;
+    assert!(dead_letters(&connection, &alone).await.is_empty());
+}
