@@ -762,10 +762,18 @@ async fn poison_entries_are_dead_lettered_with_reasons() {
         fields["payload"],
         String::from_utf8_lossy(&anonymous.json())
     );
-    assert_eq!(runs(&first.key), 1);
-    assert_eq!(runs(&again.key), 0, "a re-publish with the same message id");
+    // `first` and its re-publish share a message id: whichever the consumer ran first is
+    // processed, the other is a duplicate (they may run at once; the gate picks one).
+    assert_eq!(
+        runs(&first.key) + runs(&again.key),
+        1,
+        "a re-publish with the same message id"
+    );
     assert_eq!(runs(&anonymous.key), 0);
-    assert_eq!(rows.get(&first.key), Some(&1));
+    assert_eq!(
+        rows.get(&first.key).copied().unwrap_or(0) + rows.get(&again.key).copied().unwrap_or(0),
+        1
+    );
     assert_eq!(pending(&mut conn, &group).await, 0);
     assert_eq!(pending(&mut conn, &by_field).await, 0);
     drop_table(&store, &table).await;

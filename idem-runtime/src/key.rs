@@ -159,7 +159,7 @@ pub enum KeyError {
     /// AMQP `message_id` property, no `Nats-Msg-Id` header), or was handed to the handler by
     /// an acknowledger that has none ([`NoAck`](crate::NoAck)).
     #[error(
-        "the handler in scope `{scope}` keys on `$message_id`, but the delivery has no message id; it is dead-lettered (have the producer set one: the AMQP `message_id` property, the JetStream `Nats-Msg-Id` header; or key on message fields)"
+        "the handler in scope `{scope}` keys on `$message_id`, but the delivery has no message id; it is dead-lettered (have the producer set one: the AMQP `message_id` property, the JetStream `Nats-Msg-Id` header, the Redis Streams field named by `StreamGroup::with_message_id_field`; or key on message fields)"
     )]
     MissingMessageId {
         /// The handler's scope.
