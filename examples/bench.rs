@@ -12,7 +12,9 @@
 //! BENCH scenario=<name> idem_per_s=<x> baseline_per_s=<y> ratio=<x/y> p50_us=<…> p99_us=<…>
 //! ```
 //!
-//! (`p50_us`/`p99_us`: the idempotent side's latency per message). With `--runs R`, the line
+//! (`p50_us`/`p99_us`: the idempotent side's latency per message; the broker scenarios,
+//! `rabbitmq-pg` and `nats-pg` (in `bench/brokers.rs`), time whole consumptions instead and add
+//! `broker_ceiling_per_s`). With `--runs R`, the line
 //! carries the median run's figures and `ratio_min`/`ratio_max` over the runs. Keys are unique
 //! per run, so repeating a run never measures duplicates by accident; `pg-duplicates` measures
 //! duplicates on purpose. Services: PostgreSQL and MariaDB as in the tests
@@ -84,7 +86,19 @@ const SCENARIOS: &[(&str, &str, ScenarioFn)] = &[
         "dedup_table vs the same insert without a gate, MariaDB",
         |c| Box::pin(mysql_dedup_table(c)),
     ),
+    (
+        "rabbitmq-pg",
+        "RabbitMQ -> idem's consumer, dedup_table on PostgreSQL, ack after commit vs a hand-written consumer",
+        |c| Box::pin(brokers::rabbitmq_pg(c)),
+    ),
+    (
+        "nats-pg",
+        "JetStream -> idem's consumer, dedup_table on PostgreSQL, ack after commit vs a hand-written consumer",
+        |c| Box::pin(brokers::nats_pg(c)),
+    ),
 ];
+
+mod brokers;
 
 /// Command-line settings.
 #[derive(Debug, Clone)]
@@ -847,13 +861,19 @@ async fn main() -> Result<(), BoxError> {
         let (low, high) = (results[0].ratio(), results[results.len() - 1].ratio());
         let median = &results[results.len() / 2];
         let mut line = format!(
-            "BENCH scenario={name} idem_per_s={:.0} baseline_per_s={:.0} ratio={:.3} p50_us={} p99_us={}",
+            "BENCH scenario={name} idem_per_s={:.0} baseline_per_s={:.0} ratio={:.3}",
             median.idem.per_second(),
             median.baseline.per_second(),
             median.ratio(),
-            median.idem.percentile(0.50),
-            median.idem.percentile(0.99),
         );
+        // The broker scenarios time the whole consumption, not each message.
+        if !median.idem.latencies_us.is_empty() {
+            line.push_str(&format!(
+                " p50_us={} p99_us={}",
+                median.idem.percentile(0.50),
+                median.idem.percentile(0.99)
+            ));
+        }
         for (key, value) in &median.extra {
             line.push_str(&format!(" {key}={value}"));
         }

@@ -1,0 +1,419 @@
+//! End-to-end scenarios: messages published to a broker, consumed, handled on PostgreSQL and
+//! acked after the commit. The idempotent side is idem's consumer runner with the
+//! `dedup_table` handler; the baseline is a hand-written consumer doing the same insert and the
+//! same manual ack after the commit, at the same concurrency and prefetch; the ceiling is the
+//! broker alone (consume and ack, no database), reported as `broker_ceiling_per_s`.
+//!
+//! Each side consumes its own freshly filled queue (or JetStream consumer), so only consuming
+//! is timed: from the first fetch to the last message settled.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt as _;
+use idem_runtime::broker::nats::NatsConsumer;
+use idem_runtime::broker::rabbitmq::{RabbitMqConsumer, RabbitMqTopology};
+use idem_runtime::broker::{CancellationToken, ConsumerOptions, ConsumerStats};
+use idem_runtime::handler;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use tokio::sync::Semaphore;
+
+use super::{BoxError, Config, Measurement, Side, bench_msg, pg_dedup_handler, pg_store};
+
+const LEDGER_INSERT: &str = "INSERT INTO bench_ledger (order_id, amount) VALUES ($1, $2)";
+
+/// Which side of a round is consumed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Idem,
+    Baseline,
+    Ceiling,
+}
+
+impl Role {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Idem => "idem",
+            Self::Baseline => "base",
+            Self::Ceiling => "ceiling",
+        }
+    }
+
+    /// Idem and baseline alternate who goes first; the ceiling runs last.
+    fn order(round: usize) -> [Self; 3] {
+        if round % 2 == 0 {
+            [Self::Idem, Self::Baseline, Self::Ceiling]
+        } else {
+            [Self::Baseline, Self::Idem, Self::Ceiling]
+        }
+    }
+}
+
+fn payloads(config: &Config, role: Role, round: usize, count: usize) -> Vec<Vec<u8>> {
+    (0..count)
+        .map(|n| {
+            let key = format!("{}-{}-{round}-{n}", config.run_id, role.name());
+            let msg = bench_msg(key);
+            serde_json::to_vec(&serde_json::json!({ "order_id": msg.order_id, "amount": msg.amount }))
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+/// Waits until `stats` counts `expected` processed deliveries, or fails after a minute
+/// without progress.
+async fn until_processed(stats: &ConsumerStats, expected: u64) -> Result<(), BoxError> {
+    let mut last = (0, Instant::now());
+    loop {
+        let report = stats.snapshot();
+        if report.processed >= expected {
+            return Ok(());
+        }
+        if report.requeued + report.dead_lettered > 0 {
+            return Err(format!("the benchmark handler failed: {report:?}").into());
+        }
+        if report.processed != last.0 {
+            last = (report.processed, Instant::now());
+        } else if last.1.elapsed() > Duration::from_secs(60) {
+            return Err(format!("no progress for a minute: {report:?}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+// ---- RabbitMQ -------------------------------------------------------------------------------
+
+fn amqp_url() -> String {
+    std::env::var("IDEM_TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+pub(super) async fn rabbitmq_pg(config: &Config) -> Result<Measurement, BoxError> {
+    let store = pg_store(config).await?;
+    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await?;
+    let publisher = connection.create_channel().await?;
+    publisher
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let prefetch = u16::try_from(config.tasks * 2).unwrap_or(u16::MAX);
+    let mut measurement = Measurement {
+        idem: Side::default(),
+        baseline: Side::default(),
+        extra: Vec::new(),
+    };
+    let mut ceiling = Side::default();
+    let per_round = config.messages.div_ceil(config.rounds);
+    for round in 0..config.rounds {
+        for role in Role::order(round) {
+            let queue = format!("bench.{}.{}.{round}", config.run_id, role.name());
+            let topology = RabbitMqTopology::for_queue(&queue)?;
+            topology.declare(&publisher).await?;
+            let mut confirms = Vec::with_capacity(per_round);
+            for payload in payloads(config, role, round, per_round) {
+                confirms.push(
+                    publisher
+                        .basic_publish(
+                            "".into(),
+                            queue.as_str().into(),
+                            BasicPublishOptions::default(),
+                            &payload,
+                            BasicProperties::default().with_delivery_mode(2),
+                        )
+                        .await?,
+                );
+            }
+            for confirm in confirms {
+                confirm.await?;
+            }
+            let channel = connection.create_channel().await?;
+            let side = match role {
+                Role::Idem => {
+                    let consumer = RabbitMqConsumer::new(
+                        channel,
+                        topology.clone(),
+                        handler!(pg_dedup_handler),
+                        store.clone(),
+                    )
+                    .with_options(
+                        ConsumerOptions::default()
+                            .concurrency(config.tasks)
+                            .prefetch(prefetch),
+                    );
+                    let stats = consumer.stats();
+                    let shutdown = CancellationToken::new();
+                    let started = Instant::now();
+                    let running = tokio::spawn(consumer.run(shutdown.clone()));
+                    until_processed(&stats, per_round as u64).await?;
+                    let elapsed = started.elapsed();
+                    shutdown.cancel();
+                    running.await??;
+                    Side {
+                        messages: per_round,
+                        elapsed,
+                        latencies_us: Vec::new(),
+                    }
+                }
+                Role::Baseline | Role::Ceiling => {
+                    let pool = (role == Role::Baseline).then(|| store.pool().clone());
+                    rabbitmq_hand_written(&channel, &queue, config.tasks, prefetch, per_round, pool)
+                        .await?
+                }
+            };
+            match role {
+                Role::Idem => measurement.idem.add(side),
+                Role::Baseline => measurement.baseline.add(side),
+                Role::Ceiling => ceiling.add(side),
+            }
+            for name in [
+                queue.clone(),
+                topology.dead_letter_queue().to_owned(),
+            ] {
+                publisher
+                    .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+                    .await?;
+            }
+        }
+    }
+    measurement.extra.push((
+        "broker_ceiling_per_s".to_owned(),
+        format!("{:.0}", ceiling.per_second()),
+    ));
+    Ok(measurement)
+}
+
+/// The consumer a user writes by hand: manual acks, `tasks` deliveries at once; with a pool,
+/// `BEGIN; INSERT; COMMIT` and then the ack; without one, the ack alone (the ceiling).
+async fn rabbitmq_hand_written(
+    channel: &lapin::Channel,
+    queue: &str,
+    tasks: usize,
+    prefetch: u16,
+    messages: usize,
+    pool: Option<sqlx::PgPool>,
+) -> Result<Side, BoxError> {
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let permits = Arc::new(Semaphore::new(tasks));
+    let done = Arc::new(AtomicUsize::new(0));
+    let all_done = Arc::new(tokio::sync::Notify::new());
+    let started = Instant::now();
+    let mut received = 0;
+    while received < messages {
+        let Some(delivery) = consumer.next().await else {
+            return Err("the consumer stream ended".into());
+        };
+        let delivery = delivery?;
+        received += 1;
+        let permit = Arc::clone(&permits).acquire_owned().await?;
+        let (pool, done, all_done) = (pool.clone(), Arc::clone(&done), Arc::clone(&all_done));
+        tokio::spawn(async move {
+            let result: Result<(), BoxError> = async {
+                if let Some(pool) = pool {
+                    let msg: serde_json::Value = serde_json::from_slice(&delivery.data)?;
+                    let mut tx = pool.begin().await?;
+                    sqlx::query(LEDGER_INSERT)
+                        .bind(msg["order_id"].as_str().unwrap_or_default())
+                        .bind(msg["amount"].as_i64().unwrap_or_default())
+                        .execute(&mut *tx)
+                        .await?;
+                    tx.commit().await?;
+                }
+                delivery.ack(BasicAckOptions::default()).await?;
+                Ok(())
+            }
+            .await;
+            if let Err(error) = result {
+                eprintln!("hand-written consumer failed: {error}");
+            }
+            drop(permit);
+            if done.fetch_add(1, Ordering::AcqRel) + 1 == messages {
+                all_done.notify_one();
+            }
+        });
+    }
+    if done.load(Ordering::Acquire) < messages {
+        all_done.notified().await;
+    }
+    let elapsed = started.elapsed();
+    channel.close(200, "done".into()).await?;
+    Ok(Side {
+        messages,
+        elapsed,
+        latencies_us: Vec::new(),
+    })
+}
+
+// ---- NATS JetStream -------------------------------------------------------------------------
+
+fn nats_url() -> String {
+    std::env::var("IDEM_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
+}
+
+pub(super) async fn nats_pg(config: &Config) -> Result<Measurement, BoxError> {
+    use async_nats::jetstream::{self, consumer, stream};
+
+    let store = pg_store(config).await?;
+    let client = async_nats::connect(nats_url()).await?;
+    let context = jetstream::new(client);
+    let stream_name = format!("BENCH_{}", config.run_id.replace(['-', '.'], "_"));
+    let subjects = format!("bench.{}.>", config.run_id);
+    let stream = context
+        .create_stream(stream::Config {
+            name: stream_name.clone(),
+            subjects: vec![subjects],
+            ..Default::default()
+        })
+        .await?;
+    let mut measurement = Measurement {
+        idem: Side::default(),
+        baseline: Side::default(),
+        extra: Vec::new(),
+    };
+    let mut ceiling = Side::default();
+    let per_round = config.messages.div_ceil(config.rounds);
+    let prefetch = u16::try_from(config.tasks * 2).unwrap_or(u16::MAX);
+    for round in 0..config.rounds {
+        for role in Role::order(round) {
+            let subject = format!("bench.{}.{}.{round}", config.run_id, role.name());
+            let mut acks = Vec::with_capacity(per_round);
+            for payload in payloads(config, role, round, per_round) {
+                acks.push(context.publish(subject.clone(), payload.into()).await?);
+            }
+            for ack in acks {
+                ack.await?;
+            }
+            let durable = format!("{}-{round}", role.name());
+            let pull = stream
+                .create_consumer(consumer::pull::Config {
+                    durable_name: Some(durable.clone()),
+                    filter_subject: subject.clone(),
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ack_wait: Duration::from_secs(30),
+                    max_ack_pending: i64::from(prefetch) * 4,
+                    ..Default::default()
+                })
+                .await?;
+            let side = match role {
+                Role::Idem => {
+                    let consumer = NatsConsumer::new(
+                        pull,
+                        context.clone(),
+                        handler!(pg_dedup_handler),
+                        store.clone(),
+                    )
+                    .with_options(
+                        ConsumerOptions::default()
+                            .concurrency(config.tasks)
+                            .prefetch(prefetch),
+                    );
+                    let stats = consumer.stats();
+                    let shutdown = CancellationToken::new();
+                    let started = Instant::now();
+                    let running = tokio::spawn(consumer.run(shutdown.clone()));
+                    until_processed(&stats, per_round as u64).await?;
+                    let elapsed = started.elapsed();
+                    shutdown.cancel();
+                    running.await??;
+                    Side {
+                        messages: per_round,
+                        elapsed,
+                        latencies_us: Vec::new(),
+                    }
+                }
+                Role::Baseline | Role::Ceiling => {
+                    let pool = (role == Role::Baseline).then(|| store.pool().clone());
+                    nats_hand_written(pull, config.tasks, prefetch, per_round, pool).await?
+                }
+            };
+            match role {
+                Role::Idem => measurement.idem.add(side),
+                Role::Baseline => measurement.baseline.add(side),
+                Role::Ceiling => ceiling.add(side),
+            }
+            stream.delete_consumer(&durable).await?;
+        }
+    }
+    context.delete_stream(&stream_name).await?;
+    measurement.extra.push((
+        "broker_ceiling_per_s".to_owned(),
+        format!("{:.0}", ceiling.per_second()),
+    ));
+    Ok(measurement)
+}
+
+/// The JetStream consumer a user writes by hand: a pull consumer, `tasks` messages at once;
+/// with a pool, `BEGIN; INSERT; COMMIT` and then the ack the server confirms (as idem's runner
+/// acks by default); without one, the ack alone (the ceiling).
+async fn nats_hand_written(
+    pull: async_nats::jetstream::consumer::PullConsumer,
+    tasks: usize,
+    prefetch: u16,
+    messages: usize,
+    pool: Option<sqlx::PgPool>,
+) -> Result<Side, BoxError> {
+    let mut fetched = pull
+        .stream()
+        .max_messages_per_batch(usize::from(prefetch))
+        .messages()
+        .await?;
+    let permits = Arc::new(Semaphore::new(tasks));
+    let done = Arc::new(AtomicUsize::new(0));
+    let all_done = Arc::new(tokio::sync::Notify::new());
+    let started = Instant::now();
+    let mut received = 0;
+    while received < messages {
+        let Some(message) = fetched.next().await else {
+            return Err("the pull consumer's stream ended".into());
+        };
+        let message = message?;
+        received += 1;
+        let permit = Arc::clone(&permits).acquire_owned().await?;
+        let (pool, done, all_done) = (pool.clone(), Arc::clone(&done), Arc::clone(&all_done));
+        tokio::spawn(async move {
+            let result: Result<(), BoxError> = async {
+                if let Some(pool) = pool {
+                    let msg: serde_json::Value = serde_json::from_slice(&message.payload)?;
+                    let mut tx = pool.begin().await?;
+                    sqlx::query(LEDGER_INSERT)
+                        .bind(msg["order_id"].as_str().unwrap_or_default())
+                        .bind(msg["amount"].as_i64().unwrap_or_default())
+                        .execute(&mut *tx)
+                        .await?;
+                    tx.commit().await?;
+                }
+                message.double_ack().await?;
+                Ok(())
+            }
+            .await;
+            if let Err(error) = result {
+                eprintln!("hand-written consumer failed: {error}");
+            }
+            drop(permit);
+            if done.fetch_add(1, Ordering::AcqRel) + 1 == messages {
+                all_done.notify_one();
+            }
+        });
+    }
+    if done.load(Ordering::Acquire) < messages {
+        all_done.notified().await;
+    }
+    Ok(Side {
+        messages,
+        elapsed: started.elapsed(),
+        latencies_us: Vec::new(),
+    })
+}
