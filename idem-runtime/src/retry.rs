@@ -89,10 +89,10 @@ impl RetryPolicy {
     /// ```
     #[must_use]
     pub const fn capped_at(mut self, limit: Option<u32>) -> Self {
-        if let Some(limit) = limit {
-            if limit < self.max_attempts {
-                self.max_attempts = if limit == 0 { 1 } else { limit };
-            }
+        if let Some(limit) = limit
+            && limit < self.max_attempts
+        {
+            self.max_attempts = if limit == 0 { 1 } else { limit };
         }
         self
     }

@@ -241,6 +241,7 @@ impl ConsumerStats {
 
 /// How one delivery ended, as the runner counts it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(clippy::enum_variant_names)]
 pub(crate) enum Settled {
     Processed,
     Duplicate,
@@ -409,11 +410,11 @@ impl Workers {
     }
 
     fn reaped(result: Result<(), tokio::task::JoinError>) {
-        if let Err(error) = result {
-            if error.is_panic() {
-                // The pipeline catches the handler's panics; this is a runner bug.
-                tracing::error!(target: "idem", %error, "a delivery's task panicked");
-            }
+        if let Err(error) = result
+            && error.is_panic()
+        {
+            // The pipeline catches the handler's panics; this is a runner bug.
+            tracing::error!(target: "idem", %error, "a delivery's task panicked");
         }
     }
 }
