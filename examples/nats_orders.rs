@@ -183,7 +183,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         .execute(store.pool())
         .await?;
     js.delete_stream(&stream_name).await?;
-    js.delete_stream(format!("{stream_name}_DEAD_LETTER")).await?;
+    js.delete_stream(format!("{stream_name}_DEAD_LETTER"))
+        .await?;
 
     println!(
         "published={published} processed={} duplicates={} dead_lettered={} lost={lost}",

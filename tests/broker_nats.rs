@@ -17,8 +17,8 @@ use async_nats::jetstream::consumer::{AckPolicy, PullConsumer, pull};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, stream};
 use idem_runtime::broker::nats::{
-    ATTEMPT_HEADER, NatsConsumer, NatsError, REASON_HEADER, STREAM_HEADER,
-    STREAM_SEQUENCE_HEADER, SUBJECT_HEADER, ensure_dead_letter_stream,
+    ATTEMPT_HEADER, NatsConsumer, NatsError, REASON_HEADER, STREAM_HEADER, STREAM_SEQUENCE_HEADER,
+    SUBJECT_HEADER, ensure_dead_letter_stream,
 };
 use idem_runtime::broker::{CancellationToken, ConsumerOptions, ConsumerReport, ConsumerStats};
 use idem_runtime::handler::Handler;
@@ -133,7 +133,12 @@ async fn record(tx: &mut PgTx<'_>, key: &str) -> Result<(), AppError> {
     Ok(())
 }
 
-#[idempotent(key = "order_id", store = "pg", strategy = "dedup_table", scope = "nats.bulk")]
+#[idempotent(
+    key = "order_id",
+    store = "pg",
+    strategy = "dedup_table",
+    scope = "nats.bulk"
+)]
 async fn on_bulk(tx: &mut PgTx<'_>, msg: Order) -> Result<(), AppError> {
     record(tx, &msg.order_id).await
 }
@@ -149,7 +154,12 @@ async fn on_kill(tx: &mut PgTx<'_>, msg: Order) -> Result<(), AppError> {
     record(tx, &msg.order_id).await
 }
 
-#[idempotent(key = "order_id", store = "pg", strategy = "dedup_table", scope = "nats.poison")]
+#[idempotent(
+    key = "order_id",
+    store = "pg",
+    strategy = "dedup_table",
+    scope = "nats.poison"
+)]
 async fn on_poison(tx: &mut PgTx<'_>, msg: Order) -> Result<(), AppError> {
     record(tx, &msg.order_id).await?;
     if msg.poison {
@@ -158,7 +168,12 @@ async fn on_poison(tx: &mut PgTx<'_>, msg: Order) -> Result<(), AppError> {
     Ok(())
 }
 
-#[idempotent(key = "$message_id", store = "pg", strategy = "dedup_table", scope = "nats.by_id")]
+#[idempotent(
+    key = "$message_id",
+    store = "pg",
+    strategy = "dedup_table",
+    scope = "nats.by_id"
+)]
 async fn on_by_id(tx: &mut PgTx<'_>, msg: Order) -> Result<(), AppError> {
     record(tx, &msg.order_id).await
 }
@@ -202,20 +217,35 @@ async fn on_never(tx: &mut PgTx<'_>, msg: Order) -> Result<(), AppError> {
 }
 
 /// Never heals, with the default 10 attempts: the consumer's `max_deliver` ends it.
-#[idempotent(key = "order_id", store = "pg", strategy = "dedup_table", scope = "nats.capped")]
+#[idempotent(
+    key = "order_id",
+    store = "pg",
+    strategy = "dedup_table",
+    scope = "nats.capped"
+)]
 async fn on_capped(tx: &mut PgTx<'_>, msg: Order) -> Result<(), AppError> {
     record(tx, &msg.order_id).await?;
     Err(AppError::Transient(msg.order_id))
 }
 
-#[idempotent(key = "order_id", store = "pg", strategy = "dedup_table", scope = "nats.slow")]
+#[idempotent(
+    key = "order_id",
+    store = "pg",
+    strategy = "dedup_table",
+    scope = "nats.slow"
+)]
 async fn on_slow(tx: &mut PgTx<'_>, msg: Order) -> Result<(), AppError> {
     record(tx, &msg.order_id).await?;
     tokio::time::sleep(Duration::from_secs(5)).await;
     Ok(())
 }
 
-#[idempotent(key = "order_id", store = "pg", strategy = "dedup_table", scope = "nats.graceful")]
+#[idempotent(
+    key = "order_id",
+    store = "pg",
+    strategy = "dedup_table",
+    scope = "nats.graceful"
+)]
 async fn on_graceful(tx: &mut PgTx<'_>, msg: Order) -> Result<(), AppError> {
     record(tx, &msg.order_id).await?;
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -223,7 +253,12 @@ async fn on_graceful(tx: &mut PgTx<'_>, msg: Order) -> Result<(), AppError> {
 }
 
 /// The first run is stuck for a minute (before its commit); later runs are quick.
-#[idempotent(key = "order_id", store = "pg", strategy = "dedup_table", scope = "nats.stuck")]
+#[idempotent(
+    key = "order_id",
+    store = "pg",
+    strategy = "dedup_table",
+    scope = "nats.stuck"
+)]
 async fn on_stuck(tx: &mut PgTx<'_>, msg: Order) -> Result<(), AppError> {
     count_run(&msg.order_id);
     if runs(&msg.order_id) == 1 {
@@ -239,14 +274,17 @@ async fn on_stuck(tx: &mut PgTx<'_>, msg: Order) -> Result<(), AppError> {
     Ok(())
 }
 
+/// Each call's delivery number and when it came.
+type Seen = Arc<Mutex<Vec<(Option<u32>, Instant)>>>;
+
 /// A handler that notes which delivery (`attempt`) each call got, and when.
 struct Observed<H> {
     inner: H,
-    seen: Arc<Mutex<Vec<(Option<u32>, Instant)>>>,
+    seen: Seen,
 }
 
 impl<H> Observed<H> {
-    fn new(inner: H) -> (Self, Arc<Mutex<Vec<(Option<u32>, Instant)>>>) {
+    fn new(inner: H) -> (Self, Seen) {
         let seen = Arc::default();
         (
             Self {
@@ -325,7 +363,9 @@ impl Topic {
             ..Default::default()
         })
         .await
-        .unwrap_or_else(|error| panic!("create the stream {stream} (is JetStream enabled?): {error}"));
+        .unwrap_or_else(|error| {
+            panic!("create the stream {stream} (is JetStream enabled?): {error}")
+        });
         let dead_letter_subject = ensure_dead_letter_stream(&js, &stream)
             .await
             .expect("create the dead-letter stream");
@@ -376,7 +416,10 @@ impl Topic {
             .expect("publish")
             .await
             .expect("the stream stores the message");
-        assert!(!ack.duplicate, "a publish the stream dropped as a duplicate");
+        assert!(
+            !ack.duplicate,
+            "a publish the stream dropped as a duplicate"
+        );
     }
 
     /// Publishes many, awaiting the stream's acks together.
@@ -396,18 +439,13 @@ impl Topic {
     }
 
     /// Starts a runner on this topic's consumer.
-    async fn run<H>(
-        &self,
-        handler: H,
-        store: PgStore,
-        options: ConsumerOptions,
-    ) -> Running
+    async fn run<H>(&self, handler: H, store: PgStore, options: ConsumerOptions) -> Running
     where
         H: Handler<Store = PgStore>,
         H::Message: serde::de::DeserializeOwned,
     {
-        let runner =
-            NatsConsumer::new(self.consumer().await, self.js.clone(), handler, store).with_options(options);
+        let runner = NatsConsumer::new(self.consumer().await, self.js.clone(), handler, store)
+            .with_options(options);
         let stats = runner.stats();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(runner.run(shutdown.clone()));
@@ -439,7 +477,11 @@ impl Topic {
     }
 
     async fn consumer_info(&self) -> jetstream::consumer::Info {
-        self.consumer().await.get_info().await.expect("consumer info")
+        self.consumer()
+            .await
+            .get_info()
+            .await
+            .expect("consumer info")
     }
 
     /// The dead letters, in order.
@@ -595,7 +637,9 @@ async fn every_body_runs_once_under_duplicate_publishes() {
         )
         .await;
     running
-        .until("all deliveries settled", |r| r.processed + r.duplicates >= published)
+        .until("all deliveries settled", |r| {
+            r.processed + r.duplicates >= published
+        })
         .await;
     let report = running.stop().await;
 
@@ -605,7 +649,10 @@ async fn every_body_runs_once_under_duplicate_publishes() {
     }
     let rows = rows(&store, &keys).await;
     assert_eq!(rows.len(), 200, "a row for every order");
-    assert!(rows.values().all(|&n| n == 1), "one row per order: {rows:?}");
+    assert!(
+        rows.values().all(|&n| n == 1),
+        "one row per order: {rows:?}"
+    );
     topic.assert_drained().await;
     assert!(topic.dead_letters().await.is_empty());
     topic.delete().await;
@@ -648,18 +695,32 @@ async fn a_consumer_killed_between_commit_and_ack_leaves_a_duplicate() {
     // It committed the first three, and died before acking the third.
     let committed = rows(&store, &keys).await;
     for key in &keys[..3] {
-        assert_eq!(committed.get(key), Some(&1), "committed by the killed consumer: {key}");
+        assert_eq!(
+            committed.get(key),
+            Some(&1),
+            "committed by the killed consumer: {key}"
+        );
     }
     for key in &keys[3..] {
-        assert_eq!(committed.get(key), None, "not reached by the killed consumer: {key}");
+        assert_eq!(
+            committed.get(key),
+            None,
+            "not reached by the killed consumer: {key}"
+        );
     }
 
     let (handler, seen) = Observed::new(idem_runtime::handler!(on_kill));
     let running = topic
-        .run(handler, store.clone(), ConsumerOptions::default().concurrency(2))
+        .run(
+            handler,
+            store.clone(),
+            ConsumerOptions::default().concurrency(2),
+        )
         .await;
     running
-        .until("the victim and the rest settled", |r| r.processed + r.duplicates >= 3)
+        .until("the victim and the rest settled", |r| {
+            r.processed + r.duplicates >= 3
+        })
         .await;
     let report = running.stop().await;
 
@@ -687,7 +748,11 @@ async fn poison_payloads_are_dead_lettered_with_their_reasons() {
     idem_tests::init_tracing();
     let store = pg().await;
     let topic = Topic::new("poison", Duration::from_secs(10), -1).await;
-    let good = [unique_key("nats-good"), unique_key("nats-good"), unique_key("nats-good")];
+    let good = [
+        unique_key("nats-good"),
+        unique_key("nats-good"),
+        unique_key("nats-good"),
+    ];
     let poison_key = unique_key("nats-poison");
     let garbage = b"{not json".to_vec();
     let poison = Order {
@@ -708,7 +773,9 @@ async fn poison_payloads_are_dead_lettered_with_their_reasons() {
         )
         .await;
     running
-        .until("poison dead-lettered", |r| r.dead_lettered >= 2 && r.processed >= 2)
+        .until("poison dead-lettered", |r| {
+            r.dead_lettered >= 2 && r.processed >= 2
+        })
         .await;
     // Still consuming.
     topic.publish(Order::new(&good[2]).json(), None).await;
@@ -763,7 +830,9 @@ async fn retries_are_spaced_by_the_backoff_and_carry_the_attempt() {
     topic.publish(Order::new(&key).json(), None).await;
 
     let (handler, seen) = Observed::new(idem_runtime::handler!(on_heal));
-    let running = topic.run(handler, store.clone(), ConsumerOptions::default()).await;
+    let running = topic
+        .run(handler, store.clone(), ConsumerOptions::default())
+        .await;
     running.until("healed", |r| r.processed >= 1).await;
     let report = running.stop().await;
 
@@ -772,8 +841,14 @@ async fn retries_are_spaced_by_the_backoff_and_carry_the_attempt() {
     let times: Vec<Instant> = locked(&seen).iter().map(|(_, at)| *at).collect();
     let first_gap = times[1] - times[0];
     let second_gap = times[2] - times[1];
-    assert!(first_gap >= Duration::from_millis(500), "first retry after {first_gap:?}");
-    assert!(second_gap >= Duration::from_millis(1000), "second retry after {second_gap:?}");
+    assert!(
+        first_gap >= Duration::from_millis(500),
+        "first retry after {first_gap:?}"
+    );
+    assert!(
+        second_gap >= Duration::from_millis(1000),
+        "second retry after {second_gap:?}"
+    );
     assert_eq!(runs(&key), 3);
     assert_eq!(rows_of(&store, &key).await, 1, "one committed effect");
     topic.assert_drained().await;
@@ -792,8 +867,12 @@ async fn a_failure_that_never_heals_is_dead_lettered_after_max_attempts() {
     topic.publish(payload.clone(), None).await;
 
     let (handler, seen) = Observed::new(idem_runtime::handler!(on_never));
-    let running = topic.run(handler, store.clone(), ConsumerOptions::default()).await;
-    running.until("dead-lettered", |r| r.dead_lettered >= 1).await;
+    let running = topic
+        .run(handler, store.clone(), ConsumerOptions::default())
+        .await;
+    running
+        .until("dead-lettered", |r| r.dead_lettered >= 1)
+        .await;
     let report = running.stop().await;
 
     assert_eq!(report, report_of(0, 0, 2, 1));
@@ -825,8 +904,12 @@ async fn max_deliver_is_honoured() {
     topic.publish(Order::new(&key).json(), None).await;
 
     let (handler, seen) = Observed::new(idem_runtime::handler!(on_capped));
-    let running = topic.run(handler, store.clone(), ConsumerOptions::default()).await;
-    running.until("dead-lettered", |r| r.dead_lettered >= 1).await;
+    let running = topic
+        .run(handler, store.clone(), ConsumerOptions::default())
+        .await;
+    running
+        .until("dead-lettered", |r| r.dead_lettered >= 1)
+        .await;
     let report = running.stop().await;
 
     assert_eq!(report, report_of(0, 0, 2, 1));
@@ -854,7 +937,9 @@ async fn a_long_body_is_kept_in_progress() {
     topic.publish(Order::new(&key).json(), None).await;
 
     let (handler, seen) = Observed::new(idem_runtime::handler!(on_slow));
-    let running = topic.run(handler, store.clone(), ConsumerOptions::default()).await;
+    let running = topic
+        .run(handler, store.clone(), ConsumerOptions::default())
+        .await;
     running.until("processed", |r| r.processed >= 1).await;
     let report = running.stop().await;
 
@@ -889,10 +974,18 @@ async fn shutdown_lets_a_running_handler_finish_and_ack() {
     );
     let report = running.stop().await;
 
-    assert_eq!(report, report_of(1, 0, 0, 0), "finished and acked during the grace");
+    assert_eq!(
+        report,
+        report_of(1, 0, 0, 0),
+        "finished and acked during the grace"
+    );
     assert_eq!(rows_of(&store, &key).await, 1);
     let info = topic.consumer_info().await;
-    assert_eq!((info.num_pending, info.num_ack_pending), (0, 0), "acked before run returned");
+    assert_eq!(
+        (info.num_pending, info.num_ack_pending),
+        (0, 0),
+        "acked before run returned"
+    );
     topic.delete().await;
 }
 
@@ -923,12 +1016,24 @@ async fn a_handler_cancelled_at_the_deadline_is_redelivered_not_acked() {
     let mut unsettled = ConsumerReport::default();
     unsettled.unsettled = 1;
     assert_eq!(report, unsettled, "cancelled, not settled");
-    assert_eq!(rows_of(&store, &key).await, 0, "cancelled before its commit");
-    assert_eq!(topic.consumer_info().await.num_ack_pending, 1, "left unacked");
+    assert_eq!(
+        rows_of(&store, &key).await,
+        0,
+        "cancelled before its commit"
+    );
+    assert_eq!(
+        topic.consumer_info().await.num_ack_pending,
+        1,
+        "left unacked"
+    );
 
     let (handler, seen) = Observed::new(idem_runtime::handler!(on_stuck));
-    let running = topic.run(handler, store.clone(), ConsumerOptions::default()).await;
-    running.until("redelivered and processed", |r| r.processed >= 1).await;
+    let running = topic
+        .run(handler, store.clone(), ConsumerOptions::default())
+        .await;
+    running
+        .until("redelivered and processed", |r| r.processed >= 1)
+        .await;
     let report = running.stop().await;
 
     assert_eq!(report, report_of(1, 0, 0, 0));
@@ -961,17 +1066,33 @@ async fn the_message_id_is_the_key() {
     }
 
     let running = first
-        .run(idem_runtime::handler!(on_by_id), store.clone(), ConsumerOptions::default())
+        .run(
+            idem_runtime::handler!(on_by_id),
+            store.clone(),
+            ConsumerOptions::default(),
+        )
         .await;
     running
-        .until("first stream handled", |r| r.processed >= 3 && r.dead_lettered >= 1)
+        .until("first stream handled", |r| {
+            r.processed >= 3 && r.dead_lettered >= 1
+        })
         .await;
     assert_eq!(running.stop().await, report_of(3, 0, 0, 1));
     let running = second
-        .run(idem_runtime::handler!(on_by_id), store.clone(), ConsumerOptions::default())
+        .run(
+            idem_runtime::handler!(on_by_id),
+            store.clone(),
+            ConsumerOptions::default(),
+        )
         .await;
-    running.until("second stream handled", |r| r.duplicates >= 2).await;
-    assert_eq!(running.stop().await, report_of(0, 2, 0, 0), "same ids: duplicates");
+    running
+        .until("second stream handled", |r| r.duplicates >= 2)
+        .await;
+    assert_eq!(
+        running.stop().await,
+        report_of(0, 2, 0, 0),
+        "same ids: duplicates"
+    );
     for order in &firsts {
         assert_eq!(runs(order), 1);
     }
@@ -1048,7 +1169,10 @@ async fn the_runner_checks_its_set_up() {
         .run(CancellationToken::new())
         .await
         .expect_err("no stream keeps the dead letters");
-    assert!(matches!(error, NatsError::NoDeadLetterStream { .. }), "{error}");
+    assert!(
+        matches!(error, NatsError::NoDeadLetterStream { .. }),
+        "{error}"
+    );
 
     let runner = NatsConsumer::new(
         topic.consumer().await,
@@ -1075,10 +1199,15 @@ async fn the_runner_checks_its_set_up() {
         })
         .await
         .expect("create the consumer");
-    let error = NatsConsumer::new(unacked, topic.js.clone(), idem_runtime::handler!(on_bulk), store)
-        .run(CancellationToken::new())
-        .await
-        .expect_err("acks are not explicit");
+    let error = NatsConsumer::new(
+        unacked,
+        topic.js.clone(),
+        idem_runtime::handler!(on_bulk),
+        store,
+    )
+    .run(CancellationToken::new())
+    .await
+    .expect_err("acks are not explicit");
     assert!(matches!(error, NatsError::AckPolicy { .. }), "{error}");
     topic.delete().await;
 }

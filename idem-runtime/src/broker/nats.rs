@@ -486,9 +486,7 @@ impl NatsAcknowledger {
 
     /// The message's sequence in its stream (0 when it is not a JetStream delivery).
     pub fn stream_sequence(&self) -> u64 {
-        self.message
-            .info()
-            .map_or(0, |info| info.stream_sequence)
+        self.message.info().map_or(0, |info| info.stream_sequence)
     }
 
     async fn send(&mut self, kind: AckKind, action: &'static str) -> Result<(), NatsError> {

@@ -14,9 +14,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use idem_runtime::broker::nats::{NatsAckOptions, NatsAcknowledger};
-use idem_runtime::{
-    Acknowledger, Committed, DeadLetter, HandlerError, PgTx, Requeue, idempotent,
-};
+use idem_runtime::{Acknowledger, Committed, DeadLetter, HandlerError, PgTx, Requeue, idempotent};
 
 #[derive(Debug, serde::Deserialize)]
 struct Order {
@@ -41,7 +39,9 @@ static RUNS_TABLE: OnceLock<String> = OnceLock::new();
     scope = "idem_tests.nats.kill"
 )]
 async fn on_kill(tx: &mut PgTx<'_>, msg: Order) -> Result<(), AppError> {
-    let table = RUNS_TABLE.get().map_or("missing_runs_table", String::as_str);
+    let table = RUNS_TABLE
+        .get()
+        .map_or("missing_runs_table", String::as_str);
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "INSERT INTO {table} (key) VALUES ($1)"
     )))
