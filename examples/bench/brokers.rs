@@ -16,6 +16,7 @@ use idem_runtime::broker::nats::NatsConsumer;
 use idem_runtime::broker::rabbitmq::{RabbitMqConsumer, RabbitMqTopology};
 use idem_runtime::broker::{CancellationToken, ConsumerOptions, ConsumerStats};
 use idem_runtime::handler;
+use idem_runtime::broker::rabbitmq::lapin;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
