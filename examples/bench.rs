@@ -98,6 +98,7 @@ const SCENARIOS: &[(&str, &str, ScenarioFn)] = &[
     ),
 ];
 
+#[path = "bench/brokers.rs"]
 mod brokers;
 
 /// Command-line settings.
