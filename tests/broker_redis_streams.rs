@@ -991,7 +991,7 @@ async fn a_handler_cancelled_at_the_deadline_leaves_its_entry_pending() {
     drop_table(&store, &table).await;
 }
 
-/// (g) `$message_id` is the entry id, alone and with a field: distinct entries of one payload
+/// (g) `$message_id` is `<stream>/<entry id>`, alone and with a field: distinct entries of one payload
 /// are distinct messages; two deliveries of one entry are one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_entry_id_is_the_message_id() {
@@ -1077,7 +1077,7 @@ async fn the_entry_id_is_the_message_id() {
         let second = RedisStreamAcknowledger::new(conn.clone(), group, "own-loop", delivery);
         assert_eq!(
             idem_runtime::Acknowledger::message_id(&first),
-            Some(entry_id.as_str())
+            Some(format!("{}/{entry_id}", group.stream()).as_str())
         );
         let handle = |ack| {
             let store = store.clone();
@@ -1099,5 +1099,64 @@ async fn the_entry_id_is_the_message_id() {
     let rows = rows(&store, &table).await;
     assert_eq!(rows.get(&twin.key), Some(&2));
     assert_eq!(rows.values().sum::<i64>(), 6, "{rows:?}");
+    drop_table(&store, &table).await;
+}
+
+#[idempotent(
+    key = "$message_id",
+    store = "pg",
+    strategy = "dedup_table",
+    scope = "rs.sharded"
+)]
+async fn on_sharded(tx: &mut PgTx<'_>, msg: Order) -> Result<(), TestError> {
+    record(tx, &msg).await
+}
+
+/// (g) One handler keyed on `$message_id` consumes two shards of a stream whose entries have
+/// the same id: the message id names the stream, so both are processed (neither is taken for
+/// a duplicate of the other and acked without its effects).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn equal_entry_ids_on_two_streams_are_two_messages() {
+    let (store, table) = pg("sharded").await;
+    let mut conn = redis().await;
+    let base = idem_tests::unique_key("rs-shards");
+    let shards = [0, 1]
+        .map(|shard| StreamGroup::new(format!("idem-test:{base}:orders:{{{shard}}}"), "idem-test"));
+    let orders = [0, 1].map(|_| Order {
+        key: idem_tests::unique_key("rs-shard"),
+        table: table.clone(),
+    });
+    for (group, order) in shards.iter().zip(&orders) {
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(group.stream())
+            .arg("1700000000000-0")
+            .arg(group.payload_field())
+            .arg(order.json());
+        let id: String = cmd.query_async(&mut conn).await.expect("XADD");
+        assert_eq!(id, "1700000000000-0");
+    }
+    let mut reports = Vec::new();
+    for (index, group) in shards.iter().enumerate() {
+        let consumer = RedisStreamConsumer::new(
+            client(),
+            group.clone(),
+            format!("shard-{index}"),
+            idem_runtime::handler!(on_sharded),
+            store.clone(),
+        );
+        let stats = consumer.stats();
+        let shutdown = CancellationToken::new();
+        let run = tokio::spawn(consumer.run(shutdown.clone()));
+        reports.push(drain_and_stop(&mut conn, group, &stats, 1, &shutdown, run).await);
+    }
+    for report in &reports {
+        assert_eq!(report.processed, 1, "{reports:?}");
+        assert_eq!(report.duplicates, 0, "{reports:?}");
+    }
+    let rows = rows(&store, &table).await;
+    for order in &orders {
+        assert_eq!(runs(&order.key), 1, "{rows:?}");
+        assert_eq!(rows.get(&order.key), Some(&1), "{rows:?}");
+    }
     drop_table(&store, &table).await;
 }

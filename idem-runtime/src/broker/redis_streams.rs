@@ -23,8 +23,13 @@
 //!
 //! The attempt number is the entry's delivery count in the group's pending list: 1 for a
 //! fresh read, and one more each time `XAUTOCLAIM` takes the entry over. Because a retry
-//! keeps the entry, its id ([`Acknowledger::message_id`], for `key = "$message_id"`) and its
-//! count survive the retries.
+//! keeps the entry, its id and its count survive the retries.
+//!
+//! `$message_id` ([`Acknowledger::message_id`]) is `<stream>/<entry id>`
+//! (`orders:{0}/1700000000000-0`) by default: an entry id alone is unique only within its
+//! stream, and two shards of one stream (`orders:{0}`, `orders:{1}`) hand out equal ids, which
+//! one handler scope would otherwise take for duplicates of each other. A producer's id field
+//! ([`StreamGroup::with_message_id_field`]) replaces it.
 //!
 //! **Retry delays are capped at the reclaim idle time**: a requeued entry becomes reclaimable
 //! when its idle time reaches [`StreamGroup::with_reclaim_idle`] (60 s by default), so a delay
@@ -198,7 +203,8 @@ pub enum GroupStart {
 /// A stream, the consumer group that reads it, and how its entries are read and settled.
 ///
 /// Cheap to clone. The defaults: the payload in the field `payload`, dead-letters to
-/// `<stream>:dead-letter`, entries reclaimable after 60 s idle, `$message_id` is the entry id.
+/// `<stream>:dead-letter`, entries reclaimable after 60 s idle, `$message_id` is
+/// `<stream>/<entry id>`.
 ///
 /// ```
 /// use std::time::Duration;
@@ -263,11 +269,13 @@ impl StreamGroup {
         self
     }
 
-    /// Take `$message_id` from this entry field, set by the producer, instead of the entry id.
+    /// Take `$message_id` from this entry field, set by the producer, instead of
+    /// `<stream>/<entry id>`.
     ///
     /// The entry id is Redis's: a message published twice gets two ids, so keying on it
     /// catches redeliveries of one entry but not a producer's re-publish. A producer-set id
-    /// field catches both. An entry without the field (or with a value that is not UTF-8) has
+    /// field catches both. The field's value is used as it is: make it unique across every
+    /// stream one handler scope consumes. An entry without the field (or with a value that is not UTF-8) has
     /// no message id: a handler keyed on `$message_id` dead-letters it.
     #[must_use]
     pub fn with_message_id_field(mut self, field: impl Into<String>) -> Self {
@@ -305,7 +313,7 @@ impl StreamGroup {
         &self.payload_field
     }
 
-    /// The field `$message_id` comes from, when not the entry id.
+    /// The field `$message_id` comes from, when not `<stream>/<entry id>`.
     pub fn message_id_field(&self) -> Option<&str> {
         self.message_id_field.as_deref()
     }
@@ -555,6 +563,11 @@ end
 return false
 ";
 
+/// `<stream>/<entry id>`: an entry's id, unique across streams.
+fn qualified_id(group: &StreamGroup, delivery: &StreamDelivery) -> Box<str> {
+    format!("{}/{}", group.stream, delivery.id).into()
+}
+
 fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
@@ -685,13 +698,15 @@ type Held = tokio::sync::Mutex<HashSet<String>>;
 /// - `dead_letter`: one script `XACK`s the entry and appends it, with all its fields and
 ///   `idem-reason`, `idem-attempt`, `idem-stream`, `idem-id`, `idem-group`, to the dead-letter
 ///   stream; nothing is appended if the entry was no longer pending (settled elsewhere).
-/// - `attempt`: the delivery count; `message_id`: the entry id, or the group's
+/// - `attempt`: the delivery count; `message_id`: `<stream>/<entry id>`, or the group's
 ///   [message id field](StreamGroup::with_message_id_field).
 pub struct RedisStreamAcknowledger {
     conn: ConnectionManager,
     group: StreamGroup,
     consumer: Arc<str>,
     delivery: StreamDelivery,
+    /// `<stream>/<entry id>`: the default message id.
+    qualified_id: Box<str>,
     held: Option<Arc<Held>>,
 }
 
@@ -718,6 +733,7 @@ impl RedisStreamAcknowledger {
     ) -> Self {
         Self {
             conn,
+            qualified_id: qualified_id(group, &delivery),
             group: group.clone(),
             consumer: consumer.into(),
             delivery,
@@ -749,7 +765,7 @@ impl Acknowledger for RedisStreamAcknowledger {
         if self.group.message_id_field.is_some() {
             self.delivery.message_id()
         } else {
-            Some(&self.delivery.id)
+            Some(&self.qualified_id)
         }
     }
 
@@ -1138,6 +1154,7 @@ where
         let payload_index = delivery.payload_index;
         let ack = RedisStreamAcknowledger {
             conn: conn.clone(),
+            qualified_id: qualified_id(&self.group, &delivery),
             group: self.group.clone(),
             consumer: Arc::clone(&self.consumer),
             delivery,
