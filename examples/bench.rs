@@ -112,7 +112,7 @@ struct Config {
 }
 
 /// One message of the benchmark.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct BenchMsg {
     order_id: String,
     amount: i64,

@@ -19,7 +19,7 @@ use idem_runtime::handler;
 use idem_runtime::broker::rabbitmq::lapin;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+    ConfirmSelectOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -279,6 +279,8 @@ pub(super) async fn nats_pg(config: &Config) -> Result<Measurement, BoxError> {
             ..Default::default()
         })
         .await?;
+    // idem's runner refuses to start without a stream for its dead letters.
+    idem_runtime::broker::nats::ensure_dead_letter_stream(&context, &stream_name).await?;
     let mut measurement = Measurement {
         idem: Side::default(),
         baseline: Side::default(),
@@ -349,6 +351,9 @@ pub(super) async fn nats_pg(config: &Config) -> Result<Measurement, BoxError> {
         }
     }
     context.delete_stream(&stream_name).await?;
+    context
+        .delete_stream(idem_runtime::broker::nats::dead_letter_stream_name(&stream_name))
+        .await?;
     measurement.extra.push((
         "broker_ceiling_per_s".to_owned(),
         format!("{:.0}", ceiling.per_second()),
