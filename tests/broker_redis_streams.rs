@@ -1160,3 +1160,95 @@ async fn equal_entry_ids_on_two_streams_are_two_messages() {
     }
     drop_table(&store, &table).await;
 }
+
+/// A dead letter that cannot be written (the dead-letter key holds a string: `WRONGTYPE`)
+/// leaves the entry pending, never acked without its dead letter; the settle is counted as
+/// refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_letter_that_cannot_be_written_leaves_the_entry_pending() {
+    let mut conn = redis().await;
+    let (store, table) = pg("dl_refused").await;
+    let group = fresh_group("dl-refused");
+    let _: () = redis::cmd("SET")
+        .arg(group.dead_letter_stream())
+        .arg("not a stream")
+        .query_async(&mut conn)
+        .await
+        .expect("SET");
+    let entry_id = group.publish(&mut conn, b"{not json").await.expect("XADD");
+    let consumer = RedisStreamConsumer::new(
+        client(),
+        group.clone(),
+        "dl-refused-1",
+        idem_runtime::handler!(on_poison),
+        store.clone(),
+    );
+    let stats = consumer.stats();
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(consumer.run(shutdown.clone()));
+    eventually("the dead letter was refused", || async {
+        stats.snapshot().settle_failures >= 1
+    })
+    .await;
+    shutdown.cancel();
+    let report = run.await.expect("the runner's task").expect("the runner");
+    assert_eq!(report.dead_lettered, 0, "{report:?}");
+    assert_eq!(report.settle_failures, 1, "{report:?}");
+    // Not lost: still pending, and still in the stream.
+    assert_eq!(
+        pending_entries(&mut conn, &group).await,
+        [(entry_id.clone(), 1)]
+    );
+    assert_eq!(
+        entries(&mut conn, group.stream())
+            .await
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect::<Vec<_>>(),
+        [entry_id]
+    );
+    let _: () = redis::cmd("DEL")
+        .arg(group.dead_letter_stream())
+        .query_async(&mut conn)
+        .await
+        .expect("DEL");
+    drop_table(&store, &table).await;
+}
+
+/// An entry with thousands of fields is dead-lettered with its payload, the idem fields and
+/// a truncation marker (copying every field would overflow the script's argument unpacking).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_entry_with_thousands_of_fields_is_dead_lettered_truncated() {
+    let mut conn = redis().await;
+    let (store, table) = pg("dl_wide").await;
+    let group = fresh_group("dl-wide");
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(group.stream())
+        .arg("*")
+        .arg("payload")
+        .arg("{not json");
+    for index in 0..5000 {
+        cmd.arg(format!("f{index}")).arg(index);
+    }
+    let entry_id: String = cmd.query_async(&mut conn).await.expect("XADD");
+    let consumer = RedisStreamConsumer::new(
+        client(),
+        group.clone(),
+        "dl-wide-1",
+        idem_runtime::handler!(on_poison),
+        store.clone(),
+    );
+    let stats = consumer.stats();
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(consumer.run(shutdown.clone()));
+    let report = drain_and_stop(&mut conn, &group, &stats, 1, &shutdown, run).await;
+    assert_eq!(report.dead_lettered, 1, "{report:?}");
+    let letters = entries(&mut conn, group.dead_letter_stream()).await;
+    assert_eq!(letters.len(), 1);
+    let fields = &letters[0].1;
+    assert_eq!(fields[ID_FIELD], entry_id);
+    assert_eq!(fields["payload"], "{not json");
+    assert!(fields.contains_key("idem-truncated"), "{fields:?}");
+    assert!(!fields.contains_key("f0"), "{fields:?}");
+    drop_table(&store, &table).await;
+}

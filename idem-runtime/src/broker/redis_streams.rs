@@ -18,7 +18,7 @@
 //! |---|---|
 //! | processed, duplicate | `XACK`, after the commit |
 //! | retryable failure | the entry stays pending; `XCLAIM … IDLE <reclaim_idle − delay> JUSTID` makes it reclaimable `delay` from now |
-//! | permanent failure, out of attempts, undecodable | one script: `XACK`, and `XADD <dead-letter stream>` with the entry's fields plus `idem-reason`, `idem-attempt`, `idem-stream`, `idem-id`, `idem-group` |
+//! | permanent failure, out of attempts, undecodable, malformed | one script: if still pending, `XADD <dead-letter stream>` with the entry's fields plus `idem-reason`, `idem-attempt`, `idem-stream`, `idem-id`, `idem-group`, then `XACK` (a refused `XADD` leaves the entry pending) |
 //! | cancelled at the shutdown deadline, process died | nothing: the entry stays pending and is reclaimed |
 //!
 //! The attempt number is the entry's delivery count in the group's pending list: 1 for a
@@ -236,6 +236,9 @@ pub const STREAM_FIELD: &str = "idem-stream";
 pub const ID_FIELD: &str = "idem-id";
 /// The field the dead-letter entries carry the consumer group's name in.
 pub const GROUP_FIELD: &str = "idem-group";
+/// The field a dead letter carries when the entry had more than [`MAX_COPIED_FIELDS`] fields
+/// and only its payload (and message id) field was copied: how many fields it had.
+pub const TRUNCATED_FIELD: &str = "idem-truncated";
 
 impl StreamGroup {
     /// The default reclaim idle time: 60 seconds.
@@ -553,15 +556,28 @@ end
 return {reply[1], claimed, reply[3] or {}}
 ";
 
-/// `XACK` the entry and, if it was still pending, `XADD` the dead letter: atomically, and
-/// never twice. KEYS: stream, dead-letter stream. ARGV: group, id, then field/value pairs.
+/// If the entry is still pending for the group, `XADD` the dead letter, then `XACK` the
+/// entry: atomically, and never twice. KEYS: stream, dead-letter stream. ARGV: group, id, then
+/// field/value pairs, at most [`MAX_COPIED_FIELDS`] of the entry's plus a few of idem's (Lua's
+/// `unpack` fails past about 8000 values).
+///
+/// The `XADD` comes first: Redis does not roll a script back when a command fails, so an
+/// `XADD` refused after the `XACK` (`WRONGTYPE` at the dead-letter key, `NOPERM`) would leave
+/// the entry acked and no dead letter. Refused first, the entry stays pending, for a reclaim.
 const DEAD_LETTER_SCRIPT: &str = r"
-local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-if acked == 1 then
-  return redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
+if #pending == 0 then
+  return false
 end
-return false
+local added = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+return added
 ";
+
+/// A dead letter copies at most this many of the entry's fields; an entry with more is
+/// dead-lettered with its payload field, its message id field, idem's fields and
+/// [`TRUNCATED_FIELD`].
+pub const MAX_COPIED_FIELDS: usize = 1000;
 
 /// `<stream>/<entry id>`: an entry's id, unique across streams.
 fn qualified_id(group: &StreamGroup, delivery: &StreamDelivery) -> Box<str> {
@@ -695,9 +711,12 @@ type Held = tokio::sync::Mutex<HashSet<String>>;
 ///   set so that it becomes reclaimable after the delay (`XCLAIM … IDLE <reclaim_idle −
 ///   delay> JUSTID`), capped at the group's reclaim idle time. A reclaim sweep
 ///   ([`StreamGroup::reclaim`], or a runner's) delivers it again with the next count.
-/// - `dead_letter`: one script `XACK`s the entry and appends it, with all its fields and
-///   `idem-reason`, `idem-attempt`, `idem-stream`, `idem-id`, `idem-group`, to the dead-letter
-///   stream; nothing is appended if the entry was no longer pending (settled elsewhere).
+/// - `dead_letter`: one script appends the entry, with its fields (at most
+///   [`MAX_COPIED_FIELDS`], else its payload and [`TRUNCATED_FIELD`]) and `idem-reason`,
+///   `idem-attempt`, `idem-stream`, `idem-id`, `idem-group`, to the dead-letter stream, then
+///   `XACK`s it; nothing is done if the entry was no longer pending (settled elsewhere). If
+///   the append is refused (the dead-letter key is not a stream, an ACL), the entry is not
+///   acked: it stays pending, is reclaimed, and the error is returned.
 /// - `attempt`: the delivery count; `message_id`: `<stream>/<entry id>`, or the group's
 ///   [message id field](StreamGroup::with_message_id_field).
 pub struct RedisStreamAcknowledger {
@@ -816,8 +835,23 @@ impl Acknowledger for RedisStreamAcknowledger {
             .key(&*self.group.dead_letter_stream)
             .arg(&*self.group.group)
             .arg(&self.delivery.id);
-        for (name, value) in self.delivery.fields.iter() {
-            invocation.arg(name).arg(value.as_slice());
+        let fields = &self.delivery.fields;
+        if fields.len() <= MAX_COPIED_FIELDS {
+            for (name, value) in fields.iter() {
+                invocation.arg(name).arg(value.as_slice());
+            }
+        } else {
+            let mut kept = [self.delivery.payload_index, self.delivery.message_id_index];
+            if kept[0] == kept[1] {
+                kept[1] = None;
+            }
+            for (name, value) in kept.into_iter().flatten().filter_map(|i| fields.get(i)) {
+                invocation.arg(name).arg(value.as_slice());
+            }
+            invocation.arg(TRUNCATED_FIELD).arg(format!(
+                "{} fields, more than {MAX_COPIED_FIELDS}: only the payload and message id fields were copied",
+                fields.len()
+            ));
         }
         invocation
             .arg(REASON_FIELD)
