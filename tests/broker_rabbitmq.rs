@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt as _;
 use idem_runtime::broker::rabbitmq::lapin::options::{
     BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use idem_runtime::broker::rabbitmq::lapin::types::{AMQPValue, FieldTable};
 use idem_runtime::broker::rabbitmq::lapin::{BasicProperties, Channel, Connection};
@@ -294,8 +294,9 @@ async fn publish_payment(
     publish(channel, topology, &body, message_id).await;
 }
 
-/// Messages ready in `queue` (not counting unacked ones); 0 when it does not exist.
-async fn depth(connection: &Connection, queue: &str) -> u32 {
+/// What a passive declare says of `queue`: (ready messages, consumers); `None` when it does
+/// not exist (a 404). Any other error fails the test.
+async fn queue_state(connection: &Connection, queue: &str) -> Option<(u32, u32)> {
     // A passive declare of a missing queue closes the channel: use one per look.
     let channel = connection.create_channel().await.expect("create a channel");
     let declared = channel
@@ -309,9 +310,9 @@ async fn depth(connection: &Connection, queue: &str) -> u32 {
         )
         .await;
     match declared {
-        Ok(queue) => {
+        Ok(declared) => {
             let _ = channel.close(200, "looked".into()).await;
-            queue.message_count()
+            Some((declared.message_count(), declared.consumer_count()))
         }
         Err(error) => {
             let text = error.to_string();
@@ -319,23 +320,44 @@ async fn depth(connection: &Connection, queue: &str) -> u32 {
                 text.contains("NOT_FOUND") || text.contains("404"),
                 "{queue}: {text}"
             );
-            0
+            None
         }
     }
 }
 
-/// The work queue and every retry tier queue a delay up to `max_delay` could use are empty.
+/// Messages ready in `queue` (not counting unacked ones), which must exist.
+async fn depth(connection: &Connection, queue: &str) -> u32 {
+    queue_state(connection, queue)
+        .await
+        .unwrap_or_else(|| panic!("queue {queue} does not exist"))
+        .0
+}
+
+/// Nothing is left: the work queue exists, has no consumer (so nothing is held unacked: the
+/// deliveries of a closed channel are back among the ready ones) and no ready message; every
+/// retry tier queue the topology can use (0 to 32, for delays up to the longest `expiration`)
+/// is either absent or empty and unconsumed.
 async fn assert_nothing_left(connection: &Connection, topology: &RabbitMqTopology) {
+    let work = queue_state(connection, topology.queue()).await;
     assert_eq!(
-        depth(connection, topology.queue()).await,
-        0,
-        "work queue {}",
+        work,
+        Some((0, 0)),
+        "work queue {} (ready, consumers)",
         topology.queue()
     );
-    for tier in 0..=16 {
-        let delay = Duration::from_millis(1 << tier);
+    for tier in 0..=32_u32 {
+        let delay =
+            Duration::from_millis(1_u64 << tier).min(Duration::from_millis(u32::MAX.into()));
         let retry = topology.retry_queue(delay);
-        assert_eq!(depth(connection, &retry).await, 0, "retry queue {retry}");
+        assert!(
+            retry.ends_with(&format!(".{tier}")),
+            "{retry} is tier {tier}"
+        );
+        let state = queue_state(connection, &retry).await;
+        assert!(
+            matches!(state, None | Some((0, 0))),
+            "retry queue {retry}: {state:?}"
+        );
     }
 }
 
@@ -347,6 +369,8 @@ struct Letter {
     attempt: i64,
     queue: String,
     message_id: Option<String>,
+    delivery_mode: Option<u8>,
+    headers: FieldTable,
 }
 
 fn header_text(headers: &FieldTable, name: &str) -> String {
@@ -388,6 +412,8 @@ async fn dead_letters(connection: &Connection, topology: &RabbitMqTopology) -> V
                 .message_id()
                 .as_ref()
                 .map(ToString::to_string),
+            delivery_mode: *delivery.properties.delivery_mode(),
+            headers,
         });
     }
     let _ = channel.close(200, "read".into()).await;
@@ -485,7 +511,11 @@ async fn each_effect_once_under_duplicates() {
             }
         }
     }
-    assert_eq!(published, 460);
+    // The broker holds every copy before the consumer starts (so all of them are settled below).
+    assert_eq!(
+        u64::from(depth(&connection, topology.queue()).await),
+        published
+    );
 
     let running = start(
         &connection,
@@ -984,4 +1014,173 @@ async fn the_message_id_is_the_key() {
     assert_nothing_left(&connection, &alone).await;
     assert_nothing_left(&connection, &combined).await;
     assert!(dead_letters(&connection, &alone).await.is_empty());
+}
+
+/// A consumer of `topology`'s work queue on `channel`, with a prefetch of `prefetch`.
+async fn consume(channel: &Channel, topology: &RabbitMqTopology, prefetch: u16) -> lapin::Consumer {
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    channel
+        .basic_consume(
+            topology.queue().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume")
+}
+
+async fn next_delivery(deliveries: &mut lapin::Consumer) -> lapin::message::Delivery {
+    tokio::time::timeout(TIMEOUT, deliveries.next())
+        .await
+        .expect("a delivery in time")
+        .expect("the consumer runs")
+        .expect("a delivery")
+}
+
+/// h. A retry copy the broker does not take (here: the acknowledger's channel has no publisher
+/// confirms) hands the original back only after the retry's delay, never at once: the same
+/// attempt comes again, spaced by the backoff, not in a hot loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_not_stored_is_handed_back_after_the_delay() {
+    idem_tests::init_tracing();
+    let store = idem_tests::pg::store().await;
+    let connection = connect().await;
+    let topology = topology(&connection, "not-stored").await;
+    let publisher = confirmed_channel(&connection).await;
+    let key = unique_key("rmq-not-stored");
+    fail_times(&key, 1);
+    publish_payment(&publisher, &topology, &Payment::new(&key, 2), None).await;
+
+    // No confirm_select: every copy fails with ConfirmsNotEnabled.
+    let channel = connection.create_channel().await.expect("create a channel");
+    let mut deliveries = consume(&channel, &topology, 1).await;
+    let mut seen: Vec<(u32, bool, Instant)> = Vec::new();
+    loop {
+        let delivery = next_delivery(&mut deliveries).await;
+        let msg: Payment = serde_json::from_slice(&delivery.data).expect("a payment");
+        let ack = RabbitMqAcknowledger::new(delivery, channel.clone(), topology.clone());
+        seen.push((
+            ack.attempt().expect("counted"),
+            ack.redelivered(),
+            Instant::now(),
+        ));
+        match on_retry(&store, msg, ack).await {
+            Ok(outcome) => {
+                assert!(outcome.is_processed());
+                break;
+            }
+            // The handler's error; the settling error (ConfirmsNotEnabled) is logged.
+            Err(error) => assert!(error.to_string().contains("transient"), "{error}"),
+        }
+    }
+    channel.close(200, "done".into()).await.expect("close");
+    let attempts: Vec<(u32, bool)> = seen.iter().map(|(a, r, _)| (*a, *r)).collect();
+    assert_eq!(attempts, [(1, false), (1, true)], "handed back, not stored");
+    let gap = seen[1].2 - seen[0].2;
+    // The first retry's delay is at least 500 ms (base 1 s, equal jitter).
+    assert!(
+        gap >= Duration::from_millis(500),
+        "redelivered after {gap:?}"
+    );
+    assert_eq!((runs(&key), store.ledger_rows(&key).await), (2, 1));
+    assert_nothing_left(&connection, &topology).await;
+}
+
+/// i. A dead-letter copy that comes back unroutable (the dead-letter queue was deleted)
+/// re-declares the dead-letter exchange and queue and is published again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unroutable_dead_letter_redeclares_the_dead_letter_queue() {
+    idem_tests::init_tracing();
+    let connection = connect().await;
+    let topology = topology(&connection, "dl-gone").await;
+    let publisher = confirmed_channel(&connection).await;
+    publisher
+        .queue_delete(
+            topology.dead_letter_queue().into(),
+            QueueDeleteOptions::default(),
+        )
+        .await
+        .expect("delete the dead-letter queue");
+    let key = unique_key("rmq-dl-gone");
+    publish_payment(&publisher, &topology, &Payment::new(&key, 1), None).await;
+
+    let channel = confirmed_channel(&connection).await;
+    let mut deliveries = consume(&channel, &topology, 1).await;
+    let delivery = next_delivery(&mut deliveries).await;
+    let ack = RabbitMqAcknowledger::new(delivery, channel.clone(), topology.clone());
+    ack.dead_letter_now("test: dead-lettered by hand")
+        .await
+        .expect("the dead letter is stored after the re-declaration");
+    channel.close(200, "done".into()).await.expect("close");
+
+    let letters = dead_letters(&connection, &topology).await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].reason, "test: dead-lettered by hand");
+    assert_eq!(
+        serde_json::from_str::<Payment>(&letters[0].body).expect("the payment"),
+        Payment::new(&key, 1)
+    );
+    assert_nothing_left(&connection, &topology).await;
+}
+
+/// k. Many copies in flight on one channel at once, to two topologies: each lands where it
+/// belongs, once (copy publishes are serialized per channel, so that a returned copy is never
+/// taken for another's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_copies_on_one_channel_each_land_once() {
+    idem_tests::init_tracing();
+    let connection = connect().await;
+    let first = topology(&connection, "concurrent-a").await;
+    let second = topology(&connection, "concurrent-b").await;
+    let publisher = confirmed_channel(&connection).await;
+    const N: usize = 12;
+    let keys: Vec<String> = (0..N).map(|_| unique_key("rmq-concurrent")).collect();
+    for (i, key) in keys.iter().enumerate() {
+        let topology = if i % 2 == 0 { &first } else { &second };
+        publish_payment(&publisher, topology, &Payment::new(key, 1), None).await;
+    }
+
+    let channel = confirmed_channel(&connection).await;
+    let mut acks = Vec::new();
+    for topology in [&first, &second] {
+        let mut deliveries = consume(&channel, topology, 0).await;
+        for _ in 0..N / 2 {
+            let delivery = next_delivery(&mut deliveries).await;
+            acks.push(RabbitMqAcknowledger::new(
+                delivery,
+                channel.clone(),
+                topology.clone(),
+            ));
+        }
+    }
+    let settled = futures_util::future::join_all(
+        acks.into_iter()
+            .map(|ack| ack.dead_letter_now("test: concurrent")),
+    )
+    .await;
+    for result in settled {
+        result.expect("stored");
+    }
+    channel.close(200, "done".into()).await.expect("close");
+
+    for (i, topology) in [&first, &second].into_iter().enumerate() {
+        let mut bodies: Vec<String> = dead_letters(&connection, topology)
+            .await
+            .into_iter()
+            .map(|letter| {
+                serde_json::from_str::<Payment>(&letter.body)
+                    .expect("a payment")
+                    .order_id
+            })
+            .collect();
+        bodies.sort();
+        let mut expected: Vec<String> = keys.iter().skip(i).step_by(2).cloned().collect();
+        expected.sort();
+        assert_eq!(bodies, expected, "{}", topology.queue());
+        assert_nothing_left(&connection, topology).await;
+    }
 }

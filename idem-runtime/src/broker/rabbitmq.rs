@@ -26,9 +26,14 @@
 //!   to the dead-letter exchange with the headers `x-idem-reason` (why), `x-idem-attempt` (the
 //!   delivery that failed, 1 for the first) and `x-idem-queue` (the work queue); once the broker
 //!   confirms it, the original is acked. Nothing is dropped.
-//! - When the broker does not confirm a copy (a nack, a closed channel, an unroutable copy), the
-//!   original is handed back with `basic.nack` and `requeue = true` (it is redelivered, with the
-//!   same attempt number) and the acknowledger returns the error.
+//! - When the broker does not store a copy (a nack, an unroutable copy, a channel without
+//!   publisher confirms), the original is held for a while, then handed back with `basic.nack`
+//!   and `requeue = true` (it is redelivered, with the same attempt number), and the
+//!   acknowledger returns the error. It is held for the retry's delay (at least 1 s, at most
+//!   5 min) or, for a dead letter, 5 s: a broker that keeps refusing copies slows the
+//!   redeliveries down instead of spinning on them. An unroutable copy first re-declares its
+//!   destination (the retry tier, or the dead-letter exchange and queue) and is published once
+//!   more. On a closed channel nothing is sent: RabbitMQ has requeued the delivery.
 //! - **cancelled at the shutdown deadline, or the process died**: nothing; RabbitMQ redelivers
 //!   the message when the channel closes.
 //!
@@ -208,6 +213,20 @@ const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
 /// `expiration` is a 32-bit count of milliseconds.
 const MAX_DELAY_MS: u64 = u32::MAX as u64;
 
+/// How long a delivery whose dead-letter copy the broker did not store is held before it is
+/// handed back (`basic.nack`, requeued) to be tried again.
+const DEAD_LETTER_BACKOFF: Duration = Duration::from_secs(5);
+/// The shortest and the longest a delivery whose retry copy the broker did not store is held
+/// before it is handed back: the retry's delay, at least 1 s (never a hot loop), at most 5 min
+/// (an unacked delivery held much longer would run into RabbitMQ's `consumer_timeout`, 30 min
+/// by default, which closes the channel).
+const GIVE_BACK_MIN: Duration = Duration::from_secs(1);
+const GIVE_BACK_MAX: Duration = Duration::from_secs(300);
+
+fn give_back_wait(delay: Duration) -> Duration {
+    delay.clamp(GIVE_BACK_MIN, GIVE_BACK_MAX)
+}
+
 /// What went wrong talking to RabbitMQ.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -241,8 +260,9 @@ pub enum RabbitMqError {
     )]
     ConfirmsNotEnabled,
     /// The broker did not store a retry or dead-letter copy: it negatively confirmed it, or
-    /// returned it as unroutable. The original delivery was handed back (`basic.nack` with
-    /// `requeue`), to be delivered again.
+    /// returned it as unroutable (even after its destination was declared again). The original
+    /// delivery was handed back (`basic.nack` with `requeue`) after a wait, to be delivered
+    /// again.
     #[error(
         "RabbitMQ did not take the {what} copy of delivery {delivery_tag} (exchange `{exchange}`, routing key `{routing_key}`): {why}; the original was requeued. Check that the topology is declared (RabbitMqTopology::declare) and that the broker is not out of resources"
     )]
@@ -735,8 +755,22 @@ impl RabbitMqAcknowledger {
         self.check_acked(acked)
     }
 
-    /// Hands the original back after a copy could not be stored, and returns `error`.
-    async fn give_back(&self, error: RabbitMqError) -> RabbitMqError {
+    /// Hands the original back after a copy could not be stored, and returns `error`: after
+    /// `wait`, so that a copy the broker keeps refusing (a full disk, a nack, a missing
+    /// topology, a channel without confirms) does not turn into an immediate redelivery of the
+    /// same attempt, in a hot loop. On a closed channel there is nothing to wait for: RabbitMQ
+    /// has requeued the delivery already.
+    async fn give_back(&self, error: RabbitMqError, wait: Duration) -> RabbitMqError {
+        if self.channel.status().connected() {
+            tracing::warn!(
+                target: "idem",
+                %error,
+                delivery_tag = self.delivery_tag,
+                wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                "the broker did not store the copy; handing the delivery back after a wait"
+            );
+            tokio::time::sleep(wait).await;
+        }
         let requeue = BasicNackOptions {
             multiple: false,
             requeue: true,
@@ -863,8 +897,8 @@ impl RabbitMqAcknowledger {
     ///
     /// # Errors
     ///
-    /// As [`Acknowledger::dead_letter`]: when the broker does not confirm the copy, the
-    /// original is handed back (`basic.nack`, requeued) and the error returned.
+    /// As [`Acknowledger::dead_letter`]: when the broker does not store the copy, the original
+    /// is handed back (`basic.nack`, requeued) after 5 s and the error returned.
     pub async fn dead_letter_now(self, reason: &str) -> Result<(), RabbitMqError> {
         let attempt = self.attempt;
         Acknowledger::dead_letter(self, DeadLetter { reason, attempt }).await
@@ -888,6 +922,20 @@ impl RabbitMqAcknowledger {
         );
         // No expiration: a dead letter waits until someone looks at it.
         let properties = copy_properties(&self.properties, headers, None);
+        if self
+            .publish_copy(
+                "dead-letter",
+                &names.dead_letter_exchange,
+                &names.queue,
+                properties.clone(),
+            )
+            .await?
+        {
+            return Ok(());
+        }
+        // Unroutable: the dead-letter queue (or its binding) is gone. Declare them again, and
+        // retry once.
+        self.topology.declare_dead_letter(&self.channel).await?;
         if self
             .publish_copy(
                 "dead-letter",
@@ -931,14 +979,14 @@ impl Acknowledger for RabbitMqAcknowledger {
     async fn requeue(self, requeue: Requeue) -> Result<(), RabbitMqError> {
         match self.publish_retry(requeue).await {
             Ok(()) => self.ack_original().await,
-            Err(error) => Err(self.give_back(error).await),
+            Err(error) => Err(self.give_back(error, give_back_wait(requeue.delay)).await),
         }
     }
 
     async fn dead_letter(self, letter: DeadLetter<'_>) -> Result<(), RabbitMqError> {
         match self.publish_dead_letter(letter).await {
             Ok(()) => self.ack_original().await,
-            Err(error) => Err(self.give_back(error).await),
+            Err(error) => Err(self.give_back(error, DEAD_LETTER_BACKOFF).await),
         }
     }
 }
@@ -1109,6 +1157,9 @@ where
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .map_err(RabbitMqError::amqp("confirm.select"))?;
+        if !channel.status().confirm() {
+            return Err(RabbitMqError::ConfirmsNotEnabled);
+        }
         channel
             .basic_qos(options.prefetch_count(), BasicQosOptions::default())
             .await
@@ -1164,6 +1215,20 @@ mod tests {
         assert_eq!(header_count(Some(&headers), DELIVERY_COUNT_HEADER), Some(2));
         headers.insert(ATTEMPT_HEADER.into(), AMQPValue::LongInt(-1));
         assert_eq!(header_count(Some(&headers), ATTEMPT_HEADER), None);
+    }
+
+    #[test]
+    fn a_copy_not_stored_holds_the_delivery_back_never_for_nothing() {
+        assert_eq!(give_back_wait(Duration::ZERO), Duration::from_secs(1));
+        assert_eq!(
+            give_back_wait(Duration::from_millis(2500)),
+            Duration::from_millis(2500)
+        );
+        assert_eq!(
+            give_back_wait(Duration::from_secs(86_400)),
+            Duration::from_secs(300)
+        );
+        assert_eq!(DEAD_LETTER_BACKOFF, Duration::from_secs(5));
     }
 
     #[test]
