@@ -1127,6 +1127,137 @@ async fn an_unroutable_dead_letter_redeclares_the_dead_letter_queue() {
     assert_nothing_left(&connection, &topology).await;
 }
 
+/// RabbitMQ's own dead-lettering headers, as a message that went through the work queue's
+/// dead-lettering before would carry them, plus a quorum delivery count.
+fn dead_lettering_headers(work_queue: &str) -> FieldTable {
+    let mut death = FieldTable::default();
+    death.insert("queue".into(), AMQPValue::LongString(work_queue.into()));
+    death.insert("reason".into(), AMQPValue::LongString("expired".into()));
+    death.insert("exchange".into(), AMQPValue::LongString("".into()));
+    death.insert("count".into(), AMQPValue::LongLongInt(1));
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "x-death".into(),
+        AMQPValue::FieldArray(vec![AMQPValue::FieldTable(death)].into()),
+    );
+    for (name, value) in [
+        ("x-first-death-queue", work_queue),
+        ("x-first-death-reason", "expired"),
+        ("x-first-death-exchange", ""),
+        ("x-last-death-queue", work_queue),
+        ("x-last-death-reason", "expired"),
+        ("x-last-death-exchange", ""),
+    ] {
+        headers.insert(name.into(), AMQPValue::LongString(value.into()));
+    }
+    headers.insert("x-delivery-count".into(), AMQPValue::LongInt(2));
+    headers.insert("x-app".into(), AMQPValue::LongString("kept".into()));
+    headers
+}
+
+const DEAD_LETTERING_HEADERS: [&str; 8] = [
+    "x-death",
+    "x-first-death-queue",
+    "x-first-death-reason",
+    "x-first-death-exchange",
+    "x-last-death-queue",
+    "x-last-death-reason",
+    "x-last-death-exchange",
+    "x-delivery-count",
+];
+
+/// j. Retry and dead-letter copies of a transient message that carries RabbitMQ's
+/// dead-lettering headers are persistent and carry none of those headers: the retry comes back
+/// (RabbitMQ's cycle detection would drop it if the work queue were still in its `x-death`),
+/// counts its attempt from `x-idem-attempt` alone, and the dead letter starts clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_are_persistent_and_drop_the_dead_lettering_headers() {
+    idem_tests::init_tracing();
+    let store = idem_tests::pg::store().await;
+    let connection = connect().await;
+    let topology = topology(&connection, "copies").await;
+    let publisher = confirmed_channel(&connection).await;
+    let retried = unique_key("rmq-copies-retried");
+    let invalid = unique_key("rmq-copies-invalid");
+    fail_times(&retried, 1);
+    for payment in [Payment::new(&retried, 1), Payment::new(&invalid, -1)] {
+        let confirmation = publisher
+            .basic_publish(
+                "".into(),
+                topology.queue().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                &serde_json::to_vec(&payment).expect("serialize"),
+                BasicProperties::default()
+                    .with_delivery_mode(1)
+                    .with_headers(dead_lettering_headers(topology.queue())),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("publisher confirm");
+        assert_eq!(confirmation, lapin::Confirmation::Ack(None));
+    }
+
+    let channel = confirmed_channel(&connection).await;
+    let mut deliveries = consume(&channel, &topology, 1).await;
+    let mut attempts = Vec::new();
+    loop {
+        let delivery = next_delivery(&mut deliveries).await;
+        let msg: Payment = serde_json::from_slice(&delivery.data).expect("a payment");
+        let properties = delivery.properties.clone();
+        let ack = RabbitMqAcknowledger::new(delivery, channel.clone(), topology.clone());
+        if msg.order_id == retried {
+            attempts.push(ack.attempt().expect("counted"));
+        }
+        if msg.order_id == retried && attempts.len() == 2 {
+            // The retry copy, back from its tier queue: RabbitMQ's x-death names only that.
+            assert_eq!(*properties.delivery_mode(), Some(2), "{properties:?}");
+            let headers = properties.headers().clone().expect("headers");
+            assert!(!headers.contains_key("x-delivery-count"), "{headers:?}");
+            let Some(AMQPValue::FieldArray(deaths)) = headers.inner().get("x-death") else {
+                panic!("the tier queue's x-death: {headers:?}");
+            };
+            assert_eq!(deaths.as_slice().len(), 1, "{headers:?}");
+            assert_ne!(
+                headers.inner().get("x-first-death-queue"),
+                Some(&AMQPValue::LongString(topology.queue().into())),
+                "{headers:?}"
+            );
+            assert_eq!(
+                headers.inner().get("x-app"),
+                Some(&AMQPValue::LongString("kept".into()))
+            );
+        }
+        let outcome = on_retry(&store, msg, ack).await;
+        if attempts.len() == 2 {
+            assert!(outcome.expect("the retry succeeds").is_processed());
+            break;
+        }
+    }
+    channel.close(200, "done".into()).await.expect("close");
+    // 1 + the x-delivery-count of 2; then x-idem-attempt alone.
+    assert_eq!(attempts, [3, 4]);
+
+    let letters = dead_letters(&connection, &topology).await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let letter = &letters[0];
+    assert!(letter.reason.contains(&invalid), "{letter:?}");
+    assert_eq!(letter.delivery_mode, Some(2), "{letter:?}");
+    for name in DEAD_LETTERING_HEADERS {
+        assert!(!letter.headers.contains_key(name), "{name}: {letter:?}");
+    }
+    assert_eq!(
+        letter.headers.inner().get("x-app"),
+        Some(&AMQPValue::LongString("kept".into()))
+    );
+    assert_eq!(runs(&retried), 2);
+    assert_eq!(store.ledger_rows(&retried).await, 1);
+    assert_nothing_left(&connection, &topology).await;
+}
+
 /// k. Many copies in flight on one channel at once, to two topologies: each lands where it
 /// belongs, once (copy publishes are serialized per channel, so that a returned copy is never
 /// taken for another's).

@@ -17,15 +17,18 @@
 //!
 //! - **processed, duplicate**: `basic.ack`, after the commit.
 //! - **retryable failure, attempts left**: a copy of the message (same body and properties,
-//!   `message_id` kept) is published to a retry queue with the per-message `expiration` set to
-//!   the backoff delay and the header `x-idem-attempt` set to the next attempt's number; once the
-//!   broker confirms it, the original is acked. When the copy expires, the retry queue
+//!   `message_id` kept, but always persistent, and without RabbitMQ's own `x-death`,
+//!   `x-first-death-*`, `x-last-death-*` and `x-delivery-count` headers) is published to a
+//!   retry queue with the per-message `expiration` set to the backoff delay and the header
+//!   `x-idem-attempt` set to the next attempt's number; once the broker confirms it, the
+//!   original is acked. When the copy expires, the retry queue
 //!   dead-letters it back to the work queue. A crash between the confirm and the ack leaves two
 //!   copies: the gate makes the second a duplicate.
 //! - **out of attempts, permanent failure, undecodable payload, a bad key**: a copy is published
-//!   to the dead-letter exchange with the headers `x-idem-reason` (why), `x-idem-attempt` (the
-//!   delivery that failed, 1 for the first) and `x-idem-queue` (the work queue); once the broker
-//!   confirms it, the original is acked. Nothing is dropped.
+//!   (persistent, without RabbitMQ's dead-lettering headers, like a retry copy) to the
+//!   dead-letter exchange with the headers `x-idem-reason` (why), `x-idem-attempt` (the delivery
+//!   that failed, 1 for the first) and `x-idem-queue` (the work queue); once the broker confirms
+//!   it, the original is acked. Nothing is dropped.
 //! - When the broker does not store a copy (a nack, an unroutable copy, a channel without
 //!   publisher confirms), the original is held for a while, then handed back with `basic.nack`
 //!   and `requeue = true` (it is redelivered, with the same attempt number), and the
@@ -208,6 +211,21 @@ pub const REASON_HEADER: &str = "x-idem-reason";
 pub const QUEUE_HEADER: &str = "x-idem-queue";
 /// The header quorum queues set on a redelivered message: how often it was delivered before.
 const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
+/// The headers RabbitMQ sets when it dead-letters or redelivers a message, dropped from every
+/// retry and dead-letter copy: a copy is a new message. With the work queue still in its
+/// `x-death`, RabbitMQ 3.x's cycle detection would silently drop a retry copy on its way back
+/// from its tier; a quorum queue's `x-delivery-count` would count again on a copy (and on a
+/// replayed dead letter) redeliveries that belonged to the original.
+const DEAD_LETTERING_HEADERS: [&str; 8] = [
+    "x-death",
+    "x-first-death-queue",
+    "x-first-death-reason",
+    "x-first-death-exchange",
+    "x-last-death-queue",
+    "x-last-death-reason",
+    "x-last-death-exchange",
+    DELIVERY_COUNT_HEADER,
+];
 
 /// The longest delay a retry copy can wait, in milliseconds: RabbitMQ's per-message
 /// `expiration` is a 32-bit count of milliseconds.
@@ -644,14 +662,18 @@ fn header_count(headers: Option<&FieldTable>, name: &str) -> Option<u64> {
     u64::try_from(count).ok()
 }
 
-/// A copy of `properties` with `headers` and `expiration`. The `user_id` is dropped: RabbitMQ
-/// refuses a publish whose `user_id` is not the publishing connection's user.
+/// A copy of `properties` with `headers` and `expiration`, persistent (`delivery_mode` 2)
+/// whatever the original's: the copy lives in a classic durable queue after the original was
+/// acked, and a transient one would be lost on a broker restart. The `user_id` is dropped:
+/// RabbitMQ refuses a publish whose `user_id` is not the publishing connection's user.
 fn copy_properties(
     properties: &BasicProperties,
     headers: FieldTable,
     expiration: Option<ShortString>,
 ) -> BasicProperties {
-    let mut copy = BasicProperties::default().with_headers(headers);
+    let mut copy = BasicProperties::default()
+        .with_headers(headers)
+        .with_delivery_mode(2);
     macro_rules! keep {
         ($($get:ident => $with:ident),* $(,)?) => {
             $(if let Some(value) = properties.$get().clone() {
@@ -662,7 +684,6 @@ fn copy_properties(
     keep!(
         content_type => with_content_type,
         content_encoding => with_content_encoding,
-        delivery_mode => with_delivery_mode,
         priority => with_priority,
         correlation_id => with_correlation_id,
         reply_to => with_reply_to,
@@ -676,6 +697,21 @@ fn copy_properties(
         copy = copy.with_expiration(expiration);
     }
     copy
+}
+
+/// The headers of a copy: the original's, without RabbitMQ's dead-lettering headers, with
+/// `add`.
+fn copy_headers(original: Option<&FieldTable>, add: Vec<(&str, AMQPValue)>) -> FieldTable {
+    let mut headers: BTreeMap<ShortString, AMQPValue> = original
+        .map(|headers| headers.inner().clone())
+        .unwrap_or_default();
+    for name in DEAD_LETTERING_HEADERS {
+        headers.remove(name);
+    }
+    for (name, value) in add {
+        headers.insert(name.into(), value);
+    }
+    headers.into()
 }
 
 /// The [`Acknowledger`] of one RabbitMQ [`Delivery`]: acks it by its delivery tag after the
@@ -839,30 +875,15 @@ impl RabbitMqAcknowledger {
         }
     }
 
-    fn headers_with(&self, drop: &[&str], add: Vec<(&str, AMQPValue)>) -> FieldTable {
-        let mut headers: BTreeMap<ShortString, AMQPValue> = self
-            .properties
-            .headers()
-            .as_ref()
-            .map(|headers| headers.inner().clone())
-            .unwrap_or_default();
-        for name in drop {
-            headers.remove(*name);
-        }
-        for (name, value) in add {
-            headers.insert(name.into(), value);
-        }
-        headers.into()
+    fn headers_with(&self, add: Vec<(&str, AMQPValue)>) -> FieldTable {
+        copy_headers(self.properties.headers().as_ref(), add)
     }
 
     async fn publish_retry(&self, requeue: Requeue) -> Result<(), RabbitMqError> {
         let delay = delay_ms(requeue.delay);
         let tier = tier_of(delay);
         let next = i64::from(requeue.attempt.saturating_add(1));
-        let headers = self.headers_with(
-            &[DELIVERY_COUNT_HEADER],
-            vec![(ATTEMPT_HEADER, AMQPValue::LongLongInt(next))],
-        );
+        let headers = self.headers_with(vec![(ATTEMPT_HEADER, AMQPValue::LongLongInt(next))]);
         let properties = copy_properties(
             &self.properties,
             headers,
@@ -906,20 +927,17 @@ impl RabbitMqAcknowledger {
 
     async fn publish_dead_letter(&self, letter: DeadLetter<'_>) -> Result<(), RabbitMqError> {
         let names = &self.topology.names;
-        let headers = self.headers_with(
-            &[],
-            vec![
-                (REASON_HEADER, AMQPValue::LongString(letter.reason.into())),
-                (
-                    ATTEMPT_HEADER,
-                    AMQPValue::LongLongInt(i64::from(letter.attempt)),
-                ),
-                (
-                    QUEUE_HEADER,
-                    AMQPValue::LongString(names.queue.as_str().into()),
-                ),
-            ],
-        );
+        let headers = self.headers_with(vec![
+            (REASON_HEADER, AMQPValue::LongString(letter.reason.into())),
+            (
+                ATTEMPT_HEADER,
+                AMQPValue::LongLongInt(i64::from(letter.attempt)),
+            ),
+            (
+                QUEUE_HEADER,
+                AMQPValue::LongString(names.queue.as_str().into()),
+            ),
+        ]);
         // No expiration: a dead letter waits until someone looks at it.
         let properties = copy_properties(&self.properties, headers, None);
         if self
@@ -1229,6 +1247,40 @@ mod tests {
             Duration::from_secs(300)
         );
         assert_eq!(DEAD_LETTER_BACKOFF, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn copies_are_persistent_and_drop_the_dead_lettering_headers() {
+        let mut original = FieldTable::default();
+        for name in DEAD_LETTERING_HEADERS {
+            original.insert(name.into(), AMQPValue::LongString("x".into()));
+        }
+        original.insert("x-app".into(), AMQPValue::LongString("kept".into()));
+        original.insert(ATTEMPT_HEADER.into(), AMQPValue::LongLongInt(2));
+        let headers = copy_headers(
+            Some(&original),
+            vec![(ATTEMPT_HEADER, AMQPValue::LongLongInt(3))],
+        );
+        let names: Vec<&str> = headers.inner().keys().map(ShortString::as_str).collect();
+        assert_eq!(names, ["x-app", ATTEMPT_HEADER]);
+        assert_eq!(
+            headers.inner().get(ATTEMPT_HEADER),
+            Some(&AMQPValue::LongLongInt(3))
+        );
+
+        let transient = BasicProperties::default()
+            .with_delivery_mode(1)
+            .with_message_id("m".into())
+            .with_user_id("someone".into());
+        let copy = copy_properties(&transient, headers, None);
+        assert_eq!(*copy.delivery_mode(), Some(2));
+        assert_eq!(
+            copy.message_id().as_ref().map(ShortString::as_str),
+            Some("m")
+        );
+        assert_eq!(*copy.user_id(), None);
+        let copy = copy_properties(&BasicProperties::default(), FieldTable::default(), None);
+        assert_eq!(*copy.delivery_mode(), Some(2));
     }
 
     #[test]
