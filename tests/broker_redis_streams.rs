@@ -1252,3 +1252,94 @@ async fn an_entry_with_thousands_of_fields_is_dead_lettered_truncated() {
     assert!(!fields.contains_key("f0"), "{fields:?}");
     drop_table(&store, &table).await;
 }
+
+/// An entry whose field name is not UTF-8, read in one batch between good ones: the good
+/// ones are processed, the odd one (no payload field) is dead-lettered with its fields copied
+/// byte for byte; the batch is not failed, nothing is stranded in the pending list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_non_utf8_field_name_does_not_fail_the_batch() {
+    let (store, table) = pg("bytes").await;
+    let mut conn = redis().await;
+    let group = fresh_group("bytes");
+    let order = |label: &str| Order {
+        key: idem_tests::unique_key(label),
+        table: table.clone(),
+    };
+    let good = [order("rs-bytes"), order("rs-bytes")];
+    group
+        .publish(&mut conn, &good[0].json())
+        .await
+        .expect("XADD");
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(group.stream())
+        .arg("*")
+        .arg(&b"\xff\xfename"[..])
+        .arg("value");
+    let odd_id: String = cmd.query_async(&mut conn).await.expect("XADD");
+    group
+        .publish(&mut conn, &good[1].json())
+        .await
+        .expect("XADD");
+
+    let consumer = RedisStreamConsumer::new(
+        client(),
+        group.clone(),
+        "bytes-1",
+        idem_runtime::handler!(on_order),
+        store.clone(),
+    )
+    .with_options(ConsumerOptions::default().prefetch(16));
+    let stats = consumer.stats();
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(consumer.run(shutdown.clone()));
+    let report = drain_and_stop(&mut conn, &group, &stats, 3, &shutdown, run).await;
+    assert_eq!(report.processed, 2, "{report:?}");
+    assert_eq!(report.dead_lettered, 1, "{report:?}");
+    for order in &good {
+        assert_eq!(runs(&order.key), 1);
+    }
+    let letters: Value = redis::cmd("XRANGE")
+        .arg(group.dead_letter_stream())
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .expect("XRANGE");
+    let letters: Vec<(String, Vec<(Vec<u8>, Vec<u8>)>)> =
+        redis::from_redis_value(letters).expect("entries");
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let fields = &letters[0].1;
+    assert!(
+        fields.contains(&(b"\xff\xfename".to_vec(), b"value".to_vec())),
+        "{fields:?}"
+    );
+    assert!(
+        fields.contains(&(ID_FIELD.as_bytes().to_vec(), odd_id.into_bytes())),
+        "{fields:?}"
+    );
+    drop_table(&store, &table).await;
+}
+
+/// A service's own loop reads the same mix: `read` returns all three.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_own_loop_reads_an_entry_with_a_non_utf8_field_name() {
+    let mut conn = redis().await;
+    let group = fresh_group("bytes-own");
+    group
+        .create(&mut conn, Default::default())
+        .await
+        .expect("XGROUP CREATE");
+    group.publish(&mut conn, b"1").await.expect("XADD");
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(group.stream()).arg("*").arg(&b"\xff"[..]).arg("v");
+    let _: String = cmd.query_async(&mut conn).await.expect("XADD");
+    group.publish(&mut conn, b"3").await.expect("XADD");
+    let read = group
+        .read(&mut conn, "own", 10, None)
+        .await
+        .expect("XREADGROUP");
+    assert_eq!(read.len(), 3);
+    assert_eq!(read[0].payload(&group), b"1");
+    assert_eq!(read[1].field("payload"), None);
+    assert_eq!(read[2].payload(&group), b"3");
+}

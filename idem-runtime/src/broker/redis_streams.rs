@@ -140,8 +140,8 @@ use tokio::time::Instant;
 use tracing::Instrument as _;
 
 use super::{
-    CancellationToken, ConsumerOptions, ConsumerReport, ConsumerStats, Decode, Json, Workers,
-    deliver,
+    CancellationToken, ConsumerOptions, ConsumerReport, ConsumerStats, Decode, Json, Settled,
+    Workers, deliver,
 };
 use crate::ack::{Acknowledger, Committed, DeadLetter, Requeue};
 use crate::handler::Handler;
@@ -373,6 +373,10 @@ impl StreamGroup {
     /// STREAMS s >`). They join the group's pending list under `consumer`, with a delivery
     /// count of 1, until acknowledged.
     ///
+    /// Each entry is parsed on its own: one that cannot be (see
+    /// [`StreamDelivery::malformed`]) is returned among the others, for the caller to
+    /// dead-letter, and never fails the read (the entries are in the pending list already).
+    ///
     /// `block`: wait up to this long when there is nothing new (`None`: return at once). Do
     /// not block on a connection shared with other work: Redis answers nothing else on it
     /// while the read blocks, and the client's response timeout (500 ms by default) must be
@@ -419,9 +423,9 @@ impl StreamGroup {
                 return Err(self.reply_error("XREADGROUP", "the entries are not an array"));
             };
             for entry in entries {
-                let (id, fields) = parse_entry(entry)
-                    .ok_or_else(|| self.reply_error("XREADGROUP", "an entry is malformed"))?;
-                deliveries.push(StreamDelivery::new(self, id, fields, 1));
+                if let Some(delivery) = self.delivery("XREADGROUP", parse_entry(entry), 1) {
+                    deliveries.push(delivery);
+                }
             }
         }
         Ok(deliveries)
@@ -490,19 +494,58 @@ impl StreamGroup {
         };
         let mut deliveries = Vec::with_capacity(claimed.len());
         for entry in claimed {
-            let Value::Array(mut triple) = entry else {
-                return Err(malformed());
+            // `{id, fields, count}`, from the script; each parsed on its own.
+            let (entry, count) = match entry {
+                Value::Array(mut triple) if triple.len() == 3 => {
+                    let count = match triple.pop() {
+                        Some(Value::Int(count)) => u32::try_from(count).unwrap_or(u32::MAX),
+                        _ => 1,
+                    };
+                    (Value::Array(triple), count)
+                }
+                other => (other, 1),
             };
-            let count = match triple.pop() {
-                Some(Value::Int(count)) => u32::try_from(count).unwrap_or(u32::MAX),
-                _ => return Err(malformed()),
-            };
-            let fields = triple.pop().ok_or_else(malformed)?;
-            let id = triple.pop().ok_or_else(malformed)?;
-            let (id, fields) = parse_entry(Value::Array(vec![id, fields])).ok_or_else(malformed)?;
-            deliveries.push(StreamDelivery::new(self, id, fields, count.max(1)));
+            if let Some(delivery) = self.delivery("XAUTOCLAIM", parse_entry(entry), count.max(1)) {
+                deliveries.push(delivery);
+            }
         }
         Ok((next, deliveries))
+    }
+
+    /// The delivery of one parsed entry: a malformed one (with an id) becomes a delivery to
+    /// dead-letter; one without a readable id cannot be settled, and is logged.
+    fn delivery(
+        &self,
+        command: &'static str,
+        parsed: Result<(String, Fields), (Option<String>, String)>,
+        count: u32,
+    ) -> Option<StreamDelivery> {
+        match parsed {
+            Ok((id, fields)) => Some(StreamDelivery::new(self, id, fields, count)),
+            Err((Some(id), detail)) => {
+                tracing::warn!(
+                    target: "idem",
+                    stream = %self.stream,
+                    entry_id = %id,
+                    %detail,
+                    "a malformed entry; it is dead-lettered"
+                );
+                let mut delivery = StreamDelivery::new(self, id, Vec::new(), count);
+                delivery.malformed = Some(format!("malformed entry: {detail}").into());
+                Some(delivery)
+            }
+            Err((None, detail)) => {
+                tracing::error!(
+                    target: "idem",
+                    stream = %self.stream,
+                    group = %self.group,
+                    command,
+                    %detail,
+                    "an entry without a readable id in the reply; it cannot be settled and stays pending"
+                );
+                None
+            }
+        }
     }
 
     /// Appends a message: `XADD <stream> * <payload field> <payload>`. Returns the entry id.
@@ -605,52 +648,72 @@ fn bytes(value: Value) -> Option<Vec<u8>> {
     }
 }
 
-/// An entry's fields, in order.
-type Fields = Vec<(String, Vec<u8>)>;
+/// An entry's fields, in order, names and values as Redis stores them (bytes).
+type Fields = Vec<(Vec<u8>, Vec<u8>)>;
 
-/// `[id, [field, value, …]]` (or a map of fields, in RESP3).
-fn parse_entry(entry: Value) -> Option<(String, Fields)> {
+/// `[id, [field, value, …]]` (or a map of fields, in RESP3). `Err`: the entry's id when it
+/// has a readable one, and what is wrong.
+fn parse_entry(entry: Value) -> Result<(String, Fields), (Option<String>, String)> {
     let Value::Array(mut pair) = entry else {
-        return None;
+        return Err((None, format!("not an array: {entry:?}")));
     };
     if pair.len() != 2 {
-        return None;
+        let id = pair.into_iter().next().and_then(text);
+        return Err((id, "not an [id, fields] pair".into()));
     }
-    let fields = pair.pop()?;
-    let id = text(pair.pop()?)?;
+    let fields = pair.pop();
+    let id = pair
+        .pop()
+        .and_then(text)
+        .ok_or((None, "no readable id".to_owned()))?;
+    let field = |name: Value, value: Value| match (bytes(name), bytes(value)) {
+        (Some(name), Some(value)) => Ok((name, value)),
+        _ => Err((
+            Some(id.clone()),
+            "a field name or value is not a string".to_owned(),
+        )),
+    };
     let fields = match fields {
-        Value::Array(flat) => {
+        Some(Value::Array(flat)) => {
+            if flat.len() % 2 != 0 {
+                return Err((Some(id), "an odd number of field names and values".into()));
+            }
             let mut fields = Vec::with_capacity(flat.len() / 2);
             let mut flat = flat.into_iter();
             while let (Some(name), Some(value)) = (flat.next(), flat.next()) {
-                fields.push((text(name)?, bytes(value)?));
+                fields.push(field(name, value)?);
             }
             fields
         }
-        Value::Map(map) => map
+        Some(Value::Map(map)) => map
             .into_iter()
-            .map(|(name, value)| Some((text(name)?, bytes(value)?)))
-            .collect::<Option<Vec<_>>>()?,
+            .map(|(name, value)| field(name, value))
+            .collect::<Result<Vec<_>, _>>()?,
         // A pending entry whose stream entry was deleted.
-        Value::Nil => Vec::new(),
-        _ => return None,
+        Some(Value::Nil) => Vec::new(),
+        _ => return Err((Some(id), "the fields are not an array".into())),
     };
-    Some((id, fields))
+    Ok((id, fields))
 }
 
 /// One stream entry as a consumer received it: its id, its fields and its delivery count.
 #[derive(Debug, Clone)]
 pub struct StreamDelivery {
     id: String,
-    fields: Arc<[(String, Vec<u8>)]>,
+    fields: Arc<[(Vec<u8>, Vec<u8>)]>,
     payload_index: Option<usize>,
     message_id_index: Option<usize>,
     delivery_count: u32,
+    malformed: Option<Arc<str>>,
 }
 
 impl StreamDelivery {
-    fn new(group: &StreamGroup, id: String, fields: Vec<(String, Vec<u8>)>, count: u32) -> Self {
-        let index = |name: &str| fields.iter().position(|(field, _)| field == name);
+    fn new(group: &StreamGroup, id: String, fields: Fields, count: u32) -> Self {
+        let index = |name: &str| {
+            fields
+                .iter()
+                .position(|(field, _)| field == name.as_bytes())
+        };
         let payload_index = index(&group.payload_field);
         let message_id_index = group.message_id_field.as_deref().and_then(index);
         Self {
@@ -659,6 +722,7 @@ impl StreamDelivery {
             message_id_index,
             fields: fields.into(),
             delivery_count: count,
+            malformed: None,
         }
     }
 
@@ -672,8 +736,9 @@ impl StreamDelivery {
         self.delivery_count
     }
 
-    /// The entry's fields, in order.
-    pub fn fields(&self) -> &[(String, Vec<u8>)] {
+    /// The entry's fields, in order, names and values as bytes (Redis does not require
+    /// either to be UTF-8; use [`String::from_utf8_lossy`] where text is needed).
+    pub fn fields(&self) -> &[(Vec<u8>, Vec<u8>)] {
         &self.fields
     }
 
@@ -681,8 +746,15 @@ impl StreamDelivery {
     pub fn field(&self, field: &str) -> Option<&[u8]> {
         self.fields
             .iter()
-            .find(|(name, _)| name == field)
+            .find(|(name, _)| name == field.as_bytes())
             .map(|(_, value)| value.as_slice())
+    }
+
+    /// Why the entry could not be parsed (`malformed entry: …`), if it could not: its fields
+    /// are then empty. It can never be handled; dead-letter it
+    /// ([`RedisStreamAcknowledger::dead_letter_now`]), as the runner does.
+    pub fn malformed(&self) -> Option<&str> {
+        self.malformed.as_deref()
     }
 
     /// The payload: the value of the group's payload field, empty when the entry lacks it.
@@ -763,6 +835,20 @@ impl RedisStreamAcknowledger {
     /// The entry.
     pub fn delivery(&self) -> &StreamDelivery {
         &self.delivery
+    }
+
+    /// Dead-letters the entry without handing it to a handler (a payload your loop cannot
+    /// decode, a [malformed](StreamDelivery::malformed) entry, a message no handler takes),
+    /// with `reason` and this delivery's count as the attempt: the same script as
+    /// [`Acknowledger::dead_letter`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Acknowledger::dead_letter`]: when Redis refuses the append, the entry is not
+    /// acked (it stays pending, and is reclaimed) and the error is returned.
+    pub async fn dead_letter_now(self, reason: &str) -> Result<(), RedisStreamError> {
+        let attempt = self.delivery.delivery_count.max(1);
+        Acknowledger::dead_letter(self, DeadLetter { reason, attempt }).await
     }
 
     /// The entry no longer needs keeping fresh: it is being settled.
@@ -1186,6 +1272,7 @@ where
         );
         let fields = Arc::clone(&delivery.fields);
         let payload_index = delivery.payload_index;
+        let malformed = delivery.malformed.clone();
         let ack = RedisStreamAcknowledger {
             conn: conn.clone(),
             qualified_id: qualified_id(&self.group, &delivery),
@@ -1202,10 +1289,22 @@ where
         workers.spawn(
             permit,
             async move {
-                let payload = payload_index
-                    .and_then(|index| fields.get(index))
-                    .map_or(&[][..], |(_, value)| value.as_slice());
-                deliver(&*handler, &*decoder, &*store, payload, ack, &stats).await;
+                if let Some(reason) = malformed {
+                    // Cannot be handled: to the dead-letter stream, with the reason.
+                    let settled = match ack.dead_letter_now(&reason).await {
+                        Ok(()) => Settled::DeadLettered,
+                        Err(error) => {
+                            tracing::warn!(target: "idem", %error, "could not dead-letter a malformed entry; it stays pending");
+                            Settled::Refused
+                        }
+                    };
+                    stats.count(settled);
+                } else {
+                    let payload = payload_index
+                        .and_then(|index| fields.get(index))
+                        .map_or(&[][..], |(_, value)| value.as_slice());
+                    deliver(&*handler, &*decoder, &*store, payload, ack, &stats).await;
+                }
                 // Settled, or left for a reclaim after a refused settle: no longer held.
                 held.lock().await.remove(&id);
             }
@@ -1300,5 +1399,63 @@ async fn release_ids(
     let released: Result<Value, _> = cmd.query_async(conn).await;
     if let Err(error) = released {
         tracing::warn!(target: "idem", %error, entries = ids.len(), "could not hand entries back; they are reclaimed after the reclaim idle time");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(text: &[u8]) -> Value {
+        Value::BulkString(text.to_vec())
+    }
+
+    #[test]
+    fn field_names_and_values_are_bytes() {
+        let entry = Value::Array(vec![
+            bulk(b"1-0"),
+            Value::Array(vec![
+                bulk(b"\xff"),
+                bulk(b"v"),
+                bulk(b"payload"),
+                bulk(b"\xfe"),
+            ]),
+        ]);
+        let (id, fields) = parse_entry(entry).expect("parses");
+        assert_eq!(id, "1-0");
+        assert_eq!(
+            fields,
+            [
+                (b"\xff".to_vec(), b"v".to_vec()),
+                (b"payload".to_vec(), b"\xfe".to_vec())
+            ]
+        );
+    }
+
+    #[test]
+    fn a_malformed_entry_keeps_its_id() {
+        let group = StreamGroup::new("s", "g");
+        let nested = Value::Array(vec![
+            bulk(b"1-0"),
+            Value::Array(vec![bulk(b"a"), Value::Array(vec![])]),
+        ]);
+        let odd = Value::Array(vec![bulk(b"2-0"), Value::Array(vec![bulk(b"a")])]);
+        for (entry, id) in [(nested, "1-0"), (odd, "2-0")] {
+            let delivery = group
+                .delivery("XREADGROUP", parse_entry(entry), 1)
+                .expect("a delivery to dead-letter");
+            assert_eq!(delivery.id(), id);
+            assert!(
+                delivery
+                    .malformed()
+                    .is_some_and(|m| m.starts_with("malformed entry: ")),
+                "{delivery:?}"
+            );
+        }
+        assert!(
+            group
+                .delivery("XREADGROUP", parse_entry(Value::Int(3)), 1)
+                .is_none()
+        );
     }
 }
