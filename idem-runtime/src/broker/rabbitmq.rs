@@ -11,7 +11,7 @@
 //! | `orders` | durable queue, dead-lettering to `orders.dead-letter` | the work queue |
 //! | `orders.dead-letter` | durable direct exchange | dead letters |
 //! | `orders.dead-letter` | durable queue, bound to it with the key `orders` | dead letters, to inspect or replay |
-//! | `orders.retry.<k>` | durable queues, declared when first needed, dead-lettering back to `orders`; gone after a while unused | delayed retries |
+//! | `orders.retry.<k>` | durable queues, declared when first needed, dead-lettering back to `orders`; never expire (at most 33 per work queue) | delayed retries |
 //!
 //! How each outcome is settled (every delivery is acknowledged manually, by its delivery tag):
 //!
@@ -48,9 +48,10 @@
 //! one queue per *tier* of delay: tier `k` (`orders.retry.<k>`) holds the delays of more than
 //! 2<sup>k-1</sup> and at most 2<sup>k</sup> milliseconds (1 s is in tier 10, 1024 ms). Within
 //! a tier, a message waits behind another for at most the tier's width, so a retry comes back
-//! after its delay and before twice its delay; never in a hot loop. A tier queue is declared with
-//! `x-expires` (twice its longest delay, plus a minute) so that an idle tier vanishes, and is
-//! re-declared while it is used, which keeps it alive.
+//! after its delay and before twice its delay; never in a hot loop. Tier queues have no
+//! `x-expires` (an expiring tier would delete the copies waiting in it): an idle tier stays, empty
+//! (there are at most 33, tiers 0 to 32, per work queue). Each is declared the first time a
+//! topology uses it, and declared again when a copy comes back unroutable (someone deleted it).
 //!
 //! ## Which attempt a delivery is
 //!
@@ -181,9 +182,9 @@
 //! To replay a dead letter, publish it back to the work queue without its `x-idem-attempt`
 //! header (with it, its attempts count on from where they stopped).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use lapin::message::Delivery;
@@ -354,8 +355,8 @@ fn short_string(name: String) -> Result<ShortString, RabbitMqError> {
 #[derive(Debug, Clone)]
 pub struct RabbitMqTopology {
     names: Arc<Names>,
-    /// When each retry tier was last declared (which renews its `x-expires` lease).
-    tiers: Arc<Mutex<HashMap<u32, Instant>>>,
+    /// The retry tiers declared through this topology (or a clone).
+    tiers: Arc<Mutex<HashSet<u32>>>,
 }
 
 #[derive(Debug, Clone)]
@@ -557,9 +558,8 @@ impl RabbitMqTopology {
         arguments
     }
 
-    /// Declares the retry queue of `tier` unless it was declared recently enough that its
-    /// `x-expires` lease cannot run out before a copy published now has left it. `force`
-    /// declares it anyway (a copy came back unroutable: the queue was gone).
+    /// Declares the retry queue of `tier` unless this topology (or a clone) declared it
+    /// already. `force` declares it anyway (a copy came back unroutable: the queue was deleted).
     async fn ensure_tier(
         &self,
         channel: &Channel,
@@ -567,20 +567,37 @@ impl RabbitMqTopology {
         force: bool,
     ) -> Result<ShortString, RabbitMqError> {
         let name = short_string(self.retry_queue_of_tier(tier))?;
-        let expires_ms = tier_expires_ms(tier);
-        // A copy leaves its tier within the tier's width (2^tier ms) of being published; the
-        // lease is x-expires long; renewing it every quarter keeps a wide margin.
-        let renew_after = Duration::from_millis(expires_ms / 4);
-        let fresh = !force
+        let declared = !force
             && self
                 .tiers
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .get(&tier)
-                .is_some_and(|declared| declared.elapsed() < renew_after);
-        if fresh {
+                .contains(&tier);
+        if declared {
             return Ok(name);
         }
+        channel
+            .queue_declare(
+                name.clone(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                self.tier_arguments(),
+            )
+            .await
+            .map_err(RabbitMqError::amqp("queue.declare (retry queue)"))?;
+        self.tiers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(tier);
+        Ok(name)
+    }
+
+    /// The arguments of a retry tier queue: dead-letter expired copies back to the work queue,
+    /// through the default exchange. No `x-expires`: an expiring tier would delete the copies
+    /// waiting in it.
+    fn tier_arguments(&self) -> FieldTable {
         let mut arguments = FieldTable::default();
         arguments.insert(
             "x-dead-letter-exchange".into(),
@@ -590,26 +607,7 @@ impl RabbitMqTopology {
             "x-dead-letter-routing-key".into(),
             AMQPValue::LongString(self.names.queue.as_str().into()),
         );
-        arguments.insert(
-            "x-expires".into(),
-            AMQPValue::LongLongInt(i64::try_from(expires_ms).unwrap_or(i64::MAX)),
-        );
-        channel
-            .queue_declare(
-                name.clone(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..QueueDeclareOptions::default()
-                },
-                arguments,
-            )
-            .await
-            .map_err(RabbitMqError::amqp("queue.declare (retry queue)"))?;
-        self.tiers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(tier, Instant::now());
-        Ok(name)
+        arguments
     }
 }
 
@@ -626,18 +624,6 @@ fn tier_of(delay_ms: u64) -> u32 {
     } else {
         u64::BITS - (delay_ms - 1).leading_zeros()
     }
-}
-
-/// How long an unused retry queue of `tier` lives: twice its longest delay, plus a minute.
-fn tier_expires_ms(tier: u32) -> u64 {
-    let widest = 1_u64
-        .checked_shl(tier)
-        .unwrap_or(u64::MAX)
-        .min(MAX_DELAY_MS);
-    widest
-        .saturating_mul(2)
-        .saturating_add(60_000)
-        .min(MAX_DELAY_MS)
 }
 
 fn header_count(headers: Option<&FieldTable>, name: &str) -> Option<u64> {
@@ -1219,8 +1205,22 @@ mod tests {
         assert_eq!(tier_of(1024), 10);
         assert_eq!(tier_of(1025), 11);
         assert_eq!(tier_of(MAX_DELAY_MS), 32);
-        assert_eq!(tier_expires_ms(10), 2048 + 60_000);
-        assert_eq!(tier_expires_ms(32), MAX_DELAY_MS);
+    }
+
+    #[test]
+    fn tier_queues_never_expire_and_dead_letter_back_to_the_work_queue() {
+        let topology = RabbitMqTopology::for_queue("orders").expect("a valid name");
+        let arguments = topology.tier_arguments();
+        assert!(!arguments.contains_key("x-expires"), "{arguments:?}");
+        assert!(!arguments.contains_key("x-message-ttl"), "{arguments:?}");
+        assert_eq!(
+            arguments.inner().get("x-dead-letter-exchange"),
+            Some(&AMQPValue::LongString("".into()))
+        );
+        assert_eq!(
+            arguments.inner().get("x-dead-letter-routing-key"),
+            Some(&AMQPValue::LongString("orders".into()))
+        );
     }
 
     #[test]
