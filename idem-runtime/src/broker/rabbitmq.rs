@@ -182,8 +182,8 @@
 //! To replay a dead letter, publish it back to the work queue without its `x-idem-attempt`
 //! header (with it, its attempts count on from where they stopped).
 
-use std::collections::{BTreeMap, HashSet};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, LazyLock, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
@@ -685,6 +685,29 @@ fn copy_properties(
     copy
 }
 
+/// Held from a copy's `basic.publish` until its confirm: at most one copy publish per channel
+/// awaits its confirm. lapin hands a returned (unroutable) message to whichever confirm of the
+/// channel completes next, so with two mandatory publishes in flight, one copy's return could be
+/// taken for the other's: the unroutable copy counted as stored, its original acked, the message
+/// lost.
+type CopyLock = Arc<tokio::sync::Mutex<()>>;
+
+/// The copy lock of the channel `channel_id`, shared by every acknowledger on it (and, since
+/// lapin does not tell two connections apart, with channels of the same id on other
+/// connections of the process: they only wait for each other's confirms).
+fn copy_lock(channel_id: u16) -> CopyLock {
+    static LOCKS: LazyLock<Mutex<HashMap<u16, Weak<tokio::sync::Mutex<()>>>>> =
+        LazyLock::new(Mutex::default);
+    let mut locks = LOCKS.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(lock) = locks.get(&channel_id).and_then(Weak::upgrade) {
+        return lock;
+    }
+    locks.retain(|_, lock| lock.strong_count() > 0);
+    let lock = CopyLock::default();
+    locks.insert(channel_id, Arc::downgrade(&lock));
+    lock
+}
+
 /// The headers of a copy: the original's, without RabbitMQ's dead-lettering headers, with
 /// `add`.
 fn copy_headers(original: Option<&FieldTable>, add: Vec<(&str, AMQPValue)>) -> FieldTable {
@@ -704,8 +727,14 @@ fn copy_headers(original: Option<&FieldTable>, add: Vec<(&str, AMQPValue)>) -> F
 /// commit, requeues it through a retry queue with the backoff delay, dead-letters it to the
 /// dead-letter exchange (see the [module documentation](self)).
 ///
-/// `channel` publishes the retry and dead-letter copies: it must have publisher confirms
-/// enabled (`confirm_select`), and may be the channel the delivery came from.
+/// `channel` publishes the retry and dead-letter copies: it **must be in confirm mode**
+/// (`confirm_select`; without it every copy fails with [`RabbitMqError::ConfirmsNotEnabled`]
+/// and the delivery is handed back after a wait), and may be the channel the delivery came
+/// from. The acknowledgers of one channel publish their copies one at a time, each until its
+/// confirm, so that a copy returned as unroutable is never taken for another; the channel
+/// **must not carry other mandatory publishes** (lapin would attach their returns to a copy's
+/// confirm, or a copy's return to theirs). Drop an acknowledger without settling it only when
+/// you close its channel next (see the [module documentation](self)).
 #[derive(Debug)]
 pub struct RabbitMqAcknowledger {
     acker: Acker,
@@ -714,6 +743,7 @@ pub struct RabbitMqAcknowledger {
     properties: BasicProperties,
     payload: Arc<Vec<u8>>,
     channel: Channel,
+    copy_lock: CopyLock,
     topology: RabbitMqTopology,
     attempt: u32,
 }
@@ -732,6 +762,7 @@ impl RabbitMqAcknowledger {
             redelivered: delivery.redelivered,
             properties: delivery.properties,
             payload: Arc::new(delivery.data),
+            copy_lock: copy_lock(channel.id()),
             channel,
             topology,
             attempt,
@@ -820,6 +851,8 @@ impl RabbitMqAcknowledger {
         if !self.channel.status().confirm() {
             return Err(RabbitMqError::ConfirmsNotEnabled);
         }
+        // One copy awaiting its confirm per channel: a return is then this copy's.
+        let _one_at_a_time = self.copy_lock.lock().await;
         let confirm = self
             .channel
             .basic_publish(
@@ -1281,6 +1314,18 @@ mod tests {
         assert_eq!(*copy.user_id(), None);
         let copy = copy_properties(&BasicProperties::default(), FieldTable::default(), None);
         assert_eq!(*copy.delivery_mode(), Some(2));
+    }
+
+    #[test]
+    fn copy_publishes_on_one_channel_share_one_lock() {
+        let first = copy_lock(7);
+        let second = copy_lock(7);
+        assert!(Arc::ptr_eq(&first, &second));
+        assert!(!Arc::ptr_eq(&first, &copy_lock(8)));
+        let held = first.try_lock().expect("free");
+        assert!(second.try_lock().is_err(), "one copy in flight per channel");
+        drop(held);
+        assert!(second.try_lock().is_ok());
     }
 
     #[test]
