@@ -648,6 +648,17 @@ fn header_count(headers: Option<&FieldTable>, name: &str) -> Option<u64> {
     u64::try_from(count).ok()
 }
 
+/// Which delivery a message with `headers` is: `x-idem-attempt` (1 when absent, zero, negative
+/// or not a number; any AMQP integer type or a decimal string is read) plus the quorum queues'
+/// `x-delivery-count` (0 when absent or unreadable), saturating at `u32::MAX`. Never panics.
+fn attempt_of(headers: Option<&FieldTable>) -> u32 {
+    let first = header_count(headers, ATTEMPT_HEADER)
+        .filter(|attempt| *attempt >= 1)
+        .unwrap_or(1);
+    let redeliveries = header_count(headers, DELIVERY_COUNT_HEADER).unwrap_or(0);
+    u32::try_from(first.saturating_add(redeliveries)).unwrap_or(u32::MAX)
+}
+
 /// A copy of `properties` with `headers` and `expiration`, persistent (`delivery_mode` 2)
 /// whatever the original's: the copy lives in a classic durable queue after the original was
 /// acked, and a transient one would be lost on a broker restart. The `user_id` is dropped:
@@ -752,10 +763,7 @@ impl RabbitMqAcknowledger {
     /// Wraps `delivery`, to be settled through `channel` into `topology`'s queues. Decode the
     /// payload (`delivery.data`) first, or read it back with [`payload`](Self::payload).
     pub fn new(delivery: Delivery, channel: Channel, topology: RabbitMqTopology) -> Self {
-        let headers = delivery.properties.headers().as_ref();
-        let first = header_count(headers, ATTEMPT_HEADER).unwrap_or(1).max(1);
-        let redeliveries = header_count(headers, DELIVERY_COUNT_HEADER).unwrap_or(0);
-        let attempt = u32::try_from(first.saturating_add(redeliveries)).unwrap_or(u32::MAX);
+        let attempt = attempt_of(delivery.properties.headers().as_ref());
         Self {
             acker: delivery.acker,
             delivery_tag: delivery.delivery_tag,
@@ -1256,16 +1264,79 @@ mod tests {
         );
     }
 
+    fn headers(entries: Vec<(&str, AMQPValue)>) -> FieldTable {
+        let mut headers = FieldTable::default();
+        for (name, value) in entries {
+            headers.insert(name.into(), value);
+        }
+        headers
+    }
+
     #[test]
     fn attempts_add_the_quorum_delivery_count() {
-        let mut headers = FieldTable::default();
-        assert_eq!(header_count(Some(&headers), ATTEMPT_HEADER), None);
-        headers.insert(ATTEMPT_HEADER.into(), AMQPValue::LongLongInt(3));
-        headers.insert(DELIVERY_COUNT_HEADER.into(), AMQPValue::LongInt(2));
-        assert_eq!(header_count(Some(&headers), ATTEMPT_HEADER), Some(3));
-        assert_eq!(header_count(Some(&headers), DELIVERY_COUNT_HEADER), Some(2));
-        headers.insert(ATTEMPT_HEADER.into(), AMQPValue::LongInt(-1));
-        assert_eq!(header_count(Some(&headers), ATTEMPT_HEADER), None);
+        assert_eq!(attempt_of(None), 1);
+        assert_eq!(attempt_of(Some(&FieldTable::default())), 1);
+        let attempt = |value: AMQPValue| attempt_of(Some(&headers(vec![(ATTEMPT_HEADER, value)])));
+        assert_eq!(attempt(AMQPValue::LongLongInt(3)), 3);
+        assert_eq!(
+            attempt_of(Some(&headers(vec![
+                (ATTEMPT_HEADER, AMQPValue::LongLongInt(3)),
+                (DELIVERY_COUNT_HEADER, AMQPValue::LongInt(2)),
+            ]))),
+            5,
+            "3 + two redeliveries"
+        );
+        assert_eq!(
+            attempt_of(Some(&headers(vec![(
+                DELIVERY_COUNT_HEADER,
+                AMQPValue::LongLongInt(4)
+            )]))),
+            5,
+            "no x-idem-attempt: 1 + 4"
+        );
+        // Every AMQP integer type, and strings.
+        assert_eq!(attempt(AMQPValue::ShortShortUInt(2)), 2);
+        assert_eq!(attempt(AMQPValue::ShortShortInt(2)), 2);
+        assert_eq!(attempt(AMQPValue::ShortUInt(2)), 2);
+        assert_eq!(attempt(AMQPValue::ShortInt(2)), 2);
+        assert_eq!(attempt(AMQPValue::LongUInt(2)), 2);
+        assert_eq!(attempt(AMQPValue::LongInt(2)), 2);
+        assert_eq!(attempt(AMQPValue::Timestamp(2)), 2);
+        assert_eq!(attempt(AMQPValue::LongString(" 7 ".into())), 7);
+        assert_eq!(attempt(AMQPValue::ShortString("7".into())), 7);
+        // Zero, negative, not a number: the first attempt.
+        for value in [
+            AMQPValue::LongLongInt(0),
+            AMQPValue::LongLongInt(-1),
+            AMQPValue::LongLongInt(i64::MIN),
+            AMQPValue::ShortShortInt(-128),
+            AMQPValue::LongString("-3".into()),
+            AMQPValue::LongString("three".into()),
+            AMQPValue::LongString(vec![0xff, 0xfe].into()),
+            AMQPValue::ShortString("".into()),
+            AMQPValue::Double(2.0),
+            AMQPValue::Boolean(true),
+            AMQPValue::Void,
+        ] {
+            assert_eq!(attempt(value.clone()), 1, "{value:?}");
+        }
+        // Huge values saturate.
+        assert_eq!(attempt(AMQPValue::LongLongInt(i64::MAX)), u32::MAX);
+        assert_eq!(
+            attempt_of(Some(&headers(vec![
+                (ATTEMPT_HEADER, AMQPValue::Timestamp(u64::MAX)),
+                (DELIVERY_COUNT_HEADER, AMQPValue::Timestamp(u64::MAX)),
+            ]))),
+            u32::MAX
+        );
+        // An unreadable delivery count counts nothing.
+        assert_eq!(
+            attempt_of(Some(&headers(vec![
+                (ATTEMPT_HEADER, AMQPValue::LongInt(2)),
+                (DELIVERY_COUNT_HEADER, AMQPValue::LongInt(-5)),
+            ]))),
+            2
+        );
     }
 
     #[test]
