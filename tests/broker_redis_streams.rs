@@ -1343,3 +1343,32 @@ async fn an_own_loop_reads_an_entry_with_a_non_utf8_field_name() {
     assert_eq!(read[1].field("payload"), None);
     assert_eq!(read[2].payload(&group), b"3");
 }
+
+/// Out-of-range durations in the configuration are clamped: no overflow panic in `run`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn huge_durations_do_not_panic() {
+    let (store, table) = pg("huge").await;
+    let mut conn = redis().await;
+    // Touches every second: the reads block no longer than that.
+    let group = fresh_group("huge").with_reclaim_idle(Duration::from_secs(3));
+    let order = Order {
+        key: idem_tests::unique_key("rs-huge"),
+        table: table.clone(),
+    };
+    group.publish(&mut conn, &order.json()).await.expect("XADD");
+    let consumer = RedisStreamConsumer::new(
+        client(),
+        group.clone(),
+        "huge-1",
+        idem_runtime::handler!(on_order),
+        store.clone(),
+    )
+    .with_block(Duration::MAX)
+    .with_reclaim_interval(Duration::MAX);
+    let stats = consumer.stats();
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(consumer.run(shutdown.clone()));
+    let report = drain_and_stop(&mut conn, &group, &stats, 1, &shutdown, run).await;
+    assert_eq!(report.processed, 1, "{report:?}");
+    drop_table(&store, &table).await;
+}

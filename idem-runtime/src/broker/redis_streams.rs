@@ -290,9 +290,10 @@ impl StreamGroup {
     /// take it over with `XAUTOCLAIM` (default 60 s): the time a dead consumer's entries wait,
     /// and the cap on retry delays. Runners keep their running entries fresh (`XCLAIM …
     /// JUSTID` every third of it), so a long handler is not taken over while it runs.
+    /// Clamped to between 1 ms and [`MAX_DURATION`] (one day).
     #[must_use]
     pub fn with_reclaim_idle(mut self, idle: Duration) -> Self {
-        self.reclaim_idle = idle.max(Duration::from_millis(1));
+        self.reclaim_idle = clamp(idle);
         self
     }
 
@@ -625,6 +626,22 @@ pub const MAX_COPIED_FIELDS: usize = 1000;
 /// `<stream>/<entry id>`: an entry's id, unique across streams.
 fn qualified_id(group: &StreamGroup, delivery: &StreamDelivery) -> Box<str> {
     format!("{}/{}", group.stream, delivery.id).into()
+}
+
+/// The longest block, reclaim interval and reclaim idle time: one day. Longer ones are
+/// clamped to it (they would overflow a deadline, or Redis's millisecond arguments).
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// A configured duration, between 1 ms and [`MAX_DURATION`].
+fn clamp(duration: Duration) -> Duration {
+    duration.clamp(Duration::from_millis(1), MAX_DURATION)
+}
+
+/// `now + duration`, never overflowing: at most a day later when `duration` is out of range.
+fn later(now: Instant, duration: Duration) -> Instant {
+    now.checked_add(duration)
+        .or_else(|| now.checked_add(MAX_DURATION))
+        .unwrap_or(now)
 }
 
 fn millis(duration: Duration) -> u64 {
@@ -1074,20 +1091,22 @@ where
         self
     }
 
-    /// How long one `XREADGROUP` waits for new entries (default 2 s, at least 1 ms). Shutdown
-    /// waits for a read in progress, so this bounds how long it takes to stop reading.
+    /// How long one `XREADGROUP` waits for new entries (default 2 s, clamped to between 1 ms
+    /// and [`MAX_DURATION`]; a read also stops waiting at the next reclaim sweep or touch).
+    /// Shutdown waits for a read in progress, so this bounds how long it takes to stop
+    /// reading.
     #[must_use]
     pub fn with_block(mut self, block: Duration) -> Self {
-        self.block = block.max(Duration::from_millis(1));
+        self.block = clamp(block);
         self
     }
 
     /// How often the runner sweeps the pending list for entries to reclaim (default: a quarter
     /// of the reclaim idle time, at most 1 s). A retry is delivered within this long after its
-    /// delay.
+    /// delay. Clamped to between 1 ms and [`MAX_DURATION`].
     #[must_use]
     pub fn with_reclaim_interval(mut self, interval: Duration) -> Self {
-        self.reclaim_interval = Some(interval.max(Duration::from_millis(1)));
+        self.reclaim_interval = Some(clamp(interval));
         self
     }
 
@@ -1125,7 +1144,7 @@ where
             .client
             .get_connection_manager_with_config(
                 ConnectionManagerConfig::new()
-                    .set_response_timeout(Some(self.block + Duration::from_secs(5))),
+                    .set_response_timeout(Some(self.block.saturating_add(Duration::from_secs(5)))),
             )
             .await
             .map_err(connect_error)?;
@@ -1145,7 +1164,7 @@ where
         let mut ahead: VecDeque<StreamDelivery> = VecDeque::new();
         // Take over what dead consumers left at once.
         let mut next_reclaim = Instant::now();
-        let mut next_touch = Instant::now() + touch_interval;
+        let mut next_touch = later(Instant::now(), touch_interval);
         let mut cursor = String::from("0-0");
         let mut retry_after_error = Duration::ZERO;
 
@@ -1157,7 +1176,7 @@ where
                     () = shutdown.cancelled() => break 'consume,
                     () = tokio::time::sleep_until(next_touch) => {
                         touch(&mut conn, group, &self.consumer, &held, &ahead).await;
-                        next_touch = Instant::now() + touch_interval;
+                        next_touch = later(Instant::now(), touch_interval);
                     }
                     permit = workers.ready() => break permit,
                 }
@@ -1167,7 +1186,7 @@ where
                 let now = Instant::now();
                 if now >= next_touch {
                     touch(&mut conn, group, &self.consumer, &held, &ahead).await;
-                    next_touch = now + touch_interval;
+                    next_touch = later(now, touch_interval);
                 }
                 if let Some(delivery) = ahead.pop_front() {
                     break delivery;
@@ -1190,14 +1209,14 @@ where
                             // A full sweep done: the next one after the interval; otherwise
                             // continue the scan at once.
                             if next == "0-0" {
-                                next_reclaim = now + reclaim_interval;
+                                next_reclaim = later(now, reclaim_interval);
                             }
                             cursor = next;
                         }
                         Err(error) => {
                             tracing::warn!(target: "idem", %error, "reclaim failed; retrying");
                             retry_after_error = backoff(retry_after_error);
-                            next_reclaim = now + reclaim_interval;
+                            next_reclaim = later(now, reclaim_interval);
                         }
                     }
                     continue;
@@ -1408,6 +1427,25 @@ mod tests {
 
     fn bulk(text: &[u8]) -> Value {
         Value::BulkString(text.to_vec())
+    }
+
+    #[test]
+    fn out_of_range_durations_are_clamped_not_overflowed() {
+        let group = StreamGroup::new("s", "g").with_reclaim_idle(Duration::MAX);
+        assert_eq!(group.reclaim_idle(), MAX_DURATION);
+        let group = StreamGroup::new("s", "g").with_reclaim_idle(Duration::ZERO);
+        assert_eq!(group.reclaim_idle(), Duration::from_millis(1));
+        assert_eq!(clamp(Duration::MAX), MAX_DURATION);
+        let now = Instant::now();
+        assert!(later(now, Duration::MAX) > now);
+        assert_eq!(
+            later(now, Duration::from_secs(1)),
+            now + Duration::from_secs(1)
+        );
+        assert_eq!(
+            Duration::MAX.saturating_add(Duration::from_secs(5)),
+            Duration::MAX
+        );
     }
 
     #[test]
