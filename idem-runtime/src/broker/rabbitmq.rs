@@ -38,7 +38,7 @@
 //!   destination (the retry tier, or the dead-letter exchange and queue) and is published once
 //!   more. On a closed channel nothing is sent: RabbitMQ has requeued the delivery.
 //! - **cancelled at the shutdown deadline, or the process died**: nothing; RabbitMQ redelivers
-//!   the message when the channel closes.
+//!   the message when the channel closes (the runner closes it as it returns).
 //!
 //! ## Why retry queues by tier
 //!
@@ -62,7 +62,11 @@
 //! so a message that crashes its consumer every time (a poison pill) is redelivered forever.
 //! For such workloads declare the work queue as a quorum queue with a delivery limit (its
 //! dead-lettering already points at the dead-letter exchange), with
-//! [`RabbitMqTopology::with_queue_arguments`]:
+//! [`RabbitMqTopology::with_queue_arguments`]. On RabbitMQ 3.x and 4.0–4.2 the broker then
+//! dead-letters a message past `x-delivery-limit` redeliveries, which ends a crash loop; from
+//! 4.3 on, a message returned to the queue without a failure (a closed channel, a
+//! cancelled consumer) no longer counts towards the limit, so check how your version counts
+//! before relying on it to stop a consumer that crashes:
 //!
 //! ```
 //! use idem_runtime::broker::rabbitmq::{lapin, RabbitMqTopology};
@@ -75,6 +79,12 @@
 //! let topology = topology.with_queue_arguments(arguments);
 //! # Ok::<(), idem_runtime::broker::rabbitmq::RabbitMqError>(())
 //! ```
+//!
+//! On a quorum queue, attempts can also rise without a run: when the runner shuts down, the
+//! deliveries it had prefetched but not started are returned to the queue (its channel closes)
+//! and come back with `x-delivery-count` one higher, so their next delivery counts one more
+//! attempt than the handler ran. Keep the prefetch small next to `max_attempts` (and the
+//! delivery limit) if restarts are frequent.
 //!
 //! # The runner
 //!
@@ -137,8 +147,24 @@
 //!
 //! To keep a loop you already have, wrap each delivery in a [`RabbitMqAcknowledger`] and hand it
 //! to the handler, which acks, requeues or dead-letters it. The channel it is given publishes the
-//! retry and dead-letter copies and must have publisher confirms enabled (`confirm_select`); it
-//! may be the consuming channel.
+//! retry and dead-letter copies; it may be the consuming channel. Three rules, which the runner
+//! keeps by itself:
+//!
+//! - **Consume with manual acks** (`no_ack = false`, the default of `BasicConsumeOptions`): the
+//!   acknowledger acks, nacks and dead-letters by delivery tag, and an auto-acked delivery would
+//!   be gone before its commit.
+//! - **The acknowledger's channel must be in confirm mode** (`confirm_select`) **and carry no
+//!   other mandatory publishes**: a copy counts as stored only once the broker confirms it (on
+//!   a channel without confirms every copy fails with [`RabbitMqError::ConfirmsNotEnabled`] and
+//!   the delivery is handed back after a wait), and lapin attaches a returned (unroutable)
+//!   message to whichever confirm of the channel completes next. The acknowledgers of one
+//!   channel publish their copies one at a time for that reason; publish your own messages on
+//!   another channel.
+//! - **Settle every acknowledger; cancel handlers only at shutdown, then close the channel.** An
+//!   acknowledger dropped without settling (a handler future cancelled, a `select!` that lost)
+//!   leaves its delivery unacked: RabbitMQ redelivers it only when the channel closes, or after
+//!   its `consumer_timeout` (30 min by default), when it closes the channel itself, with every
+//!   other delivery on it. Until then the delivery holds a prefetch slot.
 //!
 //! ```no_run
 //! # use idem_runtime::{idempotent, HandlerError, PgStore, PgTx};
@@ -1107,7 +1133,9 @@ where
     /// Consumes until `shutdown` is cancelled: then stops fetching (`basic.cancel`), lets the
     /// handlers in flight finish and settle for up to the shutdown grace, cancels the rest
     /// (their deliveries are not acked), closes the channel (RabbitMQ requeues what was not
-    /// settled) and returns what it did.
+    /// settled) and returns what it did. The deliveries prefetched but never started go back
+    /// too; on a quorum queue they come back with `x-delivery-count` one higher, so their
+    /// attempt number rises without a run (see the [module documentation](self)).
     ///
     /// # Errors
     ///
