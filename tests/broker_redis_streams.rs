@@ -1372,3 +1372,64 @@ async fn huge_durations_do_not_panic() {
     assert_eq!(report.processed, 1, "{report:?}");
     drop_table(&store, &table).await;
 }
+
+/// `(id, idle ms)` of each pending entry.
+async fn pending_idle(conn: &mut ConnectionManager, group: &StreamGroup) -> Vec<(String, i64)> {
+    let reply: Vec<(String, String, i64, i64)> = redis::cmd("XPENDING")
+        .arg(group.stream())
+        .arg(group.group())
+        .arg("-")
+        .arg("+")
+        .arg(1000)
+        .query_async(conn)
+        .await
+        .expect("XPENDING detail");
+    reply
+        .into_iter()
+        .map(|(id, _consumer, idle, _count)| (id, idle))
+        .collect()
+}
+
+/// While shutdown waits for a running handler, its entry is still kept fresh: its idle time
+/// stays under the reclaim idle time, so no other consumer takes it over mid-drain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn entries_are_kept_fresh_while_shutdown_drains() {
+    let (store, table) = pg("drain_touch").await;
+    let mut conn = redis().await;
+    let reclaim_idle = Duration::from_millis(900);
+    let group = fresh_group("drain-touch").with_reclaim_idle(reclaim_idle);
+    let order = Order {
+        key: idem_tests::unique_key("rs-drain-touch"),
+        table: table.clone(),
+    };
+    group.publish(&mut conn, &order.json()).await.expect("XADD");
+    let consumer = RedisStreamConsumer::new(
+        client(),
+        group.clone(),
+        "drain-touch-1",
+        idem_runtime::handler!(on_slow),
+        store.clone(),
+    )
+    .with_options(ConsumerOptions::default().shutdown_grace(Duration::from_secs(20)));
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(consumer.run(shutdown.clone()));
+    eventually("the slow body started", || async {
+        !times(&order.key).is_empty()
+    })
+    .await;
+    shutdown.cancel();
+    let mut most_idle = 0;
+    while !run.is_finished() {
+        for (_, idle) in pending_idle(&mut conn, &group).await {
+            most_idle = most_idle.max(idle);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let report = run.await.expect("the runner's task").expect("the runner");
+    assert_eq!(report.processed, 1, "{report:?}");
+    assert!(
+        most_idle < i64::try_from(reclaim_idle.as_millis()).expect("ms"),
+        "the entry went {most_idle} ms untouched during the drain"
+    );
+    drop_table(&store, &table).await;
+}

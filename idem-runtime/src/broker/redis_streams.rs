@@ -130,8 +130,9 @@
 //! # }
 //! ```
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use redis::Value;
@@ -789,9 +790,44 @@ impl StreamDelivery {
     }
 }
 
-/// The entries a runner's handlers hold: kept fresh while they run, so that no consumer
-/// reclaims them; what is left after the shutdown deadline was cancelled.
-type Held = tokio::sync::Mutex<HashSet<String>>;
+/// The entries a runner's handlers hold, with how many handlers hold each (two when a
+/// reclaim handed this runner an entry one of its handlers still runs): kept fresh while any
+/// holder runs, so that no consumer reclaims them; what is left after the shutdown deadline
+/// was cancelled.
+type Held = tokio::sync::Mutex<HashMap<String, usize>>;
+
+/// One handler's hold on its entry, released exactly once: by the settle, or after the
+/// handler returned without settling (a refused settle). Never when the handler is
+/// cancelled at the shutdown deadline: its entry stays held, and is handed back.
+struct Hold {
+    held: Arc<Held>,
+    id: String,
+    released: AtomicBool,
+}
+
+impl Hold {
+    async fn take(held: &Arc<Held>, id: String) -> Arc<Self> {
+        *held.lock().await.entry(id.clone()).or_default() += 1;
+        Arc::new(Self {
+            held: Arc::clone(held),
+            id,
+            released: AtomicBool::new(false),
+        })
+    }
+
+    async fn release(&self) {
+        if self.released.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let mut held = self.held.lock().await;
+        if let Some(holders) = held.get_mut(&self.id) {
+            *holders = holders.saturating_sub(1);
+            if *holders == 0 {
+                held.remove(&self.id);
+            }
+        }
+    }
+}
 
 /// The [`Acknowledger`] of one stream entry read by one consumer of a group.
 ///
@@ -815,7 +851,7 @@ pub struct RedisStreamAcknowledger {
     delivery: StreamDelivery,
     /// `<stream>/<entry id>`: the default message id.
     qualified_id: Box<str>,
-    held: Option<Arc<Held>>,
+    held: Option<Arc<Hold>>,
 }
 
 impl std::fmt::Debug for RedisStreamAcknowledger {
@@ -870,8 +906,8 @@ impl RedisStreamAcknowledger {
 
     /// The entry no longer needs keeping fresh: it is being settled.
     async fn release(&self) {
-        if let Some(held) = &self.held {
-            held.lock().await.remove(&self.delivery.id);
+        if let Some(hold) = &self.held {
+            hold.release().await;
         }
     }
 }
@@ -992,7 +1028,8 @@ impl Acknowledger for RedisStreamAcknowledger {
 ///   retries whose delay is over, and entries of consumers that died.
 /// - Every third of the reclaim idle time, the entries its handlers hold (and those fetched
 ///   ahead) are touched (`XCLAIM … JUSTID`, which resets their idle time and not their
-///   delivery count), so that no one reclaims them while they run.
+///   delivery count), so that no one reclaims them while they run: also while the runner
+///   waits out the backoff after a failed read, and while shutdown waits for the handlers.
 /// - Each entry is handled inside a span `idem.delivery` with `stream`, `entry_id` and
 ///   `delivery_count`.
 /// - On cancellation it stops reading and reclaiming, hands the entries fetched ahead back
@@ -1167,6 +1204,8 @@ where
         let mut next_touch = later(Instant::now(), touch_interval);
         let mut cursor = String::from("0-0");
         let mut retry_after_error = Duration::ZERO;
+        // After a failed read or reclaim: not before this.
+        let mut retry_at: Option<Instant> = None;
 
         'consume: loop {
             // A free handler slot, keeping held entries fresh while waiting for one.
@@ -1191,12 +1230,17 @@ where
                 if let Some(delivery) = ahead.pop_front() {
                     break delivery;
                 }
-                if !retry_after_error.is_zero() {
-                    tokio::select! {
-                        biased;
-                        () = shutdown.cancelled() => break 'consume,
-                        () = tokio::time::sleep(retry_after_error) => {}
+                if let Some(at) = retry_at {
+                    if now < at {
+                        // Wait out the backoff, waking for the next touch on the way.
+                        tokio::select! {
+                            biased;
+                            () = shutdown.cancelled() => break 'consume,
+                            () = tokio::time::sleep_until(at.min(next_touch)) => {}
+                        }
+                        continue;
                     }
+                    retry_at = None;
                 }
                 if now >= next_reclaim {
                     match group
@@ -1216,6 +1260,7 @@ where
                         Err(error) => {
                             tracing::warn!(target: "idem", %error, "reclaim failed; retrying");
                             retry_after_error = backoff(retry_after_error);
+                            retry_at = Some(later(Instant::now(), retry_after_error));
                             next_reclaim = later(now, reclaim_interval);
                         }
                     }
@@ -1252,6 +1297,7 @@ where
                     Err(error) => {
                         tracing::warn!(target: "idem", %error, "XREADGROUP failed; retrying");
                         retry_after_error = backoff(retry_after_error);
+                        retry_at = Some(later(Instant::now(), retry_after_error));
                     }
                 }
             };
@@ -1263,9 +1309,20 @@ where
         // with the delivery count they had before this consumer took them.
         let unstarted: Vec<StreamDelivery> = ahead.drain(..).collect();
         hand_back(&mut conn, group, &self.consumer, &unstarted).await;
-        workers.drain(self.options.grace()).await;
+        // The running handlers finish, their entries kept fresh meanwhile.
+        let drain = workers.drain(self.options.grace());
+        tokio::pin!(drain);
+        loop {
+            tokio::select! {
+                () = &mut drain => break,
+                () = tokio::time::sleep_until(next_touch) => {
+                    touch(&mut conn, group, &self.consumer, &held, &ahead).await;
+                    next_touch = later(Instant::now(), touch_interval);
+                }
+            }
+        }
         // What is still held was cancelled at the deadline: unacknowledged, reclaimable now.
-        let cancelled: Vec<String> = held.lock().await.drain().collect();
+        let cancelled: Vec<String> = held.lock().await.drain().map(|(id, _)| id).collect();
         if !cancelled.is_empty() {
             let ids: Vec<&str> = cancelled.iter().map(String::as_str).collect();
             release_ids(&mut conn, group, &self.consumer, &ids, None).await;
@@ -1281,8 +1338,7 @@ where
         held: &Arc<Held>,
         delivery: StreamDelivery,
     ) {
-        let id = delivery.id.clone();
-        held.lock().await.insert(id.clone());
+        let hold = Hold::take(held, delivery.id.clone()).await;
         let span = tracing::info_span!(
             "idem.delivery",
             stream = %self.group.stream,
@@ -1298,13 +1354,12 @@ where
             group: self.group.clone(),
             consumer: Arc::clone(&self.consumer),
             delivery,
-            held: Some(Arc::clone(held)),
+            held: Some(Arc::clone(&hold)),
         };
         let handler = Arc::clone(&self.handler);
         let store = Arc::clone(&self.store);
         let decoder = Arc::clone(&self.decoder);
         let stats = Arc::clone(&self.stats);
-        let held = Arc::clone(held);
         workers.spawn(
             permit,
             async move {
@@ -1325,7 +1380,7 @@ where
                     deliver(&*handler, &*decoder, &*store, payload, ack, &stats).await;
                 }
                 // Settled, or left for a reclaim after a refused settle: no longer held.
-                held.lock().await.remove(&id);
+                hold.release().await;
             }
             .instrument(span),
         );
@@ -1357,7 +1412,7 @@ async fn touch(
         .arg(&*group.group)
         .arg(consumer)
         .arg(0);
-    for id in held.iter() {
+    for id in held.keys() {
         cmd.arg(id);
     }
     for delivery in ahead {
@@ -1446,6 +1501,18 @@ mod tests {
             Duration::MAX.saturating_add(Duration::from_secs(5)),
             Duration::MAX
         );
+    }
+
+    #[tokio::test]
+    async fn an_entry_held_twice_stays_held_until_both_release() {
+        let held: Arc<Held> = Arc::default();
+        let first = Hold::take(&held, "1-0".into()).await;
+        let second = Hold::take(&held, "1-0".into()).await;
+        first.release().await;
+        first.release().await; // once only
+        assert_eq!(held.lock().await.get("1-0"), Some(&1));
+        second.release().await;
+        assert!(held.lock().await.is_empty());
     }
 
     #[test]
