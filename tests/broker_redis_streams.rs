@@ -1433,3 +1433,44 @@ async fn entries_are_kept_fresh_while_shutdown_drains() {
     );
     drop_table(&store, &table).await;
 }
+
+/// An entry deleted from the stream (`XDEL`, `XTRIM`, `MAXLEN`) while pending: the reclaim
+/// that finds it gone writes a stub dead letter with its id, so nothing disappears silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_entry_deleted_while_pending_leaves_a_stub_dead_letter() {
+    let mut conn = redis().await;
+    let group = fresh_group("deleted").with_reclaim_idle(Duration::from_millis(1));
+    group
+        .create(&mut conn, Default::default())
+        .await
+        .expect("XGROUP CREATE");
+    let entry_id = group.publish(&mut conn, b"{}").await.expect("XADD");
+    let read = group
+        .read(&mut conn, "own", 10, None)
+        .await
+        .expect("XREADGROUP");
+    assert_eq!(read.len(), 1);
+    let deleted: i64 = redis::cmd("XDEL")
+        .arg(group.stream())
+        .arg(&entry_id)
+        .query_async(&mut conn)
+        .await
+        .expect("XDEL");
+    assert_eq!(deleted, 1);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let reclaimed = group
+        .reclaim(&mut conn, "other", 10)
+        .await
+        .expect("XAUTOCLAIM");
+    assert!(reclaimed.is_empty(), "{reclaimed:?}");
+    assert_eq!(pending(&mut conn, &group).await, 0);
+    let letters = entries(&mut conn, group.dead_letter_stream()).await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let fields = &letters[0].1;
+    assert_eq!(fields[ID_FIELD], entry_id);
+    assert_eq!(fields[STREAM_FIELD], group.stream());
+    assert_eq!(
+        fields[REASON_FIELD],
+        "entry deleted from the stream before it was settled"
+    );
+}

@@ -436,8 +436,9 @@ impl StreamGroup {
     /// Takes over up to `count` entries that have been pending, untouched, for at least the
     /// reclaim idle time, whoever held them (`XAUTOCLAIM`, with each entry's new delivery count
     /// from `XPENDING`, in one script): a dead consumer's entries, and requeued ones whose
-    /// delay is over. Scans the pending list from the start; entries deleted from the stream
-    /// meanwhile are dropped from the pending list by Redis, and skipped.
+    /// delay is over. Entries deleted from the stream while pending (`XDEL`, `XTRIM`,
+    /// `MAXLEN`) are dropped from the pending list by Redis: for each, a stub dead letter with
+    /// `idem-id`, `idem-stream`, `idem-group` and `idem-reason` [`DELETED_REASON`] is written.
     pub async fn reclaim(
         &self,
         conn: &mut ConnectionManager,
@@ -462,11 +463,17 @@ impl StreamGroup {
             std::sync::LazyLock::new(|| redis::Script::new(RECLAIM_SCRIPT));
         let reply: Value = RECLAIM
             .key(&*self.stream)
+            .key(&*self.dead_letter_stream)
             .arg(&*self.group)
             .arg(consumer)
             .arg(millis(self.reclaim_idle))
             .arg(cursor)
             .arg(count.max(1))
+            .arg(REASON_FIELD)
+            .arg(ID_FIELD)
+            .arg(STREAM_FIELD)
+            .arg(GROUP_FIELD)
+            .arg(DELETED_REASON)
             .invoke_async(conn)
             .await
             .map_err(|error| self.command_error("XAUTOCLAIM", error))?;
@@ -477,18 +484,33 @@ impl StreamGroup {
         if parts.len() < 3 {
             return Err(malformed());
         }
+        let refused = if parts.len() > 3 { parts.pop() } else { None };
         let deleted = parts.pop();
         let claimed = parts.pop();
         let next = parts.pop().and_then(text).ok_or_else(malformed)?;
-        if let Some(Value::Array(deleted)) = deleted
-            && !deleted.is_empty()
-        {
+        let ids = |value: Option<Value>| match value {
+            Some(Value::Array(ids)) => ids.into_iter().filter_map(text).collect(),
+            _ => Vec::new(),
+        };
+        let (deleted, refused): (Vec<String>, Vec<String>) = (ids(deleted), ids(refused));
+        if !deleted.is_empty() {
             tracing::warn!(
                 target: "idem",
                 stream = %self.stream,
                 group = %self.group,
-                deleted = deleted.len(),
-                "pending entries were deleted from the stream before they were acknowledged; Redis dropped them from the pending list"
+                dead_letter_stream = %self.dead_letter_stream,
+                ?deleted,
+                "pending entries were deleted from the stream before they were settled; Redis dropped them from the pending list; stub dead letters written"
+            );
+        }
+        if !refused.is_empty() {
+            tracing::error!(
+                target: "idem",
+                stream = %self.stream,
+                group = %self.group,
+                dead_letter_stream = %self.dead_letter_stream,
+                ?refused,
+                "pending entries were deleted from the stream before they were settled, and their stub dead letters were refused: they are gone"
             );
         }
         let Some(Value::Array(claimed)) = claimed else {
@@ -585,8 +607,12 @@ impl StreamGroup {
     }
 }
 
-/// `XAUTOCLAIM`, then each claimed entry's delivery count from `XPENDING`, atomically.
-/// Replies `{next cursor, {{id, {field, value, …}, count}, …}, {deleted id, …}}`.
+/// `XAUTOCLAIM`, then each claimed entry's delivery count from `XPENDING`, and a stub dead
+/// letter for each pending entry found deleted from the stream (which `XAUTOCLAIM` drops from
+/// the pending list), atomically. KEYS: stream, dead-letter stream. ARGV: group, consumer,
+/// min idle, cursor, count, then the reason, id, stream and group field names and the reason.
+/// Replies `{next cursor, {{id, {field, value, …}, count}, …}, {deleted id, …}, {deleted id
+/// whose stub was refused, …}}`.
 const RECLAIM_SCRIPT: &str = r"
 local reply = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 'COUNT', ARGV[5])
 local claimed = {}
@@ -598,8 +624,17 @@ for _, entry in ipairs(reply[2]) do
     claimed[#claimed + 1] = {entry[1], entry[2], count}
   end
 end
-return {reply[1], claimed, reply[3] or {}}
+local deleted = reply[3] or {}
+local refused = {}
+for _, id in ipairs(deleted) do
+  local added = redis.pcall('XADD', KEYS[2], '*', ARGV[6], ARGV[10], ARGV[7], id, ARGV[8], KEYS[1], ARGV[9], ARGV[1])
+  if type(added) == 'table' and added.err then refused[#refused + 1] = id end
+end
+return {reply[1], claimed, deleted, refused}
 ";
+
+/// The reason of the stub dead letter of an entry deleted from the stream while pending.
+pub const DELETED_REASON: &str = "entry deleted from the stream before it was settled";
 
 /// If the entry is still pending for the group, `XADD` the dead letter, then `XACK` the
 /// entry: atomically, and never twice. KEYS: stream, dead-letter stream. ARGV: group, id, then
