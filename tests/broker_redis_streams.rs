@@ -1474,3 +1474,65 @@ async fn an_entry_deleted_while_pending_leaves_a_stub_dead_letter() {
         "entry deleted from the stream before it was settled"
     );
 }
+
+/// A service's own loop dead-letters an entry it cannot decode with `dead_letter_now`, and
+/// sweeps the pending list with `reclaim_from`, continuing from the cursor it returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_own_loop_dead_letters_now_and_sweeps_with_a_cursor() {
+    let mut conn = redis().await;
+    let group = fresh_group("own-dl").with_reclaim_idle(Duration::from_millis(1));
+    group
+        .create(&mut conn, Default::default())
+        .await
+        .expect("XGROUP CREATE");
+    let entry_id = group.publish(&mut conn, b"{not json").await.expect("XADD");
+    let mut read = group
+        .read(&mut conn, "own", 10, None)
+        .await
+        .expect("XREADGROUP");
+    let delivery = read.remove(0);
+    let error = serde_json::from_slice::<Order>(delivery.payload(&group)).expect_err("poison");
+    RedisStreamAcknowledger::new(conn.clone(), &group, "own", delivery)
+        .dead_letter_now(&format!("undecodable: {error}"))
+        .await
+        .expect("dead-lettered");
+    assert_eq!(pending(&mut conn, &group).await, 0);
+    let letters = entries(&mut conn, group.dead_letter_stream()).await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].1[ID_FIELD], entry_id);
+    assert_eq!(letters[0].1[ATTEMPT_FIELD], "1");
+    assert!(letters[0].1[REASON_FIELD].starts_with("undecodable: "));
+
+    // 25 pending entries, swept 2 at a time (XAUTOCLAIM looks at 20 per call): the cursor
+    // carries the sweep past the first page.
+    for index in 0..25 {
+        group
+            .publish(&mut conn, format!("{index}").as_bytes())
+            .await
+            .expect("XADD");
+    }
+    assert_eq!(
+        group
+            .read(&mut conn, "own", 100, None)
+            .await
+            .expect("XREADGROUP")
+            .len(),
+        25
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut cursor = String::from("0-0");
+    let mut reclaimed = 0;
+    for _ in 0..100 {
+        let (next, page) = group
+            .reclaim_from(&mut conn, "other", &cursor, 2)
+            .await
+            .expect("XAUTOCLAIM");
+        reclaimed += page.len();
+        cursor = next;
+        if cursor == "0-0" {
+            break;
+        }
+    }
+    assert_eq!(cursor, "0-0");
+    assert_eq!(reclaimed, 25);
+}

@@ -87,8 +87,19 @@
 //!
 //! A service that already reads its streams keeps its loop and hands each entry to the
 //! handler with a [`RedisStreamAcknowledger`]: the handler acks, requeues or dead-letters the
-//! entry itself, after its commit. Run [`StreamGroup::reclaim`] now and then so that retries
-//! and a dead consumer's entries come back.
+//! entry itself, after its commit. An entry the loop cannot decode (or a
+//! [malformed](StreamDelivery::malformed) one, whose payload is empty) goes to the
+//! dead-letter stream with [`RedisStreamAcknowledger::dead_letter_now`]. Sweep the pending
+//! list now and then with [`StreamGroup::reclaim_from`], continuing from the cursor it
+//! returned, so that retries and a dead consumer's entries come back ([`StreamGroup::reclaim`]
+//! always starts from the beginning, and `XAUTOCLAIM` looks at no more than ten times `count`
+//! entries per call: with a long pending list, it may never reach the end).
+//!
+//! Unlike the runner, this loop does not keep the entries it holds fresh: an entry whose
+//! handler runs longer than the [reclaim idle time](StreamGroup::with_reclaim_idle) can be
+//! taken over by another consumer while it runs (the gate still runs its body once, but the
+//! work is done twice). Keep handlers well under the reclaim idle time, or touch the entries
+//! while they run (`XCLAIM <stream> <group> <consumer> 0 <id> … JUSTID`).
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -109,22 +120,29 @@
 //! let group = StreamGroup::new("orders", "ledger");
 //! group.create(&mut conn, GroupStart::Beginning).await?;
 //!
+//! let mut cursor = String::from("0-0");
 //! loop {
 //!     // No BLOCK on a shared connection manager: a blocked connection delays the acks
 //!     // behind it. Block on a connection of its own instead.
 //!     let mut deliveries = group.read(&mut conn, "ledger-1", 16, None).await?;
-//!     deliveries.extend(group.reclaim(&mut conn, "ledger-1", 16).await?);
+//!     // Retries and a dead consumer's entries, the scan continuing where it stopped.
+//!     let (next, reclaimed) = group.reclaim_from(&mut conn, "ledger-1", &cursor, 16).await?;
+//!     cursor = next;
+//!     deliveries.extend(reclaimed);
 //!     if deliveries.is_empty() {
 //!         tokio::time::sleep(Duration::from_millis(200)).await;
 //!     }
 //!     for delivery in deliveries {
-//!         let Ok(message) = serde_json::from_slice(delivery.payload(&group)) else {
-//!             // Undecodable: dead-letter it (here through the handler's own path).
-//!             continue;
-//!         };
+//!         let decoded = serde_json::from_slice::<OrderPaid>(delivery.payload(&group));
 //!         let ack = RedisStreamAcknowledger::new(conn.clone(), &group, "ledger-1", delivery);
-//!         // Acks after the commit, requeues or dead-letters by itself.
-//!         let _outcome = on_order_paid(&store, message, ack).await;
+//!         match decoded {
+//!             // Acks after the commit, requeues or dead-letters by itself.
+//!             Ok(message) => {
+//!                 let _outcome = on_order_paid(&store, message, ack).await;
+//!             }
+//!             // Cannot succeed: to the dead-letter stream, with the reason.
+//!             Err(error) => ack.dead_letter_now(&format!("undecodable: {error}")).await?,
+//!         }
 //!     }
 //! }
 //! # }
@@ -434,11 +452,15 @@ impl StreamGroup {
     }
 
     /// Takes over up to `count` entries that have been pending, untouched, for at least the
-    /// reclaim idle time, whoever held them (`XAUTOCLAIM`, with each entry's new delivery count
+    /// reclaim idle time, whoever held them, scanning from the start of the pending list
+    /// (`XAUTOCLAIM`, with each entry's new delivery count
     /// from `XPENDING`, in one script): a dead consumer's entries, and requeued ones whose
     /// delay is over. Entries deleted from the stream while pending (`XDEL`, `XTRIM`,
     /// `MAXLEN`) are dropped from the pending list by Redis: for each, a stub dead letter with
     /// `idem-id`, `idem-stream`, `idem-group` and `idem-reason` [`DELETED_REASON`] is written.
+    ///
+    /// Looks at no more than ten times `count` pending entries: to sweep a long pending list,
+    /// use [`reclaim_from`](Self::reclaim_from) with the cursor it returns.
     pub async fn reclaim(
         &self,
         conn: &mut ConnectionManager,
@@ -450,9 +472,12 @@ impl StreamGroup {
             .map(|(_, deliveries)| deliveries)
     }
 
-    /// [`reclaim`](Self::reclaim) from `cursor`; returns the cursor to continue from (`0-0`
-    /// once the whole pending list was scanned).
-    async fn reclaim_from(
+    /// [`reclaim`](Self::reclaim) from `cursor` (`0-0`: the start of the pending list);
+    /// returns the cursor to continue from, `0-0` once the whole pending list was scanned.
+    /// `XAUTOCLAIM` looks at no more than ten times `count` pending entries per call, so a
+    /// loop that always starts at `0-0` ([`reclaim`](Self::reclaim)) may never reach the
+    /// entries past them; pass the returned cursor to the next call.
+    pub async fn reclaim_from(
         &self,
         conn: &mut ConnectionManager,
         consumer: &str,
