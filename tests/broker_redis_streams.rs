@@ -494,7 +494,8 @@ async fn duplicates_run_once_under_concurrency() {
             }
         }
     }
-    assert!(published > 400);
+    // Two full rounds, every fifth key once more, every twentieth once more again.
+    assert_eq!(published, 200 + 200 + 40 + 10);
 
     let consumer = RedisStreamConsumer::new(
         client(),
@@ -815,23 +816,24 @@ async fn retries_are_spaced_by_the_backoff_and_counted() {
     let second_gap = times[2] - times[1];
     assert!(first_gap >= Duration::from_millis(500), "{first_gap:?}");
     assert!(second_gap >= Duration::from_millis(1000), "{second_gap:?}");
-    // Not a hot loop, nor stuck: at most the full delays plus the sweeps.
-    assert!(first_gap < Duration::from_millis(2500), "{first_gap:?}");
-    assert!(second_gap < Duration::from_millis(4000), "{second_gap:?}");
+    // Not stuck (loose: a loaded machine stretches the sweeps; the lower bounds are the point).
+    assert!(first_gap < Duration::from_secs(10), "{first_gap:?}");
+    assert!(second_gap < Duration::from_secs(10), "{second_gap:?}");
     assert_eq!(rows(&store, &table).await.get(&order.key), Some(&1));
     assert_eq!(pending(&mut conn, &group).await, 0);
-    // The same entry all along: gone from the stream's pending list, never dead-lettered.
+    // The same entry all along (never re-published): the stream holds the original entry and
+    // nothing else, gone from the pending list, never dead-lettered.
     assert!(
         entries(&mut conn, group.dead_letter_stream())
             .await
             .is_empty()
     );
-    assert!(
-        entries(&mut conn, group.stream())
-            .await
-            .iter()
-            .any(|(id, _)| *id == entry_id)
-    );
+    let ids: Vec<String> = entries(&mut conn, group.stream())
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(ids, [entry_id]);
     drop_table(&store, &table).await;
 }
 
@@ -970,8 +972,13 @@ async fn a_handler_cancelled_at_the_deadline_leaves_its_entry_pending() {
         pending_entries(&mut conn, &group).await,
         [(entry_id.clone(), 1)]
     );
+    // Handed back: idle for the whole reclaim idle time already, reclaimable at once.
+    let idle = pending_idle(&mut conn, &group).await;
+    assert_eq!(idle.len(), 1);
+    assert!(idle[0].1 >= 30_000, "{idle:?}");
 
-    // The next consumer reclaims it at once (the runner handed it back) and runs it.
+    // The next consumer reclaims it at once and runs it: well within the 30 s idle time.
+    let started = Instant::now();
     let consumer = RedisStreamConsumer::new(
         client(),
         group.clone(),
@@ -984,6 +991,11 @@ async fn a_handler_cancelled_at_the_deadline_leaves_its_entry_pending() {
     let shutdown = CancellationToken::new();
     let run = tokio::spawn(consumer.run(shutdown.clone()));
     let report = drain_and_stop(&mut conn, &group, &stats, 1, &shutdown, run).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "reclaimed after {:?}",
+        started.elapsed()
+    );
     assert_eq!(report.processed, 1, "{report:?}");
     assert_eq!(runs(&order.key), 2);
     assert_eq!(rows(&store, &table).await.get(&order.key), Some(&1));
