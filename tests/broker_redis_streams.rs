@@ -1317,8 +1317,8 @@ async fn a_non_utf8_field_name_does_not_fail_the_batch() {
         .query_async(&mut conn)
         .await
         .expect("XRANGE");
-    let letters: Vec<(String, Vec<(Vec<u8>, Vec<u8>)>)> =
-        redis::from_redis_value(letters).expect("entries");
+    type RawFields = Vec<(Vec<u8>, Vec<u8>)>;
+    let letters: Vec<(String, RawFields)> = redis::from_redis_value(letters).expect("entries");
     assert_eq!(letters.len(), 1, "{letters:?}");
     let fields = &letters[0].1;
     assert!(
