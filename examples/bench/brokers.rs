@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt as _;
 use idem_runtime::broker::nats::NatsConsumer;
+use idem_runtime::broker::rabbitmq::lapin;
 use idem_runtime::broker::rabbitmq::{RabbitMqConsumer, RabbitMqTopology};
 use idem_runtime::broker::{CancellationToken, ConsumerOptions, ConsumerStats};
 use idem_runtime::handler;
-use idem_runtime::broker::rabbitmq::lapin;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, QueueDeleteOptions,
@@ -61,8 +61,10 @@ fn payloads(config: &Config, role: Role, round: usize, count: usize) -> Vec<Vec<
         .map(|n| {
             let key = format!("{}-{}-{round}-{n}", config.run_id, role.name());
             let msg = bench_msg(key);
-            serde_json::to_vec(&serde_json::json!({ "order_id": msg.order_id, "amount": msg.amount }))
-                .unwrap_or_default()
+            serde_json::to_vec(
+                &serde_json::json!({ "order_id": msg.order_id, "amount": msg.amount }),
+            )
+            .unwrap_or_default()
         })
         .collect()
 }
@@ -91,7 +93,8 @@ async fn until_processed(stats: &ConsumerStats, expected: u64) -> Result<(), Box
 // ---- RabbitMQ -------------------------------------------------------------------------------
 
 fn amqp_url() -> String {
-    std::env::var("IDEM_TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+    std::env::var("IDEM_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
 }
 
 pub(super) async fn rabbitmq_pg(config: &Config) -> Result<Measurement, BoxError> {
@@ -170,10 +173,7 @@ pub(super) async fn rabbitmq_pg(config: &Config) -> Result<Measurement, BoxError
                 Role::Baseline => measurement.baseline.add(side),
                 Role::Ceiling => ceiling.add(side),
             }
-            for name in [
-                queue.clone(),
-                topology.dead_letter_queue().to_owned(),
-            ] {
+            for name in [queue.clone(), topology.dead_letter_queue().to_owned()] {
                 publisher
                     .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
                     .await?;
@@ -352,7 +352,9 @@ pub(super) async fn nats_pg(config: &Config) -> Result<Measurement, BoxError> {
     }
     context.delete_stream(&stream_name).await?;
     context
-        .delete_stream(idem_runtime::broker::nats::dead_letter_stream_name(&stream_name))
+        .delete_stream(idem_runtime::broker::nats::dead_letter_stream_name(
+            &stream_name,
+        ))
         .await?;
     measurement.extra.push((
         "broker_ceiling_per_s".to_owned(),
