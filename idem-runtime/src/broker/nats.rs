@@ -40,7 +40,7 @@
 //! enum AppError { #[error(transparent)] Db(#[from] sqlx::Error) }
 //! impl HandlerError for AppError {}
 //!
-//! #[idempotent(key = "order_id", store = "pg", strategy = "dedup_table", scope = "billing.order_paid")]
+//! #[idempotent(key = "order_id", store = "pg", strategy = "dedup_table", scope = "doc.nats.order_paid")]
 //! async fn on_order_paid(tx: &mut PgTx<'_>, msg: OrderPaid) -> Result<(), AppError> {
 //!     sqlx::query("INSERT INTO payments (order_id, amount) VALUES ($1, $2)")
 //!         .bind(&msg.order_id).bind(msg.amount)

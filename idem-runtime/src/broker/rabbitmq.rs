@@ -103,7 +103,7 @@
 //! }
 //! impl HandlerError for AppError {}
 //!
-//! #[idempotent(key = "order_id", store = "pg", strategy = "dedup_table", scope = "billing.order_paid")]
+//! #[idempotent(key = "order_id", store = "pg", strategy = "dedup_table", scope = "doc.rabbitmq.order_paid")]
 //! async fn on_order_paid(tx: &mut PgTx<'_>, msg: OrderPaid) -> Result<(), AppError> {
 //!     idem_runtime::sqlx::query("INSERT INTO payments (order_id, amount) VALUES ($1, $2)")
 //!         .bind(&msg.order_id).bind(msg.amount)
@@ -174,7 +174,7 @@
 //! # #[error("failed")]
 //! # struct AppError;
 //! # impl HandlerError for AppError {}
-//! # #[idempotent(key = "order_id", store = "pg", strategy = "dedup_table", scope = "billing.order_paid")]
+//! # #[idempotent(key = "order_id", store = "pg", strategy = "dedup_table", scope = "doc.rabbitmq.own_loop")]
 //! # async fn on_order_paid(tx: &mut PgTx<'_>, msg: OrderPaid) -> Result<(), AppError> { Ok(()) }
 //! use futures_util::StreamExt as _;
 //! use idem_runtime::broker::rabbitmq::{lapin, RabbitMqAcknowledger, RabbitMqTopology};
