@@ -48,7 +48,7 @@ impl Role {
 
     /// Idem and baseline alternate who goes first; the ceiling runs last.
     fn order(round: usize) -> [Self; 3] {
-        if round % 2 == 0 {
+        if round.is_multiple_of(2) {
             [Self::Idem, Self::Baseline, Self::Ceiling]
         } else {
             [Self::Baseline, Self::Idem, Self::Ceiling]
