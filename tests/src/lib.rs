@@ -374,3 +374,76 @@ pub fn init_tracing() {
             .try_init();
     });
 }
+
+/// A one-way gate a test opens for a handler body (or a body for the test), so that neither
+/// waits for time to pass: a "slow" body waits on the test's latch, a test waits on the body's.
+#[derive(Debug, Default)]
+pub struct Latch {
+    open: std::sync::atomic::AtomicBool,
+    opened: tokio::sync::Notify,
+}
+
+impl Latch {
+    /// Opens it: every waiter, present and future, goes on.
+    pub fn open(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.opened.notify_waiters();
+    }
+
+    /// Waits until it is open.
+    pub async fn wait(&self) {
+        loop {
+            let opened = self.opened.notified();
+            let mut opened = std::pin::pin!(opened);
+            opened.as_mut().enable();
+            if self.open.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            opened.await;
+        }
+    }
+}
+
+/// The latch named `name` (a key, plus a suffix saying what it is for), made on first use.
+///
+/// # Panics
+///
+/// Never: a poisoned lock is recovered.
+pub fn latch(name: &str) -> Arc<Latch> {
+    static LATCHES: OnceLock<Mutex<HashMap<String, Arc<Latch>>>> = OnceLock::new();
+    let mut latches = LATCHES
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    Arc::clone(latches.entry(name.to_owned()).or_default())
+}
+
+/// Awaits `work`, failing the test with `what` when it takes longer than 30 s.
+///
+/// # Panics
+///
+/// When `work` does not finish in time.
+pub async fn within<T>(what: &str, work: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(std::time::Duration::from_secs(30), work)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after 30 s waiting for {what}"))
+}
+
+/// Polls `check` until it holds, for state only another system knows and cannot announce (a
+/// queue's depth on the broker, a stream's pending list): every 20 ms for up to 30 s.
+///
+/// # Panics
+///
+/// When `check` does not hold in time.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    within(what, async {
+        while !check().await {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}

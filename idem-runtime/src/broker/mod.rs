@@ -191,6 +191,8 @@ pub struct ConsumerStats {
     dead_lettered: AtomicU64,
     unsettled: AtomicU64,
     settle_failures: AtomicU64,
+    /// Woken at every count, for [`ConsumerStats::wait_until`].
+    changed: tokio::sync::Notify,
 }
 
 /// A [`ConsumerStats`] reading.
@@ -236,6 +238,37 @@ impl ConsumerStats {
             Settled::Refused => &self.settle_failures,
         };
         counter.fetch_add(1, Ordering::Relaxed);
+        self.changed.notify_waiters();
+    }
+
+    /// Waits until a reading satisfies `done`, and returns it: woken by each settled delivery,
+    /// never polling. Wrap it in [`tokio::time::timeout`] to bound the wait.
+    ///
+    /// ```
+    /// use idem_runtime::broker::ConsumerStats;
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// let stats = ConsumerStats::default();
+    /// // Nothing settled yet: a wait for zero deliveries returns at once.
+    /// let report = stats.wait_until(|report| report.processed == 0).await;
+    /// assert_eq!(report.duplicates, 0);
+    /// # });
+    /// ```
+    pub async fn wait_until(
+        &self,
+        mut done: impl FnMut(&ConsumerReport) -> bool,
+    ) -> ConsumerReport {
+        loop {
+            // Registered before the reading, so a count between the two still wakes us.
+            let changed = self.changed.notified();
+            let mut changed = std::pin::pin!(changed);
+            changed.as_mut().enable();
+            let report = self.snapshot();
+            if done(&report) {
+                return report;
+            }
+            changed.await;
+        }
     }
 }
 
@@ -416,5 +449,29 @@ impl Workers {
             // The pipeline catches the handler's panics; this is a runner bug.
             tracing::error!(target: "idem", %error, "a delivery's task panicked");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_wait_on_the_stats_is_woken_by_the_count_it_waits_for() {
+        let stats = Arc::new(ConsumerStats::default());
+        let waiting = tokio::spawn({
+            let stats = Arc::clone(&stats);
+            async move { stats.wait_until(|report| report.processed == 2).await }
+        });
+        tokio::task::yield_now().await;
+        stats.count(Settled::Processed);
+        stats.count(Settled::Duplicate);
+        assert!(!waiting.is_finished());
+        stats.count(Settled::Processed);
+        let report = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("woken")
+            .expect("the waiting task");
+        assert_eq!((report.processed, report.duplicates), (2, 1));
     }
 }
