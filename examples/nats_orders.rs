@@ -15,11 +15,11 @@
 //! order, the poison message in the dead-letter stream. The last line is the summary; the exit
 //! code is non-zero when the ledger does not match.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::{self, consumer::AckPolicy, consumer::pull, stream};
 use idem_runtime::broker::nats::{NatsConsumer, ensure_dead_letter_stream};
-use idem_runtime::broker::{CancellationToken, ConsumerOptions};
+use idem_runtime::broker::{CancellationToken, ConsumerOptions, ConsumerReport};
 use idem_runtime::{HandlerError, PgStore, PgTx, idempotent};
 
 const ORDERS: usize = 40;
@@ -147,16 +147,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let stats = runner.stats();
     let shutdown = CancellationToken::new();
     let running = tokio::spawn(runner.run(shutdown.clone()));
-    let start = Instant::now();
-    loop {
-        let now = stats.snapshot();
-        if now.processed + now.duplicates + now.dead_lettered >= published
-            || start.elapsed() > Duration::from_secs(30)
-            || running.is_finished()
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    // Until every message is settled (woken by each settlement), for 30 s at most.
+    let settled =
+        |now: &ConsumerReport| now.processed + now.duplicates + now.dead_lettered >= published;
+    if tokio::time::timeout(Duration::from_secs(30), stats.wait_until(settled))
+        .await
+        .is_err()
+    {
+        eprintln!("not drained after 30 s: {:?}", stats.snapshot());
     }
     shutdown.cancel();
     let report = running.await??;

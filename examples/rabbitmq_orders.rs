@@ -20,7 +20,7 @@
 //! The exit code is non-zero when anything does not match.
 
 use std::sync::OnceLock;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use idem_runtime::broker::rabbitmq::lapin::options::{
     BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
@@ -29,7 +29,7 @@ use idem_runtime::broker::rabbitmq::lapin::options::{
 use idem_runtime::broker::rabbitmq::lapin::types::{AMQPValue, FieldTable};
 use idem_runtime::broker::rabbitmq::lapin::{self, BasicProperties, Channel};
 use idem_runtime::broker::rabbitmq::{REASON_HEADER, RabbitMqConsumer, RabbitMqTopology};
-use idem_runtime::broker::{CancellationToken, ConsumerOptions};
+use idem_runtime::broker::{CancellationToken, ConsumerOptions, ConsumerReport};
 use idem_runtime::{HandlerError, PgStore, PgTx, handler, idempotent, sqlx};
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -147,15 +147,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let stats = consumer.stats();
     let shutdown = CancellationToken::new();
     let running = tokio::spawn(consumer.run(shutdown.clone()));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let now = stats.snapshot();
-        if now.processed + now.duplicates + now.dead_lettered >= published
-            || Instant::now() > deadline
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    // Until every message is settled (woken by each settlement), for 20 s at most.
+    let settled =
+        |now: &ConsumerReport| now.processed + now.duplicates + now.dead_lettered >= published;
+    if tokio::time::timeout(Duration::from_secs(20), stats.wait_until(settled))
+        .await
+        .is_err()
+    {
+        eprintln!("not drained after 20 s: {:?}", stats.snapshot());
     }
     shutdown.cancel();
     let report = running.await??;

@@ -17,10 +17,10 @@
 //! the consumer shuts down gracefully, the ledger is checked, and one line reports it; the exit
 //! code is non-zero if the ledger does not match.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use idem_runtime::broker::redis_streams::{RedisStreamConsumer, StreamGroup};
-use idem_runtime::broker::{CancellationToken, ConsumerOptions};
+use idem_runtime::broker::{CancellationToken, ConsumerOptions, ConsumerReport};
 use idem_runtime::{HandlerError, PgStore, PgTx, idempotent};
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -126,19 +126,14 @@ async fn main() -> Result<(), BoxError> {
     let shutdown = CancellationToken::new();
     let running = tokio::spawn(consumer.run(shutdown.clone()));
 
-    // Until every entry is settled and none is pending, for 20 s at most.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let seen = stats.snapshot();
-        let settled = seen.processed + seen.duplicates + seen.dead_lettered;
-        if settled >= published && group.pending(&mut conn).await? == 0 {
-            break;
-        }
-        if Instant::now() > deadline {
-            eprintln!("not drained after 20 s: {seen:?}");
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    // Until every message is settled (woken by each settlement), for 20 s at most.
+    let settled =
+        |now: &ConsumerReport| now.processed + now.duplicates + now.dead_lettered >= published;
+    if tokio::time::timeout(Duration::from_secs(20), stats.wait_until(settled))
+        .await
+        .is_err()
+    {
+        eprintln!("not drained after 20 s: {:?}", stats.snapshot());
     }
     shutdown.cancel();
     let report = running.await??;

@@ -7,15 +7,15 @@
 //! Each side consumes its own freshly filled queue (or JetStream consumer), so only consuming
 //! is timed: from the first fetch to the last message settled.
 
+use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt as _;
 use idem_runtime::broker::nats::NatsConsumer;
 use idem_runtime::broker::rabbitmq::lapin;
 use idem_runtime::broker::rabbitmq::{RabbitMqConsumer, RabbitMqTopology};
-use idem_runtime::broker::{CancellationToken, ConsumerOptions, ConsumerStats};
+use idem_runtime::broker::{CancellationToken, ConsumerOptions, ConsumerReport, ConsumerStats};
 use idem_runtime::handler;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
@@ -69,25 +69,38 @@ fn payloads(config: &Config, role: Role, round: usize, count: usize) -> Vec<Vec<
         .collect()
 }
 
-/// Waits until `stats` counts `expected` processed deliveries, or fails after a minute
-/// without progress.
-async fn until_processed(stats: &ConsumerStats, expected: u64) -> Result<(), BoxError> {
-    let mut last = (0, Instant::now());
-    loop {
-        let report = stats.snapshot();
-        if report.processed >= expected {
-            return Ok(());
-        }
-        if report.requeued + report.dead_lettered > 0 {
-            return Err(format!("the benchmark handler failed: {report:?}").into());
-        }
-        if report.processed != last.0 {
-            last = (report.processed, Instant::now());
-        } else if last.1.elapsed() > Duration::from_secs(60) {
-            return Err(format!("no progress for a minute: {report:?}").into());
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
+/// Times idem's runner (`run`, already given `shutdown`) until it has processed `messages`
+/// deliveries, woken by each settlement; then shuts it down.
+async fn time_runner<E>(
+    stats: Arc<ConsumerStats>,
+    run: impl Future<Output = Result<ConsumerReport, E>> + Send + 'static,
+    shutdown: CancellationToken,
+    messages: usize,
+) -> Result<Side, BoxError>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let expected = messages as u64;
+    let started = Instant::now();
+    let running = tokio::spawn(run);
+    let report = tokio::time::timeout(
+        Duration::from_secs(300),
+        stats.wait_until(|report| {
+            report.processed >= expected || report.requeued + report.dead_lettered > 0
+        }),
+    )
+    .await?;
+    let elapsed = started.elapsed();
+    shutdown.cancel();
+    running.await??;
+    if report.processed < expected {
+        return Err(format!("the benchmark handler failed: {report:?}").into());
     }
+    Ok(Side {
+        messages,
+        elapsed,
+        latencies_us: Vec::new(),
+    })
 }
 
 // ---- RabbitMQ -------------------------------------------------------------------------------
@@ -148,19 +161,14 @@ pub(super) async fn rabbitmq_pg(config: &Config) -> Result<Measurement, BoxError
                             .concurrency(config.tasks)
                             .prefetch(prefetch),
                     );
-                    let stats = consumer.stats();
                     let shutdown = CancellationToken::new();
-                    let started = Instant::now();
-                    let running = tokio::spawn(consumer.run(shutdown.clone()));
-                    until_processed(&stats, per_round as u64).await?;
-                    let elapsed = started.elapsed();
-                    shutdown.cancel();
-                    running.await??;
-                    Side {
-                        messages: per_round,
-                        elapsed,
-                        latencies_us: Vec::new(),
-                    }
+                    time_runner(
+                        consumer.stats(),
+                        consumer.run(shutdown.clone()),
+                        shutdown,
+                        per_round,
+                    )
+                    .await?
                 }
                 Role::Baseline | Role::Ceiling => {
                     let pool = (role == Role::Baseline).then(|| store.pool().clone());
@@ -200,7 +208,7 @@ async fn rabbitmq_hand_written(
     channel
         .basic_qos(prefetch, BasicQosOptions::default())
         .await?;
-    let mut consumer = channel
+    let consumer = channel
         .basic_consume(
             queue.into(),
             "".into(),
@@ -208,52 +216,74 @@ async fn rabbitmq_hand_written(
             FieldTable::default(),
         )
         .await?;
-    let permits = Arc::new(Semaphore::new(tasks));
-    let done = Arc::new(AtomicUsize::new(0));
-    let all_done = Arc::new(tokio::sync::Notify::new());
-    let started = Instant::now();
-    let mut received = 0;
-    while received < messages {
-        let Some(delivery) = consumer.next().await else {
-            return Err("the consumer stream ended".into());
-        };
-        let delivery = delivery?;
-        received += 1;
-        let permit = Arc::clone(&permits).acquire_owned().await?;
-        let (pool, done, all_done) = (pool.clone(), Arc::clone(&done), Arc::clone(&all_done));
-        tokio::spawn(async move {
-            let result: Result<(), BoxError> = async {
-                if let Some(pool) = pool {
-                    let msg: serde_json::Value = serde_json::from_slice(&delivery.data)?;
-                    let mut tx = pool.begin().await?;
-                    sqlx::query(LEDGER_INSERT)
-                        .bind(msg["order_id"].as_str().unwrap_or_default())
-                        .bind(msg["amount"].as_i64().unwrap_or_default())
-                        .execute(&mut *tx)
-                        .await?;
-                    tx.commit().await?;
-                }
+    let side = consume_by_hand(
+        consumer,
+        tasks,
+        messages,
+        |delivery: lapin::message::Delivery| {
+            let pool = pool.clone();
+            async move {
+                insert_into_ledger(pool, &delivery.data).await?;
                 delivery.ack(BasicAckOptions::default()).await?;
                 Ok(())
             }
-            .await;
-            if let Err(error) = result {
-                eprintln!("hand-written consumer failed: {error}");
-            }
+        },
+    )
+    .await?;
+    channel.close(200, "done".into()).await?;
+    Ok(side)
+}
+
+/// What both hand-written consumers do with a delivery before acking it: with a pool,
+/// `BEGIN; INSERT; COMMIT`; without one (the ceiling), nothing.
+async fn insert_into_ledger(pool: Option<sqlx::PgPool>, payload: &[u8]) -> Result<(), BoxError> {
+    let Some(pool) = pool else { return Ok(()) };
+    let msg: serde_json::Value = serde_json::from_slice(payload)?;
+    let mut tx = pool.begin().await?;
+    sqlx::query(LEDGER_INSERT)
+        .bind(msg["order_id"].as_str().unwrap_or_default())
+        .bind(msg["amount"].as_i64().unwrap_or_default())
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Takes `messages` deliveries from `deliveries` and settles each with `settle`, `tasks` at
+/// once, as a hand-written consumer does; timed until the last is settled.
+async fn consume_by_hand<T, E, F, Fut>(
+    mut deliveries: impl futures_util::Stream<Item = Result<T, E>> + Unpin,
+    tasks: usize,
+    messages: usize,
+    settle: F,
+) -> Result<Side, BoxError>
+where
+    E: std::error::Error + Send + Sync + 'static,
+    F: Fn(T) -> Fut,
+    Fut: Future<Output = Result<(), BoxError>> + Send + 'static,
+{
+    let permits = Arc::new(Semaphore::new(tasks));
+    let mut running = tokio::task::JoinSet::new();
+    let started = Instant::now();
+    for _ in 0..messages {
+        let delivery = deliveries
+            .next()
+            .await
+            .ok_or("the consumer's stream ended")??;
+        let permit = Arc::clone(&permits).acquire_owned().await?;
+        let work = settle(delivery);
+        running.spawn(async move {
+            let settled = work.await;
             drop(permit);
-            if done.fetch_add(1, Ordering::AcqRel) + 1 == messages {
-                all_done.notify_one();
-            }
+            settled
         });
     }
-    if done.load(Ordering::Acquire) < messages {
-        all_done.notified().await;
+    while let Some(settled) = running.join_next().await {
+        settled??;
     }
-    let elapsed = started.elapsed();
-    channel.close(200, "done".into()).await?;
     Ok(Side {
         messages,
-        elapsed,
+        elapsed: started.elapsed(),
         latencies_us: Vec::new(),
     })
 }
@@ -323,19 +353,14 @@ pub(super) async fn nats_pg(config: &Config) -> Result<Measurement, BoxError> {
                             .concurrency(config.tasks)
                             .prefetch(prefetch),
                     );
-                    let stats = consumer.stats();
                     let shutdown = CancellationToken::new();
-                    let started = Instant::now();
-                    let running = tokio::spawn(consumer.run(shutdown.clone()));
-                    until_processed(&stats, per_round as u64).await?;
-                    let elapsed = started.elapsed();
-                    shutdown.cancel();
-                    running.await??;
-                    Side {
-                        messages: per_round,
-                        elapsed,
-                        latencies_us: Vec::new(),
-                    }
+                    time_runner(
+                        consumer.stats(),
+                        consumer.run(shutdown.clone()),
+                        shutdown,
+                        per_round,
+                    )
+                    .await?
                 }
                 Role::Baseline | Role::Ceiling => {
                     let pool = (role == Role::Baseline).then(|| store.pool().clone());
@@ -373,55 +398,23 @@ async fn nats_hand_written(
     messages: usize,
     pool: Option<sqlx::PgPool>,
 ) -> Result<Side, BoxError> {
-    let mut fetched = pull
+    let fetched = pull
         .stream()
         .max_messages_per_batch(usize::from(prefetch))
         .messages()
         .await?;
-    let permits = Arc::new(Semaphore::new(tasks));
-    let done = Arc::new(AtomicUsize::new(0));
-    let all_done = Arc::new(tokio::sync::Notify::new());
-    let started = Instant::now();
-    let mut received = 0;
-    while received < messages {
-        let Some(message) = fetched.next().await else {
-            return Err("the pull consumer's stream ended".into());
-        };
-        let message = message?;
-        received += 1;
-        let permit = Arc::clone(&permits).acquire_owned().await?;
-        let (pool, done, all_done) = (pool.clone(), Arc::clone(&done), Arc::clone(&all_done));
-        tokio::spawn(async move {
-            let result: Result<(), BoxError> = async {
-                if let Some(pool) = pool {
-                    let msg: serde_json::Value = serde_json::from_slice(&message.payload)?;
-                    let mut tx = pool.begin().await?;
-                    sqlx::query(LEDGER_INSERT)
-                        .bind(msg["order_id"].as_str().unwrap_or_default())
-                        .bind(msg["amount"].as_i64().unwrap_or_default())
-                        .execute(&mut *tx)
-                        .await?;
-                    tx.commit().await?;
-                }
+    consume_by_hand(
+        fetched,
+        tasks,
+        messages,
+        |message: async_nats::jetstream::Message| {
+            let pool = pool.clone();
+            async move {
+                insert_into_ledger(pool, &message.payload).await?;
                 message.double_ack().await?;
                 Ok(())
             }
-            .await;
-            if let Err(error) = result {
-                eprintln!("hand-written consumer failed: {error}");
-            }
-            drop(permit);
-            if done.fetch_add(1, Ordering::AcqRel) + 1 == messages {
-                all_done.notify_one();
-            }
-        });
-    }
-    if done.load(Ordering::Acquire) < messages {
-        all_done.notified().await;
-    }
-    Ok(Side {
-        messages,
-        elapsed: started.elapsed(),
-        latencies_us: Vec::new(),
-    })
+        },
+    )
+    .await
 }
