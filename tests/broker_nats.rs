@@ -25,9 +25,7 @@ use idem_runtime::handler::Handler;
 use idem_runtime::{
     Acknowledger, Disposition, Error, HandlerError, Outcome, PgStore, PgTx, idempotent,
 };
-use idem_tests::{count_run, run_id, runs, unique_key};
-
-const DEADLINE: Duration = Duration::from_secs(30);
+use idem_tests::{count_run, latch, run_id, runs, unique_key, within};
 
 // ---------------------------------------------------------------------------------------------
 // PostgreSQL: one runs table for this process.
@@ -236,7 +234,8 @@ async fn on_capped(tx: &mut PgTx<'_>, msg: Order) -> Result<(), AppError> {
 )]
 async fn on_slow(tx: &mut PgTx<'_>, msg: Order) -> Result<(), AppError> {
     record(tx, &msg.order_id).await?;
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    latch(&format!("{}.started", msg.order_id)).open();
+    latch(&format!("{}.release", msg.order_id)).wait().await;
     Ok(())
 }
 
@@ -248,11 +247,12 @@ async fn on_slow(tx: &mut PgTx<'_>, msg: Order) -> Result<(), AppError> {
 )]
 async fn on_graceful(tx: &mut PgTx<'_>, msg: Order) -> Result<(), AppError> {
     record(tx, &msg.order_id).await?;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    latch(&format!("{}.started", msg.order_id)).open();
+    latch(&format!("{}.release", msg.order_id)).wait().await;
     Ok(())
 }
 
-/// The first run is stuck for a minute (before its commit); later runs are quick.
+/// The first run is stuck for good (before its commit); later runs are quick.
 #[idempotent(
     key = "order_id",
     store = "pg",
@@ -262,7 +262,8 @@ async fn on_graceful(tx: &mut PgTx<'_>, msg: Order) -> Result<(), AppError> {
 async fn on_stuck(tx: &mut PgTx<'_>, msg: Order) -> Result<(), AppError> {
     count_run(&msg.order_id);
     if runs(&msg.order_id) == 1 {
-        tokio::time::sleep(Duration::from_secs(60)).await;
+        latch(&format!("{}.started", msg.order_id)).open();
+        std::future::pending::<()>().await;
     }
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "INSERT INTO {} (key) VALUES ($1)",
@@ -456,24 +457,16 @@ impl Topic {
         }
     }
 
-    /// Waits until the consumer has nothing pending: every message delivered and settled.
+    /// Waits until the consumer has nothing pending: every message delivered and settled (the
+    /// server's state, which it cannot announce: polled).
     async fn assert_drained(&self) {
         let consumer = self.consumer().await;
-        let start = Instant::now();
-        loop {
+        let what = format!("no message left pending or unacked on {}", self.stream);
+        idem_tests::eventually(&what, || async {
             let info = consumer.get_info().await.expect("consumer info");
-            if info.num_pending == 0 && info.num_ack_pending == 0 {
-                return;
-            }
-            assert!(
-                start.elapsed() < DEADLINE,
-                "messages left on {} after {DEADLINE:?}: {} pending, {} unacked",
-                self.stream,
-                info.num_pending,
-                info.num_ack_pending
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+            info.num_pending == 0 && info.num_ack_pending == 0
+        })
+        .await;
     }
 
     async fn consumer_info(&self) -> jetstream::consumer::Info {
@@ -550,50 +543,36 @@ struct Running {
 }
 
 impl Running {
-    /// Waits until `done` holds of the runner's counts.
-    async fn until(&self, what: &str, done: impl Fn(&ConsumerReport) -> bool) {
-        let start = Instant::now();
-        loop {
-            let snapshot = self.stats.snapshot();
-            if done(&snapshot) {
-                return;
+    /// Waits until `done` holds of the runner's counts (woken by each settled delivery); fails
+    /// when the runner stops first.
+    async fn until(&mut self, what: &str, done: impl FnMut(&ConsumerReport) -> bool) {
+        let stats = Arc::clone(&self.stats);
+        let task = &mut self.task;
+        within(what, async {
+            tokio::select! {
+                biased;
+                _ = stats.wait_until(done) => {}
+                ended = task => panic!(
+                    "{what}: the runner stopped early: {ended:?}, {:?}",
+                    stats.snapshot()
+                ),
             }
-            assert!(
-                !self.task.is_finished(),
-                "{what}: the runner stopped early: {snapshot:?}"
-            );
-            assert!(
-                start.elapsed() < DEADLINE,
-                "{what}: not reached within {DEADLINE:?}: {snapshot:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await;
     }
 
+    /// Cancels the runner and waits for `run` to return its report.
     async fn stop(self) -> ConsumerReport {
         self.shutdown.cancel();
-        tokio::time::timeout(DEADLINE, self.task)
+        self.join().await
+    }
+
+    /// Waits for `run` to return (after a cancellation) its report.
+    async fn join(self) -> ConsumerReport {
+        within("the runner to return after cancellation", self.task)
             .await
-            .expect("the runner returns after cancellation")
             .expect("the runner's task")
             .expect("the runner ends without error")
-    }
-}
-
-async fn wait_until<F, Fut>(deadline: Duration, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let start = Instant::now();
-    loop {
-        if check().await {
-            return true;
-        }
-        if start.elapsed() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -629,7 +608,7 @@ async fn every_body_runs_once_under_duplicate_publishes() {
     assert_eq!(published, 440);
     topic.publish_all(payloads).await;
 
-    let running = topic
+    let mut running = topic
         .run(
             idem_runtime::handler!(on_bulk),
             store.clone(),
@@ -671,19 +650,21 @@ async fn a_consumer_killed_between_commit_and_ack_leaves_a_duplicate() {
     }
     let victim = &keys[2];
 
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_nats_consumer"));
-    child.args([
-        topic.stream.as_str(),
-        topic.consumer_name.as_str(),
-        runs_table(),
-        victim.as_str(),
-        nats_url().as_str(),
-    ]);
-    // The child gives up by itself after 30 s.
-    let status = tokio::task::spawn_blocking(move || child.status())
-        .await
-        .expect("wait for the consumer process")
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_nats_consumer"))
+        .args([
+            topic.stream.as_str(),
+            topic.consumer_name.as_str(),
+            runs_table(),
+            victim.as_str(),
+            nats_url().as_str(),
+        ])
+        .kill_on_drop(true)
+        .spawn()
         .expect("run the consumer process");
+    // The child also gives up by itself after 30 s (exit code 3).
+    let status = within("the consumer process to exit", child.wait())
+        .await
+        .expect("wait for the consumer process");
     {
         use std::os::unix::process::ExitStatusExt as _;
         assert_eq!(
@@ -710,7 +691,7 @@ async fn a_consumer_killed_between_commit_and_ack_leaves_a_duplicate() {
     }
 
     let (handler, seen) = Observed::new(idem_runtime::handler!(on_kill));
-    let running = topic
+    let mut running = topic
         .run(
             handler,
             store.clone(),
@@ -765,7 +746,7 @@ async fn poison_payloads_are_dead_lettered_with_their_reasons() {
     topic.publish(poison.clone(), None).await;
     topic.publish(Order::new(&good[1]).json(), None).await;
 
-    let running = topic
+    let mut running = topic
         .run(
             idem_runtime::handler!(on_poison),
             store.clone(),
@@ -830,7 +811,7 @@ async fn retries_are_spaced_by_the_backoff_and_carry_the_attempt() {
     topic.publish(Order::new(&key).json(), None).await;
 
     let (handler, seen) = Observed::new(idem_runtime::handler!(on_heal));
-    let running = topic
+    let mut running = topic
         .run(handler, store.clone(), ConsumerOptions::default())
         .await;
     running.until("healed", |r| r.processed >= 1).await;
@@ -867,7 +848,7 @@ async fn a_failure_that_never_heals_is_dead_lettered_after_max_attempts() {
     topic.publish(payload.clone(), None).await;
 
     let (handler, seen) = Observed::new(idem_runtime::handler!(on_never));
-    let running = topic
+    let mut running = topic
         .run(handler, store.clone(), ConsumerOptions::default())
         .await;
     running
@@ -904,7 +885,7 @@ async fn max_deliver_is_honoured() {
     topic.publish(Order::new(&key).json(), None).await;
 
     let (handler, seen) = Observed::new(idem_runtime::handler!(on_capped));
-    let running = topic
+    let mut running = topic
         .run(handler, store.clone(), ConsumerOptions::default())
         .await;
     running
@@ -937,9 +918,14 @@ async fn a_long_body_is_kept_in_progress() {
     topic.publish(Order::new(&key).json(), None).await;
 
     let (handler, seen) = Observed::new(idem_runtime::handler!(on_slow));
-    let running = topic
+    let mut running = topic
         .run(handler, store.clone(), ConsumerOptions::default())
         .await;
+    within("the body started", latch(&format!("{key}.started")).wait()).await;
+    // The broker's AckWait (2 s), a server timer no clock of ours drives: the body is held past
+    // it twice over, and only the in-progress signals keep the server from redelivering.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    latch(&format!("{key}.release")).open();
     running.until("processed", |r| r.processed >= 1).await;
     let report = running.stop().await;
 
@@ -968,11 +954,15 @@ async fn shutdown_lets_a_running_handler_finish_and_ack() {
             ConsumerOptions::default().shutdown_grace(Duration::from_secs(20)),
         )
         .await;
+    within("the body started", latch(&format!("{key}.started")).wait()).await;
+    assert_eq!(runs(&key), 1, "the body started");
+    running.shutdown.cancel();
     assert!(
-        wait_until(DEADLINE, || async { runs(&key) == 1 }).await,
-        "the body started"
+        !running.task.is_finished(),
+        "run waits for the running body"
     );
-    let report = running.stop().await;
+    latch(&format!("{key}.release")).open();
+    let report = running.join().await;
 
     assert_eq!(
         report,
@@ -1008,10 +998,8 @@ async fn a_handler_cancelled_at_the_deadline_is_redelivered_not_acked() {
             ConsumerOptions::default().shutdown_grace(Duration::from_millis(100)),
         )
         .await;
-    assert!(
-        wait_until(DEADLINE, || async { runs(&key) == 1 }).await,
-        "the body started"
-    );
+    within("the body started", latch(&format!("{key}.started")).wait()).await;
+    assert_eq!(runs(&key), 1, "the body started");
     let report = running.stop().await;
     let mut unsettled = ConsumerReport::default();
     unsettled.unsettled = 1;
@@ -1028,7 +1016,7 @@ async fn a_handler_cancelled_at_the_deadline_is_redelivered_not_acked() {
     );
 
     let (handler, seen) = Observed::new(idem_runtime::handler!(on_stuck));
-    let running = topic
+    let mut running = topic
         .run(handler, store.clone(), ConsumerOptions::default())
         .await;
     running
@@ -1065,7 +1053,7 @@ async fn the_message_id_is_the_key() {
         second.publish(Order::new(order).json(), Some(id)).await;
     }
 
-    let running = first
+    let mut running = first
         .run(
             idem_runtime::handler!(on_by_id),
             store.clone(),
@@ -1078,7 +1066,7 @@ async fn the_message_id_is_the_key() {
         })
         .await;
     assert_eq!(running.stop().await, report_of(3, 0, 0, 1));
-    let running = second
+    let mut running = second
         .run(
             idem_runtime::handler!(on_by_id),
             store.clone(),
@@ -1134,7 +1122,7 @@ async fn the_message_id_is_the_key() {
         for (id, order) in publishes {
             topic.publish(Order::new(order).json(), Some(id)).await;
         }
-        let running = topic
+        let mut running = topic
             .run(
                 idem_runtime::handler!(on_by_id_and_field),
                 store.clone(),
