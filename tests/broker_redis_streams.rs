@@ -203,16 +203,18 @@ async fn on_broken(tx: &mut PgTx<'_>, msg: Order) -> Result<(), TestError> {
     Err(TestError::Transient(msg.key))
 }
 
-/// Takes 1.5 s.
+/// Slow: after its write, opens the latch `<key>:started` and waits until the test opens
+/// `<key>:release`.
 #[idempotent(key = "key", store = "pg", strategy = "dedup_table", scope = "rs.slow")]
 async fn on_slow(tx: &mut PgTx<'_>, msg: Order) -> Result<(), TestError> {
     record(tx, &msg).await?;
-    started(&msg.key);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    idem_tests::latch(&started_latch(&msg.key)).open();
+    idem_tests::latch(&release_latch(&msg.key)).wait().await;
     Ok(())
 }
 
-/// Hangs for a minute on its first run of a key, after its write.
+/// Hangs for good on its first run of a key, after its write (and after opening the latch
+/// `<key>:started`).
 #[idempotent(
     key = "key",
     store = "pg",
@@ -221,9 +223,9 @@ async fn on_slow(tx: &mut PgTx<'_>, msg: Order) -> Result<(), TestError> {
 )]
 async fn on_stuck(tx: &mut PgTx<'_>, msg: Order) -> Result<(), TestError> {
     record(tx, &msg).await?;
-    started(&msg.key);
+    idem_tests::latch(&started_latch(&msg.key)).open();
     if runs(&msg.key) == 1 {
-        tokio::time::sleep(Duration::from_secs(60)).await;
+        std::future::pending::<()>().await;
     }
     Ok(())
 }
@@ -275,8 +277,14 @@ fn static_times() -> &'static Mutex<HashMap<String, Vec<Instant>>> {
     TIMES.get_or_init(Mutex::default)
 }
 
-fn started(key: &str) {
-    seen(key);
+/// The latch a held body opens once it has started (after its write).
+fn started_latch(key: &str) -> String {
+    format!("{key}:started")
+}
+
+/// The latch the test opens to let a slow body finish.
+fn release_latch(key: &str) -> String {
+    format!("{key}:release")
 }
 
 /// The `attempt` of every `idem.handle` span, per handler scope, in order: the attempt
@@ -426,17 +434,27 @@ async fn xadd(conn: &mut ConnectionManager, stream: &str, fields: &[(&str, &[u8]
     cmd.query_async(conn).await.expect("XADD")
 }
 
-/// Polls `done` every 50 ms for up to 30 s.
-async fn eventually<F, Fut>(what: &str, mut done: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !done().await {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+/// Makes Redis count the pending entries `ids` of `consumer` as idle for an hour (`XCLAIM …
+/// IDLE … JUSTID` to the consumer that holds them: no move, no delivery counted), if they have
+/// been idle for at least `min_idle`: Redis's clock moved on, instead of a wait for it.
+/// Returns the ids it aged.
+async fn age(
+    conn: &mut ConnectionManager,
+    group: &StreamGroup,
+    consumer: &str,
+    min_idle: Duration,
+    ids: &[&str],
+) -> Vec<String> {
+    let mut cmd = redis::cmd("XCLAIM");
+    cmd.arg(group.stream())
+        .arg(group.group())
+        .arg(consumer)
+        .arg(u64::try_from(min_idle.as_millis()).expect("ms"));
+    for id in ids {
+        cmd.arg(*id);
     }
+    cmd.arg("IDLE").arg(3_600_000).arg("JUSTID");
+    cmd.query_async(conn).await.expect("XCLAIM IDLE")
 }
 
 /// Waits until the runner has settled `settled` deliveries and the group has nothing
@@ -451,17 +469,23 @@ async fn drain_and_stop(
         Result<ConsumerReport, idem_runtime::broker::redis_streams::RedisStreamError>,
     >,
 ) -> ConsumerReport {
-    eventually("the stream is drained", || {
+    idem_tests::within(
+        "the runner to settle the deliveries",
+        stats.wait_until(|report| {
+            report.processed + report.duplicates + report.dead_lettered >= settled
+        }),
+    )
+    .await;
+    idem_tests::eventually("the group has nothing pending", || {
         let mut conn = conn.clone();
-        async move {
-            let report = stats.snapshot();
-            let done = report.processed + report.duplicates + report.dead_lettered;
-            done >= settled && pending(&mut conn, group).await == 0
-        }
+        async move { pending(&mut conn, group).await == 0 }
     })
     .await;
     shutdown.cancel();
-    run.await.expect("the runner's task").expect("the runner")
+    idem_tests::within("the runner to return", run)
+        .await
+        .expect("the runner's task")
+        .expect("the runner")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -552,14 +576,15 @@ async fn killed_between_commit_and_ack_is_a_duplicate_on_reclaim() {
         group.publish(&mut conn, &order.json()).await.expect("XADD");
     }
 
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_redis_streams_consumer"));
-    child
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_redis_streams_consumer"))
         .args([group.stream(), group.group(), "doomed", keys[2].as_str()])
-        .env("IDEM_TEST_REDIS_URL", redis_url());
-    let status = tokio::task::spawn_blocking(move || child.status())
-        .await
-        .expect("wait for the consumer process")
+        .env("IDEM_TEST_REDIS_URL", redis_url())
+        .kill_on_drop(true)
+        .spawn()
         .expect("start the consumer process");
+    let status = idem_tests::within("the consumer process to exit", child.wait())
+        .await
+        .expect("wait for the consumer process");
     assert!(!status.success(), "the consumer process aborts: {status:?}");
     assert_ne!(
         status.code(),
@@ -580,6 +605,14 @@ async fn killed_between_commit_and_ack_is_a_duplicate_on_reclaim() {
         "the aborted one and the two read after it: {held:?}"
     );
     assert!(held.iter().all(|(_, count)| *count == 1), "{held:?}");
+    // The dead consumer's entries idle past the reclaim idle time on Redis's clock, not ours.
+    let held_ids: Vec<&str> = held.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(
+        age(&mut conn, &group, "doomed", Duration::ZERO, &held_ids)
+            .await
+            .len(),
+        3
+    );
 
     let consumer = RedisStreamConsumer::new(
         client(),
@@ -803,6 +836,8 @@ async fn retries_are_spaced_by_the_backoff_and_counted() {
     let stats = consumer.stats();
     let shutdown = CancellationToken::new();
     let run = tokio::spawn(consumer.run(shutdown.clone()));
+    // Waits for Redis's reclaim idle time: each requeue leaves the entry reclaimable after its
+    // backoff delay, on the server's clock; the spacing it gives is what this test measures.
     let report = drain_and_stop(&mut conn, &group, &stats, 1, &shutdown, run).await;
 
     assert_eq!(report.processed, 1, "{report:?}");
@@ -842,7 +877,9 @@ async fn retries_are_spaced_by_the_backoff_and_counted() {
 async fn a_failure_that_never_heals_is_dead_lettered_after_max_attempts() {
     let (store, table) = pg("broken").await;
     let mut conn = redis().await;
-    let group = fresh_group("broken").with_reclaim_idle(Duration::from_secs(5));
+    // Running entries are touched every 10 s; requeued ones idle for at least 28 s (30 s less a
+    // backoff of at most 2 s): aging entries idle for 20 s takes only requeued ones.
+    let group = fresh_group("broken").with_reclaim_idle(Duration::from_secs(30));
     let order = Order {
         key: idem_tests::unique_key("rs-broken"),
         table: table.clone(),
@@ -859,6 +896,23 @@ async fn a_failure_that_never_heals_is_dead_lettered_after_max_attempts() {
     let stats = consumer.stats();
     let shutdown = CancellationToken::new();
     let run = tokio::spawn(consumer.run(shutdown.clone()));
+    // Each requeue's backoff is run out on Redis's clock rather than waited for. An entry the
+    // runner has already reclaimed is idle for less than 20 s, and is left alone.
+    for requeues in 1..=2 {
+        idem_tests::within(
+            "the runner to requeue the entry",
+            stats.wait_until(|report| report.requeued >= requeues),
+        )
+        .await;
+        age(
+            &mut conn,
+            &group,
+            "broken-1",
+            Duration::from_secs(20),
+            &[entry_id.as_str()],
+        )
+        .await;
+    }
     let report = drain_and_stop(&mut conn, &group, &stats, 1, &shutdown, run).await;
 
     assert_eq!(report.dead_lettered, 1, "{report:?}");
@@ -906,21 +960,29 @@ async fn shutdown_lets_a_running_handler_finish_and_ack() {
     .with_options(ConsumerOptions::default().shutdown_grace(Duration::from_secs(20)));
     let shutdown = CancellationToken::new();
     let run = tokio::spawn(consumer.run(shutdown.clone()));
-    eventually("the slow body started", || async {
-        !times(&order.key).is_empty()
-    })
+    idem_tests::within(
+        "the slow body to start",
+        idem_tests::latch(&started_latch(&order.key)).wait(),
+    )
     .await;
     let cancelled_at = Instant::now();
     shutdown.cancel();
-    let report = run.await.expect("the runner's task").expect("the runner");
-    let body_started = times(&order.key)[0];
+    // The body is held: its entry is not acked yet (a round trip for the runner to see the
+    // cancellation), and `run` has not returned without it.
+    assert_eq!(
+        pending(&mut conn, &group).await,
+        1,
+        "acked before the body ended"
+    );
+    assert!(!run.is_finished(), "run waited for the handler");
+    idem_tests::latch(&release_latch(&order.key)).open();
+    let report = idem_tests::within("the runner to return", run)
+        .await
+        .expect("the runner's task")
+        .expect("the runner");
     assert!(
         cancelled_at.elapsed() <= Duration::from_secs(10),
         "run returned promptly"
-    );
-    assert!(
-        body_started.elapsed() >= Duration::from_millis(1500),
-        "run waited for the handler"
     );
     assert_eq!(report.processed, 1, "{report:?}");
     assert_eq!(report.unsettled, 0, "{report:?}");
@@ -955,9 +1017,10 @@ async fn a_handler_cancelled_at_the_deadline_leaves_its_entry_pending() {
     .with_options(ConsumerOptions::default().shutdown_grace(Duration::from_millis(200)));
     let shutdown = CancellationToken::new();
     let run = tokio::spawn(consumer.run(shutdown.clone()));
-    eventually("the stuck body started", || async {
-        !times(&order.key).is_empty()
-    })
+    idem_tests::within(
+        "the stuck body to start",
+        idem_tests::latch(&started_latch(&order.key)).wait(),
+    )
     .await;
     shutdown.cancel();
     let report = tokio::time::timeout(Duration::from_secs(10), run)
@@ -1198,9 +1261,10 @@ async fn a_dead_letter_that_cannot_be_written_leaves_the_entry_pending() {
     let stats = consumer.stats();
     let shutdown = CancellationToken::new();
     let run = tokio::spawn(consumer.run(shutdown.clone()));
-    eventually("the dead letter was refused", || async {
-        stats.snapshot().settle_failures >= 1
-    })
+    idem_tests::within(
+        "the dead letter to be refused",
+        stats.wait_until(|report| report.settle_failures >= 1),
+    )
     .await;
     shutdown.cancel();
     let report = run.await.expect("the runner's task").expect("the runner");
@@ -1414,7 +1478,7 @@ async fn entries_are_kept_fresh_while_shutdown_drains() {
         key: idem_tests::unique_key("rs-drain-touch"),
         table: table.clone(),
     };
-    group.publish(&mut conn, &order.json()).await.expect("XADD");
+    let entry_id = group.publish(&mut conn, &order.json()).await.expect("XADD");
     let consumer = RedisStreamConsumer::new(
         client(),
         group.clone(),
@@ -1422,27 +1486,62 @@ async fn entries_are_kept_fresh_while_shutdown_drains() {
         idem_runtime::handler!(on_slow),
         store.clone(),
     )
-    .with_options(ConsumerOptions::default().shutdown_grace(Duration::from_secs(20)));
+    .with_options(
+        // One handler: while it runs, the runner only waits for a free slot (no reads, no
+        // reclaims), so it sees the cancellation at once.
+        ConsumerOptions::default()
+            .concurrency(1)
+            .shutdown_grace(Duration::from_secs(20)),
+    );
     let shutdown = CancellationToken::new();
     let run = tokio::spawn(consumer.run(shutdown.clone()));
-    eventually("the slow body started", || async {
-        !times(&order.key).is_empty()
-    })
+    idem_tests::within(
+        "the slow body to start",
+        idem_tests::latch(&started_latch(&order.key)).wait(),
+    )
     .await;
     shutdown.cancel();
-    let mut most_idle = 0;
-    while !run.is_finished() {
-        for (_, idle) in pending_idle(&mut conn, &group).await {
-            most_idle = most_idle.max(idle);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    // Instead of a drain longer than the reclaim idle time: the entry is aged on Redis's clock
+    // (as if it had gone an hour untouched), and the draining runner must touch it within the
+    // reclaim idle time. Twice: a touch already under way at the cancellation may answer the
+    // first.
+    let reclaim_idle_ms = i64::try_from(reclaim_idle.as_millis()).expect("ms");
+    for _ in 0..2 {
+        let aged = age(
+            &mut conn,
+            &group,
+            "drain-touch-1",
+            Duration::ZERO,
+            &[entry_id.as_str()],
+        )
+        .await;
+        assert_eq!(aged, std::slice::from_ref(&entry_id));
+        let aged_at = Instant::now();
+        idem_tests::eventually("the draining runner to touch its entry", || {
+            let mut conn = conn.clone();
+            let group = &group;
+            async move {
+                matches!(
+                    pending_idle(&mut conn, group).await.as_slice(),
+                    [(_, idle)] if *idle < reclaim_idle_ms
+                )
+            }
+        })
+        .await;
+        let most_idle = aged_at.elapsed();
+        assert!(!run.is_finished(), "the drain waits for the held body");
+        assert!(
+            most_idle < reclaim_idle,
+            "the entry went {most_idle:?} untouched during the drain"
+        );
     }
-    let report = run.await.expect("the runner's task").expect("the runner");
+    idem_tests::latch(&release_latch(&order.key)).open();
+    let report = idem_tests::within("the runner to return", run)
+        .await
+        .expect("the runner's task")
+        .expect("the runner");
     assert_eq!(report.processed, 1, "{report:?}");
-    assert!(
-        most_idle < i64::try_from(reclaim_idle.as_millis()).expect("ms"),
-        "the entry went {most_idle} ms untouched during the drain"
-    );
+    assert_eq!(pending(&mut conn, &group).await, 0);
     drop_table(&store, &table).await;
 }
 
@@ -1462,6 +1561,18 @@ async fn an_entry_deleted_while_pending_leaves_a_stub_dead_letter() {
         .await
         .expect("XREADGROUP");
     assert_eq!(read.len(), 1);
+    // Idle past the (1 ms) reclaim idle time on Redis's clock, rather than after a wait.
+    assert_eq!(
+        age(
+            &mut conn,
+            &group,
+            "own",
+            Duration::ZERO,
+            &[entry_id.as_str()]
+        )
+        .await,
+        std::slice::from_ref(&entry_id)
+    );
     let deleted: i64 = redis::cmd("XDEL")
         .arg(group.stream())
         .arg(&entry_id)
@@ -1469,7 +1580,6 @@ async fn an_entry_deleted_while_pending_leaves_a_stub_dead_letter() {
         .await
         .expect("XDEL");
     assert_eq!(deleted, 1);
-    tokio::time::sleep(Duration::from_millis(20)).await;
     let reclaimed = group
         .reclaim(&mut conn, "other", 10)
         .await
@@ -1517,11 +1627,14 @@ async fn an_own_loop_dead_letters_now_and_sweeps_with_a_cursor() {
 
     // 25 pending entries, swept 2 at a time (XAUTOCLAIM looks at 20 per call): the cursor
     // carries the sweep past the first page.
+    let mut ids = Vec::new();
     for index in 0..25 {
-        group
-            .publish(&mut conn, format!("{index}").as_bytes())
-            .await
-            .expect("XADD");
+        ids.push(
+            group
+                .publish(&mut conn, format!("{index}").as_bytes())
+                .await
+                .expect("XADD"),
+        );
     }
     assert_eq!(
         group
@@ -1531,7 +1644,14 @@ async fn an_own_loop_dead_letters_now_and_sweeps_with_a_cursor() {
             .len(),
         25
     );
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    // Idle past the (1 ms) reclaim idle time on Redis's clock, rather than after a wait.
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    assert_eq!(
+        age(&mut conn, &group, "own", Duration::ZERO, &ids)
+            .await
+            .len(),
+        25
+    );
     let mut cursor = String::from("0-0");
     let mut reclaimed = 0;
     for _ in 0..100 {

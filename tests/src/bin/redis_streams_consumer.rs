@@ -70,8 +70,18 @@ async fn main() {
     };
     let store = idem_tests::pg::connect().await;
     let client = redis::Client::open(idem_tests_redis_url()).expect("a Redis URL");
-    let mut conn = client
+    let conn = client
         .get_connection_manager()
+        .await
+        .expect("Redis is reachable");
+    // The reads block (waiting on Redis for new entries): a connection of their own, with a
+    // response timeout past the block.
+    let block = Duration::from_secs(1);
+    let mut reader = client
+        .get_connection_manager_with_config(
+            redis::aio::ConnectionManagerConfig::new()
+                .set_response_timeout(Some(block + Duration::from_secs(5))),
+        )
         .await
         .expect("Redis is reachable");
     let group = StreamGroup::new(stream.as_str(), group.as_str());
@@ -80,12 +90,9 @@ async fn main() {
         // Read everything there is: the entries after the chosen one stay pending under this
         // consumer when it dies, for the next consumer to reclaim.
         let deliveries = group
-            .read(&mut conn, consumer, 100, None)
+            .read(&mut reader, consumer, 100, Some(block))
             .await
             .expect("XREADGROUP");
-        if deliveries.is_empty() {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
         for delivery in deliveries {
             let message: Order =
                 serde_json::from_slice(delivery.payload(&group)).expect("a JSON order");
