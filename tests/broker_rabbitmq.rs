@@ -3,7 +3,7 @@
 //! back message by message; "nothing left unacked" is checked after the consumer's channel is
 //! closed (RabbitMQ then requeues whatever was not acked), by the queues' message counts.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -24,9 +24,7 @@ use idem_runtime::{
     Acknowledger as _, Disposition, HandlerError, PgStore, PgTx, handler, idempotent,
 };
 use idem_tests::effects::{Effects as _, TestStore as _};
-use idem_tests::{Payment, count_run, run_id, runs, unique_key};
-
-const TIMEOUT: Duration = Duration::from_secs(30);
+use idem_tests::{Latch, Payment, count_run, latch, run_id, runs, unique_key, within};
 
 // ---------------------------------------------------------------------------------------------
 // Handlers
@@ -84,44 +82,51 @@ fn maybe_fail(key: &str) -> Result<(), TestError> {
     }
 }
 
-/// Keys whose bodies sleep: (how long, how many more times).
-fn sleepers() -> &'static Mutex<HashMap<String, (Duration, u32)>> {
-    static SLEEPERS: OnceLock<Mutex<HashMap<String, (Duration, u32)>>> = OnceLock::new();
-    SLEEPERS.get_or_init(Mutex::default)
+/// Keys whose next body is held: it opens [`started`] and waits for [`released`].
+fn held() -> &'static Mutex<HashSet<String>> {
+    static HELD: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
+    HELD.get_or_init(Mutex::default)
 }
 
-fn sleep_in_body(key: &str, duration: Duration, times: u32) {
-    sleepers()
+/// Holds the next body for `key` after its business write, until the test opens
+/// [`released`]`(key)` (a slow body), or for good (a stuck one).
+fn hold_in_body(key: &str) {
+    held()
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
-        .insert(key.to_owned(), (duration, times));
+        .insert(key.to_owned());
 }
 
-async fn maybe_sleep(key: &str) {
-    let duration = {
-        let mut sleepers = sleepers().lock().unwrap_or_else(PoisonError::into_inner);
-        match sleepers.get_mut(key) {
-            Some((duration, left)) if *left > 0 => {
-                *left -= 1;
-                Some(*duration)
-            }
-            _ => None,
-        }
-    };
-    if let Some(duration) = duration {
-        tokio::time::sleep(duration).await;
+/// Opened by a held body for `key` once it is inside the transaction.
+fn started(key: &str) -> Arc<Latch> {
+    latch(&format!("{key}.started"))
+}
+
+/// Opened by the test to let a held body for `key` go on.
+fn released(key: &str) -> Arc<Latch> {
+    latch(&format!("{key}.released"))
+}
+
+async fn maybe_hold(key: &str) {
+    let hold = held()
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .remove(key);
+    if hold {
+        started(key).open();
+        released(key).wait().await;
     }
 }
 
 /// The body every handler runs: count the run, write the ledger row (no unique key: a second
-/// committed run shows), then fail or sleep as the test asked.
+/// committed run shows), then fail or wait on a latch as the test asked.
 async fn body(tx: &mut PgTx<'_>, counted: &str, msg: &Payment) -> Result<(), TestError> {
     count_run(counted);
     tx.ledger(counted, msg.amount).await?;
     if msg.amount < 0 {
         return Err(TestError::Permanent(msg.order_id.clone()));
     }
-    maybe_sleep(counted).await;
+    maybe_hold(counted).await;
     maybe_fail(counted)
 }
 
@@ -420,15 +425,6 @@ async fn dead_letters(connection: &Connection, topology: &RabbitMqTopology) -> V
     letters
 }
 
-/// Polls `condition` every 20 ms for up to [`TIMEOUT`].
-async fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + TIMEOUT;
-    while !condition() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 struct Running {
     shutdown: CancellationToken,
     stats: Arc<ConsumerStats>,
@@ -439,16 +435,22 @@ impl Running {
     /// Cancels and waits for `run` to return.
     async fn stop(self) -> ConsumerReport {
         self.shutdown.cancel();
-        tokio::time::timeout(TIMEOUT, self.task)
+        within("run to return after cancellation", self.task)
             .await
-            .expect("run returns after cancellation")
             .expect("the runner's task")
             .expect("run ends without an error")
     }
 
-    fn settled(&self) -> u64 {
-        let report = self.stats.snapshot();
-        report.processed + report.duplicates + report.dead_lettered
+    /// Waits (woken by each settled delivery) until at least `count` deliveries are settled:
+    /// processed, duplicates or dead-lettered.
+    async fn settled(&self, what: &str, count: u64) -> ConsumerReport {
+        within(
+            what,
+            self.stats.wait_until(|report| {
+                report.processed + report.duplicates + report.dead_lettered >= count
+            }),
+        )
+        .await
     }
 }
 
@@ -525,7 +527,7 @@ async fn each_effect_once_under_duplicates() {
         ConsumerOptions::default().concurrency(8).prefetch(32),
     )
     .await;
-    wait_for("every copy settled", || running.settled() >= published).await;
+    running.settled("every copy settled", published).await;
     let report = running.stop().await;
 
     assert_eq!(report.processed, N as u64, "{report:?}");
@@ -563,23 +565,20 @@ async fn a_consumer_killed_between_commit_and_ack() {
     }
     let victim = &keys[2];
 
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_rabbitmq_consumer"))
+    // Killed when dropped: a test that times out below does not leave it running.
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_rabbitmq_consumer"))
         .env("IDEM_RMQ_QUEUE", topology.queue())
         .env("IDEM_RMQ_ABORT_ON", victim)
         .env("IDEM_TEST_AMQP_URL", amqp_url())
+        .kill_on_drop(true)
         .spawn()
         .expect("start the consumer process");
-    let deadline = Instant::now() + TIMEOUT;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for the consumer process") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the consumer process did not abort at the victim's ack");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = within(
+        "the consumer process to abort at the victim's ack",
+        child.wait(),
+    )
+    .await
+    .expect("wait for the consumer process");
     assert!(!status.success(), "the consumer aborted: {status:?}");
     // It processed the first two and the victim (committed, not acked), in order (prefetch 1).
     for key in &keys[..3] {
@@ -599,7 +598,7 @@ async fn a_consumer_killed_between_commit_and_ack() {
         ConsumerOptions::default().concurrency(2),
     )
     .await;
-    wait_for("the victim and the last one", || running.settled() >= 2).await;
+    running.settled("the victim and the last one", 2).await;
     let report = running.stop().await;
     assert_eq!((report.processed, report.duplicates), (1, 1), "{report:?}");
     assert_eq!(runs(victim), 0, "the redelivery did not run the body again");
@@ -662,15 +661,12 @@ async fn poison_is_dead_lettered_with_reasons() {
         options,
     )
     .await;
-    wait_for("the poison queue settled", || poison_runner.settled() >= 4).await;
-    wait_for("the by-id queue settled", || by_id_runner.settled() >= 2).await;
+    poison_runner.settled("the poison queue settled", 4).await;
+    by_id_runner.settled("the by-id queue settled", 2).await;
     // Still consuming after the poison.
     let late = unique_key("rmq-late");
     publish_payment(&publisher, &poison, &Payment::new(&late, 1), None).await;
-    wait_for("a message after the poison", || {
-        poison_runner.settled() >= 5
-    })
-    .await;
+    poison_runner.settled("a message after the poison", 5).await;
     let poison_report = poison_runner.stop().await;
     let by_id_report = by_id_runner.stop().await;
 
@@ -768,7 +764,8 @@ async fn retries_are_spaced_by_the_backoff_and_carry_the_attempt() {
         .await
         .expect("consume");
     let mut seen: Vec<(u32, Instant)> = Vec::new();
-    let outcome = tokio::time::timeout(TIMEOUT, async {
+    // Each redelivery waits out a RabbitMQ per-message TTL in a retry tier queue.
+    let outcome = within("the third attempt to succeed", async {
         loop {
             let delivery = deliveries
                 .next()
@@ -789,8 +786,7 @@ async fn retries_are_spaced_by_the_backoff_and_carry_the_attempt() {
             }
         }
     })
-    .await
-    .expect("the third attempt succeeds in time");
+    .await;
     assert!(outcome.is_processed());
     channel.close(200, "done".into()).await.expect("close");
 
@@ -835,9 +831,11 @@ async fn a_failure_that_never_heals_is_dead_lettered_after_max_attempts() {
         ConsumerOptions::default().concurrency(2),
     )
     .await;
-    wait_for("the dead letter", || {
-        running.stats.snapshot().dead_lettered >= 1
-    })
+    // Waits out RabbitMQ's per-message TTLs in the retry tier queues (two backoffs).
+    within(
+        "the dead letter",
+        running.stats.wait_until(|report| report.dead_lettered >= 1),
+    )
     .await;
     let took = began.elapsed();
     let report = running.stop().await;
@@ -876,7 +874,7 @@ async fn graceful_shutdown_settles_or_leaves_unacked() {
 
     // A slow body, inside the grace: it finishes, commits, is acked; `run` then returns.
     let slow = unique_key("rmq-slow");
-    sleep_in_body(&slow, Duration::from_millis(1500), 1);
+    hold_in_body(&slow);
     publish_payment(&publisher, &topology, &Payment::new(&slow, 1), None).await;
     let running = start(
         &connection,
@@ -886,20 +884,29 @@ async fn graceful_shutdown_settles_or_leaves_unacked() {
         ConsumerOptions::default().shutdown_grace(Duration::from_secs(20)),
     )
     .await;
-    wait_for("the slow body to start", || runs(&slow) == 1).await;
-    let cancelled = Instant::now();
+    within("the slow body to start", started(&slow).wait()).await;
+    assert_eq!(runs(&slow), 1);
+    running.shutdown.cancel();
+    // The runner took the cancellation (it stopped fetching: the queue has no consumer left),
+    // and is still waiting for the body.
+    idem_tests::eventually("the runner to stop fetching", || async {
+        matches!(
+            queue_state(&connection, topology.queue()).await,
+            Some((_, 0))
+        )
+    })
+    .await;
+    assert!(!running.task.is_finished(), "it waited for the body");
+    released(&slow).open();
     let report = running.stop().await;
-    assert!(
-        cancelled.elapsed() >= Duration::from_millis(1000),
-        "it waited for the body"
-    );
     assert_eq!((report.processed, report.unsettled), (1, 0), "{report:?}");
     assert_eq!(store.ledger_rows(&slow).await, 1);
     assert_nothing_left(&connection, &topology).await;
 
     // A stuck body, past a tiny grace: cancelled, its transaction rolled back, not acked.
     let stuck = unique_key("rmq-stuck");
-    sleep_in_body(&stuck, Duration::from_secs(120), 1);
+    // Never released: stuck for good.
+    hold_in_body(&stuck);
     publish_payment(&publisher, &topology, &Payment::new(&stuck, 1), None).await;
     let running = start(
         &connection,
@@ -909,7 +916,8 @@ async fn graceful_shutdown_settles_or_leaves_unacked() {
         ConsumerOptions::default().shutdown_grace(Duration::from_millis(200)),
     )
     .await;
-    wait_for("the stuck body to start", || runs(&stuck) == 1).await;
+    within("the stuck body to start", started(&stuck).wait()).await;
+    assert_eq!(runs(&stuck), 1);
     let cancelled = Instant::now();
     let report = running.stop().await;
     assert!(
@@ -933,7 +941,7 @@ async fn graceful_shutdown_settles_or_leaves_unacked() {
         ConsumerOptions::default(),
     )
     .await;
-    wait_for("the redelivery", || running.settled() >= 1).await;
+    running.settled("the redelivery", 1).await;
     let report = running.stop().await;
     assert_eq!((report.processed, report.duplicates), (1, 0), "{report:?}");
     assert_eq!(runs(&stuck), 2, "the body ran again, to commit");
@@ -986,8 +994,8 @@ async fn the_message_id_is_the_key() {
         options,
     )
     .await;
-    wait_for("alone", || alone_runner.settled() >= 2).await;
-    wait_for("combined", || combined_runner.settled() >= 3).await;
+    alone_runner.settled("alone", 2).await;
+    combined_runner.settled("combined", 3).await;
     let alone_report = alone_runner.stop().await;
     let combined_report = combined_runner.stop().await;
 
@@ -1034,9 +1042,8 @@ async fn consume(channel: &Channel, topology: &RabbitMqTopology, prefetch: u16) 
 }
 
 async fn next_delivery(deliveries: &mut lapin::Consumer) -> lapin::message::Delivery {
-    tokio::time::timeout(TIMEOUT, deliveries.next())
+    within("a delivery", deliveries.next())
         .await
-        .expect("a delivery in time")
         .expect("the consumer runs")
         .expect("a delivery")
 }
@@ -1059,6 +1066,7 @@ async fn a_copy_not_stored_is_handed_back_after_the_delay() {
     let channel = connection.create_channel().await.expect("create a channel");
     let mut deliveries = consume(&channel, &topology, 1).await;
     let mut seen: Vec<(u32, bool, Instant)> = Vec::new();
+    // The second delivery waits out the acknowledger's give-back wait (the retry's delay).
     loop {
         let delivery = next_delivery(&mut deliveries).await;
         let msg: Payment = serde_json::from_slice(&delivery.data).expect("a payment");
@@ -1204,6 +1212,7 @@ async fn copies_are_persistent_and_drop_the_dead_lettering_headers() {
     let channel = confirmed_channel(&connection).await;
     let mut deliveries = consume(&channel, &topology, 1).await;
     let mut attempts = Vec::new();
+    // The retry copy waits out a RabbitMQ per-message TTL in a retry tier queue.
     loop {
         let delivery = next_delivery(&mut deliveries).await;
         let msg: Payment = serde_json::from_slice(&delivery.data).expect("a payment");
