@@ -10,6 +10,8 @@ pub use crate::error::{Error, HandlerErrors};
 pub use crate::key::{Key, KeyPart};
 pub use crate::outcome::Outcome;
 pub use crate::payload::{JsonReplay, NoReplay};
+#[cfg(feature = "redis")]
+pub use crate::pipeline::lease::{LeaseGate, Renewal, open_lease};
 pub use crate::pipeline::{
     CallerGate, HandlerResult, HandlerSpec, OpenGate, PanicPayload, Prepared, Registration, body,
     open, open_in,
@@ -20,9 +22,13 @@ pub use crate::store::memory::MemoryStore;
 pub use crate::store::mysql::MySqlStore;
 #[cfg(feature = "pg")]
 pub use crate::store::pg::PgStore;
+#[cfg(feature = "redis")]
+pub use crate::store::redis::RedisStore;
 #[cfg(feature = "sqlite")]
 pub use crate::store::sqlite::SqliteStore;
 pub use crate::strategy::{DedupTable, StateMachine, UniqueConstraint};
+#[cfg(feature = "redis")]
+pub use crate::strategy::{Lock, Token};
 pub use crate::transition::{OnMissing, StateKey, StateKeyPart, Transition, TransitionSql};
 
 use crate::key::KeyError;

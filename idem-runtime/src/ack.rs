@@ -41,8 +41,9 @@ impl Committed {
 pub enum RequeueReason {
     /// A retryable failure: the transaction rolled back; deliver again after the delay.
     Retryable,
-    /// Another consumer holds a live lease on this key: requeue after a delay, never ack.
-    /// Reserved for the lease-based `lock` strategy (not implemented yet): the SQL strategies
+    /// Another delivery holds a live lease on this key (`lock`, `token`): requeue after a
+    /// delay, never ack. Not counted against `max_attempts`; at a broker's own last delivery
+    /// ([`Acknowledger::delivery_limit`]) the runtime dead-letters instead. The SQL strategies
     /// make a twin wait on the row lock instead.
     InProgressElsewhere,
 }
@@ -153,8 +154,15 @@ impl Acknowledger for NoAck {
 /// the handler's retry policy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Settlement {
-    Requeue { attempt: u32, delay: Duration },
-    DeadLetter { attempt: u32, reason: String },
+    Requeue {
+        attempt: u32,
+        delay: Duration,
+        reason: RequeueReason,
+    },
+    DeadLetter {
+        attempt: u32,
+        reason: String,
+    },
 }
 
 impl Settlement {
@@ -171,6 +179,7 @@ impl Settlement {
             crate::Disposition::Retry if !policy.is_exhausted(attempt) => Self::Requeue {
                 attempt,
                 delay: policy.delay(attempt, jitter),
+                reason: RequeueReason::Retryable,
             },
             crate::Disposition::Retry => Self::DeadLetter {
                 attempt,
@@ -188,10 +197,67 @@ impl Settlement {
     }
 }
 
+impl Settlement {
+    /// Another delivery holds the key's lease: requeue after the policy's delay, or sooner when
+    /// the lease ends sooner. `max_attempts` does not apply (the handler did not fail); a
+    /// broker's own limit does, since past it the broker would drop the message.
+    pub(crate) fn in_progress(
+        attempt: u32,
+        policy: &crate::RetryPolicy,
+        delivery_limit: Option<u32>,
+        lease_remaining: Duration,
+        reason: &str,
+        jitter: f64,
+    ) -> Self {
+        if delivery_limit.is_some_and(|limit| attempt >= limit) {
+            return Self::DeadLetter {
+                attempt,
+                reason: format!(
+                    "the broker's last delivery ({attempt}) found the message still in progress elsewhere: {reason}"
+                ),
+            };
+        }
+        Self::Requeue {
+            attempt,
+            delay: policy
+                .delay(attempt, jitter)
+                .min(lease_remaining.max(Duration::from_millis(1))),
+            reason: RequeueReason::InProgressElsewhere,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::{Disposition, RetryPolicy};
+
+    #[test]
+    fn in_progress_requeues_past_max_attempts_until_the_broker_limit() {
+        let policy = RetryPolicy::with_max_attempts(2);
+        let lease = Duration::from_secs(30);
+        assert_eq!(
+            Settlement::in_progress(5, &policy, None, lease, "busy", 1.0),
+            Settlement::Requeue {
+                attempt: 5,
+                delay: Duration::from_secs(16),
+                reason: RequeueReason::InProgressElsewhere
+            }
+        );
+        assert_eq!(
+            Settlement::in_progress(1, &policy, Some(3), Duration::from_millis(40), "busy", 1.0),
+            Settlement::Requeue {
+                attempt: 1,
+                delay: Duration::from_millis(40),
+                reason: RequeueReason::InProgressElsewhere
+            },
+            "never longer than the lease"
+        );
+        assert!(matches!(
+            Settlement::in_progress(3, &policy, Some(3), lease, "busy", 1.0),
+            Settlement::DeadLetter { attempt: 3, .. }
+        ));
+    }
 
     #[test]
     fn retryable_failures_requeue_until_the_last_attempt() {
@@ -201,14 +267,16 @@ mod tests {
             Settlement::of_failure(Disposition::Retry, 1, &policy, reason, 1.0),
             Settlement::Requeue {
                 attempt: 1,
-                delay: Duration::from_secs(1)
+                delay: Duration::from_secs(1),
+                reason: RequeueReason::Retryable
             }
         );
         assert_eq!(
             Settlement::of_failure(Disposition::Retry, 2, &policy, reason, 1.0),
             Settlement::Requeue {
                 attempt: 2,
-                delay: Duration::from_secs(2)
+                delay: Duration::from_secs(2),
+                reason: RequeueReason::Retryable
             }
         );
         assert_eq!(

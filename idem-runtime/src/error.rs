@@ -238,6 +238,38 @@ pub enum Error<E> {
         /// The decoder's error.
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// `lock`, `token`: another delivery of this message holds a live lease: it is running the
+    /// body now. Requeued with a delay (never acked, never counted against `max_attempts`):
+    /// the redelivery finds the done marker, or the lease free if that delivery failed.
+    InProgress {
+        /// The handler's scope.
+        scope: String,
+        /// The encoded key.
+        key: String,
+        /// How long the other delivery's lease still runs.
+        lease_remaining: std::time::Duration,
+    },
+    /// `lock`, `token`: the body outlived its lease and another delivery took the key over, so
+    /// this delivery wrote no done marker (the fence). Retryable: the redelivery finds the other
+    /// delivery's marker (a duplicate) or its lease. Lengthen `lease`, or leave lease renewal on.
+    LeaseLost {
+        /// The handler's scope.
+        scope: String,
+        /// The encoded key.
+        key: String,
+    },
+    /// `token`: the message's token was never issued, has expired, or was spent by a failed
+    /// attempt (`spend_on_error`). Permanent: dead-lettered.
+    UnknownToken {
+        /// The handler's scope.
+        scope: String,
+        /// The token.
+        key: String,
+    },
+    /// The Redis store failed (unreachable, restarting, a script error). Retryable: the message
+    /// is requeued, never acked, and handled once Redis answers.
+    #[cfg(feature = "redis")]
+    Redis(redis::RedisError),
     /// A stored result could not be decoded into the handler's result type; the type changed
     /// since the record was written.
     Replay {
@@ -340,6 +372,25 @@ impl<E> Error<E> {
                 f,
                 "the payload does not decode into the handler's message type `{message_type}`: {source}; it is dead-lettered"
             ),
+            Self::InProgress {
+                scope,
+                key,
+                lease_remaining,
+            } => write!(
+                f,
+                "key `{key}` in scope `{scope}` is in progress elsewhere: another delivery holds its lease for {} ms more; requeued, never acked",
+                lease_remaining.as_millis()
+            ),
+            Self::LeaseLost { scope, key } => write!(
+                f,
+                "the lease on key `{key}` in scope `{scope}` was lost while the body ran (it outlived the lease and another delivery took the key over), so no done marker was written; requeued (lengthen `lease`, or leave lease renewal on)"
+            ),
+            Self::UnknownToken { scope, key } => write!(
+                f,
+                "token `{key}` in scope `{scope}` is unknown: never issued, expired, or spent by a failed attempt; the message is dead-lettered (issue a new token)"
+            ),
+            #[cfg(feature = "redis")]
+            Self::Redis(error) => write!(f, "redis store failed: {error}; requeued"),
             Self::Replay { scope, key, source } => write!(
                 f,
                 "the stored result for key `{key}` in scope `{scope}` does not decode into the handler's result type (did the type change?): {source}"
@@ -360,6 +411,8 @@ impl<E: StdError + 'static> StdError for Error<E> {
             Self::Handler(error) => Some(error),
             Self::Key(error) => Some(error),
             Self::Database(error) => Some(error),
+            #[cfg(feature = "redis")]
+            Self::Redis(error) => Some(error),
             Self::Serialize { source, .. } | Self::Replay { source, .. } => Some(source),
             Self::Decode { source, .. } => Some(&**source as &(dyn StdError + 'static)),
             Self::PayloadMismatch { .. }
@@ -369,7 +422,10 @@ impl<E: StdError + 'static> StdError for Error<E> {
             | Self::ScopeCollision { .. }
             | Self::InvalidTransition { .. }
             | Self::TooEarly { .. }
-            | Self::NotFound { .. } => None,
+            | Self::NotFound { .. }
+            | Self::InProgress { .. }
+            | Self::LeaseLost { .. }
+            | Self::UnknownToken { .. } => None,
         }
     }
 }
@@ -425,11 +481,18 @@ impl<E> HandlerErrors<E> {
             | Error::TooEarly { .. }
             | Error::TransactionAborted { .. }
             | Error::Panicked { .. }
-            | Error::ScopeCollision { .. } => Disposition::Retry,
+            | Error::ScopeCollision { .. }
+            | Error::InProgress { .. }
+            | Error::LeaseLost { .. } => Disposition::Retry,
+            // Unreachable, restarting, out of memory, a script error: all may heal, and
+            // `max_attempts` bounds the rest.
+            #[cfg(feature = "redis")]
+            Error::Redis(_) => Disposition::Retry,
             Error::NotFound { .. }
             | Error::UnverifiableDuplicate { .. }
             | Error::InvalidTransition { .. }
             | Error::Key(_)
+            | Error::UnknownToken { .. }
             | Error::PayloadMismatch { .. }
             | Error::Serialize { .. }
             | Error::Decode { .. }
@@ -487,6 +550,11 @@ impl<E> Error<E> {
             Self::Serialize { .. } => "serialize",
             Self::Replay { .. } => "replay",
             Self::Decode { .. } => "decode",
+            Self::InProgress { .. } => "in_progress",
+            Self::LeaseLost { .. } => "lease_lost",
+            Self::UnknownToken { .. } => "unknown_token",
+            #[cfg(feature = "redis")]
+            Self::Redis(_) => "redis",
         }
     }
 
@@ -551,6 +619,19 @@ impl<E> Error<E> {
                 source,
             },
             Self::Replay { scope, key, source } => Error::Replay { scope, key, source },
+            Self::InProgress {
+                scope,
+                key,
+                lease_remaining,
+            } => Error::InProgress {
+                scope,
+                key,
+                lease_remaining,
+            },
+            Self::LeaseLost { scope, key } => Error::LeaseLost { scope, key },
+            Self::UnknownToken { scope, key } => Error::UnknownToken { scope, key },
+            #[cfg(feature = "redis")]
+            Self::Redis(error) => Error::Redis(error),
         }
     }
 }

@@ -46,6 +46,8 @@
 //! - `ulid`: [`ulid::Ulid`] key fields.
 //! - `anyhow`, `eyre`: handlers may return `anyhow::Error` / `eyre::Report`
 //!   ([`HandlerFailure`]).
+//! - `redis`: the Redis store, [`RedisStore`], for `strategy = "lock"` (a fenced lease) and
+//!   `strategy = "token"` (single-use tokens); see [`strategy::lock`] and [`strategy::token`].
 //! - `rabbitmq`, `nats`, `redis-streams`: consumers for RabbitMQ (lapin), NATS JetStream
 //!   (async-nats) and Redis Streams (redis); see [`broker`].
 //!
@@ -95,6 +97,8 @@ pub use store::memory::{MemoryStore, MemoryTx};
 pub use store::mysql::{MySqlStore, MySqlTx};
 #[cfg(feature = "pg")]
 pub use store::pg::{PgStore, PgTx};
+#[cfg(feature = "redis")]
+pub use store::redis::RedisStore;
 #[cfg(feature = "sqlite")]
 pub use store::sqlite::{SqliteStore, SqliteTx, Synchronous};
 

@@ -25,9 +25,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::FutureExt as _;
+
+#[cfg(feature = "redis")]
+pub mod lease;
 use tracing::Instrument as _;
 
-use crate::ack::{Acknowledger, Committed, DeadLetter, Requeue, RequeueReason, Settlement};
+use crate::ack::{Acknowledger, Committed, DeadLetter, Requeue, Settlement};
 use crate::error::{Error, HandlerErrors};
 use crate::key::{Key, KeyError};
 use crate::outcome::Outcome;
@@ -374,14 +377,13 @@ impl<G, C> Entered<G, C> {
 
 /// The key, the fingerprint and the expiry of a delivery, before any transaction; `Err` when
 /// the delivery cannot go on (a panic in user code, a shared scope, an invalid key).
-fn prepare<S, G, C, T, E>(
-    store: &S,
+fn prepare<G, C, T, E>(
+    now_ms: i64,
     spec: &'static HandlerSpec,
     prepared: Prepared<G>,
     codec: C,
 ) -> Result<Entered<G, C>, Attempt<T, E>>
 where
-    S: Store,
     C: ResultCodec<T>,
 {
     let (strategy, key, fingerprint) = prepared.built.map_err(|(during, message)| {
@@ -404,7 +406,6 @@ where
             source,
         })
     })?;
-    let now_ms = store.now_ms();
     let expires_at_ms = spec.ttl().map(|ttl| {
         let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
         now_ms.saturating_add(ttl_ms)
@@ -435,7 +436,7 @@ where
     G: Strategy<S>,
     C: ResultCodec<T>,
 {
-    let mut entered = prepare(store, spec, prepared, codec)?;
+    let mut entered = prepare(store.now_ms(), spec, prepared, codec)?;
     let mut tx = store
         .begin()
         .await
@@ -593,7 +594,7 @@ where
     let savepoint = format!("idem_call_{}", SAVEPOINTS.fetch_add(1, Ordering::Relaxed));
     let name = savepoint.as_str();
     let opened = async {
-        let mut entered = prepare(store, spec, prepared, codec)?;
+        let mut entered = prepare(store.now_ms(), spec, prepared, codec)?;
         let delivery = entered.delivery();
         store
             .savepoint(tx, name)
@@ -987,19 +988,38 @@ async fn conclude<T, E, A: Acknowledger>(
                 catch_sync(|| errors.disposition(&error)).unwrap_or(crate::Disposition::Retry);
             let text = catch_sync(|| errors.display(&error).to_string())
                 .unwrap_or_else(|message| format!("(the error's Display panicked: {message})"));
-            let policy = spec.retry_policy().capped_at(ack.delivery_limit());
-            let settlement =
-                Settlement::of_failure(disposition, number, &policy, &text, fastrand::f64());
+            let settlement = match &error {
+                // Not the handler's failure: only the broker's own limit ends it.
+                Error::InProgress {
+                    lease_remaining, ..
+                } => Settlement::in_progress(
+                    number,
+                    spec.retry_policy(),
+                    ack.delivery_limit(),
+                    *lease_remaining,
+                    &text,
+                    fastrand::f64(),
+                ),
+                _ => {
+                    let policy = spec.retry_policy().capped_at(ack.delivery_limit());
+                    Settlement::of_failure(disposition, number, &policy, &text, fastrand::f64())
+                }
+            };
             let told = match settlement {
-                Settlement::Requeue { attempt, delay } => {
-                    tracing::warn!(
-                        error = %text,
-                        attempt,
-                        delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
-                        "handling failed; requeueing"
-                    );
+                Settlement::Requeue {
+                    attempt,
+                    delay,
+                    reason,
+                } => {
+                    let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+                    if reason == crate::ack::RequeueReason::InProgressElsewhere {
+                        // Expected under concurrent redelivery: not a failure.
+                        tracing::info!(attempt, delay_ms, "in progress elsewhere; requeueing");
+                    } else {
+                        tracing::warn!(error = %text, attempt, delay_ms, "handling failed; requeueing");
+                    }
                     ack.requeue(Requeue {
-                        reason: RequeueReason::Retryable,
+                        reason,
                         attempt,
                         delay,
                     })

@@ -4,6 +4,10 @@
 //! [`sqlite`] (`sqlite`),
 //! and [`memory`] (always on, for unit tests only: it forgets everything on restart).
 //!
+//! [`redis`] (feature `redis`) is of another kind: it keeps leases, done markers and tokens for
+//! `strategy = "lock"` and `"token"`, and has no transaction to share with the body (it does not
+//! implement [`Store`]; see its module docs for what that means for the guarantee).
+//!
 //! # The dedup table
 //!
 //! SQL stores keep one row per processed message in a records table, `idem_records` unless
@@ -60,6 +64,8 @@ pub mod migrations;
 pub mod mysql;
 #[cfg(feature = "pg")]
 pub mod pg;
+#[cfg(feature = "redis")]
+pub mod redis;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 mod table;

@@ -4,6 +4,10 @@
 //! ([`Strategy::leave`]), and which failures mean "an earlier delivery committed"
 //! ([`Strategy::is_duplicate_failure`]). The order that makes the guarantee (key, begin, gate,
 //! body, gate, commit, ack) belongs to the [pipeline](crate::pipeline), which calls these.
+//!
+//! The Redis strategies, [`lock`] and [`token`] (feature `redis`), gate without a transaction:
+//! a [`LeaseStrategy`] says how long a delivery holds its key and what a failure puts back; the
+//! lease pipeline ([`pipeline::lease`](crate::pipeline::lease)) runs them.
 
 use std::error::Error as StdError;
 use std::future::Future;
@@ -13,11 +17,19 @@ use crate::key::Key;
 use crate::store::{Claim, NewRecord, Store, StoredRecord};
 
 pub mod dedup_table;
+#[cfg(feature = "redis")]
+pub mod lock;
 pub mod state_machine;
+#[cfg(feature = "redis")]
+pub mod token;
 pub mod unique_constraint;
 
 pub use dedup_table::DedupTable;
+#[cfg(feature = "redis")]
+pub use lock::Lock;
 pub use state_machine::StateMachine;
+#[cfg(feature = "redis")]
+pub use token::Token;
 pub use unique_constraint::UniqueConstraint;
 
 pub(crate) mod sealed {
@@ -154,4 +166,39 @@ pub trait Strategy<S: Store>: sealed::Sealed + Send + Sync {
 
     /// Whether a failure of the body or of the commit means "an earlier delivery committed".
     fn is_duplicate_failure(&self, store: &S, error: &(dyn StdError + 'static)) -> bool;
+}
+
+/// How a lease-based strategy (`lock`, `token`) holds its key while the body runs, and what a
+/// failure leaves behind. Sealed: the strategies are this crate's.
+#[cfg(feature = "redis")]
+pub trait LeaseStrategy: sealed::Sealed + Send + Sync {
+    /// The strategy's name in `strategy = "..."`, for logs.
+    const NAME: &'static str;
+
+    /// The rules the lease pipeline follows.
+    fn rules(&self) -> LeaseRules;
+}
+
+/// What a [`LeaseStrategy`] asks of the lease pipeline: the lease's length, whether it is
+/// renewed while the body runs, and whether a free key is a missing one (`lock`) or an issued
+/// token (`token`).
+#[cfg(feature = "redis")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseRules {
+    pub(crate) lease: std::time::Duration,
+    pub(crate) renew: bool,
+    pub(crate) mode: crate::store::redis::LeaseMode,
+}
+
+#[cfg(feature = "redis")]
+impl LeaseRules {
+    /// How long a claim holds the key before another delivery may take it over.
+    pub const fn lease(&self) -> std::time::Duration {
+        self.lease
+    }
+
+    /// Whether the lease is extended (every third of it) while the body runs.
+    pub const fn renews(&self) -> bool {
+        self.renew
+    }
 }

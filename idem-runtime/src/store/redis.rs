@@ -1,0 +1,606 @@
+//! Redis (`store = "redis"`, feature `redis`): leases and single-use tokens, for handlers whose
+//! effects do not live in one SQL database.
+//!
+//! # What Redis can and cannot promise
+//!
+//! Redis cannot take part in your database's transaction. Under
+//! [`lock`](crate::strategy::lock) it gives **one execution at a time** (a fenced lease) and
+//! **dedup after success** (a done marker written once the body returned `Ok`), not atomicity
+//! with the body's writes: a process that dies after its body's effects but before the marker
+//! (or whose marker write is lost with the connection) leaves a lease that expires, and the
+//! redelivery runs the body again. Where money moves in a SQL database, gate there instead:
+//! [`dedup_table`](crate::strategy::dedup_table) or
+//! [`unique_constraint`](crate::strategy::unique_constraint) commit the record with the effect.
+//! Redis fits a body whose effects are themselves idempotent or tolerant of a rare second run
+//! (a call to a payment provider that takes its own idempotency key, a cache fill, an e-mail).
+//!
+//! **Without persistence**, a Redis restart forgets every marker and token: a redelivery after
+//! it runs the body again (`lock`), or finds its token unknown and is dead-lettered (`token`).
+//! Run Redis with AOF (`appendonly yes`, `appendfsync everysec` loses at most a second of
+//! markers) or accept that window. A restart in the middle of a delivery is an ordinary
+//! retryable error ([`Error::Redis`](crate::Error::Redis)): the message is requeued, never
+//! acked, and handled when Redis is back.
+//!
+//! # Records
+//!
+//! One hash per key, at `<prefix>:{<scope>}:<key>` (prefix `idem` by default). The braces are
+//! a Redis Cluster hash tag: a scope's records live on one slot, so a script could read several
+//! of them; [`without_hash_tag`](RedisStore::without_hash_tag) spreads them over the cluster
+//! instead (every script here touches one key, so both work). Fields:
+//!
+//! | field | meaning |
+//! |---|---|
+//! | `state` | `lease` (a delivery is running the body), `done` (processed), `issued` (a token not yet used) |
+//! | `owner`, `until` | the lease's owner token and deadline (Unix ms), while `state = lease` |
+//! | `created` | when the marker was written (Unix ms) |
+//! | `fp`, `resp` | the payload fingerprint (`fingerprint`) and the JSON result (`replay`) |
+//! | `expires` | when a marker or an unused token stops counting (Unix ms); absent: never |
+//!
+//! Deadlines are read from the store's [`Clock`] (the consumers' wall clocks, or a
+//! [`ManualClock`](crate::clock::ManualClock) in tests), and each key also carries a Redis
+//! expiry, so that nothing outlives its purpose if no delivery comes back. Keep the consumers'
+//! clocks synchronised (NTP): skew between two hosts shortens or lengthens a lease by that much.
+//! The fence does not depend on clocks: a marker is written only by the lease's current owner.
+//!
+//! # Round trips
+//!
+//! Each step is one `EVALSHA` of a script that both decides and writes: a first delivery costs
+//! two (claim, then marker), a duplicate one, a failure two (claim, then release). A long body
+//! adds one renewal every third of its lease.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::{RedisError, Script, Value};
+
+use crate::clock::{Clock, SharedClock};
+use crate::store::StoredRecord;
+
+/// The Lua scripts the store runs, for review and for benchmarks that measure their floor.
+///
+/// Each takes the record's key as `KEYS[1]`; their arguments are documented in the source.
+pub mod scripts {
+    /// Claims a key (a lease for `ARGV[2]`, the owner token, until `ARGV[3] + ARGV[4]` ms) and
+    /// reports what was there: `{'claimed', previous state}`, `{'done', created, fp, resp}`,
+    /// `{'busy', remaining ms}` or `{'unknown'}` (`token` mode: no usable token). `ARGV[1]` is
+    /// `lock` or `token`: a lock claims a missing key, a token only an `issued` one.
+    pub const CLAIM: &str = r"
+local key = KEYS[1]
+local mode = ARGV[1]
+local now = tonumber(ARGV[3])
+local lease = tonumber(ARGV[4])
+local r = redis.call('HMGET', key, 'state', 'until', 'created', 'fp', 'resp', 'expires')
+local state = r[1]
+local expires = tonumber(r[6])
+if state and state ~= 'lease' and expires and expires <= now then
+  redis.call('DEL', key)
+  state = false
+end
+if state == 'done' then
+  return {'done', r[3] or '0', r[4], r[5]}
+elseif state == 'lease' then
+  local held = tonumber(r[2]) or 0
+  if held > now then
+    return {'busy', tostring(held - now)}
+  end
+elseif not state then
+  if mode == 'token' then
+    return {'unknown'}
+  end
+elseif state ~= 'issued' then
+  return redis.error_reply('idem: the record at ' .. key .. ' has an unknown state; delete it')
+end
+redis.call('HSET', key, 'state', 'lease', 'owner', ARGV[2], 'until', now + lease)
+if mode == 'lock' then
+  redis.call('PEXPIRE', key, lease)
+else
+  local pttl = redis.call('PTTL', key)
+  if pttl >= 0 and pttl < lease then
+    redis.call('PEXPIRE', key, lease)
+  end
+end
+return {'claimed', state or 'none'}
+";
+
+    /// Replaces the lease of owner `ARGV[1]` by a done marker created at `ARGV[2]`, kept
+    /// `ARGV[3]` ms (`0`: forever), with the fingerprint `ARGV[5]` when `ARGV[4]` is `1` and
+    /// the result `ARGV[7]` when `ARGV[6]` is `1`. Returns 1, or 0 when the lease is no longer
+    /// this owner's (the fence: nothing is written).
+    pub const COMPLETE: &str = r"
+local key = KEYS[1]
+local r = redis.call('HMGET', key, 'state', 'owner')
+if r[1] ~= 'lease' or r[2] ~= ARGV[1] then
+  return 0
+end
+redis.call('DEL', key)
+redis.call('HSET', key, 'state', 'done', 'created', ARGV[2])
+if ARGV[4] == '1' then redis.call('HSET', key, 'fp', ARGV[5]) end
+if ARGV[6] == '1' then redis.call('HSET', key, 'resp', ARGV[7]) end
+local ttl = tonumber(ARGV[3])
+if ttl > 0 then
+  redis.call('HSET', key, 'expires', tonumber(ARGV[2]) + ttl)
+  redis.call('PEXPIRE', key, ttl)
+end
+return 1
+";
+
+    /// Ends the lease of owner `ARGV[1]` after a failure: deletes the key, or with `ARGV[2]`
+    /// = `restore` puts an unused token back (`issued`, its expiry kept). Returns 1, or 0 when
+    /// the lease is not this owner's (nothing is touched).
+    pub const RELEASE: &str = r"
+local key = KEYS[1]
+local r = redis.call('HMGET', key, 'state', 'owner')
+if r[1] ~= 'lease' or r[2] ~= ARGV[1] then
+  return 0
+end
+if ARGV[2] == 'restore' then
+  redis.call('HSET', key, 'state', 'issued')
+  redis.call('HDEL', key, 'owner', 'until')
+else
+  redis.call('DEL', key)
+end
+return 1
+";
+
+    /// Extends the lease of owner `ARGV[1]` to `ARGV[2] + ARGV[3]` ms (`ARGV[4]`: `lock` or
+    /// `token`, as in [`CLAIM`]). Returns 1, or 0 when the lease is no longer this owner's.
+    pub const EXTEND: &str = r"
+local key = KEYS[1]
+local r = redis.call('HMGET', key, 'state', 'owner')
+if r[1] ~= 'lease' or r[2] ~= ARGV[1] then
+  return 0
+end
+local lease = tonumber(ARGV[3])
+redis.call('HSET', key, 'until', tonumber(ARGV[2]) + lease)
+if ARGV[4] == 'lock' then
+  redis.call('PEXPIRE', key, lease)
+else
+  local pttl = redis.call('PTTL', key)
+  if pttl >= 0 and pttl < lease then
+    redis.call('PEXPIRE', key, lease)
+  end
+end
+return 1
+";
+
+    /// Issues a token: an `issued` record created at `ARGV[1]`, expiring `ARGV[2]` ms later.
+    /// Returns 1, or 0 when the key exists already (nothing is touched).
+    pub const ISSUE: &str = r"
+local key = KEYS[1]
+if redis.call('EXISTS', key) == 1 then
+  return 0
+end
+local ttl = tonumber(ARGV[2])
+redis.call('HSET', key, 'state', 'issued', 'created', ARGV[1], 'expires', tonumber(ARGV[1]) + ttl)
+redis.call('PEXPIRE', key, ttl)
+return 1
+";
+}
+
+fn script(cell: &'static std::sync::OnceLock<Script>, source: &'static str) -> &'static Script {
+    cell.get_or_init(|| Script::new(source))
+}
+
+macro_rules! script {
+    ($name:ident) => {{
+        static CELL: std::sync::OnceLock<Script> = std::sync::OnceLock::new();
+        script(&CELL, scripts::$name)
+    }};
+}
+
+/// The default key prefix.
+pub const DEFAULT_PREFIX: &str = "idem";
+
+/// Why the Redis store could not be set up or used outside a handler.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RedisStoreError {
+    /// Redis answered with an error, or could not be reached.
+    #[error("redis store: {0}")]
+    Redis(#[from] RedisError),
+    /// The key prefix is empty or holds a character that would make keys ambiguous.
+    #[error(
+        "invalid redis key prefix `{0}`: use 1 to 64 printable ASCII characters without spaces, `:`, `{{` or `}}` (e.g. `idem` or `billing-idem`)"
+    )]
+    InvalidPrefix(String),
+    /// A token's lifetime must be at least a millisecond.
+    #[error("a token's ttl must be at least 1 ms; got {0:?}")]
+    InvalidTokenTtl(Duration),
+    /// The random token collided with an existing key twice in a row (never in practice).
+    #[error(
+        "could not issue a token in scope `{0}`: the random tokens collided with existing keys"
+    )]
+    TokenCollision(String),
+}
+
+/// Dedup records, leases and tokens in Redis. Cloning is cheap and shares the connection.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), idem_runtime::store::redis::RedisStoreError> {
+/// use idem_runtime::RedisStore;
+///
+/// let store = RedisStore::connect("redis://127.0.0.1:6379").await?.with_prefix("billing")?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct RedisStore {
+    conn: ConnectionManager,
+    prefix: Arc<str>,
+    hash_tag: bool,
+    clock: SharedClock,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.prefix)
+            .field("hash_tag", &self.hash_tag)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a claim found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Claimed {
+    /// The lease is ours.
+    Claimed,
+    /// A done marker: an earlier delivery succeeded.
+    Done(StoredRecord),
+    /// Another owner's live lease, for this much longer.
+    Busy(Duration),
+    /// `token` mode: no usable token (never issued, expired, or spent).
+    Unknown,
+}
+
+/// Whether a lease is a plain lock or a token being used: what a claim may take, and what a
+/// release puts back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LeaseMode {
+    /// `lock`: a missing key is free.
+    Lock,
+    /// `token`: only an issued token is free; `restore` puts it back after a failure.
+    Token {
+        /// Put the token back after a failure (else it is spent).
+        restore: bool,
+    },
+}
+
+impl LeaseMode {
+    fn as_arg(self) -> &'static str {
+        match self {
+            Self::Lock => "lock",
+            Self::Token { .. } => "token",
+        }
+    }
+}
+
+/// What a done marker holds.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Marker<'a> {
+    pub(crate) now_ms: i64,
+    pub(crate) ttl: Option<Duration>,
+    pub(crate) fingerprint: Option<&'a str>,
+    pub(crate) response: Option<&'a str>,
+}
+
+/// 1 to 64 printable ASCII characters, none of which would blur where the prefix ends or move
+/// the hash tag.
+fn is_valid_prefix(prefix: &str) -> bool {
+    !prefix.is_empty()
+        && prefix.len() <= 64
+        && prefix
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !matches!(b, b':' | b'{' | b'}'))
+}
+
+fn millis(duration: Duration) -> i64 {
+    // At least 1: Redis refuses an expiry of 0.
+    i64::try_from(duration.as_millis())
+        .unwrap_or(i64::MAX)
+        .max(1)
+}
+
+fn unexpected(what: &str, reply: &Value) -> RedisError {
+    RedisError::from((
+        redis::ErrorKind::UnexpectedReturnType,
+        "unexpected reply from an idem script",
+        format!("{what}: {reply:?}"),
+    ))
+}
+
+fn text(value: &Value) -> Option<String> {
+    match value {
+        Value::BulkString(bytes) => Some(String::from_utf8_lossy(bytes).into_owned()),
+        Value::SimpleString(text) => Some(text.clone()),
+        Value::Int(number) => Some(number.to_string()),
+        _ => None,
+    }
+}
+
+impl RedisStore {
+    /// Connects to `url` (`redis://host:port/db`, `rediss://` for TLS) through redis-rs's
+    /// [`ConnectionManager`], which reconnects by itself after a failure.
+    pub async fn connect(url: &str) -> Result<Self, RedisStoreError> {
+        let client = redis::Client::open(url)?;
+        let conn = ConnectionManager::new(client).await?;
+        Ok(Self::from_connection_manager(conn))
+    }
+
+    /// A store on a connection manager you configured (timeouts, retries, RESP3).
+    pub fn from_connection_manager(conn: ConnectionManager) -> Self {
+        Self {
+            conn,
+            prefix: Arc::from(DEFAULT_PREFIX),
+            hash_tag: true,
+            clock: crate::clock::system(),
+        }
+    }
+
+    /// Keys start with `prefix` instead of `idem`: `billing:{scope}:key`.
+    pub fn with_prefix(mut self, prefix: &str) -> Result<Self, RedisStoreError> {
+        if !is_valid_prefix(prefix) {
+            return Err(RedisStoreError::InvalidPrefix(prefix.to_owned()));
+        }
+        self.prefix = Arc::from(prefix);
+        Ok(self)
+    }
+
+    /// Keys without the `{scope}` hash tag (`idem:scope:key`): on Redis Cluster a scope's
+    /// records spread over every node instead of one slot.
+    #[must_use]
+    pub fn without_hash_tag(mut self) -> Self {
+        self.hash_tag = false;
+        self
+    }
+
+    /// Reads "now" from `clock` instead of the system clock (tests move a
+    /// [`ManualClock`](crate::clock::ManualClock) past a lease or a `ttl`).
+    #[must_use]
+    pub fn with_clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// Now, Unix milliseconds, from the store's clock.
+    pub fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
+    }
+
+    /// The connection, for your own commands (it is shared: do not block it with `BLPOP`).
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    /// The Redis key of `key` (encoded, as [`Key::value`](crate::Key::value)) in `scope`.
+    ///
+    /// ```no_run
+    /// # async fn demo(store: idem_runtime::RedisStore) {
+    /// assert_eq!(store.record_key("billing.charge", "o-1"), "idem:{billing.charge}:o-1");
+    /// # }
+    /// ```
+    pub fn record_key(&self, scope: &str, key: &str) -> String {
+        if self.hash_tag {
+            format!("{}:{{{scope}}}:{key}", self.prefix)
+        } else {
+            format!("{}:{scope}:{key}", self.prefix)
+        }
+    }
+
+    /// Mints a token for a `strategy = "token"` handler in `scope`, usable once within `ttl`.
+    /// Hand it to the client, which sends it with its request or message (in the field the
+    /// handler's `key` names). 32 hex characters from the operating system's random source.
+    ///
+    /// ```no_run
+    /// # async fn demo(store: idem_runtime::RedisStore) -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::time::Duration;
+    ///
+    /// let token = store.issue_token("payments.charge", Duration::from_secs(15 * 60)).await?;
+    /// // return `token` with the checkout form; the charge message carries it back
+    /// # Ok(()) }
+    /// ```
+    pub async fn issue_token(&self, scope: &str, ttl: Duration) -> Result<String, RedisStoreError> {
+        if ttl.is_zero() {
+            return Err(RedisStoreError::InvalidTokenTtl(ttl));
+        }
+        for _ in 0..2 {
+            let token = uuid::Uuid::new_v4().simple().to_string();
+            let issued: i64 = script!(ISSUE)
+                .key(self.record_key(scope, &token))
+                .arg(self.now_ms())
+                .arg(millis(ttl))
+                .invoke_async(&mut self.conn.clone())
+                .await?;
+            if issued == 1 {
+                return Ok(token);
+            }
+        }
+        Err(RedisStoreError::TokenCollision(scope.to_owned()))
+    }
+
+    /// Deletes the record of `key` in `scope` (a marker, a lease or a token), so that the next
+    /// delivery of its message runs the body again (`lock`) or finds no token (`token`).
+    /// Returns whether there was one.
+    pub async fn forget(&self, scope: &str, key: &str) -> Result<bool, RedisStoreError> {
+        let deleted: i64 = redis::cmd("DEL")
+            .arg(self.record_key(scope, key))
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(deleted > 0)
+    }
+
+    /// One round trip: claims `key` for `owner` for `lease`, or reports what holds it.
+    pub(crate) async fn claim(
+        &self,
+        mode: LeaseMode,
+        key: &str,
+        owner: &str,
+        now_ms: i64,
+        lease: Duration,
+    ) -> Result<Claimed, RedisError> {
+        let reply: Value = script!(CLAIM)
+            .key(key)
+            .arg(mode.as_arg())
+            .arg(owner)
+            .arg(now_ms)
+            .arg(millis(lease))
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        parse_claim(&reply)
+    }
+
+    /// One round trip: replaces `owner`'s lease by a done marker. `false`: the lease is no
+    /// longer `owner`'s, and nothing was written.
+    pub(crate) async fn complete(
+        &self,
+        key: &str,
+        owner: &str,
+        marker: &Marker<'_>,
+    ) -> Result<bool, RedisError> {
+        let ttl = marker.ttl.map_or(0, millis);
+        let written: i64 = script!(COMPLETE)
+            .key(key)
+            .arg(owner)
+            .arg(marker.now_ms)
+            .arg(ttl)
+            .arg(if marker.fingerprint.is_some() {
+                "1"
+            } else {
+                "0"
+            })
+            .arg(marker.fingerprint.unwrap_or(""))
+            .arg(if marker.response.is_some() { "1" } else { "0" })
+            .arg(marker.response.unwrap_or(""))
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(written == 1)
+    }
+
+    /// One round trip: ends `owner`'s lease after a failure. `false`: it was not `owner`'s.
+    pub(crate) async fn release(
+        &self,
+        mode: LeaseMode,
+        key: &str,
+        owner: &str,
+    ) -> Result<bool, RedisError> {
+        let how = match mode {
+            LeaseMode::Token { restore: true } => "restore",
+            LeaseMode::Token { restore: false } | LeaseMode::Lock => "delete",
+        };
+        let released: i64 = script!(RELEASE)
+            .key(key)
+            .arg(owner)
+            .arg(how)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(released == 1)
+    }
+
+    /// One round trip: extends `owner`'s lease to `lease` from now. `false`: it is lost.
+    pub(crate) async fn extend(
+        &self,
+        mode: LeaseMode,
+        key: &str,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<bool, RedisError> {
+        let extended: i64 = script!(EXTEND)
+            .key(key)
+            .arg(owner)
+            .arg(self.now_ms())
+            .arg(millis(lease))
+            .arg(mode.as_arg())
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(extended == 1)
+    }
+}
+
+/// The claim script's reply.
+fn parse_claim(reply: &Value) -> Result<Claimed, RedisError> {
+    let Value::Array(items) = reply else {
+        return Err(unexpected("claim", reply));
+    };
+    let field = |index: usize| items.get(index).and_then(text);
+    match field(0).as_deref() {
+        Some("claimed") => Ok(Claimed::Claimed),
+        Some("unknown") => Ok(Claimed::Unknown),
+        Some("busy") => {
+            let remaining = field(1)
+                .and_then(|ms| ms.parse::<u64>().ok())
+                .ok_or_else(|| unexpected("claim", reply))?;
+            Ok(Claimed::Busy(Duration::from_millis(remaining)))
+        }
+        Some("done") => Ok(Claimed::Done(StoredRecord {
+            created_at_ms: field(1).and_then(|ms| ms.parse().ok()).unwrap_or(0),
+            fingerprint: field(2),
+            response: field(3),
+        })),
+        _ => Err(unexpected("claim", reply)),
+    }
+}
+
+/// A fresh owner token: unique per delivery, so that only this delivery can write its marker or
+/// release its lease.
+pub(crate) fn owner_token() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(text: &str) -> Value {
+        Value::BulkString(text.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn claim_replies_parse() {
+        assert_eq!(
+            parse_claim(&Value::Array(vec![bulk("claimed"), bulk("none")])).unwrap(),
+            Claimed::Claimed
+        );
+        assert_eq!(
+            parse_claim(&Value::Array(vec![bulk("busy"), bulk("1500")])).unwrap(),
+            Claimed::Busy(Duration::from_millis(1500))
+        );
+        assert_eq!(
+            parse_claim(&Value::Array(vec![bulk("unknown")])).unwrap(),
+            Claimed::Unknown
+        );
+        assert_eq!(
+            parse_claim(&Value::Array(vec![
+                bulk("done"),
+                bulk("42"),
+                Value::Nil,
+                bulk("{\"a\":1}")
+            ]))
+            .unwrap(),
+            Claimed::Done(StoredRecord {
+                fingerprint: None,
+                response: Some("{\"a\":1}".into()),
+                created_at_ms: 42
+            })
+        );
+        assert!(parse_claim(&Value::Int(1)).is_err());
+        assert!(parse_claim(&Value::Array(vec![bulk("busy"), bulk("soon")])).is_err());
+        assert!(parse_claim(&Value::Array(vec![])).is_err());
+    }
+
+    #[test]
+    fn prefixes_are_checked() {
+        for bad in ["", "a:b", "a{b", "a}b", "a b", "é", &"x".repeat(65)] {
+            assert!(!is_valid_prefix(bad), "{bad:?}");
+        }
+        for good in ["idem", "billing-idem", "a.b_c", &"x".repeat(64)] {
+            assert!(is_valid_prefix(good), "{good:?}");
+        }
+    }
+
+    #[test]
+    fn expiries_are_at_least_a_millisecond() {
+        assert_eq!(millis(Duration::ZERO), 1);
+        assert_eq!(millis(Duration::from_secs(2)), 2000);
+        assert_eq!(millis(Duration::MAX), i64::MAX);
+    }
+}
