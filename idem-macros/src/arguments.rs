@@ -19,6 +19,9 @@ pub(crate) enum Name {
     Replay,
     Fingerprint,
     Mode,
+    Lease,
+    FixedLease,
+    SpendOnError,
     Crate,
     Table,
     Column,
@@ -115,9 +118,13 @@ pub(crate) struct Argument {
     pub(crate) doc: &'static str,
 }
 
-/// `strategy = "unique_constraint"`, or `"dedup_table"`.
-const NOT_STATE_MACHINE: &[StrategyKind] =
-    &[StrategyKind::DedupTable, StrategyKind::UniqueConstraint];
+/// Every strategy that keeps a dedup record (all but `state_machine`).
+const NOT_STATE_MACHINE: &[StrategyKind] = &[
+    StrategyKind::DedupTable,
+    StrategyKind::UniqueConstraint,
+    StrategyKind::Lock,
+    StrategyKind::Token,
+];
 const STATE_MACHINE_ONLY: Applies = Applies::Only {
     strategies: &[StrategyKind::StateMachine],
     refusals: &[],
@@ -256,9 +263,58 @@ pub(crate) const ARGUMENTS: &[Argument] = &[
                     StrategyKind::StateMachine,
                     "`mode` only applies to `strategy = \"dedup_table\"`: under `state_machine` the guarded status update is both the gate and the business write, so it cannot be observed without being enforced. Observe with `strategy = \"dedup_table\"` first, or adopt `state_machine` directly (without `mode`)",
                 ),
+                (
+                    StrategyKind::Lock,
+                    "`mode` only applies to `strategy = \"dedup_table\"`: under `lock` a second delivery that ran anyway would run the body twice at once, which is what the lease exists to prevent; remove `mode`",
+                ),
+                (
+                    StrategyKind::Token,
+                    "`mode` only applies to `strategy = \"dedup_table\"`: a token is used once, so a delivery that ran anyway would need a token no one issued; remove `mode`",
+                ),
             ],
         },
         doc: "`\"observe\"` runs the gate and writes the records exactly as `\"enforce\"` does, but a delivery the gate would drop as a duplicate is logged (a warning on the `idem` target) and counted ([`observed_duplicates`](crate::observed_duplicates)), and its body runs anyway: adopt idem on a live consumer, watch what enforcing would drop, then switch to `\"enforce\"`. Not with `unique_constraint` (the unique index refuses the duplicate's write itself) nor `state_machine` (the guarded update is the business write).",
+    },
+    Argument {
+        id: Name::Lease,
+        name: "lease",
+        shape: Shape::Text(r#"`"30s"`, `"2m"`, `"500ms"`"#),
+        example: r#"lease = "30s""#,
+        presence: Presence::Optional {
+            default: "`\"30s\"`",
+        },
+        applies: Applies::Only {
+            strategies: &[StrategyKind::Lock],
+            refusals: &[(
+                StrategyKind::Token,
+                "`lease` only applies to `strategy = \"lock\"`: a token is held for a fixed 30 s (`Token::LEASE`), renewed while the body runs; remove it",
+            )],
+        },
+        doc: "how long a delivery holds the key before another may take it over (a consumer that dies mid-body blocks the message this long). Renewed every third of it while the body runs, unless `fixed_lease`. At most a day.",
+    },
+    Argument {
+        id: Name::FixedLease,
+        name: "fixed_lease",
+        shape: Shape::Flag,
+        example: "fixed_lease",
+        presence: Presence::Optional { default: "off" },
+        applies: Applies::Only {
+            strategies: &[StrategyKind::Lock],
+            refusals: &[],
+        },
+        doc: "do not renew the lease while the body runs: a body that outlives it loses it, and its delivery ends in [`Error::LeaseLost`](crate::Error::LeaseLost) without writing the done marker.",
+    },
+    Argument {
+        id: Name::SpendOnError,
+        name: "spend_on_error",
+        shape: Shape::Flag,
+        example: "spend_on_error",
+        presence: Presence::Optional { default: "off" },
+        applies: Applies::Only {
+            strategies: &[StrategyKind::Token],
+            refusals: &[],
+        },
+        doc: "a failed body spends the token instead of putting it back: its retries are dead-lettered as [`Error::UnknownToken`](crate::Error::UnknownToken). Without it, a failure restores the token so that a retry can succeed.",
     },
     Argument {
         id: Name::Crate,
@@ -584,15 +640,18 @@ mod tests {
                 Name::Replay => 7,
                 Name::Fingerprint => 8,
                 Name::Mode => 9,
-                Name::Crate => 10,
-                Name::Table => 11,
-                Name::Column => 12,
-                Name::From => 13,
-                Name::To => 14,
-                Name::KeyColumn => 15,
-                Name::Done => 16,
-                Name::Early => 17,
-                Name::OnMissing => 18,
+                Name::Lease => 10,
+                Name::FixedLease => 11,
+                Name::SpendOnError => 12,
+                Name::Crate => 13,
+                Name::Table => 14,
+                Name::Column => 15,
+                Name::From => 16,
+                Name::To => 17,
+                Name::KeyColumn => 18,
+                Name::Done => 19,
+                Name::Early => 20,
+                Name::OnMissing => 21,
             }
         }
         let positions: Vec<usize> = ARGUMENTS.iter().map(|a| position(a.id)).collect();
@@ -660,7 +719,7 @@ mod tests {
     fn fixes_list_the_other_choices() {
         assert_eq!(
             named("store").unwrap().fix(),
-            r#"store = "pg" (or "mysql", "sqlite", "memory")"#
+            r#"store = "pg" (or "mysql", "sqlite", "memory", "redis")"#
         );
         assert_eq!(
             named("on_missing").unwrap().fix(),
@@ -684,6 +743,9 @@ mod tests {
                 .unwrap_err()
                 .contains("refuses the duplicate's write itself")
         );
-        assert_eq!(flags(), "`replay` and `fingerprint`");
+        assert_eq!(
+            flags(),
+            "`replay`, `fingerprint`, `fixed_lease` and `spend_on_error`"
+        );
     }
 }

@@ -15,10 +15,11 @@ pub(crate) enum StoreKind {
     MySql,
     Sqlite,
     Memory,
+    Redis,
 }
 
 impl StoreKind {
-    pub(crate) const NAMES: &'static [&'static str] = &["pg", "mysql", "sqlite", "memory"];
+    pub(crate) const NAMES: &'static [&'static str] = &["pg", "mysql", "sqlite", "memory", "redis"];
 
     pub(crate) fn parse(value: &str) -> Result<Self, String> {
         match value {
@@ -26,6 +27,7 @@ impl StoreKind {
             "mysql" => Ok(Self::MySql),
             "sqlite" => Ok(Self::Sqlite),
             "memory" => Ok(Self::Memory),
+            "redis" => Ok(Self::Redis),
             "mariadb" => Err(format!(
                 "unknown store `{value}`; use `mysql` for MariaDB and MySQL"
             )),
@@ -33,9 +35,6 @@ impl StoreKind {
                 Err(format!("unknown store `{value}`; use `pg` for PostgreSQL"))
             }
             "sqlite3" => Err(format!("unknown store `{value}`; use `sqlite`")),
-            "redis" => Err(format!(
-                "store `{value}` is not supported yet; supported stores: `pg`, `mysql`, `sqlite`, `memory`"
-            )),
             other => Err(unknown("store", other, Self::NAMES)),
         }
     }
@@ -46,7 +45,13 @@ impl StoreKind {
             Self::MySql => "MySqlStore",
             Self::Sqlite => "SqliteStore",
             Self::Memory => "MemoryStore",
+            Self::Redis => "RedisStore",
         }
+    }
+
+    /// Whether the store runs a transaction the body shares (every store but Redis).
+    pub(crate) fn has_transaction(self) -> bool {
+        self != Self::Redis
     }
 }
 
@@ -55,19 +60,28 @@ pub(crate) enum StrategyKind {
     DedupTable,
     UniqueConstraint,
     StateMachine,
+    Lock,
+    Token,
 }
 
 impl StrategyKind {
-    pub(crate) const NAMES: &'static [&'static str] =
-        &["dedup_table", "unique_constraint", "state_machine"];
+    pub(crate) const NAMES: &'static [&'static str] = &[
+        "dedup_table",
+        "unique_constraint",
+        "state_machine",
+        "lock",
+        "token",
+    ];
 
     pub(crate) fn parse(value: &str) -> Result<Self, String> {
         match value {
             "dedup_table" => Ok(Self::DedupTable),
             "unique_constraint" => Ok(Self::UniqueConstraint),
             "state_machine" => Ok(Self::StateMachine),
-            "lock" | "token" | "offset" | "natural" => Err(format!(
-                "strategy `{value}` is not implemented yet; available: `dedup_table`, `unique_constraint`, `state_machine`"
+            "lock" => Ok(Self::Lock),
+            "token" => Ok(Self::Token),
+            "offset" | "natural" => Err(format!(
+                "strategy `{value}` is not implemented yet; available: `dedup_table`, `unique_constraint`, `state_machine`, `lock`, `token`"
             )),
             other => Err(unknown("strategy", other, Self::NAMES)),
         }
@@ -78,6 +92,8 @@ impl StrategyKind {
             Self::DedupTable => "dedup_table",
             Self::UniqueConstraint => "unique_constraint",
             Self::StateMachine => "state_machine",
+            Self::Lock => "lock",
+            Self::Token => "token",
         }
     }
 
@@ -89,6 +105,18 @@ impl StrategyKind {
             ),
             (Self::StateMachine, StoreKind::Memory) => Err(
                 "`state_machine` moves a status column in a database table; the `memory` store has none: use `store = \"pg\"`, `\"mysql\"` or `\"sqlite\"`",
+            ),
+            (Self::DedupTable, StoreKind::Redis) => Err(
+                "`dedup_table` writes its record in the body's database transaction, and Redis cannot share one: on `store = \"redis\"` use `strategy = \"lock\"` (a fenced lease, then a done marker) or `\"token\"`; to commit the record with the body's SQL writes, keep `dedup_table` on `store = \"pg\"`, `\"mysql\"` or `\"sqlite\"`",
+            ),
+            (Self::UniqueConstraint, StoreKind::Redis) => Err(
+                "`unique_constraint` needs a database whose unique index rejects the duplicate's write; Redis has none: use `strategy = \"lock\"` or `\"token\"` on `store = \"redis\"`, or `unique_constraint` on `store = \"pg\"`, `\"mysql\"` or `\"sqlite\"`",
+            ),
+            (Self::StateMachine, StoreKind::Redis) => Err(
+                "`state_machine` moves a status column in a database table; Redis has none: use `strategy = \"lock\"` or `\"token\"` on `store = \"redis\"`, or `state_machine` on `store = \"pg\"`, `\"mysql\"` or `\"sqlite\"`",
+            ),
+            (Self::Lock | Self::Token, store) if store != StoreKind::Redis => Err(
+                "`lock` and `token` keep their leases, markers and tokens in Redis: use `store = \"redis\"` (feature `redis`); on a SQL store, `dedup_table` gives the same guarantee inside the body's transaction",
             ),
             _ => Ok(()),
         }
@@ -181,6 +209,13 @@ pub(crate) struct Config {
     pub(crate) strategy: StrategyConfig,
 }
 
+impl Config {
+    /// Whether the body shares a transaction with the gate (every store but Redis).
+    pub(crate) fn has_transaction(&self) -> bool {
+        self.store.has_transaction()
+    }
+}
+
 /// The strategy, with its own settings.
 #[derive(Debug)]
 #[expect(
@@ -204,6 +239,14 @@ pub(crate) enum StrategyConfig {
         done: Vec<String>,
         early: Vec<String>,
         on_missing: OnMissing,
+    },
+    Lock {
+        /// `lease`; `None`: the runtime's default.
+        lease_millis: Option<u64>,
+        fixed_lease: bool,
+    },
+    Token {
+        spend_on_error: bool,
     },
 }
 
@@ -282,6 +325,11 @@ pub(crate) fn validate(
             .clone()
             .map(|constraint| StrategyConfig::UniqueConstraint { constraint }),
         Some((StrategyKind::StateMachine, _)) => state_machine(&parsed, errors),
+        Some((StrategyKind::Lock, _)) => Some(StrategyConfig::Lock {
+            lease_millis: parsed.lease_millis,
+            fixed_lease: parsed.fixed_lease.is_some(),
+        }),
+        Some((StrategyKind::Token, _)) => token(&parsed, errors),
         None => None,
     };
     if !errors.is_empty() {
@@ -299,6 +347,28 @@ pub(crate) fn validate(
         // The documented default, decided here: the expansion takes every setting as given.
         mode: parsed.mode.unwrap_or(Mode::Enforce),
         strategy: strategy?,
+    })
+}
+
+/// `token`'s settings: the key is the token, one field the client sends back.
+fn token(parsed: &Parsed, errors: &mut Errors) -> Option<StrategyConfig> {
+    let key = parsed.key.as_ref()?;
+    if key.uses_message_id() {
+        errors.error(
+            key.span,
+            "`token` keys on the token the client sends back in the message; `$message_id` is the broker's id, which no one issued: key on the message field that carries the token",
+        );
+        return None;
+    }
+    if key.fields.len() != 1 {
+        errors.error(
+            key.span,
+            "`token` keys on one field, the token the client sends back (issued by `RedisStore::issue_token`): `key = \"token\"`",
+        );
+        return None;
+    }
+    Some(StrategyConfig::Token {
+        spend_on_error: parsed.spend_on_error.is_some(),
     })
 }
 

@@ -111,15 +111,10 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
     let store_type = format_ident!("{}", config.store.type_name());
     let message_type = &handler.message.ty;
     let message_pat = &handler.message.pat;
-    let tx_pat = &handler.tx.pat;
-    let tx_type = elide_lifetimes(&handler.tx.ty);
     let output = &handler.output;
     let output_span = output.span();
     let handler_errors = respan(quote!(#private::HandlerErrors::of()), output_span);
     let into_result = respan(quote!(#private::into_result), output_span);
-    // Bound with the user's type, and located on it: a wrong transaction type is reported as a
-    // mismatch on that type.
-    let tx_arg = format_ident!("tx", span = mixed.located_at(handler.tx.ty.span()));
 
     let returns = match result_parts(output) {
         Some((ok, err)) => quote! {
@@ -239,6 +234,21 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
                 #state_key(#amp #message_at_key #(#dot #segments)*),
             ))
         }
+        StrategyConfig::Lock {
+            lease_millis,
+            fixed_lease,
+        } => {
+            let lock = match lease_millis {
+                Some(millis) => quote!(#private::Lock::new(#millis)),
+                None => quote!(<#private::Lock as #private::core::default::Default>::default()),
+            };
+            let fixed = fixed_lease.then(|| quote!(.fixed()));
+            quote!(#lock #fixed)
+        }
+        StrategyConfig::Token { spend_on_error } => {
+            let spend = spend_on_error.then(|| quote!(.spending_on_error()));
+            quote!(#private::Token::new() #spend)
+        }
     };
 
     let codec = match config.replay {
@@ -310,19 +320,44 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
             || #fingerprint_value,
         );
     };
-    // The body runs in the delivery's span; a panic in it is caught and rolled back.
-    let run_body = quote! {
-        let (#tx_arg, #span_var) = #gate.parts();
-        let #result = #private::body::<#output, _>(#span_var, async {
-            // These were parameters: `_tx` there is not a lint, here it would be.
-            #[allow(clippy::no_effect_underscore_binding)]
-            let #tx_pat: #tx_type = #tx_arg;
-            #[allow(clippy::no_effect_underscore_binding)]
-            let #message_pat = #message_param;
-            #(#body)*
-        })
-        .await;
-        #gate.finish(#into_result(#result)).await
+    // The body runs in the delivery's span; a panic in it is caught and rolled back (or, on
+    // Redis, the lease released).
+    let run_body = match &handler.tx {
+        Some(tx) => {
+            let tx_pat = &tx.pat;
+            let tx_type = elide_lifetimes(&tx.ty);
+            // Bound with the user's type, and located on it: a wrong transaction type is
+            // reported as a mismatch on that type.
+            let tx_arg = format_ident!("tx", span = mixed.located_at(tx.ty.span()));
+            quote! {
+                let (#tx_arg, #span_var) = #gate.parts();
+                let #result = #private::body::<#output, _>(#span_var, async {
+                    // These were parameters: `_tx` there is not a lint, here it would be.
+                    #[allow(clippy::no_effect_underscore_binding)]
+                    let #tx_pat: #tx_type = #tx_arg;
+                    #[allow(clippy::no_effect_underscore_binding)]
+                    let #message_pat = #message_param;
+                    #(#body)*
+                })
+                .await;
+                #gate.finish(#into_result(#result)).await
+            }
+        }
+        None => {
+            // The lease is renewed while the body runs.
+            let renewal = format_ident!("renewal", span = mixed);
+            quote! {
+                let (#renewal, #span_var) = #gate.parts();
+                let #result = #renewal
+                    .hold(#private::body::<#output, _>(#span_var, async {
+                        #[allow(clippy::no_effect_underscore_binding)]
+                        let #message_pat = #message_param;
+                        #(#body)*
+                    }))
+                    .await;
+                #gate.finish(#into_result(#result)).await
+            }
+        }
     };
 
     // The companions: plain functions, so that they are valid next to a free function and in
@@ -354,6 +389,45 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
     } else {
         in_transaction_doc
     };
+    // A caller's transaction to gate in exists only on the SQL stores.
+    let in_transaction_companion = handler.tx.is_some().then(|| {
+        quote! {
+            #(#companion_attrs)*
+            #[doc = #in_transaction_doc]
+            #[allow(dead_code, clippy::all, clippy::pedantic)]
+            #vis async fn #in_transaction_ident #generics (
+                #receiver
+                #store_param: &#private::#store_type,
+                #tx_param: &mut <#private::#store_type as #private::Store>::Tx,
+                #message_param: #message_type,
+                #message_id_param
+            ) -> #returns #where_clause {
+                #(#inner_attrs)*
+                #message_id_from_param
+                #spec_and_prepared
+                let mut #gate = match #private::open_in(
+                    #store_param,
+                    #tx_param,
+                    &#spec,
+                    #prepared,
+                    #codec,
+                    #handler_errors,
+                )
+                .await
+                {
+                    #private::core::result::Result::Ok(gate) => gate,
+                    #private::core::result::Result::Err(settled) => return settled,
+                };
+                #run_body
+            }
+        }
+    });
+    let open = if config.has_transaction() {
+        format_ident!("open")
+    } else {
+        format_ident!("open_lease")
+    };
+
     let inputs = &sig.inputs;
     let asyncness = &sig.asyncness;
     let original_output = &sig.output;
@@ -376,7 +450,7 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
             // `&mut Tx` needs a higher-ranked bound, and rustc cannot then prove the handler's
             // future `Send` (rust-lang/rust#110338). The body is an async block instead, so
             // `return` and `?` in it behave as in the original function.
-            let mut #gate = match #private::open(
+            let mut #gate = match #private::#open(
                 #store_param,
                 &#spec,
                 #prepared,
@@ -392,34 +466,7 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
             #run_body
         }
 
-        #(#companion_attrs)*
-        #[doc = #in_transaction_doc]
-        #[allow(dead_code, clippy::all, clippy::pedantic)]
-        #vis async fn #in_transaction_ident #generics (
-            #receiver
-            #store_param: &#private::#store_type,
-            #tx_param: &mut <#private::#store_type as #private::Store>::Tx,
-            #message_param: #message_type,
-            #message_id_param
-        ) -> #returns #where_clause {
-            #(#inner_attrs)*
-            #message_id_from_param
-            #spec_and_prepared
-            let mut #gate = match #private::open_in(
-                #store_param,
-                #tx_param,
-                &#spec,
-                #prepared,
-                #codec,
-                #handler_errors,
-            )
-            .await
-            {
-                #private::core::result::Result::Ok(gate) => gate,
-                #private::core::result::Result::Err(settled) => return settled,
-            };
-            #run_body
-        }
+        #in_transaction_companion
 
         #(#companion_attrs)*
         #[doc = #body_doc]

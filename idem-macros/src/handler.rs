@@ -1,5 +1,6 @@
 //! Checking the annotated function's signature: `async fn name([self,] tx: &mut Tx, msg: M)
-//! -> Result<T, E>`.
+//! -> Result<T, E>`, or, on a store without a transaction (Redis), `async fn name([self,]
+//! msg: M) -> Result<T, E>`.
 
 use syn::spanned::Spanned;
 use syn::{FnArg, PatType, ReturnType, Signature, Type};
@@ -10,7 +11,8 @@ use crate::errors::Errors;
 /// The parts of the signature the expansion needs.
 pub(crate) struct Handler {
     pub(crate) receiver: Option<syn::Receiver>,
-    pub(crate) tx: PatType,
+    /// `None` on a store without a transaction (Redis).
+    pub(crate) tx: Option<PatType>,
     pub(crate) message: PatType,
     pub(crate) output: Type,
 }
@@ -69,38 +71,10 @@ pub(crate) fn check(
             FnArg::Typed(pat_type) => typed.push(pat_type.clone()),
         }
     }
-    let shape = format!("`({tx_example}, msg: YourMessage)`");
-    let (tx, message) = match typed.len() {
-        0 => {
-            errors.error(
-                sig.paren_token.span.join(),
-                format!(
-                    "an `#[idempotent]` handler takes the transaction and the message: {shape}"
-                ),
-            );
-            (None, None)
-        }
-        1 => {
-            errors.error(
-                typed[0].span(),
-                format!(
-                    "an `#[idempotent]` handler takes two parameters, the transaction then the message: {shape}"
-                ),
-            );
-            (None, None)
-        }
-        2 => (Some(typed[0].clone()), Some(typed[1].clone())),
-        _ => {
-            for extra in &typed[2..] {
-                errors.error(
-                    extra.span(),
-                    format!(
-                        "unexpected parameter: an `#[idempotent]` handler takes the transaction and the message only, {shape}; reach other state through `self` or the message"
-                    ),
-                );
-            }
-            (None, None)
-        }
+    let (tx, message) = if store.is_some_and(|store| !store.has_transaction()) {
+        without_transaction(sig, &typed, errors)
+    } else {
+        with_transaction(sig, &typed, tx_example, errors)
     };
     if let Some(tx) = &tx {
         let is_mut_ref = matches!(&*tx.ty, Type::Reference(r) if r.mutability.is_some());
@@ -143,10 +117,86 @@ pub(crate) fn check(
     };
     Some(Handler {
         receiver,
-        tx: tx?,
+        tx,
         message: message?,
         output: output?,
     })
+}
+
+/// `(tx, msg)`: the transaction, then the message.
+fn with_transaction(
+    sig: &Signature,
+    typed: &[PatType],
+    tx_example: &str,
+    errors: &mut Errors,
+) -> (Option<PatType>, Option<PatType>) {
+    let shape = format!("`({tx_example}, msg: YourMessage)`");
+    match typed.len() {
+        0 => {
+            errors.error(
+                sig.paren_token.span.join(),
+                format!(
+                    "an `#[idempotent]` handler takes the transaction and the message: {shape}"
+                ),
+            );
+            (None, None)
+        }
+        1 => {
+            errors.error(
+                typed[0].span(),
+                format!(
+                    "an `#[idempotent]` handler takes two parameters, the transaction then the message: {shape}"
+                ),
+            );
+            (None, None)
+        }
+        2 => (Some(typed[0].clone()), Some(typed[1].clone())),
+        _ => {
+            for extra in &typed[2..] {
+                errors.error(
+                    extra.span(),
+                    format!(
+                        "unexpected parameter: an `#[idempotent]` handler takes the transaction and the message only, {shape}; reach other state through `self` or the message"
+                    ),
+                );
+            }
+            (None, None)
+        }
+    }
+}
+
+/// `(msg)`: Redis keeps leases and markers, and has no transaction to hand the body.
+fn without_transaction(
+    sig: &Signature,
+    typed: &[PatType],
+    errors: &mut Errors,
+) -> (Option<PatType>, Option<PatType>) {
+    match typed {
+        [] => {
+            errors.error(
+                sig.paren_token.span.join(),
+                "an `#[idempotent(store = \"redis\")]` handler takes the message: `(msg: YourMessage)`",
+            );
+            (None, None)
+        }
+        [message] => (None, Some(message.clone())),
+        [first, ..] if matches!(&*first.ty, Type::Reference(r) if r.mutability.is_some()) => {
+            errors.error(
+                first.span(),
+                "`store = \"redis\"` has no transaction to give the handler: Redis cannot share your database's, so take only the message, `(msg: YourMessage)`, and open your own transaction in the body if it writes SQL (or gate in that database: `store = \"pg\"` with `dedup_table`, where the record commits with the writes)",
+            );
+            (None, None)
+        }
+        [_, extra @ ..] => {
+            for extra in extra {
+                errors.error(
+                    extra.span(),
+                    "unexpected parameter: an `#[idempotent(store = \"redis\")]` handler takes the message only, `(msg: YourMessage)`; reach other state through `self` or the message",
+                );
+            }
+            (None, None)
+        }
+    }
 }
 
 /// The default scope is `module_path::function_name`: unique for a free, non-generic function,

@@ -44,6 +44,9 @@ pub(crate) struct Parsed {
     pub(crate) done: Option<Vec<String>>,
     pub(crate) early: Option<(Vec<String>, Span)>,
     pub(crate) on_missing: Option<OnMissing>,
+    pub(crate) lease_millis: Option<u64>,
+    pub(crate) fixed_lease: Option<Span>,
+    pub(crate) spend_on_error: Option<Span>,
     /// Every argument written once, valid or not, in order.
     pub(crate) written: Vec<Written>,
     /// The arguments that misspelt names were most likely meant to be: not also reported
@@ -124,6 +127,9 @@ fn value(parsed: &mut Parsed, argument: &Argument, meta: &Meta, errors: &mut Err
     match argument.id {
         Name::Replay => return flag(meta, argument, errors, &mut parsed.replay),
         Name::Fingerprint => return flag(meta, argument, errors, &mut parsed.fingerprint),
+        Name::FixedLease => return flag(meta, argument, errors, &mut parsed.fixed_lease),
+        Name::SpendOnError => return flag(meta, argument, errors, &mut parsed.spend_on_error),
+        Name::Lease => parsed.lease_millis = lit(errors).and_then(|lit| lease(&lit, errors)),
         Name::MaxAttempts => parsed.max_attempts = count(meta, argument, "deliveries", errors),
         Name::From => parsed.from = states(meta, argument, errors),
         Name::Done => parsed.done = states(meta, argument, errors).map(|(done, _)| done),
@@ -481,6 +487,37 @@ fn is_identifier(text: &str) -> bool {
         && chars.all(|c| c.is_alphanumeric() || c == '_')
         && text != "_"
         && syn::parse_str::<Ident>(text).is_ok()
+}
+
+fn lease(lit: &LitStr, errors: &mut Errors) -> Option<u64> {
+    let (value, span) = (lit.value(), lit.span());
+    match humantime::parse_duration(&value) {
+        Ok(duration) if duration.as_millis() == 0 => {
+            errors.error(
+                span,
+                "`lease` must be longer than zero: it is how long a delivery holds the key before another may take it over, e.g. \"30s\"",
+            );
+            None
+        }
+        // At most a day: a lease is a crash's recovery time, and Redis expiries are i64 ms.
+        Ok(duration) if duration.as_secs() > 86_400 => {
+            errors.error(
+                span,
+                "`lease` is longer than a day: a consumer that dies mid-body would block the message that long; renewal keeps a slow body's lease alive, so a lease of seconds to minutes is enough",
+            );
+            None
+        }
+        Ok(duration) => u64::try_from(duration.as_millis()).ok(),
+        Err(error) => {
+            errors.error(
+                span,
+                format!(
+                    "`lease = \"{value}\"` is not a duration ({error}); write a number and a unit, e.g. \"30s\", \"2m\" or \"500ms\""
+                ),
+            );
+            None
+        }
+    }
 }
 
 fn ttl(lit: &LitStr, errors: &mut Errors) -> Option<u64> {
