@@ -150,7 +150,7 @@ pub(crate) const ARGUMENTS: &[Argument] = &[
         example: r#"store = "pg""#,
         presence: Presence::Required { why: "" },
         applies: Applies::Always,
-        doc: "where the transaction runs and records live. `memory` is for unit tests only.",
+        doc: "where the transaction runs and records live. `memory` is for unit tests only. `redis` (feature `redis`) keeps leases, markers and tokens for `lock` and `token`, and has no transaction: its handlers take only the message ([`store::redis`](crate::store::redis)).",
     },
     Argument {
         id: Name::Strategy,
@@ -185,7 +185,7 @@ pub(crate) const ARGUMENTS: &[Argument] = &[
                 "`ttl` expires dedup records, and `state_machine` keeps none (the status is the record): remove it",
             )],
         },
-        doc: "how long a dedup record counts. An expired record is taken over by the next delivery; delete them with the store's `purge_expired()`.",
+        doc: "how long a dedup record (on Redis, a done marker) counts. An expired record is taken over by the next delivery; on SQL stores delete them with the store's `purge_expired()`, Redis drops them itself.",
     },
     Argument {
         id: Name::Constraint,
@@ -572,7 +572,13 @@ mod tests {
                     .iter()
                     .map(|strategy| format!("`{}`", strategy.name()))
                     .collect();
-                format!("{} only: {}", names.join(" and "), argument.doc)
+                let names = match names.split_last() {
+                    Some((last, rest)) if !rest.is_empty() => {
+                        format!("{} and {last}", rest.join(", "))
+                    }
+                    _ => names.concat(),
+                };
+                format!("{names} only: {}", argument.doc)
             }
             _ => argument.doc.to_owned(),
         }

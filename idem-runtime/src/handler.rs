@@ -50,7 +50,7 @@ use std::pin::Pin;
 use crate::ack::{Acknowledger, Committed, DeadLetter, Requeue};
 use crate::error::{Error, HandlerFailure};
 use crate::outcome::Outcome;
-use crate::store::Store;
+use crate::store::Backend;
 
 /// A boxed future, as [`DynHandler`] and [`DynAcknowledger`] return.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -62,7 +62,7 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// is `Send`, so that any runtime can run it.
 pub trait Handler: Send + Sync + 'static {
     /// The store the handler's gate and body run on.
-    type Store: Store;
+    type Store: Backend;
     /// The message type the handler takes.
     type Message: Send + 'static;
     /// The body's result (`T` in `Result<T, E>`).
@@ -111,7 +111,7 @@ impl std::fmt::Display for dyn HandlerFailure {
 /// A handler with its message type erased: it decodes the payload itself. Object-safe, so
 /// that one consumer can hold `Box<dyn DynHandler<S>>`s of several handlers. Made by
 /// [`Handler::into_dyn`].
-pub trait DynHandler<S: Store>: Send + Sync {
+pub trait DynHandler<S: Backend>: Send + Sync {
     /// Decodes `payload` into the handler's message type and handles it. A payload that does
     /// not decode (or whose `Deserialize` panics) is dead-lettered through `ack` at once, with
     /// the reason, and the result is [`Error::Decode`]: redelivering the same bytes to the same
@@ -341,7 +341,7 @@ impl<S, M, T, E, F> std::fmt::Debug for FnHandler<S, M, T, E, F> {
 
 impl<S, M, T, E, F> FnHandler<S, M, T, E, F>
 where
-    S: Store + 'static,
+    S: Backend,
     F: for<'a> Fn(
             &'a S,
             M,
@@ -362,7 +362,7 @@ where
 
 impl<S, M, T, E, F> Handler for FnHandler<S, M, T, E, F>
 where
-    S: Store + 'static,
+    S: Backend,
     M: Send + 'static,
     T: Send + 'static,
     E: HandlerFailure,

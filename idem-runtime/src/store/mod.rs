@@ -152,6 +152,17 @@ pub(crate) mod sealed {
     pub trait Sealed {}
 }
 
+/// Any store a handler runs on: every [`Store`] (the SQL stores and the memory store), and the
+/// Redis store, which keeps leases and markers but runs no transaction. What a handler value
+/// ([`Handler::Store`](crate::handler::Handler::Store)) and the broker runners need of a store.
+/// Sealed.
+pub trait Backend: sealed::Sealed + Send + Sync + 'static {}
+
+impl<S: Store + 'static> Backend for S {}
+
+#[cfg(feature = "redis")]
+impl Backend for redis::RedisStore {}
+
 /// Why a commit did not make the transaction's effects durable.
 #[derive(Debug)]
 #[non_exhaustive]

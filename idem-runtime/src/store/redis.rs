@@ -240,6 +240,8 @@ impl std::fmt::Debug for RedisStore {
     }
 }
 
+impl super::sealed::Sealed for RedisStore {}
+
 /// What a claim found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Claimed {

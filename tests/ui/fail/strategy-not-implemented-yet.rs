@@ -1,7 +1,7 @@
 use idem_runtime::{idempotent, PgTx};
 use idem_tests::ui::{AppError, OrderPaid};
 
-#[idempotent(key = "order_id", store = "pg", strategy = "lock")]
+#[idempotent(key = "order_id", store = "pg", strategy = "offset")]
 async fn handler(_tx: &mut PgTx<'_>, _msg: OrderPaid) -> Result<(), AppError> { Ok(()) }
 
 fn main() {}

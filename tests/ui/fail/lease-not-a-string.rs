@@ -1,0 +1,7 @@
+use idem_runtime::idempotent;
+use idem_tests::ui::{AppError, OrderPaid};
+
+#[idempotent(key = "order_id", store = "redis", strategy = "lock", lease = 30)]
+async fn handler(_msg: OrderPaid) -> Result<(), AppError> { Ok(()) }
+
+fn main() {}
