@@ -296,11 +296,30 @@ fn is_valid_prefix(prefix: &str) -> bool {
             .all(|b| b.is_ascii_graphic() && !matches!(b, b':' | b'{' | b'}'))
 }
 
+/// Escapes the characters that would let a scope's end be mistaken (`:` in keys without the
+/// hash tag, `}` in keys with it) or move the hash tag (`{`), and the escape itself.
+fn escape_scope(scope: &str) -> std::borrow::Cow<'_, str> {
+    if !scope.contains(['\\', ':', '{', '}']) {
+        return std::borrow::Cow::Borrowed(scope);
+    }
+    let mut escaped = String::with_capacity(scope.len() + 4);
+    for c in scope.chars() {
+        if matches!(c, '\\' | ':' | '{' | '}') {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    std::borrow::Cow::Owned(escaped)
+}
+
+/// The longest expiry the store sets: 100 years (Redis refuses one whose deadline overflows).
+const MAX_EXPIRY_MS: i64 = 100 * 365 * 24 * 3_600_000;
+
 fn millis(duration: Duration) -> i64 {
     // At least 1: Redis refuses an expiry of 0.
     i64::try_from(duration.as_millis())
         .unwrap_or(i64::MAX)
-        .max(1)
+        .clamp(1, MAX_EXPIRY_MS)
 }
 
 fn unexpected(what: &str, reply: &Value) -> RedisError {
@@ -381,7 +400,10 @@ impl RedisStore {
     /// assert_eq!(store.record_key("billing.charge", "o-1"), "idem:{billing.charge}:o-1");
     /// # }
     /// ```
+    /// A scope holding `\`, `:`, `{` or `}` has them escaped with `\`, so that no two
+    /// (scope, key) pairs share a Redis key (the key is already escaped the same way).
     pub fn record_key(&self, scope: &str, key: &str) -> String {
+        let scope = escape_scope(scope);
         if self.hash_tag {
             format!("{}:{{{scope}}}:{key}", self.prefix)
         } else {
@@ -603,6 +625,18 @@ mod tests {
     fn expiries_are_at_least_a_millisecond() {
         assert_eq!(millis(Duration::ZERO), 1);
         assert_eq!(millis(Duration::from_secs(2)), 2000);
-        assert_eq!(millis(Duration::MAX), i64::MAX);
+        assert_eq!(millis(Duration::MAX), MAX_EXPIRY_MS);
+    }
+
+    #[test]
+    fn scopes_are_escaped_so_that_keys_never_collide() {
+        assert_eq!(escape_scope("billing.charge"), "billing.charge");
+        assert_eq!(escape_scope("a:b"), "a\\:b");
+        assert_eq!(escape_scope("a}:{b\\"), "a\\}\\:\\{b\\\\");
+        // scope "a:b" + key "c" and scope "a" + composite key "b:c" stay apart without the tag.
+        let plain = |scope: &str, key: &str| format!("idem:{}:{key}", escape_scope(scope));
+        assert_ne!(plain("a:b", "c"), plain("a", "b:c"));
+        let tagged = |scope: &str, key: &str| format!("idem:{{{}}}:{key}", escape_scope(scope));
+        assert_ne!(tagged("a}:{b", "c"), tagged("a", "{b}:c"));
     }
 }
