@@ -1668,3 +1668,71 @@ async fn an_own_loop_dead_letters_now_and_sweeps_with_a_cursor() {
     assert_eq!(cursor, "0-0");
     assert_eq!(reclaimed, 25);
 }
+
+// ---------------------------------------------------------------------------------------------
+// A Redis `lock` handler under the runner
+
+/// Gated on Redis, not PostgreSQL: the handler takes only the message.
+#[idempotent(
+    key = "key",
+    store = "redis",
+    strategy = "lock",
+    scope = "rs.redis_lock"
+)]
+async fn on_locked(msg: Order) -> Result<(), TestError> {
+    count_run(&msg.key);
+    // Yield a few times, so that twins handled by the two runners overlap in the body.
+    for _ in 0..4 {
+        tokio::task::yield_now().await;
+    }
+    Ok(())
+}
+
+/// Handlers on the Redis store run under the broker runners like any other (`store::Backend`):
+/// 100 business messages, each published three times in a row, consumed by 8 handlers at once,
+/// so that copies of one key overlap: every body runs once, every copy is acked as processed or
+/// duplicate (a copy that found its twin's live lease was requeued, and came back a duplicate),
+/// nothing stays pending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redis_lock_handler_runs_under_the_runner() {
+    let store = idem_runtime::RedisStore::connect(&redis_url())
+        .await
+        .expect("the Redis store");
+    let mut conn = redis().await;
+    let group = fresh_group("lock").with_reclaim_idle(Duration::from_secs(10));
+    let keys: Vec<String> = (0..100)
+        .map(|_| idem_tests::unique_key("rs-lock"))
+        .collect();
+    for key in &keys {
+        for _ in 0..3 {
+            let order = Order {
+                key: key.clone(),
+                table: String::new(),
+            };
+            group.publish(&mut conn, &order.json()).await.expect("XADD");
+        }
+    }
+    let consumer = RedisStreamConsumer::new(
+        client(),
+        group.clone(),
+        "lock-1",
+        idem_runtime::handler!(on_locked),
+        store.clone(),
+    )
+    .with_options(ConsumerOptions::default().concurrency(8).prefetch(16))
+    .with_reclaim_interval(Duration::from_millis(100));
+    let stats = consumer.stats();
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(consumer.run(shutdown.clone()));
+    let report = drain_and_stop(&mut conn, &group, &stats, 300, &shutdown, run).await;
+
+    assert_eq!(report.processed, 100, "{report:?}");
+    assert_eq!(report.duplicates, 200, "{report:?}");
+    assert_eq!(report.dead_lettered + report.unsettled, 0, "{report:?}");
+    assert_eq!(report.settle_failures, 0, "{report:?}");
+    // Adjacent copies under 8 handlers overlap: some found a live lease (162 of 200 here).
+    assert!(report.requeued > 0, "no copy met its twin's lease: {report:?}");
+    for key in &keys {
+        assert_eq!(runs(key), 1, "body runs of {key}");
+    }
+}
