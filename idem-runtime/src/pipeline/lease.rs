@@ -28,7 +28,7 @@ use crate::ack::{Acknowledger, Committed};
 use crate::error::{Error, HandlerErrors};
 use crate::outcome::Outcome;
 use crate::payload::ResultCodec;
-use crate::store::redis::{Claimed, LeaseMode, Marker, RedisStore, owner_token};
+use crate::store::redis::{LeaseClaim, LeaseMode, Marker, RedisStore, owner_token};
 use crate::strategy::{LeaseRules, LeaseStrategy};
 use crate::unwind::{catch_sync, panic_message};
 
@@ -134,7 +134,7 @@ where
         )
         .await
     {
-        Ok(Claimed::Claimed) => Ok((
+        Ok(LeaseClaim::Ours) => Ok((
             entered,
             Held {
                 rules,
@@ -142,8 +142,10 @@ where
                 owner,
             },
         )),
-        Ok(Claimed::Done(record)) => Err(accept_duplicate(&delivery, &entered.codec, Some(record))),
-        Ok(Claimed::Busy(lease_remaining)) => {
+        Ok(LeaseClaim::Done(record)) => {
+            Err(accept_duplicate(&delivery, &entered.codec, Some(record)))
+        }
+        Ok(LeaseClaim::Busy(lease_remaining)) => {
             let (scope, key) = scope_and_key();
             Err(Err(Error::InProgress {
                 scope,
@@ -151,7 +153,7 @@ where
                 lease_remaining,
             }))
         }
-        Ok(Claimed::Unknown) => {
+        Ok(LeaseClaim::Unknown) => {
             let (scope, key) = scope_and_key();
             Err(Err(Error::UnknownToken { scope, key }))
         }

@@ -244,9 +244,9 @@ impl super::sealed::Sealed for RedisStore {}
 
 /// What a claim found.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Claimed {
+pub(crate) enum LeaseClaim {
     /// The lease is ours.
-    Claimed,
+    Ours,
     /// A done marker: an earlier delivery succeeded.
     Done(StoredRecord),
     /// Another owner's live lease, for this much longer.
@@ -461,7 +461,7 @@ impl RedisStore {
         owner: &str,
         now_ms: i64,
         lease: Duration,
-    ) -> Result<Claimed, RedisError> {
+    ) -> Result<LeaseClaim, RedisError> {
         let reply: Value = script!(CLAIM)
             .key(key)
             .arg(mode.as_arg())
@@ -541,21 +541,21 @@ impl RedisStore {
 }
 
 /// The claim script's reply.
-fn parse_claim(reply: &Value) -> Result<Claimed, RedisError> {
+fn parse_claim(reply: &Value) -> Result<LeaseClaim, RedisError> {
     let Value::Array(items) = reply else {
         return Err(unexpected("claim", reply));
     };
     let field = |index: usize| items.get(index).and_then(text);
     match field(0).as_deref() {
-        Some("claimed") => Ok(Claimed::Claimed),
-        Some("unknown") => Ok(Claimed::Unknown),
+        Some("claimed") => Ok(LeaseClaim::Ours),
+        Some("unknown") => Ok(LeaseClaim::Unknown),
         Some("busy") => {
             let remaining = field(1)
                 .and_then(|ms| ms.parse::<u64>().ok())
                 .ok_or_else(|| unexpected("claim", reply))?;
-            Ok(Claimed::Busy(Duration::from_millis(remaining)))
+            Ok(LeaseClaim::Busy(Duration::from_millis(remaining)))
         }
-        Some("done") => Ok(Claimed::Done(StoredRecord {
+        Some("done") => Ok(LeaseClaim::Done(StoredRecord {
             created_at_ms: field(1).and_then(|ms| ms.parse().ok()).unwrap_or(0),
             fingerprint: field(2),
             response: field(3),
@@ -582,15 +582,15 @@ mod tests {
     fn claim_replies_parse() {
         assert_eq!(
             parse_claim(&Value::Array(vec![bulk("claimed"), bulk("none")])).unwrap(),
-            Claimed::Claimed
+            LeaseClaim::Ours
         );
         assert_eq!(
             parse_claim(&Value::Array(vec![bulk("busy"), bulk("1500")])).unwrap(),
-            Claimed::Busy(Duration::from_millis(1500))
+            LeaseClaim::Busy(Duration::from_millis(1500))
         );
         assert_eq!(
             parse_claim(&Value::Array(vec![bulk("unknown")])).unwrap(),
-            Claimed::Unknown
+            LeaseClaim::Unknown
         );
         assert_eq!(
             parse_claim(&Value::Array(vec![
@@ -600,7 +600,7 @@ mod tests {
                 bulk("{\"a\":1}")
             ]))
             .unwrap(),
-            Claimed::Done(StoredRecord {
+            LeaseClaim::Done(StoredRecord {
                 fingerprint: None,
                 response: Some("{\"a\":1}".into()),
                 created_at_ms: 42
