@@ -1731,7 +1731,10 @@ async fn a_redis_lock_handler_runs_under_the_runner() {
     assert_eq!(report.dead_lettered + report.unsettled, 0, "{report:?}");
     assert_eq!(report.settle_failures, 0, "{report:?}");
     // Adjacent copies under 8 handlers overlap: some found a live lease (162 of 200 here).
-    assert!(report.requeued > 0, "no copy met its twin's lease: {report:?}");
+    assert!(
+        report.requeued > 0,
+        "no copy met its twin's lease: {report:?}"
+    );
     for key in &keys {
         assert_eq!(runs(key), 1, "body runs of {key}");
     }
