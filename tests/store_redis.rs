@@ -648,11 +648,12 @@ async fn lock_consumer_dying_mid_body_blocks_the_key_until_its_lease_ends() {
     assert!(again.is_duplicate(), "{again:?}");
 }
 
-/// `fixed_lease`: body A outlives its lease (on the store's clock), delivery B takes the key
-/// over and writes its marker; when A finishes, the fence refuses its marker: `LeaseLost`,
-/// requeued (never acked), and B's marker (its time, its result) stays.
+/// `fixed_lease`: body A outlives its lease (on the store's clock) and delivery B takes the key
+/// over and writes its marker first. When A finishes, its body has run, and B's marker is
+/// there: A writes nothing over it (B's time and result stay) and is acked, an ordinary
+/// duplicate of B's work; its redelivery is a duplicate too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lock_fixed_lease_outlived_loses_the_key_and_writes_no_marker() {
+async fn lock_fixed_lease_outlived_finds_the_takers_marker_and_keeps_it() {
     let (store, clock) = clocked().await;
     let key = unique_key("redis-leaselost");
     hold_next_run(&key);
@@ -681,17 +682,8 @@ async fn lock_fixed_lease_outlived_loses_the_key_and_writes_no_marker() {
     clock.advance(Duration::from_secs(5));
     release(&key);
     let a = within("A to finish", slow).await.expect("A's task");
-    match &a {
-        Err(Error::LeaseLost { key: k, scope }) => {
-            assert_eq!(
-                (k.as_str(), scope.as_str()),
-                (key.as_str(), "redis.lock.fixed")
-            );
-        }
-        other => panic!("expected LeaseLost, got {other:?}"),
-    }
-    assert!(a.as_ref().expect_err("lease lost").is_retryable());
-    assert!(ack_a.requeued_once(), "not acked: {:?}", ack_a.events());
+    assert_eq!(a.expect("A's body ran"), Outcome::Processed(1));
+    assert_eq!(ack_a.events(), vec![AckEvent::Ack]);
 
     let record = read_record(&store, "redis.lock.fixed", &key).await;
     assert_eq!(field(&record, "state"), Some("done"), "{record:?}");
@@ -704,6 +696,83 @@ async fn lock_fixed_lease_outlived_loses_the_key_and_writes_no_marker() {
         .expect("A's redelivery");
     assert_eq!(redelivered, Outcome::Duplicate { replayed: Some(2) });
     assert_eq!(runs(&key), 2, "A's run and B's");
+}
+
+/// The fence: body A outlives its lease and another delivery now holds a *live* lease on the
+/// key (written here as that delivery's claim would write it). A's marker is refused:
+/// `LeaseLost`, requeued (never acked), and the other delivery's lease is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_fixed_lease_outlived_while_another_holds_the_key_writes_no_marker() {
+    let (store, clock) = clocked().await;
+    let key = unique_key("redis-fenced");
+    hold_next_run(&key);
+    let ack_a = RecordingAck::new();
+    let slow = {
+        let (store, message, ack) = (store.clone(), Payment::new(&key, 1), ack_a.clone());
+        tokio::spawn(async move { lock_fixed(&store, message, ack).await })
+    };
+    started(&key).await;
+    clock.advance(Duration::from_secs(11));
+    let other_until = clock.now_ms() + 10_000;
+    let _: () = redis::cmd("HSET")
+        .arg(redis_key(&store, "redis.lock.fixed", &key))
+        .arg("state")
+        .arg("lease")
+        .arg("owner")
+        .arg("another-delivery")
+        .arg("until")
+        .arg(other_until)
+        .query_async(&mut store.connection())
+        .await
+        .expect("HSET the other delivery's lease");
+
+    release(&key);
+    let a = within("A to finish", slow).await.expect("A's task");
+    match &a {
+        Err(Error::LeaseLost { key: k, scope }) => {
+            assert_eq!(
+                (k.as_str(), scope.as_str()),
+                (key.as_str(), "redis.lock.fixed")
+            );
+        }
+        other => panic!("expected LeaseLost, got {other:?}"),
+    }
+    assert!(a.as_ref().expect_err("lease lost").is_retryable());
+    assert!(ack_a.requeued_once(), "not acked: {:?}", ack_a.events());
+    let record = read_record(&store, "redis.lock.fixed", &key).await;
+    assert_eq!(field(&record, "state"), Some("lease"), "{record:?}");
+    assert_eq!(
+        field(&record, "owner"),
+        Some("another-delivery"),
+        "{record:?}"
+    );
+    assert_eq!(millis_field(&record, "until"), other_until, "{record:?}");
+    assert_eq!(runs(&key), 1);
+}
+
+/// A body whose lease lapsed with no one taking the key over still records its success: the
+/// marker is written, the delivery acked, and a redelivery is a duplicate (its body ran once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_lapsed_lease_with_no_taker_still_writes_the_marker() {
+    let (store, clock) = clocked().await;
+    let key = unique_key("redis-lapsed");
+    hold_next_run(&key);
+    let ack_a = RecordingAck::new();
+    let slow = {
+        let (store, message, ack) = (store.clone(), Payment::new(&key, 3), ack_a.clone());
+        tokio::spawn(async move { lock_fixed(&store, message, ack).await })
+    };
+    started(&key).await;
+    clock.advance(Duration::from_secs(11));
+    release(&key);
+    let a = within("A to finish", slow).await.expect("A's task");
+    assert_eq!(a.expect("A's marker"), Outcome::Processed(3));
+    assert_eq!(ack_a.events(), vec![AckEvent::Ack]);
+    let again = lock_fixed(&store, Payment::new(&key, 3), NoAck)
+        .await
+        .expect("the redelivery");
+    assert!(again.is_duplicate(), "{again:?}");
+    assert_eq!(runs(&key), 1);
 }
 
 /// Renewal: a 3 s lease, extended every second while the body runs. The clock jumps 10 s,
@@ -1206,7 +1275,9 @@ async fn issue(store: &RedisStore, scope: &str, ttl: Duration) -> String {
 async fn token_first_delivery_processes_then_duplicates() {
     let (store, clock) = clocked().await;
     let token = issue(&store, TOKEN_SCOPE, Duration::from_secs(15 * 60)).await;
-    assert_eq!(token.len(), 32, "{token}");
+    // A hyphenated UUID: what `KeyPart` writes for a `uuid::Uuid` field, so either type works.
+    let parsed = uuid::Uuid::parse_str(&token).expect("a UUID");
+    assert_eq!(parsed.hyphenated().to_string(), token);
     let issued = read_record(&store, TOKEN_SCOPE, &token).await;
     assert_eq!(field(&issued, "state"), Some("issued"), "{issued:?}");
     assert_eq!(millis_field(&issued, "expires"), clock.now_ms() + 900_000);
@@ -1517,4 +1588,76 @@ async fn a_custom_prefix_moves_the_records() {
             "{bad:?}: {refused:?}"
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Found in review
+
+/// A token expires at its `ttl` even while a delivery holds it: once both the holder's lease and
+/// the token's lifetime have passed, a takeover finds the token unknown instead of using it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_expired_under_a_dead_holders_lease_is_unknown() {
+    let (store, clock) = clocked().await;
+    let token = issue(&store, TOKEN_SCOPE, Duration::from_secs(60)).await;
+    hold_next_run(&token);
+    let holder = {
+        let (store, message) = (store.clone(), Payment::new(&token, 7));
+        tokio::spawn(async move { token_plain(&store, message, NoAck).await })
+    };
+    started(&token).await;
+    holder.abort(); // the consumer dies mid-body: its lease stays
+    let _ = holder.await;
+    clock.advance(Duration::from_secs(120)); // past the 30 s lease and the 60 s token
+    let ack = RecordingAck::new();
+    let late = token_plain(&store, Payment::new(&token, 7), ack.clone()).await;
+    assert!(
+        matches!(&late, Err(Error::UnknownToken { .. })),
+        "an expired token was used: {late:?}"
+    );
+    assert!(ack.dead_lettered_with("unknown"), "{:?}", ack.events());
+    assert_eq!(runs(&token), 1, "only the dead holder's run");
+}
+
+/// A result `replay` cannot serialize, after the body ran: the marker is still written (without
+/// the result), so no redelivery runs the body again; the delivery is dead-lettered with the
+/// serializer's error for a person to look at.
+#[derive(Debug, serde::Deserialize)]
+struct Unserializable;
+
+impl serde::Serialize for Unserializable {
+    fn serialize<S: serde::Serializer>(&self, _serializer: S) -> Result<S::Ok, S::Error> {
+        Err(serde::ser::Error::custom(
+            "this result cannot be serialized",
+        ))
+    }
+}
+
+#[idempotent(
+    key = "order_id",
+    store = "redis",
+    strategy = "lock",
+    scope = "redis.lock.unserializable",
+    replay
+)]
+async fn lock_unserializable(msg: Payment) -> Result<Unserializable, AppError> {
+    count_run(&msg.order_id);
+    Ok(Unserializable)
+}
+
+#[tokio::test]
+async fn lock_result_that_cannot_be_stored_still_marks_the_message_done() {
+    let store = store().await;
+    let key = unique_key("redis-unserializable");
+    let ack = RecordingAck::new();
+    let first = lock_unserializable(&store, Payment::new(&key, 1), ack.clone()).await;
+    assert!(
+        matches!(&first, Err(Error::Serialize { what: "result", .. })),
+        "{first:?}"
+    );
+    assert!(ack.dead_lettered_with("serialize"), "{:?}", ack.events());
+    let record = read_record(&store, "redis.lock.unserializable", &key).await;
+    assert_eq!(field(&record, "state"), Some("done"), "{record:?}");
+    assert!(!record.contains_key("resp"), "{record:?}");
+    let _ = lock_unserializable(&store, Payment::new(&key, 1), NoAck).await;
+    assert_eq!(runs(&key), 1, "the body ran once");
 }

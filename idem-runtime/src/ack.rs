@@ -42,9 +42,12 @@ pub enum RequeueReason {
     /// A retryable failure: the transaction rolled back; deliver again after the delay.
     Retryable,
     /// Another delivery holds a live lease on this key (`lock`, `token`): requeue after a
-    /// delay, never ack. Not counted against `max_attempts`; at a broker's own last delivery
-    /// ([`Acknowledger::delivery_limit`]) the runtime dead-letters instead. The SQL strategies
-    /// make a twin wait on the row lock instead.
+    /// delay, never ack. `max_attempts` never dead-letters such a requeue; at a broker's own
+    /// last delivery ([`Acknowledger::delivery_limit`]) the runtime dead-letters instead. An
+    /// acknowledger that numbers attempts itself should not count it as one (the RabbitMQ one
+    /// keeps the number; JetStream and Redis Streams count every delivery, so there a later real
+    /// failure has that many attempts fewer). The SQL strategies make a twin wait on the row lock
+    /// instead.
     InProgressElsewhere,
 }
 

@@ -239,8 +239,9 @@ pub enum Error<E> {
         source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// `lock`, `token`: another delivery of this message holds a live lease: it is running the
-    /// body now. Requeued with a delay (never acked, never counted against `max_attempts`):
-    /// the redelivery finds the done marker, or the lease free if that delivery failed.
+    /// body now. Requeued with a delay (never acked; `max_attempts` never dead-letters it, only
+    /// a broker's own delivery limit does): the redelivery finds the done marker, or the lease
+    /// free if that delivery failed.
     InProgress {
         /// The handler's scope.
         scope: String,
@@ -249,9 +250,10 @@ pub enum Error<E> {
         /// How long the other delivery's lease still runs.
         lease_remaining: std::time::Duration,
     },
-    /// `lock`, `token`: the body outlived its lease and another delivery took the key over, so
-    /// this delivery wrote no done marker (the fence). Retryable: the redelivery finds the other
-    /// delivery's marker (a duplicate) or its lease. Lengthen `lease`, or leave lease renewal on.
+    /// `lock`, `token`: the body outlived its lease and another delivery now holds a live lease
+    /// on the key, so this delivery wrote no done marker (the fence). Retryable: the redelivery
+    /// meets the other delivery's marker, its lease, or (if it failed) a free key, and then runs
+    /// the body again. Lengthen `lease`, or leave lease renewal on.
     LeaseLost {
         /// The handler's scope.
         scope: String,
@@ -383,7 +385,7 @@ impl<E> Error<E> {
             ),
             Self::LeaseLost { scope, key } => write!(
                 f,
-                "the lease on key `{key}` in scope `{scope}` was lost while the body ran (it outlived the lease and another delivery took the key over), so no done marker was written; requeued (lengthen `lease`, or leave lease renewal on)"
+                "the lease on key `{key}` in scope `{scope}` was lost while the body ran (it outlived the lease and another delivery holds the key now), so no done marker was written; requeued (lengthen `lease`, or leave lease renewal on)"
             ),
             Self::UnknownToken { scope, key } => write!(
                 f,

@@ -935,7 +935,13 @@ impl RabbitMqAcknowledger {
     async fn publish_retry(&self, requeue: Requeue) -> Result<(), RabbitMqError> {
         let delay = delay_ms(requeue.delay);
         let tier = tier_of(delay);
-        let next = i64::from(requeue.attempt.saturating_add(1));
+        // A delivery that found the key in progress elsewhere did not fail: its copy keeps the
+        // attempt number, so that waiting for a twin never eats into `max_attempts`.
+        let next = if requeue.reason == crate::ack::RequeueReason::InProgressElsewhere {
+            i64::from(requeue.attempt.max(1))
+        } else {
+            i64::from(requeue.attempt.saturating_add(1))
+        };
         let headers = self.headers_with(vec![(ATTEMPT_HEADER, AMQPValue::LongLongInt(next))]);
         let properties = copy_properties(
             &self.properties,

@@ -28,7 +28,7 @@ use crate::ack::{Acknowledger, Committed};
 use crate::error::{Error, HandlerErrors};
 use crate::outcome::Outcome;
 use crate::payload::ResultCodec;
-use crate::store::redis::{LeaseClaim, LeaseMode, Marker, RedisStore, owner_token};
+use crate::store::redis::{Completion, LeaseClaim, LeaseMode, Marker, RedisStore, owner_token};
 use crate::strategy::{LeaseRules, LeaseStrategy};
 use crate::unwind::{catch_sync, panic_message};
 
@@ -125,13 +125,7 @@ where
         )
     };
     match store
-        .claim(
-            rules.mode,
-            &record_key,
-            &owner,
-            delivery.now_ms,
-            rules.lease,
-        )
+        .claim(rules.mode, &record_key, &owner, rules.lease)
         .await
     {
         Ok(LeaseClaim::Ours) => Ok((
@@ -165,6 +159,7 @@ where
 #[derive(Debug)]
 pub struct Renewal<'g> {
     store: &'g RedisStore,
+    span: tracing::Span,
     rules: LeaseRules,
     record_key: &'g str,
     owner: &'g str,
@@ -205,7 +200,8 @@ impl Renewal<'_> {
                     }
                 }
             }
-        };
+        }
+        .instrument(self.span.clone());
         let body = std::pin::pin!(body);
         let renew = std::pin::pin!(renew);
         match select(body, renew).await {
@@ -225,6 +221,7 @@ where
         (
             Renewal {
                 store: self.store,
+                span: self.span.clone(),
                 rules: self.held.rules,
                 record_key: &self.held.record_key,
                 owner: &self.held.owner,
@@ -285,40 +282,51 @@ where
             .await;
         }
     };
-    let response = match catch_sync(|| entered.codec.encode(&value)) {
-        Ok(Ok(response)) => response,
-        Ok(Err(source)) => {
-            return failed(Error::Serialize {
+    // The body's effects happened, and nothing rolls them back: from here on the marker is
+    // written whatever else fails, so that no redelivery runs the body again.
+    let (response, unencodable) = match catch_sync(|| entered.codec.encode(&value)) {
+        Ok(Ok(response)) => (response, None),
+        Ok(Err(source)) => (
+            None,
+            Some(Error::Serialize {
                 what: "result",
                 source,
-            })
-            .await;
-        }
-        Err(message) => {
-            return failed(Error::Panicked {
+            }),
+        ),
+        Err(message) => (
+            None,
+            Some(Error::Panicked {
                 scope: scope(),
                 during: "result's serialization",
                 message,
-            })
-            .await;
-        }
+            }),
+        ),
     };
     let marker = Marker {
-        now_ms: store.now_ms(),
         ttl: spec.ttl(),
         fingerprint: delivery.fingerprint,
         response: response.as_deref(),
     };
-    match store.complete(&held.record_key, &held.owner, &marker).await {
+    let completion = store.complete(&held.record_key, &held.owner, &marker).await;
+    match (completion, unencodable) {
+        // The result could not be stored for replay: dead-lettered for a person, though the
+        // marker (without the result) keeps redeliveries from running the body again.
+        (Ok(Completion::Written | Completion::AlreadyDone), Some(error)) => Err(error),
         // The marker is what later deliveries see: from here on, this message is done.
-        Ok(true) => Ok((Outcome::Processed(value), Committed::new())),
-        Ok(false) => Err(Error::LeaseLost {
+        (Ok(Completion::Written), None) => Ok((Outcome::Processed(value), Committed::new())),
+        (Ok(Completion::AlreadyDone), None) => {
+            tracing::warn!(
+                "the lease lapsed while the body ran and another delivery of this message completed meanwhile; both bodies ran"
+            );
+            Ok((Outcome::Processed(value), Committed::new()))
+        }
+        (Ok(Completion::Refused), _) => Err(Error::LeaseLost {
             scope: scope(),
             key: delivery.key.value().to_owned(),
         }),
         // Unknown whether the marker landed: requeue; the redelivery finds the marker, or our
         // lease until it expires.
-        Err(error) => Err(Error::Redis(error)),
+        (Err(error), _) => Err(Error::Redis(error)),
     }
 }
 

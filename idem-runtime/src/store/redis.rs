@@ -25,22 +25,47 @@
 //!
 //! One hash per key, at `<prefix>:{<scope>}:<key>` (prefix `idem` by default). The braces are
 //! a Redis Cluster hash tag: a scope's records live on one slot, so a script could read several
-//! of them; [`without_hash_tag`](RedisStore::without_hash_tag) spreads them over the cluster
-//! instead (every script here touches one key, so both work). Fields:
+//! of them; [`without_hash_tag`](RedisStore::without_hash_tag) leaves the tag out (every script
+//! here touches one key, so neither layout needs the other; Redis Cluster itself is not supported
+//! yet, see below). Fields:
 //!
 //! | field | meaning |
 //! |---|---|
 //! | `state` | `lease` (a delivery is running the body), `done` (processed), `issued` (a token not yet used) |
-//! | `owner`, `until` | the lease's owner token and deadline (Unix ms), while `state = lease` |
+//! | `owner`, `until` | the lease's owner token and deadline (Unix ms, Redis's clock), while `state = lease` |
 //! | `created` | when the marker was written (Unix ms) |
 //! | `fp`, `resp` | the payload fingerprint (`fingerprint`) and the JSON result (`replay`) |
 //! | `expires` | when a marker or an unused token stops counting (Unix ms); absent: never |
 //!
-//! Deadlines are read from the store's [`Clock`] (the consumers' wall clocks, or a
-//! [`ManualClock`](crate::clock::ManualClock) in tests), and each key also carries a Redis
-//! expiry, so that nothing outlives its purpose if no delivery comes back. Keep the consumers'
-//! clocks synchronised (NTP): skew between two hosts shortens or lengthens a lease by that much.
-//! The fence does not depend on clocks: a marker is written only by the lease's current owner.
+//! Deadlines are read from Redis's own clock (`TIME`, inside the scripts), so every consumer
+//! compares them on one clock and no skew between hosts makes a live lease look expired
+//! ([`with_clock`](RedisStore::with_clock) injects a [`ManualClock`](crate::clock::ManualClock)
+//! in tests instead). Each key also carries a Redis expiry, so that nothing outlives its purpose
+//! if no delivery comes back.
+//!
+//! # What the lease does and does not guarantee
+//!
+//! A lease gives one execution at a time *while it holds*. Renewal runs on the body's task:
+//! a body that blocks its thread, or a Redis outage longer than two thirds of the lease, can let
+//! it lapse, and another delivery may then take the key over while the first body still runs
+//! (the first is not cancelled; its loss is logged). The fence then decides what is recorded:
+//! a body that succeeds writes the done marker unless another delivery holds a *live* lease
+//! (then [`Error::LeaseLost`](crate::Error::LeaseLost), requeued, nothing written); a marker
+//! that is already there makes it an ordinary ack. A key whose lease lapsed with no one taking
+//! it over is simply marked done: the body did run, and the marker stops redeliveries from
+//! running it again. Set `lease` well above the body's longest run (renewal makes a short one
+//! safe only while the body yields).
+//!
+//! A cancelled delivery (its future dropped) leaves its lease: redeliveries are requeued as in
+//! progress until it expires (`lease`, 30 s by default), then the next one runs the body.
+//!
+//! # Deployment
+//!
+//! `RedisStore` talks to one Redis server (or a proxy in front of several) through
+//! [`ConnectionManager`]: Redis Cluster is not supported yet (the keys' hash tag is ready for
+//! it), nor is a Sentinel fail-over tested (a marker acknowledged by the old primary and lost
+//! in the switch lets the body run again). For `rediss://` URLs, enable a TLS feature of the
+//! `redis` crate in your own `Cargo.toml` (for example `tokio-rustls-comp`).
 //!
 //! # Round trips
 //!
@@ -61,14 +86,21 @@ use crate::store::StoredRecord;
 ///
 /// Each takes the record's key as `KEYS[1]`; their arguments are documented in the source.
 pub mod scripts {
-    /// Claims a key (a lease for `ARGV[2]`, the owner token, until `ARGV[3] + ARGV[4]` ms) and
+    /// Claims a key (a lease for `ARGV[2]`, the owner token, until `ARGV[3]` + `ARGV[4]` ms;
+    /// `ARGV[3]` empty: now by Redis's clock) and
     /// reports what was there: `{'claimed', previous state}`, `{'done', created, fp, resp}`,
     /// `{'busy', remaining ms}` or `{'unknown'}` (`token` mode: no usable token). `ARGV[1]` is
     /// `lock` or `token`: a lock claims a missing key, a token only an `issued` one.
     pub const CLAIM: &str = r"
+local function clock(arg)
+  local now = tonumber(arg)
+  if now then return now end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
 local key = KEYS[1]
 local mode = ARGV[1]
-local now = tonumber(ARGV[3])
+local now = clock(ARGV[3])
 local lease = tonumber(ARGV[4])
 local r = redis.call('HMGET', key, 'state', 'until', 'created', 'fp', 'resp', 'expires')
 local state = r[1]
@@ -83,6 +115,10 @@ elseif state == 'lease' then
   local held = tonumber(r[2]) or 0
   if held > now then
     return {'busy', tostring(held - now)}
+  end
+  if mode == 'token' and expires and expires <= now then
+    redis.call('DEL', key)
+    return {'unknown'}
   end
 elseif not state then
   if mode == 'token' then
@@ -103,23 +139,38 @@ end
 return {'claimed', state or 'none'}
 ";
 
-    /// Replaces the lease of owner `ARGV[1]` by a done marker created at `ARGV[2]`, kept
-    /// `ARGV[3]` ms (`0`: forever), with the fingerprint `ARGV[5]` when `ARGV[4]` is `1` and
-    /// the result `ARGV[7]` when `ARGV[6]` is `1`. Returns 1, or 0 when the lease is no longer
-    /// this owner's (the fence: nothing is written).
+    /// Records that the body of owner `ARGV[1]` succeeded: a done marker created at `ARGV[2]`
+    /// (empty: Redis's clock), kept `ARGV[3]` ms (`0`: forever), with the fingerprint `ARGV[5]`
+    /// when `ARGV[4]` is `1` and the result `ARGV[7]` when `ARGV[6]` is `1`. Returns 1 when
+    /// written; 2 when a live done marker is there already (nothing is written); 0 when
+    /// another owner holds a live lease (the fence: nothing is written). The key missing (the
+    /// lease expired and no one took it), an unused token (put back by a failed twin) or an
+    /// expired lease are all overwritten: this delivery's body did run, and a marker stops
+    /// its redeliveries from running it again.
     pub const COMPLETE: &str = r"
+local function clock(arg)
+  local now = tonumber(arg)
+  if now then return now end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
 local key = KEYS[1]
-local r = redis.call('HMGET', key, 'state', 'owner')
-if r[1] ~= 'lease' or r[2] ~= ARGV[1] then
+local now = clock(ARGV[2])
+local r = redis.call('HMGET', key, 'state', 'owner', 'until', 'expires')
+local expires = tonumber(r[4])
+if r[1] == 'done' and not (expires and expires <= now) then
+  return 2
+end
+if r[1] == 'lease' and r[2] ~= ARGV[1] and (tonumber(r[3]) or 0) > now then
   return 0
 end
 redis.call('DEL', key)
-redis.call('HSET', key, 'state', 'done', 'created', ARGV[2])
+redis.call('HSET', key, 'state', 'done', 'created', now)
 if ARGV[4] == '1' then redis.call('HSET', key, 'fp', ARGV[5]) end
 if ARGV[6] == '1' then redis.call('HSET', key, 'resp', ARGV[7]) end
 local ttl = tonumber(ARGV[3])
 if ttl > 0 then
-  redis.call('HSET', key, 'expires', tonumber(ARGV[2]) + ttl)
+  redis.call('HSET', key, 'expires', now + ttl)
   redis.call('PEXPIRE', key, ttl)
 end
 return 1
@@ -143,16 +194,23 @@ end
 return 1
 ";
 
-    /// Extends the lease of owner `ARGV[1]` to `ARGV[2] + ARGV[3]` ms (`ARGV[4]`: `lock` or
+    /// Extends the lease of owner `ARGV[1]` to `ARGV[2]` (empty: Redis's clock) + `ARGV[3]` ms
+    /// (`ARGV[4]`: `lock` or
     /// `token`, as in [`CLAIM`]). Returns 1, or 0 when the lease is no longer this owner's.
     pub const EXTEND: &str = r"
+local function clock(arg)
+  local now = tonumber(arg)
+  if now then return now end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
 local key = KEYS[1]
 local r = redis.call('HMGET', key, 'state', 'owner')
 if r[1] ~= 'lease' or r[2] ~= ARGV[1] then
   return 0
 end
 local lease = tonumber(ARGV[3])
-redis.call('HSET', key, 'until', tonumber(ARGV[2]) + lease)
+redis.call('HSET', key, 'until', clock(ARGV[2]) + lease)
 if ARGV[4] == 'lock' then
   redis.call('PEXPIRE', key, lease)
 else
@@ -164,15 +222,23 @@ end
 return 1
 ";
 
-    /// Issues a token: an `issued` record created at `ARGV[1]`, expiring `ARGV[2]` ms later.
+    /// Issues a token: an `issued` record created at `ARGV[1]` (empty: Redis's clock),
+    /// expiring `ARGV[2]` ms later.
     /// Returns 1, or 0 when the key exists already (nothing is touched).
     pub const ISSUE: &str = r"
+local function clock(arg)
+  local now = tonumber(arg)
+  if now then return now end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
 local key = KEYS[1]
 if redis.call('EXISTS', key) == 1 then
   return 0
 end
+local now = clock(ARGV[1])
 local ttl = tonumber(ARGV[2])
-redis.call('HSET', key, 'state', 'issued', 'created', ARGV[1], 'expires', tonumber(ARGV[1]) + ttl)
+redis.call('HSET', key, 'state', 'issued', 'created', now, 'expires', now + ttl)
 redis.call('PEXPIRE', key, ttl)
 return 1
 ";
@@ -228,7 +294,8 @@ pub struct RedisStore {
     conn: ConnectionManager,
     prefix: Arc<str>,
     hash_tag: bool,
-    clock: SharedClock,
+    /// `None`: Redis's own clock (`TIME`, in the scripts).
+    clock: Option<SharedClock>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -277,10 +344,20 @@ impl LeaseMode {
     }
 }
 
+/// What [`RedisStore::complete`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Completion {
+    /// The done marker is written.
+    Written,
+    /// A done marker was there already (a twin that took the expired lease over succeeded).
+    AlreadyDone,
+    /// Another delivery holds a live lease: nothing written.
+    Refused,
+}
+
 /// What a done marker holds.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Marker<'a> {
-    pub(crate) now_ms: i64,
     pub(crate) ttl: Option<Duration>,
     pub(crate) fingerprint: Option<&'a str>,
     pub(crate) response: Option<&'a str>,
@@ -340,7 +417,7 @@ fn text(value: &Value) -> Option<String> {
 }
 
 impl RedisStore {
-    /// Connects to `url` (`redis://host:port/db`, `rediss://` for TLS) through redis-rs's
+    /// Connects to `url` (`redis://host:port/db`; `rediss://` needs a TLS feature of `redis`) through redis-rs's
     /// [`ConnectionManager`], which reconnects by itself after a failure.
     pub async fn connect(url: &str) -> Result<Self, RedisStoreError> {
         let client = redis::Client::open(url)?;
@@ -354,7 +431,7 @@ impl RedisStore {
             conn,
             prefix: Arc::from(DEFAULT_PREFIX),
             hash_tag: true,
-            clock: crate::clock::system(),
+            clock: None,
         }
     }
 
@@ -375,17 +452,31 @@ impl RedisStore {
         self
     }
 
-    /// Reads "now" from `clock` instead of the system clock (tests move a
-    /// [`ManualClock`](crate::clock::ManualClock) past a lease or a `ttl`).
+    /// Reads "now" from `clock` instead of Redis's own clock (tests move a
+    /// [`ManualClock`](crate::clock::ManualClock) past a lease or a `ttl`). In production, keep
+    /// the default: every consumer then compares deadlines on the one clock of the Redis
+    /// server, and no skew between hosts can make a live lease look expired.
     #[must_use]
     pub fn with_clock(mut self, clock: impl Clock) -> Self {
-        self.clock = Arc::new(clock);
+        self.clock = Some(Arc::new(clock));
         self
     }
 
-    /// Now, Unix milliseconds, from the store's clock.
+    /// Now, Unix milliseconds: the injected clock's, or this host's wall clock (the scripts
+    /// read Redis's own clock when no clock is injected).
     pub fn now_ms(&self) -> i64 {
-        self.clock.now_ms()
+        self.clock.as_ref().map_or_else(
+            || crate::clock::SystemClock.now_ms(),
+            |clock| clock.now_ms(),
+        )
+    }
+
+    /// "Now" as the scripts take it: the injected clock's, or empty for Redis's own.
+    fn now_arg(&self) -> String {
+        self.clock
+            .as_ref()
+            .map(|clock| clock.now_ms().to_string())
+            .unwrap_or_default()
     }
 
     /// The connection, for your own commands (it is shared: do not block it with `BLPOP`).
@@ -413,7 +504,8 @@ impl RedisStore {
 
     /// Mints a token for a `strategy = "token"` handler in `scope`, usable once within `ttl`.
     /// Hand it to the client, which sends it with its request or message (in the field the
-    /// handler's `key` names). 32 hex characters from the operating system's random source.
+    /// handler's `key` names): a random UUID (v4, from the operating system's random source),
+    /// hyphenated, so that the message may carry it as a `String` or a `uuid::Uuid`.
     ///
     /// ```no_run
     /// # async fn demo(store: idem_runtime::RedisStore) -> Result<(), Box<dyn std::error::Error>> {
@@ -428,10 +520,11 @@ impl RedisStore {
             return Err(RedisStoreError::InvalidTokenTtl(ttl));
         }
         for _ in 0..2 {
-            let token = uuid::Uuid::new_v4().simple().to_string();
+            // Hyphenated: what `KeyPart` writes for a `uuid::Uuid` field too.
+            let token = uuid::Uuid::new_v4().hyphenated().to_string();
             let issued: i64 = script!(ISSUE)
                 .key(self.record_key(scope, &token))
-                .arg(self.now_ms())
+                .arg(self.now_arg())
                 .arg(millis(ttl))
                 .invoke_async(&mut self.conn.clone())
                 .await?;
@@ -459,33 +552,31 @@ impl RedisStore {
         mode: LeaseMode,
         key: &str,
         owner: &str,
-        now_ms: i64,
         lease: Duration,
     ) -> Result<LeaseClaim, RedisError> {
         let reply: Value = script!(CLAIM)
             .key(key)
             .arg(mode.as_arg())
             .arg(owner)
-            .arg(now_ms)
+            .arg(self.now_arg())
             .arg(millis(lease))
             .invoke_async(&mut self.conn.clone())
             .await?;
         parse_claim(&reply)
     }
 
-    /// One round trip: replaces `owner`'s lease by a done marker. `false`: the lease is no
-    /// longer `owner`'s, and nothing was written.
+    /// One round trip: records that `owner`'s body succeeded (see [`scripts::COMPLETE`]).
     pub(crate) async fn complete(
         &self,
         key: &str,
         owner: &str,
         marker: &Marker<'_>,
-    ) -> Result<bool, RedisError> {
+    ) -> Result<Completion, RedisError> {
         let ttl = marker.ttl.map_or(0, millis);
         let written: i64 = script!(COMPLETE)
             .key(key)
             .arg(owner)
-            .arg(marker.now_ms)
+            .arg(self.now_arg())
             .arg(ttl)
             .arg(if marker.fingerprint.is_some() {
                 "1"
@@ -497,7 +588,11 @@ impl RedisStore {
             .arg(marker.response.unwrap_or(""))
             .invoke_async(&mut self.conn.clone())
             .await?;
-        Ok(written == 1)
+        Ok(match written {
+            1 => Completion::Written,
+            2 => Completion::AlreadyDone,
+            _ => Completion::Refused,
+        })
     }
 
     /// One round trip: ends `owner`'s lease after a failure. `false`: it was not `owner`'s.
@@ -531,7 +626,7 @@ impl RedisStore {
         let extended: i64 = script!(EXTEND)
             .key(key)
             .arg(owner)
-            .arg(self.now_ms())
+            .arg(self.now_arg())
             .arg(millis(lease))
             .arg(mode.as_arg())
             .invoke_async(&mut self.conn.clone())

@@ -12,17 +12,21 @@
 //!
 //! After the body succeeded, one round trip replaces the lease by the done marker (kept for
 //! `ttl`, forever without it; with `fingerprint` and `replay`, the payload's hash and the
-//! result) **only if this delivery still owns the lease** ([`scripts::COMPLETE`](crate::store::redis::scripts::COMPLETE)).
-//! If the body outlived its lease and another delivery took the key over, nothing is written:
-//! [`Error::LeaseLost`](crate::Error::LeaseLost), retryable, so the redelivery meets the other
-//! delivery's marker or lease. After a failure (an error or a panic in the body) the delivery
-//! deletes only its own lease, so that the redelivery can run at once.
+//! result) **unless another delivery holds a live lease on the key**
+//! ([`scripts::COMPLETE`](crate::store::redis::scripts::COMPLETE)): a body that outlived its
+//! lease and lost it to a delivery still running writes nothing
+//! ([`Error::LeaseLost`](crate::Error::LeaseLost), retryable, so the redelivery meets the other
+//! delivery's marker or lease); one whose lease lapsed with no one taking it over still writes
+//! its marker (its body did run); one that finds a marker already there is acked. After a
+//! failure (an error or a panic in the body) the delivery deletes only its own lease, so that
+//! the redelivery can run at once. A result that `replay` cannot serialize still gets its
+//! marker (without the result), and the delivery is dead-lettered with the error.
 //!
 //! While the body runs, the lease is extended every third of its length, so a slow body keeps
 //! it; `fixed_lease` turns that off (a body that outlives its lease then loses it).
 //!
-//! Redis does not share your database's transaction: this is one execution at a time and
-//! dedup after success, not atomicity with SQL writes. A process that dies after the body's
+//! Redis does not share your database's transaction: this is one execution at a time while
+//! the lease holds, and dedup after success, not atomicity with SQL writes. A process that dies after the body's
 //! effects and before the marker leaves a lease that expires, and the redelivery runs the body
 //! again. See [`store::redis`](crate::store::redis) for that and for what a Redis restart does.
 

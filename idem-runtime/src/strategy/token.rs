@@ -5,8 +5,8 @@
 //! a lifetime; the client sends it with its request or message, in the field the handler's
 //! `key` names. The handler consumes it in one round trip
 //! ([`scripts::CLAIM`](crate::store::redis::scripts::CLAIM) in `token` mode), which both checks
-//! and takes it: the seeds' `GET` then `DEL` is two calls, and two deliveries can both pass the
-//! first.
+//! and takes it: a `GET` then a `DEL` would be two calls, and two deliveries could both pass
+//! the first.
 //!
 //! | the token is | the delivery |
 //! |---|---|
@@ -20,7 +20,12 @@
 //! not burn it: the lease expires and the redelivery takes the token again. On success the
 //! token becomes a done marker (kept for `ttl`, forever without it). On a failure the token is
 //! put back, unused, so that the retry can succeed; with `spend_on_error` a failure spends it
-//! instead, and the retry is dead-lettered as [`Error::UnknownToken`](crate::Error::UnknownToken).
+//! instead, and the retry is dead-lettered as [`Error::UnknownToken`](crate::Error::UnknownToken)
+//! (the failed attempt's own error is in its log line and its requeue, not in that dead letter).
+//! A token expires at its `ttl` even while a delivery holds it: a takeover after that finds it
+//! unknown. Without the handler's `ttl`, used tokens are kept forever: set one (longer than
+//! your broker's redelivery horizon). The token is the key, so it appears in logs (the span's
+//! `key`) and in error messages: treat it as an idempotency key, not as a secret.
 //!
 //! The same caveats as [`lock`](super::lock) apply: Redis does not share your database's
 //! transaction.
