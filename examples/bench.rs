@@ -14,11 +14,13 @@
 //!
 //! (`p50_us`/`p99_us`: the idempotent side's latency per message; the broker scenarios,
 //! `rabbitmq-pg` and `nats-pg` (in `bench/brokers.rs`), time whole consumptions instead and add
-//! `broker_ceiling_per_s`). With `--runs R`, the line
+//! `broker_ceiling_per_s`; `redis-lock` (in `bench/redis.rs`) compares with the physical floor
+//! of its Redis round trips and adds its own fields, see there). With `--runs R`, the line
 //! carries the median run's figures and `ratio_min`/`ratio_max` over the runs. Keys are unique
 //! per run, so repeating a run never measures duplicates by accident; `pg-duplicates` measures
-//! duplicates on purpose. Services: PostgreSQL and MariaDB as in the tests
-//! (`IDEM_TEST_PG_URL`, `IDEM_TEST_MYSQL_URL`); SQLite in a temporary file.
+//! duplicates on purpose. Services: PostgreSQL, MariaDB and Redis as in the tests
+//! (`IDEM_TEST_PG_URL`, `IDEM_TEST_MYSQL_URL`, `IDEM_TEST_REDIS_URL`); SQLite in a temporary
+//! file.
 //!
 //! Adding a scenario: write an `async fn(&Config) -> Result<Measurement, BoxError>` and add it
 //! to [`SCENARIOS`].
@@ -96,10 +98,17 @@ const SCENARIOS: &[(&str, &str, ScenarioFn)] = &[
         "JetStream -> idem's consumer, dedup_table on PostgreSQL, ack after commit vs a hand-written consumer",
         |c| Box::pin(brokers::nats_pg(c)),
     ),
+    (
+        "redis-lock",
+        "lock on Redis (first deliveries, duplicates, 32 tasks) vs raw SET NX PX and the marker script alone",
+        |c| Box::pin(redis_lock::redis_lock(c)),
+    ),
 ];
 
 #[path = "bench/brokers.rs"]
 mod brokers;
+#[path = "bench/redis.rs"]
+mod redis_lock;
 
 /// Command-line settings.
 #[derive(Debug, Clone)]
@@ -883,10 +892,11 @@ async fn main() -> Result<(), BoxError> {
                 " runs={runs} ratio_min={low:.3} ratio_max={high:.3}"
             ));
         }
-        line.push_str(&format!(
-            " messages={} tasks={}",
-            config.messages, config.tasks
-        ));
+        line.push_str(&format!(" messages={}", config.messages));
+        // A scenario with fixed task counts reports them itself.
+        if !median.extra.iter().any(|(key, _)| key == "tasks") {
+            line.push_str(&format!(" tasks={}", config.tasks));
+        }
         println!("{line}");
     }
     Ok(())
