@@ -18,7 +18,7 @@
 //!
 //! - the charge message is delivered **three times at once** (a double click, and a broker
 //!   redelivery racing the original): one delivery takes the token, the others find it in use
-//!   ([`Error::InProgress`]: requeued, never acked) and, redelivered a moment later, find it
+//!   ([`Error::InProgress`]: requeued, never acked) and, redelivered once it has settled, find it
 //!   spent by a success: duplicates, acked, with the first charge's receipt replayed;
 //! - then it is **submitted once more** (the client retried after a timeout): a duplicate, with
 //!   the same receipt.
@@ -33,6 +33,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::future::join_all;
 use idem_runtime::{Disposition, Error, NoAck, Outcome, RedisStore, idempotent};
+use tokio::sync::watch;
 
 /// The handlers' scope (tokens are minted for it).
 const SCOPE: &str = "example.payments_redis.charge";
@@ -77,9 +78,6 @@ static LEDGER: Mutex<Vec<Applied>> = Mutex::new(Vec::new());
     replay
 )]
 async fn on_charge_requested(msg: ChargeRequested) -> Result<Receipt, std::convert::Infallible> {
-    // The provider call takes a while: long enough for the racing deliveries to arrive while
-    // the token is in use.
-    tokio::time::sleep(Duration::from_millis(20)).await;
     let mut ledger = LEDGER.lock().unwrap_or_else(PoisonError::into_inner);
     ledger.push(Applied {
         checkout_id: msg.checkout_id,
@@ -114,22 +112,31 @@ struct Counts {
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Delivers `msg` as a broker would: a delivery found in progress elsewhere is requeued and
-/// delivered again after a short delay (a few times at most); returns how it ended and how
-/// often it was requeued.
-async fn deliver(store: &RedisStore, msg: ChargeRequested) -> Result<(Settled, u64), BoxError> {
+/// delivered again once another delivery has settled (`settled` counts them; a broker would
+/// wait `lease_remaining` at most); returns how it ended and how often it was requeued.
+async fn deliver(
+    store: &RedisStore,
+    msg: ChargeRequested,
+    settled: &watch::Sender<u64>,
+) -> Result<(Settled, u64), BoxError> {
     let mut requeued = 0;
     loop {
-        match on_charge_requested(store, msg.clone(), NoAck).await {
+        // Subscribed before the attempt: a settlement between it and the wait still counts.
+        let mut others = settled.subscribe();
+        let attempt = on_charge_requested(store, msg.clone(), NoAck).await;
+        if !matches!(attempt, Err(Error::InProgress { .. })) {
+            settled.send_modify(|count| *count += 1);
+        }
+        match attempt {
             Ok(Outcome::Processed(receipt)) => return Ok((Settled::Charged(receipt), requeued)),
             Ok(Outcome::Duplicate { replayed }) => {
                 return Ok((Settled::Duplicate(replayed), requeued));
             }
             Ok(other) => return Err(format!("unexpected outcome {}", other.as_str()).into()),
             Err(Error::InProgress { .. }) if requeued < 50 => {
-                // Another delivery holds the token right now: try again once it is done. (A
-                // broker waits `lease_remaining` at most; the body here takes 20 ms.)
+                // Another delivery holds the token right now: try again once one has settled.
                 requeued += 1;
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                others.changed().await?;
             }
             Err(error) if error.disposition() == Disposition::DeadLetter => {
                 return Ok((Settled::Rejected(error.to_string()), requeued));
@@ -170,6 +177,7 @@ async fn main() -> Result<(), BoxError> {
         });
     }
 
+    let settled = watch::Sender::new(0_u64);
     let mut counts = Counts::default();
     let mut receipts: HashMap<String, Vec<Option<Receipt>>> = HashMap::new();
     let mut record = |counts: &mut Counts, checkout_id: &str, settled: Settled, requeued: u64| {
@@ -198,15 +206,17 @@ async fn main() -> Result<(), BoxError> {
     };
 
     for checkout in &checkouts {
-        // A double click and a broker redelivery: three deliveries at once.
-        let racing = join_all((0..3).map(|_| deliver(&store, checkout.clone()))).await;
+        // A double click and a broker redelivery: three deliveries at once. Their claims all
+        // reach Redis before the first one's marker (sent only after its claim's reply), so
+        // two of them find the token in use.
+        let racing = join_all((0..3).map(|_| deliver(&store, checkout.clone(), &settled))).await;
         for delivered in racing {
-            let (settled, requeued) = delivered?;
-            record(&mut counts, &checkout.checkout_id, settled, requeued);
+            let (ended, requeued) = delivered?;
+            record(&mut counts, &checkout.checkout_id, ended, requeued);
         }
         // The client timed out and submits again.
-        let (settled, requeued) = deliver(&store, checkout.clone()).await?;
-        record(&mut counts, &checkout.checkout_id, settled, requeued);
+        let (ended, requeued) = deliver(&store, checkout.clone(), &settled).await?;
+        record(&mut counts, &checkout.checkout_id, ended, requeued);
     }
 
     // A charge with a token that was never issued (forged, or from another environment).
@@ -215,8 +225,8 @@ async fn main() -> Result<(), BoxError> {
         checkout_id: format!("checkout-{run}-forged"),
         amount_cents: 99_999,
     };
-    let (settled, requeued) = deliver(&store, forged.clone()).await?;
-    record(&mut counts, &forged.checkout_id, settled, requeued);
+    let (ended, requeued) = deliver(&store, forged.clone(), &settled).await?;
+    record(&mut counts, &forged.checkout_id, ended, requeued);
 
     // The provider's ledger, per checkout of this run.
     let mut applied: HashMap<String, (u64, i64)> = HashMap::new();

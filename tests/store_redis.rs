@@ -249,14 +249,14 @@ async fn lock_fixed(msg: Payment) -> Result<i64, AppError> {
     Ok(msg.amount)
 }
 
-/// A short lease, renewed every second while the body runs (Redis expires the key after 3 s of
-/// real time without a renewal: a margin of two missed renewals on a loaded machine).
+/// A lease renewed every third of it while the body runs; the renewal waits on the store's
+/// clock, so a test drives it by advancing a `ManualClock`.
 #[idempotent(
     key = "order_id",
     store = "redis",
     strategy = "lock",
     scope = "redis.lock.renewed",
-    lease = "3s"
+    lease = "30s"
 )]
 async fn lock_renewed(msg: Payment) -> Result<i64, AppError> {
     work(&msg.order_id).await?;
@@ -775,8 +775,8 @@ async fn lock_lapsed_lease_with_no_taker_still_writes_the_marker() {
     assert_eq!(runs(&key), 1);
 }
 
-/// Renewal: a 3 s lease, extended every second while the body runs. The clock jumps 10 s,
-/// far past the lease; a renewal moves the deadline past the new "now", so a second delivery is
+/// Renewal: a 30 s lease, extended every 10 s of the store's clock while the body runs. The
+/// clock jumps 40 s, past the lease, which wakes the renewal at once (no real time passes); a renewal moves the deadline past the new "now", so a second delivery is
 /// still in progress elsewhere, and the first finishes with its marker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lock_lease_is_renewed_while_a_slow_body_runs() {
@@ -793,11 +793,11 @@ async fn lock_lease_is_renewed_while_a_slow_body_runs() {
     let lease = read_record(&store, "redis.lock.renewed", &key).await;
     assert_eq!(
         millis_field(&lease, "until"),
-        claimed_at + 3000,
+        claimed_at + 30_000,
         "{lease:?}"
     );
 
-    clock.advance(Duration::from_secs(10));
+    clock.advance(Duration::from_secs(40));
     let now = clock.now_ms();
     eventually(
         "a renewal to push the lease past the advanced clock",
@@ -821,7 +821,7 @@ async fn lock_lease_is_renewed_while_a_slow_body_runs() {
             lease_remaining, ..
         }) => {
             assert!(
-                *lease_remaining > Duration::ZERO && *lease_remaining <= Duration::from_secs(3),
+                *lease_remaining > Duration::ZERO && *lease_remaining <= Duration::from_secs(30),
                 "{lease_remaining:?}"
             );
             assert!(

@@ -318,15 +318,7 @@ where
     C: ResultCodec<T>,
     A: Acknowledger,
 {
-    let span = tracing::info_span!(
-        "idem.handle",
-        scope = spec.scope(),
-        key = tracing::field::Empty,
-        strategy = G::NAME,
-        store = S::NAME,
-        attempt = ack.attempt().unwrap_or(1).max(1),
-        outcome = tracing::field::Empty,
-    );
+    let span = handle_span(spec, G::NAME, S::NAME, &ack);
     let opened = enter(store, spec, prepared, codec)
         .instrument(span.clone())
         .await;
@@ -342,6 +334,25 @@ where
         }),
         Err(attempt) => Err(conclude(ack, spec, errors, attempt).instrument(span).await),
     }
+}
+
+/// The span of one delivery's handling, `idem.handle`; `key` and `outcome` are recorded as
+/// they become known.
+fn handle_span(
+    spec: &HandlerSpec,
+    strategy: &'static str,
+    store: &'static str,
+    ack: &impl Acknowledger,
+) -> tracing::Span {
+    tracing::info_span!(
+        "idem.handle",
+        scope = spec.scope(),
+        key = tracing::field::Empty,
+        strategy,
+        store,
+        attempt = ack.attempt().unwrap_or(1).max(1),
+        outcome = tracing::field::Empty,
+    )
 }
 
 /// What `enter` hands to the gate.

@@ -22,13 +22,13 @@ use tracing::Instrument as _;
 
 use super::{
     Attempt, Entered, HandlerSpec, PanicPayload, Prepared, Settled, accept_duplicate, conclude,
-    prepare,
+    handle_span, prepare,
 };
 use crate::ack::{Acknowledger, Committed};
 use crate::error::{Error, HandlerErrors};
 use crate::outcome::Outcome;
 use crate::payload::ResultCodec;
-use crate::store::redis::{Completion, LeaseClaim, LeaseMode, Marker, RedisStore, owner_token};
+use crate::store::redis::{Completion, LeaseClaim, Marker, RedisStore, owner_token};
 use crate::strategy::{LeaseRules, LeaseStrategy};
 use crate::unwind::{catch_sync, panic_message};
 
@@ -77,15 +77,7 @@ where
     C: ResultCodec<T>,
     A: Acknowledger,
 {
-    let span = tracing::info_span!(
-        "idem.handle",
-        scope = spec.scope(),
-        key = tracing::field::Empty,
-        strategy = G::NAME,
-        store = "redis",
-        attempt = ack.attempt().unwrap_or(1).max(1),
-        outcome = tracing::field::Empty,
-    );
+    let span = handle_span(spec, G::NAME, "redis", &ack);
     let claimed = claim(store, spec, prepared, codec)
         .instrument(span.clone())
         .await;
@@ -177,7 +169,7 @@ impl Renewal<'_> {
         let every = (self.rules.lease / 3).max(Duration::from_millis(1));
         let renew = async {
             loop {
-                tokio::time::sleep(every).await;
+                self.store.sleep(every).await;
                 match self
                     .store
                     .extend(
@@ -343,8 +335,5 @@ async fn release(store: &RedisStore, held: &Held) {
             %error,
             "could not release the lease after the failure; it expires by itself"
         ),
-    }
-    if let LeaseMode::Token { restore: false } = held.rules.mode {
-        tracing::debug!("the token is spent (spend_on_error)");
     }
 }

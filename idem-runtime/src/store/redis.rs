@@ -86,19 +86,47 @@ use crate::store::StoredRecord;
 ///
 /// Each takes the record's key as `KEYS[1]`; their arguments are documented in the source.
 pub mod scripts {
-    /// Claims a key (a lease for `ARGV[2]`, the owner token, until `ARGV[3]` + `ARGV[4]` ms;
-    /// `ARGV[3]` empty: now by Redis's clock) and
-    /// reports what was there: `{'claimed', previous state}`, `{'done', created, fp, resp}`,
-    /// `{'busy', remaining ms}` or `{'unknown'}` (`token` mode: no usable token). `ARGV[1]` is
-    /// `lock` or `token`: a lock claims a missing key, a token only an `issued` one.
-    pub const CLAIM: &str = r"
-local function clock(arg)
+    /// The scripts' "now" (`clock(arg)`): the caller's clock when it sends one, else Redis's
+    /// own (`TIME`), so that every consumer compares deadlines on one clock.
+    macro_rules! lua_clock {
+        () => {
+            r"local function clock(arg)
   local now = tonumber(arg)
   if now then return now end
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-local key = KEYS[1]
+"
+        };
+    }
+
+    /// `expire_lease(key, mode, lease)`: a lock's key lives as long as its lease; a token's is
+    /// only lengthened to it (its own expiry may be later).
+    macro_rules! lua_expire_lease {
+        () => {
+            r"local function expire_lease(key, mode, lease)
+  if mode == 'lock' then
+    redis.call('PEXPIRE', key, lease)
+  else
+    local pttl = redis.call('PTTL', key)
+    if pttl >= 0 and pttl < lease then
+      redis.call('PEXPIRE', key, lease)
+    end
+  end
+end
+"
+        };
+    }
+
+    /// Claims a key (a lease for `ARGV[2]`, the owner token, until `ARGV[3]` + `ARGV[4]` ms;
+    /// `ARGV[3]` empty: now by Redis's clock) and
+    /// reports what was there: `{'claimed', previous state}`, `{'done', created, fp, resp}`,
+    /// `{'busy', remaining ms}` or `{'unknown'}` (`token` mode: no usable token). `ARGV[1]` is
+    /// `lock` or `token`: a lock claims a missing key, a token only an `issued` one.
+    pub const CLAIM: &str = concat!(
+        lua_clock!(),
+        lua_expire_lease!(),
+        r"local key = KEYS[1]
 local mode = ARGV[1]
 local now = clock(ARGV[3])
 local lease = tonumber(ARGV[4])
@@ -128,16 +156,10 @@ elseif state ~= 'issued' then
   return redis.error_reply('idem: the record at ' .. key .. ' has an unknown state; delete it')
 end
 redis.call('HSET', key, 'state', 'lease', 'owner', ARGV[2], 'until', now + lease)
-if mode == 'lock' then
-  redis.call('PEXPIRE', key, lease)
-else
-  local pttl = redis.call('PTTL', key)
-  if pttl >= 0 and pttl < lease then
-    redis.call('PEXPIRE', key, lease)
-  end
-end
+expire_lease(key, mode, lease)
 return {'claimed', state or 'none'}
-";
+"
+    );
 
     /// Records that the body of owner `ARGV[1]` succeeded: a done marker created at `ARGV[2]`
     /// (empty: Redis's clock), kept `ARGV[3]` ms (`0`: forever), with the fingerprint `ARGV[5]`
@@ -147,14 +169,9 @@ return {'claimed', state or 'none'}
     /// lease expired and no one took it), an unused token (put back by a failed twin) or an
     /// expired lease are all overwritten: this delivery's body did run, and a marker stops
     /// its redeliveries from running it again.
-    pub const COMPLETE: &str = r"
-local function clock(arg)
-  local now = tonumber(arg)
-  if now then return now end
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-local key = KEYS[1]
+    pub const COMPLETE: &str = concat!(
+        lua_clock!(),
+        r"local key = KEYS[1]
 local now = clock(ARGV[2])
 local r = redis.call('HMGET', key, 'state', 'owner', 'until', 'expires')
 local expires = tonumber(r[4])
@@ -174,7 +191,8 @@ if ttl > 0 then
   redis.call('PEXPIRE', key, ttl)
 end
 return 1
-";
+"
+    );
 
     /// Ends the lease of owner `ARGV[1]` after a failure: deletes the key, or with `ARGV[2]`
     /// = `restore` puts an unused token back (`issued`, its expiry kept). Returns 1, or 0 when
@@ -197,42 +215,27 @@ return 1
     /// Extends the lease of owner `ARGV[1]` to `ARGV[2]` (empty: Redis's clock) + `ARGV[3]` ms
     /// (`ARGV[4]`: `lock` or
     /// `token`, as in [`CLAIM`]). Returns 1, or 0 when the lease is no longer this owner's.
-    pub const EXTEND: &str = r"
-local function clock(arg)
-  local now = tonumber(arg)
-  if now then return now end
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-local key = KEYS[1]
+    pub const EXTEND: &str = concat!(
+        lua_clock!(),
+        lua_expire_lease!(),
+        r"local key = KEYS[1]
 local r = redis.call('HMGET', key, 'state', 'owner')
 if r[1] ~= 'lease' or r[2] ~= ARGV[1] then
   return 0
 end
 local lease = tonumber(ARGV[3])
 redis.call('HSET', key, 'until', clock(ARGV[2]) + lease)
-if ARGV[4] == 'lock' then
-  redis.call('PEXPIRE', key, lease)
-else
-  local pttl = redis.call('PTTL', key)
-  if pttl >= 0 and pttl < lease then
-    redis.call('PEXPIRE', key, lease)
-  end
-end
+expire_lease(key, ARGV[4], lease)
 return 1
-";
+"
+    );
 
     /// Issues a token: an `issued` record created at `ARGV[1]` (empty: Redis's clock),
     /// expiring `ARGV[2]` ms later.
     /// Returns 1, or 0 when the key exists already (nothing is touched).
-    pub const ISSUE: &str = r"
-local function clock(arg)
-  local now = tonumber(arg)
-  if now then return now end
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-local key = KEYS[1]
+    pub const ISSUE: &str = concat!(
+        lua_clock!(),
+        r"local key = KEYS[1]
 if redis.call('EXISTS', key) == 1 then
   return 0
 end
@@ -241,7 +244,8 @@ local ttl = tonumber(ARGV[2])
 redis.call('HSET', key, 'state', 'issued', 'created', now, 'expires', now + ttl)
 redis.call('PEXPIRE', key, ttl)
 return 1
-";
+"
+    );
 }
 
 fn script(cell: &'static std::sync::OnceLock<Script>, source: &'static str) -> &'static Script {
@@ -452,8 +456,9 @@ impl RedisStore {
         self
     }
 
-    /// Reads "now" from `clock` instead of Redis's own clock (tests move a
-    /// [`ManualClock`](crate::clock::ManualClock) past a lease or a `ttl`). In production, keep
+    /// Reads "now" from `clock` instead of Redis's own clock, and waits on it between lease
+    /// renewals (tests move a [`ManualClock`](crate::clock::ManualClock) past a lease or a
+    /// `ttl`, and advancing it is what wakes a renewal). In production, keep
     /// the default: every consumer then compares deadlines on the one clock of the Redis
     /// server, and no skew between hosts can make a live lease look expired.
     #[must_use]
@@ -469,6 +474,15 @@ impl RedisStore {
             || crate::clock::SystemClock.now_ms(),
             |clock| clock.now_ms(),
         )
+    }
+
+    /// Waits `duration` on the store's clock: real time, or until an injected clock is advanced
+    /// past it (the lease renewal waits here, so tests drive it with a `ManualClock`).
+    pub(crate) async fn sleep(&self, duration: Duration) {
+        match &self.clock {
+            Some(clock) => clock.sleep(duration).await,
+            None => tokio::time::sleep(duration).await,
+        }
     }
 
     /// "Now" as the scripts take it: the injected clock's, or empty for Redis's own.
