@@ -50,10 +50,21 @@
 //!   `strategy = "token"` (single-use tokens); see [`strategy::lock`] and [`strategy::token`].
 //! - `rabbitmq`, `nats`, `redis-streams`: consumers for RabbitMQ (lapin), NATS JetStream
 //!   (async-nats) and Redis Streams (redis); see [`broker`].
+//! - `failpoints`: named [`fail`](https://docs.rs/fail) failpoints in the pipeline (after the
+//!   gate, after the body, before the commit, after the commit, after the ack), for chaos
+//!   tests; see `failpoints`. Never enable it in production builds.
 //!
 //! The [`MemoryStore`], for unit tests, is always available.
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
+
+/// Evaluates a [`failpoints`] site; nothing at all without the `failpoints` feature.
+macro_rules! failpoint {
+    ($name:expr) => {
+        #[cfg(feature = "failpoints")]
+        $crate::failpoints::hit($name);
+    };
+}
 
 // The module graph runs one way. At the bottom, `classify`, `clock`, `key`, `outcome`,
 // `payload`, `retry`, `transition` and `unwind` use nothing of ours but each other's leaves;
@@ -64,6 +75,9 @@ pub mod broker;
 pub mod classify;
 pub mod clock;
 pub mod error;
+#[cfg(feature = "failpoints")]
+#[cfg_attr(docsrs, doc(cfg(feature = "failpoints")))]
+pub mod failpoints;
 pub mod guide;
 pub mod handler;
 pub mod key;

@@ -457,6 +457,7 @@ where
     match judge(spec, verdict, &delivery, &entered.codec) {
         Ok(observed) => {
             entered.observed = observed;
+            failpoint!(crate::failpoints::AFTER_GATE);
             Ok((entered, tx))
         }
         Err(ended) => {
@@ -773,6 +774,7 @@ where
     C: ResultCodec<T>,
 {
     let delivery = entered.delivery();
+    failpoint!(crate::failpoints::AFTER_BODY);
     let value = match after_body(store, entered, &mut tx, Alive::Transaction, result).await {
         AfterBody::Keep(value) => value,
         AfterBody::Undo(undo) => {
@@ -780,6 +782,7 @@ where
             return undone(store, entered, errors, undo).await;
         }
     };
+    failpoint!(crate::failpoints::BEFORE_COMMIT);
     match store.commit(tx).await {
         Ok(()) => Ok((outcome_of(entered.observed, value), Committed::new())),
         Err(CommitFailure::Database(error))
@@ -983,12 +986,14 @@ async fn conclude<T, E, A: Acknowledger>(
     match attempt {
         Ok((outcome, proof)) => {
             span.record("outcome", outcome.as_str());
+            failpoint!(crate::failpoints::AFTER_COMMIT);
             if let Err(error) = ack.ack(proof).await {
                 tracing::warn!(
                     %error,
                     "ack failed after commit; the broker will redeliver and the gate will report a duplicate"
                 );
             }
+            failpoint!(crate::failpoints::AFTER_ACK);
             Ok(outcome)
         }
         Err(error) => {

@@ -120,14 +120,17 @@ where
         .claim(rules.mode, &record_key, &owner, rules.lease)
         .await
     {
-        Ok(LeaseClaim::Ours) => Ok((
-            entered,
-            Held {
-                rules,
-                record_key,
-                owner,
-            },
-        )),
+        Ok(LeaseClaim::Ours) => {
+            failpoint!(crate::failpoints::AFTER_GATE);
+            Ok((
+                entered,
+                Held {
+                    rules,
+                    record_key,
+                    owner,
+                },
+            ))
+        }
         Ok(LeaseClaim::Done(record)) => {
             Err(accept_duplicate(&delivery, &entered.codec, Some(record)))
         }
@@ -258,6 +261,7 @@ where
 {
     let delivery = entered.delivery();
     let scope = || delivery.key.scope().to_owned();
+    failpoint!(crate::failpoints::AFTER_BODY);
     let failed = |error: Error<E>| async {
         release(store, held).await;
         Err(error)
@@ -299,6 +303,7 @@ where
         fingerprint: delivery.fingerprint,
         response: response.as_deref(),
     };
+    failpoint!(crate::failpoints::BEFORE_COMMIT);
     let completion = store.complete(&held.record_key, &held.owner, &marker).await;
     match (completion, unencodable) {
         // The result could not be stored for replay: dead-lettered for a person, though the

@@ -1,0 +1,145 @@
+//! The `failpoints` feature: every named failpoint is passed, in order, by a delivery on live
+//! PostgreSQL, and a crash at the two that matter most does what the docs say: killed after the
+//! commit, the effect stays and the redelivery is a duplicate; killed before it, nothing stays
+//! and the redelivery runs the body.
+//!
+//! A "crash" here is a panic configured at the failpoint: it unwinds out of the pipeline (only
+//! the body's panics are caught), so nothing after the failpoint runs, as if the process died.
+//! The chaos harness (`examples/chaos.rs`) kills real consumer processes at the same points.
+//!
+//! The failpoint registry is process-wide: each test holds a `fail::FailScenario`, which
+//! serializes them.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use idem_runtime::failpoints::{self, fail};
+use idem_runtime::{Outcome, PgStore, PgTx, idempotent, sqlx};
+use idem_tests::{AckEvent, AppError, Payment, RecordingAck, count_run, runs, unique_key};
+
+#[idempotent(
+    key = "order_id",
+    store = "pg",
+    strategy = "dedup_table",
+    scope = "tests.failpoints.paid"
+)]
+async fn on_paid(tx: &mut PgTx<'_>, msg: Payment) -> Result<(), AppError> {
+    count_run(&msg.order_id);
+    sqlx::query("INSERT INTO idem_failpoint_payments (order_id, amount) VALUES ($1, $2)")
+        .bind(&msg.order_id)
+        .bind(msg.amount)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+async fn store() -> PgStore {
+    let store = idem_tests::pg::store().await;
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS idem_failpoint_payments (order_id TEXT NOT NULL, amount BIGINT NOT NULL)",
+    )
+    .execute(store.pool())
+    .await
+    .expect("create the business table");
+    store
+}
+
+async fn rows(store: &PgStore, key: &str) -> i64 {
+    sqlx::query_scalar("SELECT COUNT(*) FROM idem_failpoint_payments WHERE order_id = $1")
+        .bind(key)
+        .fetch_one(store.pool())
+        .await
+        .expect("count the business rows")
+}
+
+/// Arms every failpoint with a callback that records its name.
+fn record_every_failpoint() -> Arc<Mutex<Vec<&'static str>>> {
+    let passed = Arc::new(Mutex::new(Vec::new()));
+    for name in failpoints::ALL {
+        let passed = Arc::clone(&passed);
+        fail::cfg_callback(name, move || {
+            passed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(name);
+        })
+        .expect("arm the failpoint");
+    }
+    passed
+}
+
+fn taken(passed: &Mutex<Vec<&'static str>>) -> Vec<&'static str> {
+    std::mem::take(&mut *passed.lock().unwrap_or_else(PoisonError::into_inner))
+}
+
+#[tokio::test]
+async fn a_processed_delivery_passes_every_failpoint_in_order_and_a_duplicate_only_the_ack_ones()
+{
+    let scenario = fail::FailScenario::setup();
+    let store = store().await;
+    let key = unique_key("fp-order");
+    let passed = record_every_failpoint();
+
+    let first = on_paid(&store, Payment::new(&key, 10), RecordingAck::new()).await;
+    assert!(matches!(first, Ok(Outcome::Processed(()))), "{first:?}");
+    assert_eq!(taken(&passed), failpoints::ALL);
+
+    let again = on_paid(&store, Payment::new(&key, 10), RecordingAck::new()).await;
+    assert!(matches!(again, Ok(ref outcome) if outcome.is_duplicate()), "{again:?}");
+    assert_eq!(
+        taken(&passed),
+        [failpoints::AFTER_COMMIT, failpoints::AFTER_ACK]
+    );
+    scenario.teardown();
+}
+
+#[tokio::test]
+async fn a_crash_after_the_commit_keeps_the_effect_and_the_redelivery_is_a_duplicate() {
+    let scenario = fail::FailScenario::setup();
+    let store = store().await;
+    let key = unique_key("fp-after-commit");
+    fail::cfg(failpoints::AFTER_COMMIT, "1*panic").expect("arm the failpoint");
+
+    let ack = RecordingAck::new();
+    let crashed = tokio::spawn({
+        let (store, key, ack) = (store.clone(), key.clone(), ack.clone());
+        async move { on_paid(&store, Payment::new(&key, 10), ack).await }
+    })
+    .await;
+    assert!(crashed.is_err_and(|error| error.is_panic()));
+    assert_eq!(ack.events(), [], "the crash came before the ack");
+    assert_eq!(rows(&store, &key).await, 1, "the effect was committed");
+
+    let redelivered = RecordingAck::new();
+    let again = on_paid(&store, Payment::new(&key, 10), redelivered.clone()).await;
+    assert!(matches!(again, Ok(ref outcome) if outcome.is_duplicate()), "{again:?}");
+    assert_eq!(redelivered.events(), [AckEvent::Ack]);
+    assert_eq!(runs(&key), 1, "the body ran once");
+    assert_eq!(rows(&store, &key).await, 1);
+    scenario.teardown();
+}
+
+#[tokio::test]
+async fn a_crash_before_the_commit_leaves_nothing_and_the_redelivery_runs_the_body() {
+    let scenario = fail::FailScenario::setup();
+    let store = store().await;
+    let key = unique_key("fp-before-commit");
+    fail::cfg(failpoints::BEFORE_COMMIT, "1*panic").expect("arm the failpoint");
+
+    let ack = RecordingAck::new();
+    let crashed = tokio::spawn({
+        let (store, key, ack) = (store.clone(), key.clone(), ack.clone());
+        async move { on_paid(&store, Payment::new(&key, 10), ack).await }
+    })
+    .await;
+    assert!(crashed.is_err_and(|error| error.is_panic()));
+    assert_eq!(ack.events(), []);
+    assert_eq!(rows(&store, &key).await, 0, "nothing was committed");
+
+    let redelivered = RecordingAck::new();
+    let again = on_paid(&store, Payment::new(&key, 10), redelivered.clone()).await;
+    assert!(matches!(again, Ok(Outcome::Processed(()))), "{again:?}");
+    assert_eq!(redelivered.events(), [AckEvent::Ack]);
+    assert_eq!(runs(&key), 2, "the body ran again");
+    assert_eq!(rows(&store, &key).await, 1);
+    scenario.teardown();
+}
