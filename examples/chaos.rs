@@ -156,8 +156,8 @@ struct RunArgs {
     /// Consumer kills (SIGKILL): half at failpoints, half at random moments.
     #[arg(long, default_value_t = 20)]
     kills: u64,
-    /// Times every connection through a proxy is cut (alternately the broker's and the
-    /// database's).
+    /// Connection cuts, in turn: every connection through the broker's proxy, every one through
+    /// the database's, one of the broker's, one of the database's.
     #[arg(long, default_value_t = 10)]
     severs: u64,
     /// PostgreSQL crash-restarts.
@@ -218,6 +218,14 @@ impl BrokerServer {
             Self::Nats(server) => server.port(),
         }
     }
+    /// The URL for the harness's own connections, straight to the server.
+    fn url(&self) -> String {
+        match self {
+            Self::Rabbitmq(server) => server.url(),
+            Self::Nats(server) => server.url(),
+        }
+    }
+    /// The URL for the consumers, through the proxy on `port`.
     fn url_via(&self, port: u16) -> String {
         match self {
             Self::Rabbitmq(_) => format!("amqp://guest:guest@127.0.0.1:{port}/%2f?heartbeat=5"),
@@ -313,8 +321,7 @@ async fn run(args: &RunArgs, dir: &Path, rng: &mut fastrand::Rng) -> Result<bool
 
     let pg_proxy = Arc::new(Proxy::start(postgres.port()).await?);
     let broker_proxy = Arc::new(Proxy::start(broker_server.port()).await?);
-    let broker_direct_url = broker_server.url_via(broker_server.port());
-    let broker = Broker::setup(args.broker, broker_direct_url, node).await?;
+    let broker = Broker::setup(args.broker, broker_server.url(), node).await?;
 
     let workload = Workload::build(
         Shape {
@@ -393,10 +400,11 @@ async fn run(args: &RunArgs, dir: &Path, rng: &mut fastrand::Rng) -> Result<bool
         events.push((at(0.05 + rng.f64() * 0.85), Event::Kill));
     }
     for n in 0..args.severs {
-        let event = if n % 2 == 0 {
-            Event::SeverBroker
-        } else {
-            Event::SeverDatabase
+        let event = match n % 4 {
+            0 => Event::SeverBroker,
+            1 => Event::SeverDatabase,
+            2 => Event::SeverOneBroker,
+            _ => Event::SeverOneDatabase,
         };
         events.push((at(0.05 + rng.f64() * 0.85), event));
     }
@@ -446,6 +454,16 @@ async fn run(args: &RunArgs, dir: &Path, rng: &mut fastrand::Rng) -> Result<bool
                     .severed
                     .fetch_add(pg_proxy.sever_all() as u64, Ordering::Relaxed);
             }
+            Event::SeverOneBroker => {
+                if broker_proxy.sever_one() {
+                    counts.severed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Event::SeverOneDatabase => {
+                if pg_proxy.sever_one() {
+                    counts.severed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
             Event::RestartDatabase => {
                 let took = Instant::now();
                 postgres.restart().await?;
@@ -470,7 +488,7 @@ async fn run(args: &RunArgs, dir: &Path, rng: &mut fastrand::Rng) -> Result<bool
                     None => operator.insert(
                         Broker::setup(
                             args.broker,
-                            broker_server.url_via(broker_server.port()),
+                            broker_server.url(),
                             node_of(&broker_server),
                         )
                         .await?,
@@ -572,8 +590,12 @@ fn node_of(server: &BrokerServer) -> String {
 #[derive(Debug, Clone, Copy)]
 enum Event {
     Kill,
+    /// Every connection through the broker's proxy.
     SeverBroker,
+    /// Every connection through the database's proxy.
     SeverDatabase,
+    SeverOneBroker,
+    SeverOneDatabase,
     RestartDatabase,
     RestartBroker,
     ReplayDeadLetters,

@@ -80,11 +80,6 @@ impl Proxy {
         token.inspect(CancellationToken::cancel).is_some()
     }
 
-    /// Connections currently open.
-    pub(crate) fn open_connections(&self) -> usize {
-        self.registry().len()
-    }
-
     /// The registry, locked (a poisoned lock is still usable: it holds only tokens).
     fn registry(&self) -> std::sync::MutexGuard<'_, HashMap<u64, CancellationToken>> {
         self.connections
