@@ -255,6 +255,21 @@ struct Counts {
     db_restarts: AtomicU64,
     broker_restarts: AtomicU64,
     spawned: AtomicU64,
+    /// Kills at each failpoint, by name.
+    at_failpoint: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+}
+
+impl Counts {
+    fn killed_at(&self, point: &str) {
+        self.kills.fetch_add(1, Ordering::Relaxed);
+        self.failpoint_kills.fetch_add(1, Ordering::Relaxed);
+        *self
+            .at_failpoint
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(point.to_owned())
+            .or_default() += 1;
+    }
 }
 
 async fn harness(args: RunArgs) -> Result<bool, BoxError> {
@@ -268,7 +283,9 @@ async fn harness(args: RunArgs) -> Result<bool, BoxError> {
     std::fs::create_dir_all(&dir)?;
     eprintln!("chaos: seed {seed}, working in {}", dir.display());
     let outcome = run(&args, &dir, &mut rng).await;
-    if args.keep || outcome.as_ref().is_ok_and(|ok| !ok) || outcome.is_err() {
+    // A control is meant to fail: its directory goes unless asked for.
+    let failed = !outcome.as_ref().is_ok_and(|ok| *ok);
+    if args.keep || (failed && args.handler == HandlerKind::Idem) {
         eprintln!("chaos: kept {} (server and consumer logs)", dir.display());
     } else {
         let _ = std::fs::remove_dir_all(&dir);
@@ -553,7 +570,7 @@ async fn run(args: &RunArgs, dir: &Path, rng: &mut fastrand::Rng) -> Result<bool
         eprintln!("chaos: {problem}");
     }
     eprintln!(
-        "chaos: {} orders applied, {} bad messages dead-lettered ({} with the wrong reason), {} dead letters replayed by the operator, {} publishes retried, {} consumer processes started, {} killed at failpoints, money off by {}, {} left in flight, {:.1?} in all",
+        "chaos: {} orders applied, {} bad messages dead-lettered ({} with the wrong reason), {} dead letters replayed by the operator, {} publishes retried, {} consumer processes started, {} killed at failpoints {:?}, money off by {}, {} left in flight, {:.1?} in all",
         verdict.applied,
         verdict.dead_lettered,
         verdict.wrong_reasons,
@@ -561,6 +578,10 @@ async fn run(args: &RunArgs, dir: &Path, rng: &mut fastrand::Rng) -> Result<bool
         broker.publish_retries,
         counts.spawned.load(Ordering::Relaxed),
         counts.failpoint_kills.load(Ordering::Relaxed),
+        counts
+            .at_failpoint
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
         verdict.money_off,
         left,
         started.elapsed()
@@ -698,8 +719,7 @@ impl Fleet {
                             Ok(Some(line)) if line.starts_with("FAILPOINT ") => {
                                 let _ = child.start_kill();
                                 died_at_failpoint = true;
-                                self.counts.kills.fetch_add(1, Ordering::Relaxed);
-                                self.counts.failpoint_kills.fetch_add(1, Ordering::Relaxed);
+                                self.counts.killed_at(line.trim_start_matches("FAILPOINT "));
                             }
                             Ok(Some(_)) => {}
                             _ => lines = None,
