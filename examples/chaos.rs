@@ -503,12 +503,8 @@ async fn run(args: &RunArgs, dir: &Path, rng: &mut fastrand::Rng) -> Result<bool
                 let operator = match &mut operator {
                     Some(operator) => operator,
                     None => operator.insert(
-                        Broker::setup(
-                            args.broker,
-                            broker_server.url(),
-                            node_of(&broker_server),
-                        )
-                        .await?,
+                        Broker::setup(args.broker, broker_server.url(), node_of(&broker_server))
+                            .await?,
                     ),
                 };
                 let letters = operator.take_dead_letters().await?;

@@ -72,8 +72,7 @@ fn taken(passed: &Mutex<Vec<&'static str>>) -> Vec<&'static str> {
 }
 
 #[tokio::test]
-async fn a_processed_delivery_passes_every_failpoint_in_order_and_a_duplicate_only_the_ack_ones()
-{
+async fn a_processed_delivery_passes_every_failpoint_in_order_and_a_duplicate_only_the_ack_ones() {
     let scenario = fail::FailScenario::setup();
     let store = store().await;
     let key = unique_key("fp-order");
@@ -84,7 +83,10 @@ async fn a_processed_delivery_passes_every_failpoint_in_order_and_a_duplicate_on
     assert_eq!(taken(&passed), failpoints::ALL);
 
     let again = on_paid(&store, Payment::new(&key, 10), RecordingAck::new()).await;
-    assert!(matches!(again, Ok(ref outcome) if outcome.is_duplicate()), "{again:?}");
+    assert!(
+        matches!(again, Ok(ref outcome) if outcome.is_duplicate()),
+        "{again:?}"
+    );
     assert_eq!(
         taken(&passed),
         [failpoints::AFTER_COMMIT, failpoints::AFTER_ACK]
@@ -111,7 +113,10 @@ async fn a_crash_after_the_commit_keeps_the_effect_and_the_redelivery_is_a_dupli
 
     let redelivered = RecordingAck::new();
     let again = on_paid(&store, Payment::new(&key, 10), redelivered.clone()).await;
-    assert!(matches!(again, Ok(ref outcome) if outcome.is_duplicate()), "{again:?}");
+    assert!(
+        matches!(again, Ok(ref outcome) if outcome.is_duplicate()),
+        "{again:?}"
+    );
     assert_eq!(redelivered.events(), [AckEvent::Ack]);
     assert_eq!(runs(&key), 1, "the body ran once");
     assert_eq!(rows(&store, &key).await, 1);
