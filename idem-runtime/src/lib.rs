@@ -84,6 +84,7 @@ pub mod key;
 pub mod outcome;
 pub mod payload;
 pub mod pipeline;
+pub mod retention;
 pub mod retry;
 pub mod store;
 pub mod strategy;

@@ -285,12 +285,231 @@ macro_rules! conformance_suite {
             }
         );
 
+        mod retention {
+            use super::*;
+            $crate::__retention_cases!(open = $open);
+        }
+
         $crate::__unless_skipped!(sql, [$($skip),*],
             mod sql {
                 use super::*;
                 $crate::__sql_cases!(open = $open);
             }
         );
+    };
+}
+
+/// Implementation detail of [`conformance_suite!`]: the operator's side of the records table
+/// (bounded purges, the background purger, stats, inspect), on every store. Each case keeps to
+/// a scope of its own, so that the cases of a binary running at once do not see each other's
+/// records.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __retention_cases {
+    (open = $open:expr) => {
+        use ::idem_runtime::clock::{Clock as _, ManualClock};
+        use ::idem_runtime::retention::{PurgeOptions, Purger, purge};
+        use ::idem_runtime::store::Records as _;
+        use ::idem_runtime::{Key, NoAck, Store as _};
+        use ::std::time::Duration;
+        use $crate::{Payment, unique_key};
+
+        const HOUR: Duration = Duration::from_secs(3600);
+
+        /// A scope no other case (or run) uses.
+        fn own_scope(label: &str) -> &'static str {
+            Box::leak(format!("conf.retention.{}", unique_key(label)).into_boxed_str())
+        }
+
+        async fn mark<S: ::idem_runtime::Store>(
+            store: &S,
+            scope: &'static str,
+            keys: ::std::ops::Range<u32>,
+            ttl: Option<Duration>,
+        ) {
+            let keys = keys
+                .map(|n| Key::new(scope, &[("order_id", &format!("k{n:03}"))]).expect("key"))
+                .collect::<Vec<_>>();
+            store
+                .mark_processed(keys, ttl)
+                .await
+                .expect("mark processed");
+        }
+
+        async fn scope_records<S: ::idem_runtime::store::Records>(
+            store: &S,
+            scope: &str,
+        ) -> (u64, u64) {
+            let stats = store.stats().await.expect("stats");
+            stats
+                .scopes
+                .iter()
+                .find(|line| line.scope == scope)
+                .map_or((0, 0), |line| (line.records, line.expired))
+        }
+
+        /// 25 expired records go in batches of ten (10, 10, 5), each batch its own statement;
+        /// the scope's records without a `ttl` stay.
+        #[tokio::test]
+        async fn a_purge_deletes_expired_records_in_bounded_batches() {
+            let clock = ManualClock::starting_now();
+            let store = $open.with_clock(clock.clone());
+            let scope = own_scope("batches");
+            mark(&store, scope, 0..25, Some(HOUR)).await;
+            mark(&store, scope, 100..103, None).await;
+            assert_eq!(scope_records(&store, scope).await, (28, 0));
+            clock.advance(HOUR);
+            assert_eq!(
+                scope_records(&store, scope).await,
+                (28, 25),
+                "expired at the ttl"
+            );
+            let mut batches = Vec::new();
+            let options = PurgeOptions::new().in_scope(scope).batch_size(10);
+            let done = purge(&store, &options, |progress| {
+                batches.push(progress.last_batch)
+            })
+            .await
+            .expect("purge");
+            assert_eq!(batches, [10, 10, 5]);
+            assert_eq!(done.deleted, 25);
+            assert_eq!(scope_records(&store, scope).await, (3, 0));
+            let key = |n: u32| Key::new(scope, &[("order_id", &format!("k{n:03}"))]).expect("key");
+            assert!(
+                store
+                    .inspect(scope, key(0).value())
+                    .await
+                    .expect("inspect")
+                    .is_none()
+            );
+            assert!(
+                store
+                    .inspect(scope, key(100).value())
+                    .await
+                    .expect("inspect")
+                    .is_some()
+            );
+        }
+
+        /// `older_than` walks the scope's records by key and deletes those created before the
+        /// cutoff, with or without a `ttl`; younger ones stay.
+        #[tokio::test]
+        async fn a_purge_by_age_deletes_old_records_kept_forever() {
+            let clock = ManualClock::starting_now();
+            let store = $open.with_clock(clock.clone());
+            let scope = own_scope("age");
+            mark(&store, scope, 0..9, None).await;
+            clock.advance(2 * HOUR);
+            mark(&store, scope, 50..53, None).await;
+            let options = PurgeOptions::new()
+                .in_scope(scope)
+                .older_than(HOUR)
+                .batch_size(4);
+            let mut batches = Vec::new();
+            let done = purge(&store, &options, |progress| {
+                batches.push(progress.last_batch)
+            })
+            .await
+            .expect("purge");
+            assert_eq!(done.deleted, 9);
+            // No expired record; then 4 + 4 + 1 old ones and the walk's empty end.
+            assert_eq!(batches, [0, 4, 4, 1, 0]);
+            assert_eq!(scope_records(&store, scope).await, (3, 0));
+        }
+
+        /// Stats count a scope's records, expired ones, oldest and newest; inspect shows one
+        /// record's fingerprint, stored result and times.
+        #[tokio::test]
+        async fn stats_and_inspect_show_what_the_handlers_recorded() {
+            let clock = ManualClock::starting_now();
+            let store = $open.with_clock(clock.clone());
+            let scope = own_scope("stats");
+            let start = clock.now_ms();
+            mark(&store, scope, 0..2, Some(HOUR)).await;
+            clock.advance(HOUR);
+            mark(&store, scope, 2..5, None).await;
+            let stats = store.stats().await.expect("stats");
+            let line = stats
+                .scopes
+                .iter()
+                .find(|line| line.scope == scope)
+                .expect("the scope's line");
+            assert_eq!((line.records, line.expired), (5, 2));
+            assert_eq!(
+                (line.oldest_created_at_ms, line.newest_created_at_ms),
+                (start, start + 3_600_000)
+            );
+            assert!(stats.records() >= 5 && stats.expired() >= 2);
+
+            let key = unique_key("inspect");
+            handlers::dedup_replay(&store, Payment::new(&key, 5), NoAck)
+                .await
+                .expect("replay");
+            handlers::dedup_fingerprint(&store, Payment::new(&key, 5), NoAck)
+                .await
+                .expect("fingerprint");
+            let replayed = store
+                .inspect("conf.dedup.replay", &key)
+                .await
+                .expect("inspect")
+                .expect("recorded");
+            assert_eq!(replayed.response.as_deref(), Some("5"));
+            assert_eq!(
+                (
+                    replayed.created_at_ms,
+                    replayed.expires_at_ms,
+                    replayed.expired
+                ),
+                (start + 3_600_000, None, false)
+            );
+            let fingerprinted = store
+                .inspect("conf.dedup.fingerprint", &key)
+                .await
+                .expect("inspect")
+                .expect("recorded");
+            let expected =
+                ::idem_runtime::fingerprint(&Payment::new(&key, 5)).expect("fingerprint");
+            assert_eq!(
+                fingerprinted.fingerprint.as_deref(),
+                Some(expected.as_str())
+            );
+            assert!(
+                store
+                    .inspect("conf.dedup.replay", "never-seen")
+                    .await
+                    .expect("inspect")
+                    .is_none()
+            );
+        }
+
+        /// The background purger purges at once, then at every interval of the store's clock,
+        /// and stops when asked.
+        #[tokio::test]
+        async fn the_purger_purges_in_the_background_until_stopped() {
+            let clock = ManualClock::starting_now();
+            let store = $open.with_clock(clock.clone());
+            let scope = own_scope("purger");
+            mark(&store, scope, 0..4, Some(HOUR)).await;
+            clock.advance(HOUR);
+            let purger = Purger::new(store.clone(), PurgeOptions::new().in_scope(scope))
+                .every(HOUR)
+                .spawn();
+            let mut report = purger.report();
+            report
+                .wait_for(|report| report.runs >= 1)
+                .await
+                .expect("first purge");
+            assert_eq!(scope_records(&store, scope).await, (0, 0));
+            mark(&store, scope, 10..13, Some(HOUR)).await;
+            clock.advance(2 * HOUR);
+            report
+                .wait_for(|report| report.deleted == 7)
+                .await
+                .expect("a purge at the next interval");
+            let last = purger.stop().await;
+            assert_eq!((last.deleted, last.failed_runs), (7, 0));
+            assert_eq!(scope_records(&store, scope).await, (0, 0));
+        }
     };
 }
 

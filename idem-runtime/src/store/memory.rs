@@ -18,8 +18,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::OwnedMutexGuard;
 
+use super::records::{AgedBatch, RecordDetails, RecordStats, Records, ScopeStats};
 use super::{Claim, CommitFailure, NewRecord, Store, StoredRecord, sealed};
-use crate::clock::{Clock, SharedClock};
+use crate::clock::{Clock, SharedClock, Sleep};
 use crate::key::Key;
 
 type RecordId = (String, String);
@@ -195,6 +196,99 @@ impl MemoryStore {
         let before = records.len();
         records.retain(|_, record| record.is_live(now));
         (before - records.len()) as u64
+    }
+}
+
+impl Records for MemoryStore {
+    async fn purge_expired_batch(
+        &self,
+        now_ms: i64,
+        scope: Option<&str>,
+        limit: u32,
+    ) -> Result<u64, sqlx::Error> {
+        let mut records = lock(&self.inner.records);
+        let doomed: Vec<RecordId> = records
+            .iter()
+            .filter(|((in_scope, _), record)| {
+                !record.is_live(now_ms) && scope.is_none_or(|scope| scope == in_scope)
+            })
+            .map(|(id, _)| id.clone())
+            .take(limit as usize)
+            .collect();
+        for id in &doomed {
+            records.remove(id);
+        }
+        Ok(doomed.len() as u64)
+    }
+
+    async fn purge_created_before_batch(
+        &self,
+        cutoff_ms: i64,
+        scope: Option<&str>,
+        after: (&str, &str),
+        limit: u32,
+    ) -> Result<AgedBatch, sqlx::Error> {
+        let mut records = lock(&self.inner.records);
+        let mut doomed: Vec<RecordId> = records
+            .iter()
+            .filter(|((in_scope, key), record)| {
+                record.stored.created_at_ms < cutoff_ms
+                    && scope.is_none_or(|scope| scope == in_scope)
+                    && (in_scope.as_str(), key.as_str()) > after
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        doomed.sort_unstable();
+        doomed.truncate(limit as usize);
+        for id in &doomed {
+            records.remove(id);
+        }
+        Ok(AgedBatch {
+            deleted: doomed.len() as u64,
+            last: doomed.pop(),
+        })
+    }
+
+    async fn stats(&self) -> Result<RecordStats, sqlx::Error> {
+        let now_ms = self.clock.now_ms();
+        let records = lock(&self.inner.records);
+        let mut scopes: std::collections::BTreeMap<&str, ScopeStats> = Default::default();
+        for ((scope, _), record) in records.iter() {
+            let created = record.stored.created_at_ms;
+            let entry = scopes
+                .entry(scope)
+                .or_insert_with(|| ScopeStats::from_row((scope.clone(), 0, 0, created, created)));
+            entry.records += 1;
+            entry.expired += u64::from(!record.is_live(now_ms));
+            entry.oldest_created_at_ms = entry.oldest_created_at_ms.min(created);
+            entry.newest_created_at_ms = entry.newest_created_at_ms.max(created);
+        }
+        Ok(RecordStats {
+            scopes: scopes.into_values().collect(),
+            table_bytes: None,
+            now_ms,
+        })
+    }
+
+    async fn inspect(&self, scope: &str, key: &str) -> Result<Option<RecordDetails>, sqlx::Error> {
+        let now_ms = self.clock.now_ms();
+        let records = lock(&self.inner.records);
+        Ok(records
+            .get(&(scope.to_owned(), key.to_owned()))
+            .map(|record| {
+                let stored = record.stored.clone();
+                let row = (
+                    stored.fingerprint,
+                    stored.response,
+                    stored.created_at_ms,
+                    record.expires_at_ms,
+                );
+                RecordDetails::from_row(scope, key, row, now_ms)
+            }))
+    }
+
+    fn sleep(&self, duration: std::time::Duration) -> Sleep<'_> {
+        self.clock.sleep(duration)
     }
 }
 

@@ -64,12 +64,14 @@ pub mod migrations;
 pub mod mysql;
 #[cfg(feature = "pg")]
 pub mod pg;
+pub mod records;
 #[cfg(feature = "redis")]
 pub mod redis;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 mod table;
 
+pub use records::{AgedBatch, RecordDetails, RecordStats, Records, ScopeStats};
 pub use table::{
     IdentifierPart, InvalidIdentifier, MAX_IDENTIFIER_BYTES, MAX_TABLE_NAME_BYTES, RecordsTable,
 };

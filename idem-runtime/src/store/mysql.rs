@@ -35,13 +35,14 @@ use sqlx::{SqlStr, Transaction};
 
 use std::sync::Arc;
 
+use super::records::{AgedBatch, RecordDetails, RecordStats, Records, ScopeStats};
 use super::table::Dialect;
 use super::{
     CLAIM_ATTEMPTS, Claim, CommitFailure, NewRecord, RecordRow, RecordsTable, Store, StoredRecord,
     TransitionStore, live_record, migrations, record_kept_vanishing, sealed,
 };
 use crate::classify::{MYSQL_DUPLICATE_ENTRY, is_savepoint_gone, mysql_duplicate_key_name};
-use crate::clock::{Clock, SharedClock};
+use crate::clock::{Clock, SharedClock, Sleep};
 use crate::key::Key;
 use crate::transition::{
     StateKey, Transition, TransitionOutcome, TransitionSql, transition_statements,
@@ -101,8 +102,35 @@ const TAKE_OVER_EXPIRED: &str = "UPDATE idem_records \
 const SAVE_RESPONSE: &str =
     "UPDATE idem_records SET response = ? WHERE scope = ? AND record_key = ?";
 const FORGET: &str = "DELETE FROM idem_records WHERE scope = ? AND record_key = ?";
-const PURGE_EXPIRED: &str =
-    "DELETE FROM idem_records WHERE expires_at_ms IS NOT NULL AND expires_at_ms <= ?";
+/// One batch of expired records, by the expiry index. Binds: now, the scope twice (`NULL`:
+/// every scope), the limit.
+const PURGE_EXPIRED_BATCH: &str = "DELETE FROM idem_records \
+    WHERE expires_at_ms IS NOT NULL AND expires_at_ms <= ? AND (? IS NULL OR scope = ?) LIMIT ?";
+// A purge by age walks the primary key: it reads the keys of one batch, then deletes that range
+// (MySQL deletes neither with `LIMIT` in a subquery nor with `RETURNING`). A record created
+// between the two statements is newer than the cutoff, so the range holds no other match.
+/// Binds: after scope, after scope, after key, cutoff, limit.
+const AGED_KEYS: &str = "SELECT scope, record_key FROM idem_records \
+    WHERE (scope > ? OR (scope = ? AND record_key > ?)) AND created_at_ms < ? \
+    ORDER BY scope, record_key LIMIT ?";
+/// Binds: after scope, after scope, after key, last scope, last scope, last key, cutoff.
+const DELETE_AGED_RANGE: &str = "DELETE FROM idem_records \
+    WHERE (scope > ? OR (scope = ? AND record_key > ?)) \
+    AND (scope < ? OR (scope = ? AND record_key <= ?)) AND created_at_ms < ?";
+/// Binds: scope, after key, cutoff, limit.
+const AGED_KEYS_IN_SCOPE: &str = "SELECT scope, record_key FROM idem_records \
+    WHERE scope = ? AND record_key > ? AND created_at_ms < ? ORDER BY record_key LIMIT ?";
+/// Binds: scope, after key, last key, cutoff.
+const DELETE_AGED_RANGE_IN_SCOPE: &str = "DELETE FROM idem_records \
+    WHERE scope = ? AND record_key > ? AND record_key <= ? AND created_at_ms < ?";
+/// Binds: now.
+const STATS: &str = "SELECT scope, COUNT(*), \
+    CAST(COALESCE(SUM(expires_at_ms IS NOT NULL AND expires_at_ms <= ?), 0) AS SIGNED), \
+    MIN(created_at_ms), MAX(created_at_ms) FROM idem_records GROUP BY scope ORDER BY scope";
+/// InnoDB's estimate of the table and its indexes. Binds: the schema (`NULL`: the current
+/// database), the table's name.
+const TABLE_BYTES: &str = "SELECT CAST(DATA_LENGTH + INDEX_LENGTH AS SIGNED) \
+    FROM information_schema.TABLES WHERE TABLE_SCHEMA = COALESCE(?, DATABASE()) AND TABLE_NAME = ?";
 
 /// The statements a store runs on its records table, built once, when the table is set.
 #[derive(Debug)]
@@ -116,7 +144,12 @@ struct RecordsSql {
     take_over_expired: SqlStr,
     save_response: SqlStr,
     forget: SqlStr,
-    purge_expired: SqlStr,
+    purge_expired_batch: SqlStr,
+    aged_keys: SqlStr,
+    delete_aged_range: SqlStr,
+    aged_keys_in_scope: SqlStr,
+    delete_aged_range_in_scope: SqlStr,
+    stats: SqlStr,
 }
 
 impl RecordsSql {
@@ -131,7 +164,12 @@ impl RecordsSql {
             take_over_expired: sql(TAKE_OVER_EXPIRED),
             save_response: sql(SAVE_RESPONSE),
             forget: sql(FORGET),
-            purge_expired: sql(PURGE_EXPIRED),
+            purge_expired_batch: sql(PURGE_EXPIRED_BATCH),
+            aged_keys: sql(AGED_KEYS),
+            delete_aged_range: sql(DELETE_AGED_RANGE),
+            aged_keys_in_scope: sql(AGED_KEYS_IN_SCOPE),
+            delete_aged_range_in_scope: sql(DELETE_AGED_RANGE_IN_SCOPE),
+            stats: sql(STATS),
             table,
         }
     }
@@ -226,13 +264,13 @@ impl MySqlStore {
         Ok(())
     }
 
-    /// Deletes records that expired before now; returns how many.
+    /// Deletes records that expired before now, in batches of
+    /// [`DEFAULT_BATCH_SIZE`](crate::retention::DEFAULT_BATCH_SIZE), each committed on its
+    /// own; returns how many. For a scope, an age, another batch size, or progress, see
+    /// [`retention::purge`](crate::retention::purge); to purge in the background,
+    /// [`Purger`](crate::retention::Purger).
     pub async fn purge_expired(&self) -> Result<u64, sqlx::Error> {
-        let done = sqlx::query(self.sql.purge_expired.clone())
-            .bind(self.clock.now_ms())
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected())
+        crate::retention::purge_expired(self).await
     }
 
     async fn read(
@@ -405,6 +443,109 @@ impl Store for MySqlStore {
     ) -> bool {
         error.kind() == sqlx::error::ErrorKind::UniqueViolation
             && mysql_duplicate_key_name(error.message()) == Some(constraint)
+    }
+}
+
+impl Records for MySqlStore {
+    async fn purge_expired_batch(
+        &self,
+        now_ms: i64,
+        scope: Option<&str>,
+        limit: u32,
+    ) -> Result<u64, sqlx::Error> {
+        let done = sqlx::query(self.sql.purge_expired_batch.clone())
+            .bind(now_ms)
+            .bind(scope)
+            .bind(scope)
+            .bind(limit)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn purge_created_before_batch(
+        &self,
+        cutoff_ms: i64,
+        scope: Option<&str>,
+        after: (&str, &str),
+        limit: u32,
+    ) -> Result<AgedBatch, sqlx::Error> {
+        let keys = match scope {
+            None => sqlx::query_as(self.sql.aged_keys.clone())
+                .bind(after.0)
+                .bind(after.0)
+                .bind(after.1),
+            Some(scope) => sqlx::query_as(self.sql.aged_keys_in_scope.clone())
+                .bind(scope)
+                .bind(after.1),
+        };
+        let keys: Vec<(String, String)> = keys
+            .bind(cutoff_ms)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        // In the server's order, which is the collation's.
+        let Some((last_scope, last_key)) = keys.into_iter().next_back() else {
+            return Ok(AgedBatch {
+                deleted: 0,
+                last: None,
+            });
+        };
+        let delete = match scope {
+            None => sqlx::query(self.sql.delete_aged_range.clone())
+                .bind(after.0)
+                .bind(after.0)
+                .bind(after.1)
+                .bind(&last_scope)
+                .bind(&last_scope)
+                .bind(&last_key),
+            Some(scope) => sqlx::query(self.sql.delete_aged_range_in_scope.clone())
+                .bind(scope)
+                .bind(after.1)
+                .bind(&last_key),
+        };
+        let done = delete.bind(cutoff_ms).execute(&self.pool).await?;
+        Ok(AgedBatch {
+            deleted: done.rows_affected(),
+            last: Some((last_scope, last_key)),
+        })
+    }
+
+    async fn stats(&self) -> Result<RecordStats, sqlx::Error> {
+        let now_ms = self.clock.now_ms();
+        let mut conn = self.pool.acquire().await?;
+        let scopes = sqlx::query_as(self.sql.stats.clone())
+            .bind(now_ms)
+            .fetch_all(&mut *conn)
+            .await?
+            .into_iter()
+            .map(ScopeStats::from_row)
+            .collect();
+        let table = &self.sql.table;
+        let bytes: Option<Option<i64>> = sqlx::query_scalar(TABLE_BYTES)
+            .bind(table.schema())
+            .bind(table.name())
+            .fetch_optional(&mut *conn)
+            .await?;
+        Ok(RecordStats {
+            scopes,
+            table_bytes: bytes.flatten().and_then(|bytes| u64::try_from(bytes).ok()),
+            now_ms,
+        })
+    }
+
+    async fn inspect(&self, scope: &str, key: &str) -> Result<Option<RecordDetails>, sqlx::Error> {
+        let now_ms = self.clock.now_ms();
+        let row = sqlx::query_as::<_, RecordRow>(self.sql.select.clone())
+            .bind(scope)
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|row| RecordDetails::from_row(scope, key, row, now_ms)))
+    }
+
+    fn sleep(&self, duration: std::time::Duration) -> Sleep<'_> {
+        self.clock.sleep(duration)
     }
 }
 

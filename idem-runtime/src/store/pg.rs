@@ -19,13 +19,14 @@ use std::sync::Arc;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{Postgres, SqlStr, Transaction};
 
+use super::records::{AgedBatch, RecordDetails, RecordStats, Records, ScopeStats};
 use super::table::Dialect;
 use super::{
     CLAIM_ATTEMPTS, Claim, CommitFailure, NewRecord, RecordRow, RecordsTable, Store, StoredRecord,
     TransitionStore, live_record, migrations, record_kept_vanishing, sealed,
 };
 use crate::classify::is_transaction_gone;
-use crate::clock::{Clock, SharedClock};
+use crate::clock::{Clock, SharedClock, Sleep};
 use crate::key::Key;
 use crate::transition::{
     StateKey, Transition, TransitionOutcome, TransitionSql, transition_statements,
@@ -72,8 +73,38 @@ const TAKE_OVER_EXPIRED: &str = "UPDATE idem_records \
 const SAVE_RESPONSE: &str =
     "UPDATE idem_records SET response = $3 WHERE scope = $1 AND record_key = $2";
 const FORGET: &str = "DELETE FROM idem_records WHERE scope = $1 AND record_key = $2";
-const PURGE_EXPIRED: &str =
-    "DELETE FROM idem_records WHERE expires_at_ms IS NOT NULL AND expires_at_ms <= $1";
+/// One batch of expired records, by the expiry index; rows a gate holds are skipped, not
+/// waited for. Binds: now, the scope (`NULL`: every scope), the limit.
+const PURGE_EXPIRED_BATCH: &str = "DELETE FROM idem_records WHERE (scope, record_key) IN (\
+    SELECT scope, record_key FROM idem_records \
+    WHERE expires_at_ms IS NOT NULL AND expires_at_ms <= $1 AND ($2::text IS NULL OR scope = $2) \
+    LIMIT $3 FOR UPDATE SKIP LOCKED)";
+/// One batch of records created before a cutoff, walking the primary key from a `(scope, key)`;
+/// returns the last key deleted and how many. Binds: after scope, after key, cutoff, limit.
+const PURGE_CREATED_BEFORE_BATCH: &str = "WITH gone AS (\
+    DELETE FROM idem_records WHERE (scope, record_key) IN (\
+    SELECT scope, record_key FROM idem_records \
+    WHERE (scope, record_key) > ($1, $2) AND created_at_ms < $3 \
+    ORDER BY scope, record_key LIMIT $4 FOR UPDATE SKIP LOCKED) \
+    RETURNING scope, record_key) \
+    SELECT scope, record_key, (SELECT count(*) FROM gone) FROM gone \
+    ORDER BY scope DESC, record_key DESC LIMIT 1";
+/// The same within one scope (so that the walk ends with the scope). Binds: scope, after key,
+/// cutoff, limit.
+const PURGE_CREATED_BEFORE_IN_SCOPE_BATCH: &str = "WITH gone AS (\
+    DELETE FROM idem_records WHERE (scope, record_key) IN (\
+    SELECT scope, record_key FROM idem_records \
+    WHERE scope = $1 AND record_key > $2 AND created_at_ms < $3 \
+    ORDER BY record_key LIMIT $4 FOR UPDATE SKIP LOCKED) \
+    RETURNING scope, record_key) \
+    SELECT scope, record_key, (SELECT count(*) FROM gone) FROM gone \
+    ORDER BY record_key DESC LIMIT 1";
+/// Binds: now.
+const STATS: &str = "SELECT scope, count(*), \
+    count(*) FILTER (WHERE expires_at_ms IS NOT NULL AND expires_at_ms <= $1), \
+    min(created_at_ms), max(created_at_ms) FROM idem_records GROUP BY scope ORDER BY scope";
+/// The table with its indexes and TOAST; binds: the table's quoted, qualified name.
+const TABLE_BYTES: &str = "SELECT pg_total_relation_size(to_regclass($1))";
 
 /// The statements a store runs on its records table, built once, when the table is set.
 #[derive(Debug)]
@@ -85,7 +116,12 @@ struct RecordsSql {
     take_over_expired: SqlStr,
     save_response: SqlStr,
     forget: SqlStr,
-    purge_expired: SqlStr,
+    purge_expired_batch: SqlStr,
+    purge_created_before_batch: SqlStr,
+    purge_created_before_in_scope_batch: SqlStr,
+    stats: SqlStr,
+    /// The table's name as `to_regclass` reads it: quoted and qualified.
+    regclass: String,
 }
 
 impl RecordsSql {
@@ -98,7 +134,11 @@ impl RecordsSql {
             take_over_expired: sql(TAKE_OVER_EXPIRED),
             save_response: sql(SAVE_RESPONSE),
             forget: sql(FORGET),
-            purge_expired: sql(PURGE_EXPIRED),
+            purge_expired_batch: sql(PURGE_EXPIRED_BATCH),
+            purge_created_before_batch: sql(PURGE_CREATED_BEFORE_BATCH),
+            purge_created_before_in_scope_batch: sql(PURGE_CREATED_BEFORE_IN_SCOPE_BATCH),
+            stats: sql(STATS),
+            regclass: table.rewrite_text("idem_records", Dialect::Postgres),
             table,
         }
     }
@@ -168,13 +208,13 @@ impl PgStore {
         tx.commit().await
     }
 
-    /// Deletes records that expired before now; returns how many.
+    /// Deletes records that expired before now, in batches of
+    /// [`DEFAULT_BATCH_SIZE`](crate::retention::DEFAULT_BATCH_SIZE), each committed on its
+    /// own; returns how many. For a scope, an age, another batch size, or progress, see
+    /// [`retention::purge`](crate::retention::purge); to purge in the background,
+    /// [`Purger`](crate::retention::Purger).
     pub async fn purge_expired(&self) -> Result<u64, sqlx::Error> {
-        let done = sqlx::query(self.sql.purge_expired.clone())
-            .bind(self.clock.now_ms())
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected())
+        crate::retention::purge_expired(self).await
     }
 
     async fn read(
@@ -327,6 +367,89 @@ impl Store for PgStore {
     ) -> bool {
         error.kind() == sqlx::error::ErrorKind::UniqueViolation
             && error.constraint() == Some(constraint)
+    }
+}
+
+impl Records for PgStore {
+    async fn purge_expired_batch(
+        &self,
+        now_ms: i64,
+        scope: Option<&str>,
+        limit: u32,
+    ) -> Result<u64, sqlx::Error> {
+        let done = sqlx::query(self.sql.purge_expired_batch.clone())
+            .bind(now_ms)
+            .bind(scope)
+            .bind(i64::from(limit))
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn purge_created_before_batch(
+        &self,
+        cutoff_ms: i64,
+        scope: Option<&str>,
+        after: (&str, &str),
+        limit: u32,
+    ) -> Result<AgedBatch, sqlx::Error> {
+        let query = match scope {
+            None => sqlx::query_as(self.sql.purge_created_before_batch.clone()).bind(after.0),
+            Some(scope) => {
+                sqlx::query_as(self.sql.purge_created_before_in_scope_batch.clone()).bind(scope)
+            }
+        };
+        let last: Option<(String, String, i64)> = query
+            .bind(after.1)
+            .bind(cutoff_ms)
+            .bind(i64::from(limit))
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match last {
+            Some((scope, key, deleted)) => AgedBatch {
+                deleted: u64::try_from(deleted).unwrap_or(0),
+                last: Some((scope, key)),
+            },
+            None => AgedBatch {
+                deleted: 0,
+                last: None,
+            },
+        })
+    }
+
+    async fn stats(&self) -> Result<RecordStats, sqlx::Error> {
+        let now_ms = self.clock.now_ms();
+        let mut conn = self.pool.acquire().await?;
+        let scopes = sqlx::query_as(self.sql.stats.clone())
+            .bind(now_ms)
+            .fetch_all(&mut *conn)
+            .await?
+            .into_iter()
+            .map(ScopeStats::from_row)
+            .collect();
+        let bytes: Option<i64> = sqlx::query_scalar(TABLE_BYTES)
+            .bind(&self.sql.regclass)
+            .fetch_one(&mut *conn)
+            .await?;
+        Ok(RecordStats {
+            scopes,
+            table_bytes: bytes.and_then(|bytes| u64::try_from(bytes).ok()),
+            now_ms,
+        })
+    }
+
+    async fn inspect(&self, scope: &str, key: &str) -> Result<Option<RecordDetails>, sqlx::Error> {
+        let now_ms = self.clock.now_ms();
+        let row = sqlx::query_as::<_, RecordRow>(self.sql.select.clone())
+            .bind(scope)
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|row| RecordDetails::from_row(scope, key, row, now_ms)))
+    }
+
+    fn sleep(&self, duration: std::time::Duration) -> Sleep<'_> {
+        self.clock.sleep(duration)
     }
 }
 

@@ -30,13 +30,14 @@ use sqlx::sqlite::{
 };
 use sqlx::{SqlStr, Sqlite, Transaction};
 
+use super::records::{AgedBatch, RecordDetails, RecordStats, Records, ScopeStats};
 use super::table::Dialect;
 use super::{
     Claim, CommitFailure, NewRecord, RecordRow, RecordsTable, Store, StoredRecord, TransitionStore,
     live_record, migrations, sealed,
 };
 use crate::classify::{is_savepoint_gone, sqlite_unique_detail_matches};
-use crate::clock::{Clock, SharedClock};
+use crate::clock::{Clock, SharedClock, Sleep};
 use crate::key::Key;
 use crate::transition::{
     StateKey, Transition, TransitionOutcome, TransitionSql, transition_statements,
@@ -95,8 +96,31 @@ const TAKE_OVER_EXPIRED: &str = "UPDATE idem_records \
 const SAVE_RESPONSE: &str =
     "UPDATE idem_records SET response = ?3 WHERE scope = ?1 AND record_key = ?2";
 const FORGET: &str = "DELETE FROM idem_records WHERE scope = ?1 AND record_key = ?2";
-const PURGE_EXPIRED: &str =
-    "DELETE FROM idem_records WHERE expires_at_ms IS NOT NULL AND expires_at_ms <= ?1";
+/// One batch of expired records, by the expiry index. Binds: now, the scope (`NULL`: every
+/// scope), the limit.
+const PURGE_EXPIRED_BATCH: &str = "DELETE FROM idem_records WHERE (scope, record_key) IN (\
+    SELECT scope, record_key FROM idem_records \
+    WHERE expires_at_ms IS NOT NULL AND expires_at_ms <= ?1 AND (?2 IS NULL OR scope = ?2) \
+    LIMIT ?3)";
+/// One batch of records created before a cutoff, walking the primary key from a `(scope, key)`.
+/// Binds: after scope, after key, cutoff, limit.
+const PURGE_CREATED_BEFORE_BATCH: &str = "DELETE FROM idem_records WHERE (scope, record_key) IN (\
+    SELECT scope, record_key FROM idem_records \
+    WHERE (scope, record_key) > (?1, ?2) AND created_at_ms < ?3 \
+    ORDER BY scope, record_key LIMIT ?4) RETURNING scope, record_key";
+/// The same within one scope. Binds: scope, after key, cutoff, limit.
+const PURGE_CREATED_BEFORE_IN_SCOPE_BATCH: &str = "DELETE FROM idem_records \
+    WHERE (scope, record_key) IN (\
+    SELECT scope, record_key FROM idem_records \
+    WHERE scope = ?1 AND record_key > ?2 AND created_at_ms < ?3 \
+    ORDER BY record_key LIMIT ?4) RETURNING scope, record_key";
+/// Binds: now.
+const STATS: &str = "SELECT scope, count(*), \
+    count(CASE WHEN expires_at_ms IS NOT NULL AND expires_at_ms <= ?1 THEN 1 END), \
+    min(created_at_ms), max(created_at_ms) FROM idem_records GROUP BY scope ORDER BY scope";
+/// The table and its expiry index, from the `dbstat` virtual table (when compiled in). Binds:
+/// the schema (`main` unless attached), the table's name, the index's name.
+const TABLE_BYTES: &str = "SELECT sum(pgsize) FROM dbstat(?1) WHERE name IN (?2, ?3)";
 
 /// The statements a store runs on its records table, built once, when the table is set.
 #[derive(Debug)]
@@ -108,7 +132,10 @@ struct RecordsSql {
     take_over_expired: SqlStr,
     save_response: SqlStr,
     forget: SqlStr,
-    purge_expired: SqlStr,
+    purge_expired_batch: SqlStr,
+    purge_created_before_batch: SqlStr,
+    purge_created_before_in_scope_batch: SqlStr,
+    stats: SqlStr,
 }
 
 impl RecordsSql {
@@ -121,7 +148,10 @@ impl RecordsSql {
             take_over_expired: sql(TAKE_OVER_EXPIRED),
             save_response: sql(SAVE_RESPONSE),
             forget: sql(FORGET),
-            purge_expired: sql(PURGE_EXPIRED),
+            purge_expired_batch: sql(PURGE_EXPIRED_BATCH),
+            purge_created_before_batch: sql(PURGE_CREATED_BEFORE_BATCH),
+            purge_created_before_in_scope_batch: sql(PURGE_CREATED_BEFORE_IN_SCOPE_BATCH),
+            stats: sql(STATS),
             table,
         }
     }
@@ -230,13 +260,13 @@ impl SqliteStore {
         tx.commit().await
     }
 
-    /// Deletes records that expired before now; returns how many.
+    /// Deletes records that expired before now, in batches of
+    /// [`DEFAULT_BATCH_SIZE`](crate::retention::DEFAULT_BATCH_SIZE), each committed on its
+    /// own; returns how many. For a scope, an age, another batch size, or progress, see
+    /// [`retention::purge`](crate::retention::purge); to purge in the background,
+    /// [`Purger`](crate::retention::Purger).
     pub async fn purge_expired(&self) -> Result<u64, sqlx::Error> {
-        let done = sqlx::query(self.sql.purge_expired.clone())
-            .bind(self.clock.now_ms())
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected())
+        crate::retention::purge_expired(self).await
     }
 
     async fn read(
@@ -392,6 +422,89 @@ impl Store for SqliteStore {
     ) -> bool {
         error.kind() == sqlx::error::ErrorKind::UniqueViolation
             && sqlite_unique_detail_matches(error.message(), constraint)
+    }
+}
+
+impl Records for SqliteStore {
+    async fn purge_expired_batch(
+        &self,
+        now_ms: i64,
+        scope: Option<&str>,
+        limit: u32,
+    ) -> Result<u64, sqlx::Error> {
+        let done = sqlx::query(self.sql.purge_expired_batch.clone())
+            .bind(now_ms)
+            .bind(scope)
+            .bind(i64::from(limit))
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn purge_created_before_batch(
+        &self,
+        cutoff_ms: i64,
+        scope: Option<&str>,
+        after: (&str, &str),
+        limit: u32,
+    ) -> Result<AgedBatch, sqlx::Error> {
+        let query = match scope {
+            None => sqlx::query_as(self.sql.purge_created_before_batch.clone()).bind(after.0),
+            Some(scope) => {
+                sqlx::query_as(self.sql.purge_created_before_in_scope_batch.clone()).bind(scope)
+            }
+        };
+        let gone: Vec<(String, String)> = query
+            .bind(after.1)
+            .bind(cutoff_ms)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        // SQLite compares text byte by byte (BINARY), as Rust's `Ord` on `String` does.
+        Ok(AgedBatch {
+            deleted: gone.len() as u64,
+            last: gone.into_iter().max(),
+        })
+    }
+
+    async fn stats(&self) -> Result<RecordStats, sqlx::Error> {
+        let now_ms = self.clock.now_ms();
+        let mut conn = self.pool.acquire().await?;
+        let scopes = sqlx::query_as(self.sql.stats.clone())
+            .bind(now_ms)
+            .fetch_all(&mut *conn)
+            .await?
+            .into_iter()
+            .map(ScopeStats::from_row)
+            .collect();
+        let table = &self.sql.table;
+        // Without `dbstat` compiled in, the size is unknown, not an error.
+        let bytes: Option<i64> = sqlx::query_scalar(TABLE_BYTES)
+            .bind(table.schema().unwrap_or("main"))
+            .bind(table.name())
+            .bind(table.expiry_index_name())
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap_or(None);
+        Ok(RecordStats {
+            scopes,
+            table_bytes: bytes.and_then(|bytes| u64::try_from(bytes).ok()),
+            now_ms,
+        })
+    }
+
+    async fn inspect(&self, scope: &str, key: &str) -> Result<Option<RecordDetails>, sqlx::Error> {
+        let now_ms = self.clock.now_ms();
+        let row = sqlx::query_as::<_, RecordRow>(self.sql.select.clone())
+            .bind(scope)
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|row| RecordDetails::from_row(scope, key, row, now_ms)))
+    }
+
+    fn sleep(&self, duration: Duration) -> Sleep<'_> {
+        self.clock.sleep(duration)
     }
 }
 

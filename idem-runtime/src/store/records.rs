@@ -1,0 +1,193 @@
+//! The records table as an operator sees it: how many records each scope holds, what one record
+//! says, and deleting them in bounded batches.
+//!
+//! Every store that keeps records implements [`Records`]; [`crate::retention`] builds the
+//! purge loop and the background purger on it, and the `idem` command-line tool its `stats`,
+//! `inspect` and `purge` commands.
+
+use std::future::Future;
+use std::time::Duration;
+
+use super::Store;
+use crate::clock::Sleep;
+
+/// How many records each scope holds, and how large the table is.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct RecordStats {
+    /// One entry per scope that has records, ordered by scope.
+    pub scopes: Vec<ScopeStats>,
+    /// The table's size on disk with its indexes, in bytes, where the store can tell
+    /// (PostgreSQL exactly; MySQL and MariaDB InnoDB's estimate; SQLite when its `dbstat` table
+    /// is compiled in).
+    pub table_bytes: Option<u64>,
+    /// The time the expired counts were taken at, Unix milliseconds, by the store's clock.
+    pub now_ms: i64,
+}
+
+impl RecordStats {
+    /// Records in every scope.
+    pub fn records(&self) -> u64 {
+        self.scopes.iter().map(|scope| scope.records).sum()
+    }
+
+    /// Expired records in every scope: what a purge deletes.
+    pub fn expired(&self) -> u64 {
+        self.scopes.iter().map(|scope| scope.expired).sum()
+    }
+}
+
+/// The records of one scope.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct ScopeStats {
+    /// The handler's scope ([`Key::scope`](crate::Key::scope)).
+    pub scope: String,
+    /// Records, live and expired.
+    pub records: u64,
+    /// Records whose expiry has passed: they no longer make a delivery a duplicate, and a
+    /// purge deletes them.
+    pub expired: u64,
+    /// The oldest record's `created_at_ms`.
+    pub oldest_created_at_ms: i64,
+    /// The newest record's `created_at_ms`.
+    pub newest_created_at_ms: i64,
+}
+
+impl ScopeStats {
+    /// A scope's line of [`RecordStats`], as the stores read it.
+    pub(crate) fn from_row(row: (String, i64, i64, i64, i64)) -> Self {
+        let (scope, records, expired, oldest_created_at_ms, newest_created_at_ms) = row;
+        Self {
+            scope,
+            records: u64::try_from(records).unwrap_or(0),
+            expired: u64::try_from(expired).unwrap_or(0),
+            oldest_created_at_ms,
+            newest_created_at_ms,
+        }
+    }
+}
+
+/// One record, as [`Records::inspect`] reads it: whether a message was processed, when, and
+/// what its duplicates are told.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct RecordDetails {
+    /// The handler's scope.
+    pub scope: String,
+    /// The encoded key ([`Key::value`](crate::Key::value)).
+    pub key: String,
+    /// SHA-256 of the first delivery's payload, hex, when the handler has `fingerprint`.
+    pub fingerprint: Option<String>,
+    /// The first delivery's result, JSON, replayed to duplicates, when the handler has
+    /// `replay`.
+    pub response: Option<String>,
+    /// When the record was written, Unix milliseconds.
+    pub created_at_ms: i64,
+    /// When it stops counting, Unix milliseconds; `None`: never.
+    pub expires_at_ms: Option<i64>,
+    /// Whether it had expired when read (by the store's clock): an expired record no longer
+    /// makes a delivery a duplicate.
+    pub expired: bool,
+}
+
+impl RecordDetails {
+    /// A record as the stores read it, judged at `now_ms`.
+    pub(crate) fn from_row(scope: &str, key: &str, row: super::RecordRow, now_ms: i64) -> Self {
+        let (fingerprint, response, created_at_ms, expires_at_ms) = row;
+        Self {
+            scope: scope.to_owned(),
+            key: key.to_owned(),
+            fingerprint,
+            response,
+            created_at_ms,
+            expires_at_ms,
+            expired: expires_at_ms.is_some_and(|expires| expires <= now_ms),
+        }
+    }
+}
+
+/// What one batch of a purge by age deleted, and where the walk through the table stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgedBatch {
+    /// Records this batch deleted.
+    pub deleted: u64,
+    /// The greatest `(scope, key)` this batch looked at: the next batch starts after it.
+    /// `None` when the batch found nothing more to delete.
+    pub last: Option<(String, String)>,
+}
+
+/// A store's records as an operator sees them: statistics, one record, and deleting them in
+/// bounded batches. Implemented by every [`Store`]; sealed like it. The purge loop and the
+/// background purger ([`crate::retention`]) are written against this trait.
+///
+/// Each batch is one statement in a transaction of its own, committed before the next: a purge
+/// of millions of records never holds a long lock or grows one huge transaction. On
+/// PostgreSQL, a batch skips rows a gate holds locked (`FOR UPDATE SKIP LOCKED`) instead of
+/// waiting for them.
+pub trait Records: Store {
+    /// Deletes at most `limit` records whose expiry is at or before `now_ms`, in `scope` when
+    /// given; returns how many. Uses the expiry index.
+    fn purge_expired_batch(
+        &self,
+        now_ms: i64,
+        scope: Option<&str>,
+        limit: u32,
+    ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send;
+
+    /// Deletes at most `limit` records created before `cutoff_ms` (whatever their expiry),
+    /// in `scope` when given, among those after `after` in `(scope, key)` order: a walk along
+    /// the primary key, so that a purge by age needs no index on `created_at_ms` and each
+    /// batch starts where the last one ended.
+    fn purge_created_before_batch(
+        &self,
+        cutoff_ms: i64,
+        scope: Option<&str>,
+        after: (&str, &str),
+        limit: u32,
+    ) -> impl Future<Output = Result<AgedBatch, sqlx::Error>> + Send;
+
+    /// Records per scope, expired records (at the store clock's now), oldest and newest, and
+    /// the table's size where the store can tell. Reads the whole table: on a large one, this
+    /// takes as long as a full scan.
+    fn stats(&self) -> impl Future<Output = Result<RecordStats, sqlx::Error>> + Send;
+
+    /// The record of `key` in `scope` (both as the handler's logs show them), live or expired;
+    /// `None` when there is none.
+    fn inspect(
+        &self,
+        scope: &str,
+        key: &str,
+    ) -> impl Future<Output = Result<Option<RecordDetails>, sqlx::Error>> + Send;
+
+    /// Waits `duration` on the store's [`Clock`](crate::clock::Clock): the background
+    /// purger's interval, which a test moves with a
+    /// [`ManualClock`](crate::clock::ManualClock).
+    fn sleep(&self, duration: Duration) -> Sleep<'_>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_is_expired_from_its_expiry_on() {
+        let row = |expires| (None, None, 10, expires);
+        assert!(!RecordDetails::from_row("s", "k", row(None), i64::MAX).expired);
+        assert!(!RecordDetails::from_row("s", "k", row(Some(100)), 99).expired);
+        assert!(RecordDetails::from_row("s", "k", row(Some(100)), 100).expired);
+    }
+
+    #[test]
+    fn totals_add_up_the_scopes() {
+        let stats = RecordStats {
+            scopes: vec![
+                ScopeStats::from_row(("a".into(), 3, 1, 1, 2)),
+                ScopeStats::from_row(("b".into(), 4, 2, 1, 2)),
+            ],
+            table_bytes: None,
+            now_ms: 0,
+        };
+        assert_eq!((stats.records(), stats.expired()), (7, 3));
+    }
+}
