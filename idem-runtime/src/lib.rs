@@ -53,6 +53,9 @@
 //! - `failpoints`: named [`fail`](https://docs.rs/fail) failpoints in the pipeline (after the
 //!   gate, after the body, before the commit, after the commit, after the ack), for chaos
 //!   tests; see `failpoints`. Never enable it in production builds.
+//! - `metrics`: handlings counted by scope, strategy, store and outcome, their duration, and the
+//!   attempt at which messages succeed, through the [`metrics`](https://docs.rs/metrics) facade
+//!   for any exporter; see `metrics`.
 //!
 //! The [`MemoryStore`], for unit tests, is always available.
 
@@ -69,7 +72,8 @@ macro_rules! failpoint {
 // The module graph runs one way. At the bottom, `classify`, `clock`, `key`, `outcome`,
 // `payload`, `retry`, `transition` and `unwind` use nothing of ours but each other's leaves;
 // `error` uses `classify` and `key`; `store` uses those; `strategy` uses `store`; `ack` uses
-// `error` and `retry`; `pipeline` uses all of them and is used by none.
+// `error` and `retry`; `metrics` uses `ack` and `outcome`; `pipeline` uses all of them and is
+// used by none.
 pub mod ack;
 pub mod broker;
 pub mod classify;
@@ -81,6 +85,9 @@ pub mod failpoints;
 pub mod guide;
 pub mod handler;
 pub mod key;
+#[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+pub mod metrics;
 pub mod outcome;
 pub mod payload;
 pub mod pipeline;

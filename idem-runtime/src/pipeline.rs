@@ -281,7 +281,7 @@ type Attempt<T, E> = Result<(Outcome<T>, Committed), Error<E>>;
 #[must_use = "an open gate holds a transaction: finish it"]
 pub struct OpenGate<'s, S: Store, G, C, A, E> {
     store: &'s S,
-    spec: &'static HandlerSpec,
+    handling: Handling,
     entered: Entered<G, C>,
     ack: A,
     errors: HandlerErrors<E>,
@@ -318,41 +318,121 @@ where
     C: ResultCodec<T>,
     A: Acknowledger,
 {
-    let span = handle_span(spec, G::NAME, S::NAME, &ack);
+    let handling = Handling::start(spec, G::NAME, S::NAME);
+    let span = handling.span(&ack);
     let opened = enter(store, spec, prepared, codec)
         .instrument(span.clone())
         .await;
     match opened {
         Ok((entered, tx)) => Ok(OpenGate {
             store,
-            spec,
+            handling,
             entered,
             ack,
             errors,
             tx,
             span,
         }),
-        Err(attempt) => Err(conclude(ack, spec, errors, attempt).instrument(span).await),
+        Err(attempt) => Err(conclude(ack, handling, errors, attempt)
+            .instrument(span)
+            .await),
     }
 }
 
-/// The span of one delivery's handling, `idem.handle`; `key` and `outcome` are recorded as
-/// they become known.
-fn handle_span(
-    spec: &HandlerSpec,
+/// One handling of a delivery, from its start to its settlement: the handler, the strategy and
+/// the store it is labelled with (in its span and its metrics), and when it started.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Handling {
+    spec: &'static HandlerSpec,
     strategy: &'static str,
     store: &'static str,
-    ack: &impl Acknowledger,
-) -> tracing::Span {
-    tracing::info_span!(
-        "idem.handle",
-        scope = spec.scope(),
-        key = tracing::field::Empty,
-        strategy,
-        store,
-        attempt = ack.attempt().unwrap_or(1).max(1),
-        outcome = tracing::field::Empty,
-    )
+    #[cfg(feature = "metrics")]
+    started: std::time::Instant,
+}
+
+impl Handling {
+    /// A handling by the handler of `spec`, with `strategy` on `store`, starting now.
+    pub(crate) fn start(
+        spec: &'static HandlerSpec,
+        strategy: &'static str,
+        store: &'static str,
+    ) -> Self {
+        Self {
+            spec,
+            strategy,
+            store,
+            #[cfg(feature = "metrics")]
+            started: std::time::Instant::now(),
+        }
+    }
+
+    /// The handler's spec.
+    pub(crate) fn spec(&self) -> &'static HandlerSpec {
+        self.spec
+    }
+
+    /// The span of one delivery's handling, `idem.handle`; `key` and `outcome` are recorded as
+    /// they become known.
+    pub(crate) fn span(&self, ack: &impl Acknowledger) -> tracing::Span {
+        tracing::info_span!(
+            "idem.handle",
+            scope = self.spec.scope(),
+            key = tracing::field::Empty,
+            strategy = self.strategy,
+            store = self.store,
+            attempt = ack.attempt().unwrap_or(1).max(1),
+            outcome = tracing::field::Empty,
+        )
+    }
+
+    /// The delivery was acked with `outcome`, at delivery number `attempt`.
+    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+    fn acked<T>(&self, outcome: &Outcome<T>, attempt: u32) {
+        #[cfg(feature = "metrics")]
+        crate::metrics::record(
+            self.labels(),
+            crate::metrics::acked(outcome),
+            self.started.elapsed(),
+            outcome.is_processed().then_some(attempt),
+        );
+    }
+
+    /// The delivery failed, and was settled as `settlement` says.
+    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+    fn failed(&self, settlement: &Settlement) {
+        #[cfg(feature = "metrics")]
+        crate::metrics::record(
+            self.labels(),
+            crate::metrics::settled(settlement),
+            self.started.elapsed(),
+            None,
+        );
+    }
+
+    /// A call in the caller's transaction ended, with no broker to tell: its outcome, or
+    /// `failed`; no attempt number.
+    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+    fn ended_in_transaction<T, E>(&self, attempt: &Attempt<T, E>) {
+        #[cfg(feature = "metrics")]
+        crate::metrics::record(
+            self.labels(),
+            match attempt {
+                Ok((outcome, _)) => crate::metrics::acked(outcome),
+                Err(_) => crate::metrics::OUTCOME_FAILED,
+            },
+            self.started.elapsed(),
+            None,
+        );
+    }
+
+    #[cfg(feature = "metrics")]
+    fn labels(&self) -> crate::metrics::Labels {
+        crate::metrics::Labels {
+            scope: self.spec.scope(),
+            strategy: self.strategy,
+            store: self.store,
+        }
+    }
 }
 
 /// What `enter` hands to the gate.
@@ -534,7 +614,7 @@ where
     {
         let Self {
             store,
-            spec,
+            handling,
             entered,
             ack,
             errors,
@@ -543,8 +623,8 @@ where
         } = self;
         async move {
             let attempt = complete(store, &entered, errors, tx, result).await;
-            count_observed(spec, &attempt);
-            conclude(ack, spec, errors, attempt).await
+            count_observed(handling.spec(), &attempt);
+            conclude(ack, handling, errors, attempt).await
         }
         .instrument(span)
         .await
@@ -558,7 +638,7 @@ where
 #[must_use = "a gate holds a savepoint in your transaction: finish it"]
 pub struct CallerGate<'s, 't, S: Store, G, C, E> {
     store: &'s S,
-    spec: &'static HandlerSpec,
+    handling: Handling,
     savepoint: String,
     entered: Entered<G, C>,
     errors: HandlerErrors<E>,
@@ -592,6 +672,7 @@ where
     G: Strategy<S>,
     C: ResultCodec<T>,
 {
+    let handling = Handling::start(spec, G::NAME, S::NAME);
     let span = tracing::info_span!(
         "idem.handle_in_transaction",
         scope = spec.scope(),
@@ -629,14 +710,14 @@ where
     match opened {
         Ok(entered) => Ok(CallerGate {
             store,
-            spec,
+            handling,
             savepoint,
             entered,
             errors,
             tx,
             span,
         }),
-        Err(attempt) => Err(record_outcome(&span, attempt)),
+        Err(attempt) => Err(record_outcome(&span, handling, attempt)),
     }
 }
 
@@ -659,7 +740,7 @@ where
     {
         let Self {
             store,
-            spec,
+            handling,
             savepoint,
             entered,
             errors,
@@ -669,13 +750,18 @@ where
         let attempt = complete_in(store, &entered, errors, tx, &savepoint, result)
             .instrument(span.clone())
             .await;
-        count_observed(spec, &attempt);
-        record_outcome(&span, attempt)
+        count_observed(handling.spec(), &attempt);
+        record_outcome(&span, handling, attempt)
     }
 }
 
-/// Records the outcome on the span; no broker to tell.
-fn record_outcome<T, E>(span: &tracing::Span, attempt: Attempt<T, E>) -> Settled<T, E> {
+/// Records the outcome on the span and in the metrics; no broker to tell.
+fn record_outcome<T, E>(
+    span: &tracing::Span,
+    handling: Handling,
+    attempt: Attempt<T, E>,
+) -> Settled<T, E> {
+    handling.ended_in_transaction(&attempt);
     match attempt {
         Ok((outcome, _proof)) => {
             span.record("outcome", outcome.as_str());
@@ -975,14 +1061,17 @@ fn commit_failure<E>(failure: CommitFailure, delivery: &Delivery<'_>) -> Error<E
 /// Records the outcome on the span, then tells the broker: ack a committed outcome, requeue a
 /// retryable failure with a delay until the policy's last attempt, dead-letter the rest. A
 /// failure to tell it is logged, not returned: after a commit, the redelivery it causes is a
-/// duplicate; after a failure, the broker redelivers anyway.
+/// duplicate; after a failure, the broker redelivers anyway. Every delivery settles here, so
+/// this is where the handling's metrics are recorded, once it is settled.
 async fn conclude<T, E, A: Acknowledger>(
     ack: A,
-    spec: &HandlerSpec,
+    handling: Handling,
     errors: HandlerErrors<E>,
     attempt: Attempt<T, E>,
 ) -> Settled<T, E> {
     let span = tracing::Span::current();
+    let spec = handling.spec();
+    let number = ack.attempt().unwrap_or(1).max(1);
     match attempt {
         Ok((outcome, proof)) => {
             span.record("outcome", outcome.as_str());
@@ -993,12 +1082,12 @@ async fn conclude<T, E, A: Acknowledger>(
                     "ack failed after commit; the broker will redeliver and the gate will report a duplicate"
                 );
             }
+            handling.acked(&outcome, number);
             failpoint!(crate::failpoints::AFTER_ACK);
             Ok(outcome)
         }
         Err(error) => {
             span.record("outcome", error.kind_str());
-            let number = ack.attempt().unwrap_or(1).max(1);
             // The handler error's own `disposition` and `Display` are user code too.
             let disposition =
                 catch_sync(|| errors.disposition(&error)).unwrap_or(crate::Disposition::Retry);
@@ -1021,8 +1110,8 @@ async fn conclude<T, E, A: Acknowledger>(
                     Settlement::of_failure(disposition, number, &policy, &text, fastrand::f64())
                 }
             };
-            let told = match settlement {
-                Settlement::Requeue {
+            let told = match &settlement {
+                &Settlement::Requeue {
                     attempt,
                     delay,
                     reason,
@@ -1044,8 +1133,8 @@ async fn conclude<T, E, A: Acknowledger>(
                 Settlement::DeadLetter { attempt, reason } => {
                     tracing::error!(error = %reason, attempt, "handling failed for good; dead-lettering");
                     ack.dead_letter(DeadLetter {
-                        reason: &reason,
-                        attempt,
+                        reason,
+                        attempt: *attempt,
                     })
                     .await
                 }
@@ -1053,6 +1142,7 @@ async fn conclude<T, E, A: Acknowledger>(
             if let Err(ack_error) = told {
                 tracing::warn!(error = %ack_error, "could not settle the failed delivery with the broker");
             }
+            handling.failed(&settlement);
             Err(error)
         }
     }

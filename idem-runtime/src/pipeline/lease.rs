@@ -21,8 +21,8 @@ use futures_util::future::{Either, select};
 use tracing::Instrument as _;
 
 use super::{
-    Attempt, Entered, HandlerSpec, PanicPayload, Prepared, Settled, accept_duplicate, conclude,
-    handle_span, prepare,
+    Attempt, Entered, HandlerSpec, Handling, PanicPayload, Prepared, Settled, accept_duplicate,
+    conclude, prepare,
 };
 use crate::ack::{Acknowledger, Committed};
 use crate::error::{Error, HandlerErrors};
@@ -37,7 +37,7 @@ use crate::unwind::{catch_sync, panic_message};
 #[must_use = "a lease gate holds the key's lease: finish it"]
 pub struct LeaseGate<'s, G, C, A, E> {
     store: &'s RedisStore,
-    spec: &'static HandlerSpec,
+    handling: Handling,
     entered: Entered<G, C>,
     held: Held,
     ack: A,
@@ -77,21 +77,24 @@ where
     C: ResultCodec<T>,
     A: Acknowledger,
 {
-    let span = handle_span(spec, G::NAME, "redis", &ack);
+    let handling = Handling::start(spec, G::NAME, "redis");
+    let span = handling.span(&ack);
     let claimed = claim(store, spec, prepared, codec)
         .instrument(span.clone())
         .await;
     match claimed {
         Ok((entered, held)) => Ok(LeaseGate {
             store,
-            spec,
+            handling,
             entered,
             held,
             ack,
             errors,
             span,
         }),
-        Err(attempt) => Err(conclude(ack, spec, errors, attempt).instrument(span).await),
+        Err(attempt) => Err(conclude(ack, handling, errors, attempt)
+            .instrument(span)
+            .await),
     }
 }
 
@@ -233,7 +236,7 @@ where
     {
         let Self {
             store,
-            spec,
+            handling,
             entered,
             held,
             ack,
@@ -241,8 +244,8 @@ where
             span,
         } = self;
         async move {
-            let attempt = complete(store, spec, &entered, &held, result).await;
-            conclude(ack, spec, errors, attempt).await
+            let attempt = complete(store, handling.spec(), &entered, &held, result).await;
+            conclude(ack, handling, errors, attempt).await
         }
         .instrument(span)
         .await
