@@ -69,6 +69,11 @@ const SCENARIOS: &[(&str, &str, ScenarioFn)] = &[
         |c| Box::pin(pg_growth(c)),
     ),
     (
+        "pg-purge",
+        "the dedup_table gate while purge_expired deletes 5,000,000 expired records vs without a purge",
+        |c| Box::pin(purge::pg_purge(c)),
+    ),
+    (
         "sqlite-dedup-table",
         "dedup_table vs the same insert without a gate, SQLite file",
         |c| Box::pin(sqlite_dedup_table(c)),
@@ -107,6 +112,8 @@ const SCENARIOS: &[(&str, &str, ScenarioFn)] = &[
 
 #[path = "bench/brokers.rs"]
 mod brokers;
+#[path = "bench/purge.rs"]
+mod purge;
 #[path = "bench/redis.rs"]
 mod redis_lock;
 

@@ -32,6 +32,98 @@ async fn the_shipped_migration_makes_a_table_the_store_accepts() {
     idem_tests::pg::drop_schema(&schema).await;
 }
 
+/// The hash-partitioned records table the README offers for large volumes
+/// (`idem-runtime/sql/postgres_hash_partitioned.sql`) is one the store uses as it is: claims,
+/// duplicates, take-overs, replay, purge and forget; `migrate()` leaves it alone; a bounded
+/// purge and a purge by age go through every partition; and a time-partitioned table, whose
+/// primary key would have to include the time, is refused by the gate instead of letting
+/// redeliveries through.
+#[tokio::test]
+async fn a_hash_partitioned_records_table_works_as_it_is() {
+    use idem_runtime::clock::ManualClock;
+    use idem_runtime::retention::{PurgeOptions, purge};
+    use idem_runtime::{Key, Store as _};
+    let (store, schema) = idem_tests::pg::fresh_schema().await;
+    sqlx::raw_sql(include_str!(
+        "../idem-runtime/sql/postgres_hash_partitioned.sql"
+    ))
+    .execute(store.pool())
+    .await
+    .expect("create the partitioned table");
+    store
+        .migrate()
+        .await
+        .expect("migrate finds the table and changes nothing");
+    idem_tests::exercise_records_table!(store.clone());
+
+    let clock = ManualClock::starting_now();
+    let timed = store.clone().with_clock(clock.clone());
+    let keys = |scope: &'static str, n: u32| {
+        (0..n)
+            .map(|i| Key::new(scope, &[("order_id", &format!("k{i}"))]).expect("key"))
+            .collect::<Vec<_>>()
+    };
+    timed
+        .mark_processed(
+            keys("part.expiring", 40),
+            Some(std::time::Duration::from_secs(60)),
+        )
+        .await
+        .expect("mark");
+    timed
+        .mark_processed(keys("part.kept", 30), None)
+        .await
+        .expect("mark");
+    let partitions: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT tableoid) FROM idem_records WHERE scope LIKE 'part.%'",
+    )
+    .fetch_one(store.pool())
+    .await
+    .expect("count partitions");
+    assert!(
+        partitions > 1,
+        "the records spread over partitions: {partitions}"
+    );
+    clock.advance(std::time::Duration::from_secs(7200));
+    let expired = purge(&timed, &PurgeOptions::new().batch_size(7), |_| {})
+        .await
+        .expect("purge");
+    assert_eq!(expired.deleted, 40);
+    let aged = purge(
+        &timed,
+        &PurgeOptions::new()
+            .in_scope("part.kept")
+            .older_than(std::time::Duration::from_secs(3600))
+            .batch_size(7),
+        |_| {},
+    )
+    .await
+    .expect("purge by age");
+    assert_eq!(aged.deleted, 30);
+
+    // By time instead: the primary key must take the time in, and the gate's
+    // `ON CONFLICT (scope, record_key)` then has no unique index to arbitrate on.
+    sqlx::raw_sql(
+        "CREATE TABLE by_time (scope TEXT NOT NULL, record_key TEXT NOT NULL, fingerprint TEXT, \
+         response TEXT, created_at_ms BIGINT NOT NULL, expires_at_ms BIGINT, \
+         PRIMARY KEY (scope, record_key, created_at_ms)) PARTITION BY RANGE (created_at_ms); \
+         CREATE TABLE by_time_all PARTITION OF by_time FOR VALUES FROM (MINVALUE) TO (MAXVALUE)",
+    )
+    .execute(store.pool())
+    .await
+    .expect("create a table partitioned by time");
+    let by_time = store
+        .clone()
+        .with_records_table(idem_runtime::store::RecordsTable::new("by_time").expect("name"));
+    let refused = by_time.mark_processed(keys("part.time", 1), None).await;
+    let error = refused.expect_err("the gate needs a unique (scope, record_key)");
+    assert!(
+        error.to_string().contains("ON CONFLICT"),
+        "refused for want of an arbiter index: {error}"
+    );
+    idem_tests::pg::drop_schema(&schema).await;
+}
+
 /// Classification by SQLSTATE class, through `#[error(transparent)]` wrappers: errors that
 /// no redelivery can fix are dead-lettered (each of these was retried forever before), the
 /// transient ones retried.
