@@ -19,7 +19,8 @@ Exit codes:
 ///
 /// Works on the records table of an idem service (idem_records unless --table names another),
 /// on PostgreSQL, MySQL/MariaDB or SQLite. Scopes and keys are the `scope` and `key` fields of
-/// the handler's `idem.handle` log span.
+/// the handler's `idem.handle` log span. Expiry is judged by this host's clock: run it where the
+/// clock is synchronised, as the service's is.
 #[derive(Debug, Parser)]
 #[command(name = "idem", version, after_help = EXIT_CODES)]
 pub(crate) struct Cli {
@@ -59,8 +60,10 @@ pub(crate) enum Command {
     /// Whether a message is recorded: when, with which fingerprint, with which replayed result.
     Inspect {
         /// The handler's scope, e.g. billing.order_paid.
+        #[arg(allow_hyphen_values = true)]
         scope: String,
-        /// The encoded key, as the handler's logs show it.
+        /// The encoded key, as the handler's logs show it (`-1` is a key, not an option).
+        #[arg(allow_hyphen_values = true)]
         key: String,
     },
     /// Delete one message's record, so that its next delivery is processed again.
@@ -68,8 +71,10 @@ pub(crate) enum Command {
     /// Only the record goes: the business rows the first delivery wrote stay.
     Forget {
         /// The handler's scope.
+        #[arg(allow_hyphen_values = true)]
         scope: String,
         /// The encoded key.
+        #[arg(allow_hyphen_values = true)]
         key: String,
         /// Do not ask for confirmation.
         #[arg(short = 'y', long)]
@@ -81,7 +86,7 @@ pub(crate) enum Command {
     /// redelivery of such a message is processed again (this asks for confirmation).
     Purge {
         /// Only this scope's records.
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         scope: Option<String>,
         /// Also delete every record created longer ago than this (`30d`, `12h`).
         #[arg(long, value_parser = humantime::parse_duration)]

@@ -11,6 +11,23 @@
 //! Text for people by default, `--json` for scripts; the exit codes are listed by
 //! `idem --help` and in the README's "Operating" section.
 
+/// `println!` to stdout, quietly giving up when the reader has gone (`idem stats | head`): a
+/// closed pipe is not an error of the command.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
+/// `print!` to stdout, like [`say!`].
+macro_rules! say_raw {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 mod args;
 mod database;
 mod error;
@@ -52,7 +69,7 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
     let shown = display_table(&table);
     let database = Database::connect(&url, table.clone(), cli.connect_timeout, open).await?;
     let sql = |error| CliError::from_sqlx(error, &table, &url);
-    let print_json = |value: serde_json::Value| println!("{value:#}");
+    let print_json = |value: serde_json::Value| say!("{value:#}");
 
     match cli.command {
         Command::Migrate => {
@@ -60,7 +77,7 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             if cli.json {
                 print_json(serde_json::json!({ "table": shown, "migrated": true }));
             } else {
-                println!("records table {shown} on {} is up to date", database.kind());
+                say!("records table {shown} on {} is up to date", database.kind());
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -69,7 +86,7 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             if cli.json {
                 print_json(render::stats_json(&shown, &stats));
             } else {
-                print!("{}", render::stats_text(&shown, database.kind(), &stats));
+                say_raw!("{}", render::stats_text(&shown, database.kind(), &stats));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -79,8 +96,8 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 print_json(render::inspect_json(&scope, &key, record.as_ref()));
             } else {
                 match &record {
-                    Some(record) => print!("{}", render::record_text(record)),
-                    None => print!("{}", render::not_recorded_text(&scope, &key)),
+                    Some(record) => say_raw!("{}", render::record_text(record)),
+                    None => say_raw!("{}", render::not_recorded_text(&scope, &key)),
                 }
             }
             Ok(found(record.is_some()))
@@ -92,7 +109,7 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                         serde_json::json!({ "forgotten": false, "scope": scope, "key": key }),
                     );
                 } else {
-                    print!("{}", render::not_recorded_text(&scope, &key));
+                    say_raw!("{}", render::not_recorded_text(&scope, &key));
                 }
                 return Ok(found(false));
             };
@@ -108,11 +125,9 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                     serde_json::json!({ "forgotten": forgotten, "scope": scope, "key": key }),
                 );
             } else if forgotten {
-                println!(
-                    "forgotten: key `{key}` in scope `{scope}`; its next delivery is processed"
-                );
+                say!("forgotten: key `{key}` in scope `{scope}`; its next delivery is processed");
             } else {
-                println!("already gone: key `{key}` in scope `{scope}` was deleted meanwhile");
+                say!("already gone: key `{key}` in scope `{scope}` was deleted meanwhile");
             }
             Ok(found(forgotten))
         }
@@ -148,8 +163,8 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                     "batches": done.batches,
                 }));
             } else {
-                println!(
-                    "purged {} from {shown} in {} statements",
+                say!(
+                    "purged {} from {shown} in {} batches",
                     render::records(done.deleted),
                     done.batches
                 );

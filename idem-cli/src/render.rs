@@ -6,13 +6,18 @@ use idem_runtime::retention::PurgeProgress;
 use idem_runtime::store::{RecordDetails, RecordStats};
 use serde_json::json;
 
-/// Unix milliseconds as an RFC 3339 UTC time, to the millisecond.
+/// The last second humantime writes in RFC 3339: 9999-12-31T23:59:59Z.
+const LAST_RFC3339_MS: u64 = 253_402_300_799_000;
+
+/// Unix milliseconds as an RFC 3339 UTC time, to the millisecond; the raw number outside the
+/// years 1970 to 9999 (an expiry of `Duration::MAX` saturates to `i64::MAX`).
 pub(crate) fn time(ms: i64) -> String {
     match u64::try_from(ms) {
-        Ok(ms) => {
+        Ok(ms) if ms <= LAST_RFC3339_MS => {
             humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
         }
-        Err(_) => format!("{ms} ms before 1970"),
+        Ok(_) => format!("after the year 9999 ({ms} ms)"),
+        Err(_) => format!("before 1970 ({ms} ms)"),
     }
 }
 
@@ -188,5 +193,11 @@ mod tests {
         assert_eq!(bytes(1536), "1.5 KiB");
         assert_eq!(bytes(5 * 1024 * 1024 * 1024), "5.0 GiB");
         assert_eq!(time(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
+        assert_eq!(time(253_402_300_799_000), "9999-12-31T23:59:59.000Z");
+        assert_eq!(
+            time(i64::MAX),
+            format!("after the year 9999 ({} ms)", i64::MAX)
+        );
+        assert_eq!(time(-1), "before 1970 (-1 ms)");
     }
 }

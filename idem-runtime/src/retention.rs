@@ -52,6 +52,7 @@
 //! day), partition the table by time and drop whole partitions: the README's "Operating"
 //! section shows it for PostgreSQL.
 
+use std::future::Future;
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -184,7 +185,7 @@ async fn purge_until<S: Records>(
         progress(done);
     };
     while !stop.is_cancelled() {
-        let deleted = store.purge_expired_batch(now_ms, scope, limit).await?;
+        let deleted = retrying(|| store.purge_expired_batch(now_ms, scope, limit)).await?;
         record(&mut done, deleted);
         // Fewer than asked: none left (a row a gate held was skipped; the next purge takes it).
         if deleted < u64::from(limit) {
@@ -199,9 +200,10 @@ async fn purge_until<S: Records>(
     // The walk starts before every key of the scope (or of the table: scopes are never empty).
     let mut after = (scope.unwrap_or_default().to_owned(), String::new());
     while !stop.is_cancelled() {
-        let batch = store
-            .purge_created_before_batch(cutoff_ms, scope, (&after.0, &after.1), limit)
-            .await?;
+        let batch = retrying(|| {
+            store.purge_created_before_batch(cutoff_ms, scope, (&after.0, &after.1), limit)
+        })
+        .await?;
         record(&mut done, batch.deleted);
         match batch.last {
             Some(last) => after = last,
@@ -210,6 +212,30 @@ async fn purge_until<S: Records>(
         pause(store, options.pause, stop).await;
     }
     Ok(done)
+}
+
+/// Runs one batch, again at once (up to three times in all) when the database chose it as a
+/// deadlock victim or it timed out waiting for a lock a gate held: a batch is one statement, and
+/// the gate's transaction is short.
+async fn retrying<T, F, Fut>(batch: F) -> Result<T, sqlx::Error>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<T, sqlx::Error>>,
+{
+    let mut attempt = 1;
+    loop {
+        match batch().await {
+            Err(error) if attempt < 3 && is_contention(&error) => attempt += 1,
+            done => return done,
+        }
+    }
+}
+
+/// A deadlock, a lock wait time-out, a serialization failure: what a retry of the same
+/// statement can get past.
+fn is_contention(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(_))
+        && crate::classify_sqlx_error(error) == crate::Disposition::Retry
 }
 
 async fn pause<S: Records>(store: &S, pause: Duration, stop: &CancellationToken) {
@@ -225,7 +251,7 @@ async fn pause<S: Records>(store: &S, pause: Duration, stop: &CancellationToken)
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 #[non_exhaustive]
 pub struct PurgerReport {
-    /// Purges that ran to the end.
+    /// Purges that ran to the end (not one a stop cut short).
     pub runs: u64,
     /// Purges that failed (logged at `warn`; the next one runs at the next interval).
     pub failed_runs: u64,
@@ -295,7 +321,7 @@ impl<S: Records + 'static> Purger<S> {
             let result = purge_until(&self.store, &self.options, |_| {}, &shutdown).await;
             report.send_modify(|report| match result {
                 Ok(done) => {
-                    report.runs += 1;
+                    report.runs += u64::from(!shutdown.is_cancelled());
                     report.deleted += done.deleted;
                     if done.deleted > 0 {
                         tracing::info!(deleted = done.deleted, "purged dedup records");
@@ -415,8 +441,9 @@ mod tests {
             .await
             .expect("purge");
         assert_eq!(done.deleted, 10);
-        // One (empty) expired batch, then the walk: 3 + 3 + 3 + 1, and the empty end.
-        assert_eq!(batches, [0, 3, 3, 3, 1, 0]);
+        // One (empty) expired batch, then the walk in windows of three keys, in key order:
+        // [a0 a1 a2] [a3 a4 a5] [a50 a51 a6] (two of them young) [b0 b1 b2], and the empty end.
+        assert_eq!(batches, [0, 3, 3, 1, 3, 0]);
         assert_eq!(store.len(), 2);
     }
 

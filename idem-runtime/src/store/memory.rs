@@ -229,24 +229,30 @@ impl Records for MemoryStore {
         limit: u32,
     ) -> Result<AgedBatch, sqlx::Error> {
         let mut records = lock(&self.inner.records);
-        let mut doomed: Vec<RecordId> = records
-            .iter()
-            .filter(|((in_scope, key), record)| {
-                record.stored.created_at_ms < cutoff_ms
-                    && scope.is_none_or(|scope| scope == in_scope)
+        let mut window: Vec<RecordId> = records
+            .keys()
+            .filter(|(in_scope, key)| {
+                scope.is_none_or(|scope| scope == in_scope)
                     && (in_scope.as_str(), key.as_str()) > after
             })
-            .map(|(id, _)| id.clone())
+            .cloned()
             .collect();
-        doomed.sort_unstable();
-        doomed.truncate(limit as usize);
-        for id in &doomed {
-            records.remove(id);
+        window.sort_unstable();
+        let limit = limit.max(1) as usize;
+        // A full window may have more after it; a shorter one is the last.
+        let last = (window.len() >= limit).then(|| window[limit - 1].clone());
+        window.truncate(limit);
+        let mut deleted = 0;
+        for id in &window {
+            if records
+                .get(id)
+                .is_some_and(|record| record.stored.created_at_ms < cutoff_ms)
+            {
+                records.remove(id);
+                deleted += 1;
+            }
         }
-        Ok(AgedBatch {
-            deleted: doomed.len() as u64,
-            last: doomed.pop(),
-        })
+        Ok(AgedBatch { deleted, last })
     }
 
     async fn stats(&self) -> Result<RecordStats, sqlx::Error> {

@@ -106,23 +106,29 @@ const FORGET: &str = "DELETE FROM idem_records WHERE scope = ? AND record_key = 
 /// every scope), the limit.
 const PURGE_EXPIRED_BATCH: &str = "DELETE FROM idem_records \
     WHERE expires_at_ms IS NOT NULL AND expires_at_ms <= ? AND (? IS NULL OR scope = ?) LIMIT ?";
-// A purge by age walks the primary key: it reads the keys of one batch, then deletes that range
-// (MySQL deletes neither with `LIMIT` in a subquery nor with `RETURNING`). A record created
-// between the two statements is newer than the cutoff, so the range holds no other match.
-/// Binds: after scope, after scope, after key, cutoff, limit.
-const AGED_KEYS: &str = "SELECT scope, record_key FROM idem_records \
-    WHERE (scope > ? OR (scope = ? AND record_key > ?)) AND created_at_ms < ? \
-    ORDER BY scope, record_key LIMIT ?";
+// A purge by age walks the primary key in windows of a batch's size: find the window's last key,
+// then delete the old records in that range (InnoDB locks what it scans: at most one window).
+// Row comparisons are spelled out, so that the range optimizer reads them as index ranges.
+/// Binds: after scope, after scope, after key, limit - 1.
+const AGED_WINDOW_END: &str = "SELECT scope, record_key FROM idem_records \
+    WHERE (scope > ? OR (scope = ? AND record_key > ?)) \
+    ORDER BY scope, record_key LIMIT 1 OFFSET ?";
 /// Binds: after scope, after scope, after key, last scope, last scope, last key, cutoff.
-const DELETE_AGED_RANGE: &str = "DELETE FROM idem_records \
+const DELETE_AGED_WINDOW: &str = "DELETE FROM idem_records \
     WHERE (scope > ? OR (scope = ? AND record_key > ?)) \
     AND (scope < ? OR (scope = ? AND record_key <= ?)) AND created_at_ms < ?";
-/// Binds: scope, after key, cutoff, limit.
-const AGED_KEYS_IN_SCOPE: &str = "SELECT scope, record_key FROM idem_records \
-    WHERE scope = ? AND record_key > ? AND created_at_ms < ? ORDER BY record_key LIMIT ?";
+/// The last window, shorter than a batch. Binds: after scope, after scope, after key, cutoff.
+const DELETE_AGED_TAIL: &str = "DELETE FROM idem_records \
+    WHERE (scope > ? OR (scope = ? AND record_key > ?)) AND created_at_ms < ?";
+/// The same within one scope. Binds: scope, after key, limit - 1.
+const AGED_WINDOW_END_IN_SCOPE: &str = "SELECT scope, record_key FROM idem_records \
+    WHERE scope = ? AND record_key > ? ORDER BY record_key LIMIT 1 OFFSET ?";
 /// Binds: scope, after key, last key, cutoff.
-const DELETE_AGED_RANGE_IN_SCOPE: &str = "DELETE FROM idem_records \
+const DELETE_AGED_WINDOW_IN_SCOPE: &str = "DELETE FROM idem_records \
     WHERE scope = ? AND record_key > ? AND record_key <= ? AND created_at_ms < ?";
+/// Binds: scope, after key, cutoff.
+const DELETE_AGED_TAIL_IN_SCOPE: &str = "DELETE FROM idem_records \
+    WHERE scope = ? AND record_key > ? AND created_at_ms < ?";
 /// Binds: now.
 const STATS: &str = "SELECT scope, COUNT(*), \
     CAST(COALESCE(SUM(expires_at_ms IS NOT NULL AND expires_at_ms <= ?), 0) AS SIGNED), \
@@ -131,6 +137,17 @@ const STATS: &str = "SELECT scope, COUNT(*), \
 /// database), the table's name.
 const TABLE_BYTES: &str = "SELECT CAST(DATA_LENGTH + INDEX_LENGTH AS SIGNED) \
     FROM information_schema.TABLES WHERE TABLE_SCHEMA = COALESCE(?, DATABASE()) AND TABLE_NAME = ?";
+
+/// The statements of a purge by age.
+#[derive(Debug)]
+struct AgedSql {
+    window_end: SqlStr,
+    delete_window: SqlStr,
+    delete_tail: SqlStr,
+    window_end_in_scope: SqlStr,
+    delete_window_in_scope: SqlStr,
+    delete_tail_in_scope: SqlStr,
+}
 
 /// The statements a store runs on its records table, built once, when the table is set.
 #[derive(Debug)]
@@ -145,10 +162,7 @@ struct RecordsSql {
     save_response: SqlStr,
     forget: SqlStr,
     purge_expired_batch: SqlStr,
-    aged_keys: SqlStr,
-    delete_aged_range: SqlStr,
-    aged_keys_in_scope: SqlStr,
-    delete_aged_range_in_scope: SqlStr,
+    aged: AgedSql,
     stats: SqlStr,
 }
 
@@ -165,10 +179,14 @@ impl RecordsSql {
             save_response: sql(SAVE_RESPONSE),
             forget: sql(FORGET),
             purge_expired_batch: sql(PURGE_EXPIRED_BATCH),
-            aged_keys: sql(AGED_KEYS),
-            delete_aged_range: sql(DELETE_AGED_RANGE),
-            aged_keys_in_scope: sql(AGED_KEYS_IN_SCOPE),
-            delete_aged_range_in_scope: sql(DELETE_AGED_RANGE_IN_SCOPE),
+            aged: AgedSql {
+                window_end: sql(AGED_WINDOW_END),
+                delete_window: sql(DELETE_AGED_WINDOW),
+                delete_tail: sql(DELETE_AGED_TAIL),
+                window_end_in_scope: sql(AGED_WINDOW_END_IN_SCOPE),
+                delete_window_in_scope: sql(DELETE_AGED_WINDOW_IN_SCOPE),
+                delete_tail_in_scope: sql(DELETE_AGED_TAIL_IN_SCOPE),
+            },
             stats: sql(STATS),
             table,
         }
@@ -470,44 +488,42 @@ impl Records for MySqlStore {
         after: (&str, &str),
         limit: u32,
     ) -> Result<AgedBatch, sqlx::Error> {
-        let keys = match scope {
-            None => sqlx::query_as(self.sql.aged_keys.clone())
+        let sql = &self.sql.aged;
+        let offset = limit.max(1) - 1;
+        let window_end: Option<(String, String)> = match scope {
+            None => sqlx::query_as(sql.window_end.clone())
                 .bind(after.0)
-                .bind(after.0)
-                .bind(after.1),
-            Some(scope) => sqlx::query_as(self.sql.aged_keys_in_scope.clone())
-                .bind(scope)
-                .bind(after.1),
-        };
-        let keys: Vec<(String, String)> = keys
-            .bind(cutoff_ms)
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?;
-        // In the server's order, which is the collation's.
-        let Some((last_scope, last_key)) = keys.into_iter().next_back() else {
-            return Ok(AgedBatch {
-                deleted: 0,
-                last: None,
-            });
-        };
-        let delete = match scope {
-            None => sqlx::query(self.sql.delete_aged_range.clone())
+                .bind(after.0),
+            Some(scope) => sqlx::query_as(sql.window_end_in_scope.clone()).bind(scope),
+        }
+        .bind(after.1)
+        .bind(offset)
+        .fetch_optional(&self.pool)
+        .await?;
+        let delete = match (scope, &window_end) {
+            (None, Some((last_scope, last_key))) => sqlx::query(sql.delete_window.clone())
                 .bind(after.0)
                 .bind(after.0)
                 .bind(after.1)
-                .bind(&last_scope)
-                .bind(&last_scope)
-                .bind(&last_key),
-            Some(scope) => sqlx::query(self.sql.delete_aged_range_in_scope.clone())
+                .bind(last_scope)
+                .bind(last_scope)
+                .bind(last_key),
+            (Some(scope), Some((_, last_key))) => sqlx::query(sql.delete_window_in_scope.clone())
                 .bind(scope)
                 .bind(after.1)
-                .bind(&last_key),
+                .bind(last_key),
+            (None, None) => sqlx::query(sql.delete_tail.clone())
+                .bind(after.0)
+                .bind(after.0)
+                .bind(after.1),
+            (Some(scope), None) => sqlx::query(sql.delete_tail_in_scope.clone())
+                .bind(scope)
+                .bind(after.1),
         };
         let done = delete.bind(cutoff_ms).execute(&self.pool).await?;
         Ok(AgedBatch {
             deleted: done.rows_affected(),
-            last: Some((last_scope, last_key)),
+            last: window_end,
         })
     }
 

@@ -112,8 +112,8 @@ impl RecordDetails {
 pub struct AgedBatch {
     /// Records this batch deleted.
     pub deleted: u64,
-    /// The greatest `(scope, key)` this batch looked at: the next batch starts after it.
-    /// `None` when the batch found nothing more to delete.
+    /// The last `(scope, key)` of the window this batch examined: the next batch starts after
+    /// it. `None` when the window was the table's (or the scope's) last.
     pub last: Option<(String, String)>,
 }
 
@@ -135,10 +135,11 @@ pub trait Records: Store {
         limit: u32,
     ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send;
 
-    /// Deletes at most `limit` records created before `cutoff_ms` (whatever their expiry),
-    /// in `scope` when given, among those after `after` in `(scope, key)` order: a walk along
-    /// the primary key, so that a purge by age needs no index on `created_at_ms` and each
-    /// batch starts where the last one ended.
+    /// Examines the next `limit` records after `after` in `(scope, key)` order (in `scope`
+    /// when given) and deletes those created before `cutoff_ms`, whatever their expiry: a walk
+    /// along the primary key in windows, so that a purge by age needs no index on
+    /// `created_at_ms`, each statement touches at most one window however sparse the old
+    /// records are, and each batch starts where the last one ended.
     fn purge_created_before_batch(
         &self,
         cutoff_ms: i64,

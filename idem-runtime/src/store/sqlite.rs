@@ -102,18 +102,27 @@ const PURGE_EXPIRED_BATCH: &str = "DELETE FROM idem_records WHERE (scope, record
     SELECT scope, record_key FROM idem_records \
     WHERE expires_at_ms IS NOT NULL AND expires_at_ms <= ?1 AND (?2 IS NULL OR scope = ?2) \
     LIMIT ?3)";
-/// One batch of records created before a cutoff, walking the primary key from a `(scope, key)`.
-/// Binds: after scope, after key, cutoff, limit.
-const PURGE_CREATED_BEFORE_BATCH: &str = "DELETE FROM idem_records WHERE (scope, record_key) IN (\
-    SELECT scope, record_key FROM idem_records \
-    WHERE (scope, record_key) > (?1, ?2) AND created_at_ms < ?3 \
-    ORDER BY scope, record_key LIMIT ?4) RETURNING scope, record_key";
-/// The same within one scope. Binds: scope, after key, cutoff, limit.
-const PURGE_CREATED_BEFORE_IN_SCOPE_BATCH: &str = "DELETE FROM idem_records \
-    WHERE (scope, record_key) IN (\
-    SELECT scope, record_key FROM idem_records \
-    WHERE scope = ?1 AND record_key > ?2 AND created_at_ms < ?3 \
-    ORDER BY record_key LIMIT ?4) RETURNING scope, record_key";
+// A purge by age walks the primary key in windows of a batch's size: find the window's last key,
+// then delete the old records in that range.
+/// Binds: after scope, after key, limit - 1.
+const AGED_WINDOW_END: &str = "SELECT scope, record_key FROM idem_records \
+    WHERE (scope, record_key) > (?1, ?2) ORDER BY scope, record_key LIMIT 1 OFFSET ?3";
+/// Binds: after scope, after key, last scope, last key, cutoff.
+const DELETE_AGED_WINDOW: &str = "DELETE FROM idem_records \
+    WHERE (scope, record_key) > (?1, ?2) AND (scope, record_key) <= (?3, ?4) \
+    AND created_at_ms < ?5";
+/// The last window, shorter than a batch. Binds: after scope, after key, cutoff.
+const DELETE_AGED_TAIL: &str = "DELETE FROM idem_records \
+    WHERE (scope, record_key) > (?1, ?2) AND created_at_ms < ?3";
+/// The same within one scope. Binds: scope, after key, limit - 1.
+const AGED_WINDOW_END_IN_SCOPE: &str = "SELECT scope, record_key FROM idem_records \
+    WHERE scope = ?1 AND record_key > ?2 ORDER BY record_key LIMIT 1 OFFSET ?3";
+/// Binds: scope, after key, last key, cutoff.
+const DELETE_AGED_WINDOW_IN_SCOPE: &str = "DELETE FROM idem_records \
+    WHERE scope = ?1 AND record_key > ?2 AND record_key <= ?3 AND created_at_ms < ?4";
+/// Binds: scope, after key, cutoff.
+const DELETE_AGED_TAIL_IN_SCOPE: &str = "DELETE FROM idem_records \
+    WHERE scope = ?1 AND record_key > ?2 AND created_at_ms < ?3";
 /// Binds: now.
 const STATS: &str = "SELECT scope, count(*), \
     count(CASE WHEN expires_at_ms IS NOT NULL AND expires_at_ms <= ?1 THEN 1 END), \
@@ -121,6 +130,17 @@ const STATS: &str = "SELECT scope, count(*), \
 /// The table and its expiry index, from the `dbstat` virtual table (when compiled in). Binds:
 /// the schema (`main` unless attached), the table's name, the index's name.
 const TABLE_BYTES: &str = "SELECT sum(pgsize) FROM dbstat(?1) WHERE name IN (?2, ?3)";
+
+/// The statements of a purge by age.
+#[derive(Debug)]
+struct AgedSql {
+    window_end: SqlStr,
+    delete_window: SqlStr,
+    delete_tail: SqlStr,
+    window_end_in_scope: SqlStr,
+    delete_window_in_scope: SqlStr,
+    delete_tail_in_scope: SqlStr,
+}
 
 /// The statements a store runs on its records table, built once, when the table is set.
 #[derive(Debug)]
@@ -133,8 +153,7 @@ struct RecordsSql {
     save_response: SqlStr,
     forget: SqlStr,
     purge_expired_batch: SqlStr,
-    purge_created_before_batch: SqlStr,
-    purge_created_before_in_scope_batch: SqlStr,
+    aged: AgedSql,
     stats: SqlStr,
 }
 
@@ -149,8 +168,14 @@ impl RecordsSql {
             save_response: sql(SAVE_RESPONSE),
             forget: sql(FORGET),
             purge_expired_batch: sql(PURGE_EXPIRED_BATCH),
-            purge_created_before_batch: sql(PURGE_CREATED_BEFORE_BATCH),
-            purge_created_before_in_scope_batch: sql(PURGE_CREATED_BEFORE_IN_SCOPE_BATCH),
+            aged: AgedSql {
+                window_end: sql(AGED_WINDOW_END),
+                delete_window: sql(DELETE_AGED_WINDOW),
+                delete_tail: sql(DELETE_AGED_TAIL),
+                window_end_in_scope: sql(AGED_WINDOW_END_IN_SCOPE),
+                delete_window_in_scope: sql(DELETE_AGED_WINDOW_IN_SCOPE),
+                delete_tail_in_scope: sql(DELETE_AGED_TAIL_IN_SCOPE),
+            },
             stats: sql(STATS),
             table,
         }
@@ -448,22 +473,37 @@ impl Records for SqliteStore {
         after: (&str, &str),
         limit: u32,
     ) -> Result<AgedBatch, sqlx::Error> {
-        let query = match scope {
-            None => sqlx::query_as(self.sql.purge_created_before_batch.clone()).bind(after.0),
-            Some(scope) => {
-                sqlx::query_as(self.sql.purge_created_before_in_scope_batch.clone()).bind(scope)
-            }
+        let sql = &self.sql.aged;
+        let offset = i64::from(limit.max(1) - 1);
+        let window_end: Option<(String, String)> = match scope {
+            None => sqlx::query_as(sql.window_end.clone()).bind(after.0),
+            Some(scope) => sqlx::query_as(sql.window_end_in_scope.clone()).bind(scope),
+        }
+        .bind(after.1)
+        .bind(offset)
+        .fetch_optional(&self.pool)
+        .await?;
+        let delete = match (scope, &window_end) {
+            (None, Some((last_scope, last_key))) => sqlx::query(sql.delete_window.clone())
+                .bind(after.0)
+                .bind(after.1)
+                .bind(last_scope)
+                .bind(last_key),
+            (Some(scope), Some((_, last_key))) => sqlx::query(sql.delete_window_in_scope.clone())
+                .bind(scope)
+                .bind(after.1)
+                .bind(last_key),
+            (None, None) => sqlx::query(sql.delete_tail.clone())
+                .bind(after.0)
+                .bind(after.1),
+            (Some(scope), None) => sqlx::query(sql.delete_tail_in_scope.clone())
+                .bind(scope)
+                .bind(after.1),
         };
-        let gone: Vec<(String, String)> = query
-            .bind(after.1)
-            .bind(cutoff_ms)
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?;
-        // SQLite compares text byte by byte (BINARY), as Rust's `Ord` on `String` does.
+        let done = delete.bind(cutoff_ms).execute(&self.pool).await?;
         Ok(AgedBatch {
-            deleted: gone.len() as u64,
-            last: gone.into_iter().max(),
+            deleted: done.rows_affected(),
+            last: window_end,
         })
     }
 
