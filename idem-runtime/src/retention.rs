@@ -240,10 +240,7 @@ fn is_contention(error: &sqlx::Error) -> bool {
 
 async fn pause<S: Records>(store: &S, pause: Duration, stop: &CancellationToken) {
     if !pause.is_zero() {
-        tokio::select! {
-            () = store.sleep(pause) => {}
-            () = stop.cancelled() => {}
-        }
+        stop.run_until_cancelled(store.sleep(pause)).await;
     }
 }
 
@@ -333,10 +330,9 @@ impl<S: Records + 'static> Purger<S> {
                     report.last_error = Some(error.to_string());
                 }
             });
-            tokio::select! {
-                () = self.store.sleep(self.interval) => {}
-                () = shutdown.cancelled() => {}
-            }
+            shutdown
+                .run_until_cancelled(self.store.sleep(self.interval))
+                .await;
         }
         report.borrow().clone()
     }
