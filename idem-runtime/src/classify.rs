@@ -205,6 +205,10 @@ pub(crate) fn mysql_duplicate_key_name(message: &str) -> Option<&str> {
     Some(quoted.rsplit_once('.').map_or(quoted, |(_, name)| name))
 }
 
+#[cfg_attr(
+    not(any(feature = "pg", feature = "mysql", feature = "sqlite")),
+    allow(dead_code)
+)] // used by the SQL stores
 const SQLITE_ERROR: i32 = 1;
 const SQLITE_CONSTRAINT_FOREIGNKEY: i32 = 787;
 

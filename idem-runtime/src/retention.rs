@@ -162,6 +162,10 @@ pub async fn purge<S: Records>(
 }
 
 /// What the SQL stores' `purge_expired()` runs: every expired record, default batches.
+#[cfg_attr(
+    not(any(feature = "pg", feature = "mysql", feature = "sqlite")),
+    allow(dead_code)
+)] // used by the SQL stores
 pub(crate) async fn purge_expired<S: Records>(store: &S) -> Result<u64, sqlx::Error> {
     Ok(purge(store, &PurgeOptions::new(), |_| {}).await?.deleted)
 }

@@ -217,6 +217,10 @@ pub enum TransitionOutcome {
 /// Quotes a validated identifier (`name` or `schema.name`) with `quote`, part by part,
 /// doubling any `quote` inside: `"…"` for PostgreSQL and SQLite, `` `…` `` for MySQL. The macro
 /// admits only `[A-Za-z_][A-Za-z0-9_]*` parts; the doubling is defence in depth.
+#[cfg_attr(
+    not(any(feature = "pg", feature = "mysql", feature = "sqlite")),
+    allow(dead_code)
+)] // used by the SQL stores
 pub(crate) fn quote_identifier(name: &str, quote: char) -> String {
     let doubled = format!("{quote}{quote}");
     name.split('.')
@@ -227,6 +231,10 @@ pub(crate) fn quote_identifier(name: &str, quote: char) -> String {
 
 /// The guarded update and the read for `transition` in a dialect: `quote` quotes identifiers,
 /// `placeholder(n)` gives the n-th (1-based) parameter marker.
+#[cfg_attr(
+    not(any(feature = "pg", feature = "mysql", feature = "sqlite")),
+    allow(dead_code)
+)] // used by the SQL stores
 pub(crate) fn transition_statements(
     transition: &Transition,
     quote: char,

@@ -108,6 +108,10 @@ pub struct StoredRecord {
 pub(crate) type RecordRow = (Option<String>, Option<String>, i64, Option<i64>);
 
 /// The record in `row`, if there is one and it has not expired at `now_ms`.
+#[cfg_attr(
+    not(any(feature = "pg", feature = "mysql", feature = "sqlite")),
+    allow(dead_code)
+)] // used by the SQL stores
 pub(crate) fn live_record(row: Option<RecordRow>, now_ms: i64) -> Option<StoredRecord> {
     let (fingerprint, response, created_at_ms, expires_at_ms) = row?;
     expires_at_ms
@@ -122,6 +126,10 @@ pub(crate) fn live_record(row: Option<RecordRow>, now_ms: i64) -> Option<StoredR
 /// How often a claim starts over when the record it conflicted with vanished before it could
 /// be read or taken over (a concurrent `purge_expired`). Each retry needs another record to
 /// appear and vanish between two statements, so this bound is never reached in practice.
+#[cfg_attr(
+    not(any(feature = "pg", feature = "mysql", feature = "sqlite")),
+    allow(dead_code)
+)] // used by the SQL stores
 pub(crate) const CLAIM_ATTEMPTS: usize = 8;
 
 /// The statements of a savepoint a handler's `in_transaction` takes in its caller's
@@ -133,6 +141,10 @@ pub(crate) fn savepoint_sql(statement: &str, name: &str) -> sqlx::AssertSqlSafe<
 
 /// The error when [`CLAIM_ATTEMPTS`] ran out: retryable (an I/O-class error), so the message is
 /// requeued. Never a duplicate: the key was free each time we looked.
+#[cfg_attr(
+    not(any(feature = "pg", feature = "mysql", feature = "sqlite")),
+    allow(dead_code)
+)] // used by the SQL stores
 pub(crate) fn record_kept_vanishing(key: &Key) -> sqlx::Error {
     sqlx::Error::Io(std::io::Error::other(format!(
         "the dedup record for `{key}` vanished {CLAIM_ATTEMPTS} times while it was being claimed (a concurrent purge?); requeueing"
