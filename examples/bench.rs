@@ -74,6 +74,11 @@ const SCENARIOS: &[(&str, &str, ScenarioFn)] = &[
         |c| Box::pin(purge::pg_purge(c)),
     ),
     (
+        "pg-purge-paced",
+        "pg-purge with 100 ms between batches",
+        |c| Box::pin(purge::pg_purge_paced(c)),
+    ),
+    (
         "sqlite-dedup-table",
         "dedup_table vs the same insert without a gate, SQLite file",
         |c| Box::pin(sqlite_dedup_table(c)),

@@ -7,9 +7,15 @@
 //! pooled), so `ratio` is the throughput the gate keeps while a purge runs and `p50_us`/
 //! `p99_us` against `p50_us_without`/`p99_us_without` its latency. `purge_per_s` is the purge's
 //! own throughput. The records live in `idem_bench_purge.idem_records`, reloaded every run.
+//!
+//! `pg-purge-paced` is the same with `pause_between_batches(100 ms)`: what pacing buys the
+//! live path, and what it costs the purge.
 
 use std::time::Instant;
 
+use std::time::Duration;
+
+use idem_runtime::retention::{PurgeOptions, purge};
 use idem_runtime::store::RecordsTable;
 use idem_runtime::{NoAck, PgStore};
 use sqlx::postgres::PgPoolOptions;
@@ -18,7 +24,18 @@ use super::{BoxError, Config, Measurement, Side, bench_msg, drive, pg_dedup_hand
 
 const RECORDS: i64 = 5_000_000;
 
+/// The pause of `pg-purge-paced`.
+const PACED: Duration = Duration::from_millis(100);
+
 pub(crate) async fn pg_purge(config: &Config) -> Result<Measurement, BoxError> {
+    purge_while_gating(config, Duration::ZERO).await
+}
+
+pub(crate) async fn pg_purge_paced(config: &Config) -> Result<Measurement, BoxError> {
+    purge_while_gating(config, PACED).await
+}
+
+async fn purge_while_gating(config: &Config, pause: Duration) -> Result<Measurement, BoxError> {
     let admin = super::pg_store(config).await?;
     sqlx::query("CREATE SCHEMA IF NOT EXISTS idem_bench_purge")
         .execute(admin.pool())
@@ -65,7 +82,12 @@ pub(crate) async fn pg_purge(config: &Config) -> Result<Measurement, BoxError> {
     let mut without = drive(config.tasks, keys("before", half), gate_work(gate.clone())).await?;
 
     let purge_started = Instant::now();
-    let purge = tokio::spawn(async move { purger.purge_expired().await });
+    let options = PurgeOptions::new().pause_between_batches(pause);
+    let purge = tokio::spawn(async move {
+        purge(&purger, &options, |_| {})
+            .await
+            .map(|done| done.deleted)
+    });
     let during = drive(
         config.tasks,
         keys("during", config.messages),

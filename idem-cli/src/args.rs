@@ -91,6 +91,9 @@ pub(crate) enum Command {
         /// Also delete every record created longer ago than this (`30d`, `12h`).
         #[arg(long, value_parser = humantime::parse_duration)]
         older_than: Option<Duration>,
+        /// The pause between batches, leaving the database to the live path (`0s`: full speed).
+        #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+        pause: Duration,
         /// Records per batch (one statement, one transaction).
         #[arg(long, default_value_t = DEFAULT_BATCH_SIZE, value_parser = clap::value_parser!(u32).range(1..))]
         batch_size: u32,

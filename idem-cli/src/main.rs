@@ -134,10 +134,13 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Purge {
             scope,
             older_than,
+            pause,
             batch_size,
             yes,
         } => {
-            let mut options = PurgeOptions::new().batch_size(batch_size);
+            let mut options = PurgeOptions::new()
+                .batch_size(batch_size)
+                .pause_between_batches(pause);
             if let Some(scope) = &scope {
                 options = options.in_scope(scope.clone());
             }

@@ -444,3 +444,43 @@ fn bad_invocations_exit_with_their_documented_codes() {
         "{help:?}"
     );
 }
+
+/// On a terminal (a pseudo-terminal from util-linux's `script`), `purge` draws its progress
+/// spinner on stderr and still ends with its summary and exit code 0.
+#[tokio::test]
+async fn purge_on_a_terminal_shows_progress_and_ends_cleanly() {
+    let path = std::env::temp_dir().join(format!("{}.db", own_table("tty")));
+    let url = format!("sqlite:{}", path.display());
+    expect(&url, "idem_records", &["migrate"], None, 0);
+    let store = SqliteStore::open(&path).await.expect("open");
+    let past = ManualClock::at(ManualClock::starting_now().now_ms() - 2 * 3_600_000);
+    let keys = (0..5)
+        .map(|i| key("tty.a", &format!("k{i}")))
+        .collect::<Vec<_>>();
+    store
+        .clone()
+        .with_clock(past)
+        .mark_processed(keys, Some(HOUR))
+        .await
+        .expect("expired records");
+    store.pool().close().await;
+    let command = format!(
+        "{} -d {url} purge --batch-size 2 --pause 50ms",
+        env!("CARGO_BIN_EXE_idem")
+    );
+    let output = Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .env_remove("DATABASE_URL")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run `script` (util-linux), which gives the command a terminal");
+    let shown = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{shown}");
+    assert!(shown.contains("purged 5 records"), "{shown}");
+    assert!(shown.contains("records deleted, "), "the spinner's message: {shown}");
+    assert!(
+        !shown.contains("batch 1: deleted"),
+        "a terminal gets the spinner, not the plain lines: {shown}"
+    );
+    let _ = std::fs::remove_file(&path);
+}
