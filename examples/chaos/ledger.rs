@@ -229,6 +229,14 @@ pub(crate) async fn check(
     Ok(verdict)
 }
 
+/// A panicking body is retried like any retryable failure, and the dead letter carries the
+/// *last* attempt's error: when chaos cut the database on that attempt, the reason is the
+/// connection's ("gave up after 5 attempts: … Connection reset by peer"), not the panic's.
+/// Still dead-lettered, never lost: the right outcome for a message that can never succeed.
+fn gave_up_on_infrastructure(kind: Kind, reason: &str) -> bool {
+    matches!(kind, Kind::Panics) && reason.starts_with("gave up after ")
+}
+
 fn judge_dead_letter(verdict: &mut Verdict, kind: Kind, label: &str, reasons: &[&str]) {
     let wanted = expected_reason(kind);
     if reasons.is_empty() {
@@ -236,7 +244,10 @@ fn judge_dead_letter(verdict: &mut Verdict, kind: Kind, label: &str, reasons: &[
         verdict.problem(format!(
             "{kind:?} message {label} is neither applied nor dead-lettered"
         ));
-    } else if reasons.iter().all(|reason| reason.contains(wanted)) {
+    } else if reasons
+        .iter()
+        .all(|reason| reason.contains(wanted) || gave_up_on_infrastructure(kind, reason))
+    {
         verdict.dead_lettered += 1;
     } else {
         verdict.wrong_reasons += 1;

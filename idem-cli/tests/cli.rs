@@ -477,7 +477,10 @@ async fn purge_on_a_terminal_shows_progress_and_ends_cleanly() {
     let shown = String::from_utf8_lossy(&output.stdout);
     assert_eq!(output.status.code(), Some(0), "{shown}");
     assert!(shown.contains("purged 5 records"), "{shown}");
-    assert!(shown.contains("records deleted, "), "the spinner's message: {shown}");
+    assert!(
+        shown.contains("records deleted, "),
+        "the spinner's message: {shown}"
+    );
     assert!(
         !shown.contains("batch 1: deleted"),
         "a terminal gets the spinner, not the plain lines: {shown}"
