@@ -25,8 +25,9 @@
 //! Timestamps are integers so that one schema reads the same on every database. An expired
 //! record no longer makes a delivery a duplicate: the next delivery takes it over (and its
 //! `created_at_ms` becomes that delivery's). Delete expired rows with the store's
-//! `purge_expired()`; delete one record, so that its message is processed again, with
-//! [`Store::forget`].
+//! `purge_expired()`, in bounded batches (or with [`crate::retention`]: by scope, by age, in
+//! the background); delete one record, so that its message is processed again, with
+//! [`Store::forget`]; read the table as an operator with [`Records`] (or the `idem` command).
 //!
 //! # Creating it
 //!
