@@ -330,6 +330,9 @@ impl<S: Records + 'static> Purger<S> {
     ) -> PurgerReport {
         while !shutdown.is_cancelled() {
             let result = purge_until(&self.store, &self.options, |_| {}, &shutdown).await;
+            // The next run's time is fixed before anyone hears of this one: whoever watches
+            // the report and then moves a manual clock moves it past a deadline already set.
+            let next = self.store.sleep(self.interval);
             report.send_modify(|report| match result {
                 Ok(done) => {
                     report.runs += u64::from(!shutdown.is_cancelled());
@@ -344,9 +347,7 @@ impl<S: Records + 'static> Purger<S> {
                     report.last_error = Some(error.to_string());
                 }
             });
-            shutdown
-                .run_until_cancelled(self.store.sleep(self.interval))
-                .await;
+            shutdown.run_until_cancelled(next).await;
         }
         report.borrow().clone()
     }
@@ -472,9 +473,7 @@ mod tests {
             .expect("first run");
         assert_eq!(report.borrow().deleted, 3);
         add(&store, "a", 10..12, Some(HOUR)).await;
-        clock.advance(HOUR);
-        // The interval has not passed for the purger yet at the moment of this advance only
-        // if it started sleeping after it: advance until the second run has happened.
+        // The next run was due an hour after the first (set before the report said so).
         clock.advance(HOUR);
         report
             .wait_for(|report| report.runs >= 2 && report.deleted == 5)

@@ -290,6 +290,11 @@ macro_rules! conformance_suite {
             $crate::__retention_cases!(open = $open);
         }
 
+        mod batch_gate {
+            use super::*;
+            $crate::__batch_gate_cases!(open = $open);
+        }
+
         $crate::__unless_skipped!(sql, [$($skip),*],
             mod sql {
                 use super::*;
@@ -495,20 +500,222 @@ macro_rules! __retention_cases {
                 .every(HOUR)
                 .spawn();
             let mut report = purger.report();
-            report
-                .wait_for(|report| report.runs >= 1)
-                .await
-                .expect("first purge");
+            $crate::within(
+                "the first purge",
+                report.wait_for(|report| report.runs >= 1),
+            )
+            .await
+            .expect("first purge");
             assert_eq!(scope_records(&store, scope).await, (0, 0));
             mark(&store, scope, 10..13, Some(HOUR)).await;
             clock.advance(2 * HOUR);
-            report
-                .wait_for(|report| report.deleted == 7)
-                .await
-                .expect("a purge at the next interval");
+            $crate::within(
+                "a purge at the next interval",
+                report.wait_for(|report| report.deleted == 7),
+            )
+            .await
+            .expect("a purge at the next interval");
             let last = purger.stop().await;
             assert_eq!((last.deleted, last.failed_runs), (7, 0));
             assert_eq!(scope_records(&store, scope).await, (0, 0));
+        }
+    };
+}
+
+/// Implementation detail of [`conformance_suite!`]: `Store::claim_batch`, the gate of a batch
+/// of deliveries, on every store: duplicates inside a batch, a batch overlapping an earlier
+/// one, a rolled-back batch, expired records in a batch, and concurrent batches sharing keys
+/// (each key claimed once, no deadlock left unhandled).
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __batch_gate_cases {
+    (open = $open:expr) => {
+        use ::idem_runtime::clock::{Clock as _, ManualClock};
+        use ::idem_runtime::store::{Claim, NewRecord};
+        use ::idem_runtime::{Key, Store};
+        use ::std::time::Duration;
+        use $crate::unique_key;
+
+        fn own_scope(label: &str) -> &'static str {
+            Box::leak(format!("conf.batch.{}", unique_key(label)).into_boxed_str())
+        }
+
+        fn keys(scope: &'static str, ids: &[&str]) -> Vec<Key> {
+            ids.iter()
+                .map(|id| Key::new(scope, &[("order_id", id)]).expect("key"))
+                .collect()
+        }
+
+        fn records<'k>(keys: &'k [Key], now_ms: i64, ttl_ms: Option<i64>) -> Vec<NewRecord<'k>> {
+            keys.iter()
+                .map(|key| NewRecord {
+                    key,
+                    fingerprint: None,
+                    response: None,
+                    now_ms,
+                    expires_at_ms: ttl_ms.map(|ttl| now_ms + ttl),
+                })
+                .collect()
+        }
+
+        /// Claims `keys` in one transaction and commits it.
+        async fn claim_and_commit<S: Store>(
+            store: &S,
+            keys: &[Key],
+            ttl_ms: Option<i64>,
+        ) -> Vec<Claim> {
+            let mut tx = store.begin().await.expect("begin");
+            let claims = store
+                .claim_batch(&mut tx, &records(keys, store.now_ms(), ttl_ms))
+                .await
+                .expect("claim the batch");
+            store.commit(tx).await.expect("commit");
+            claims
+        }
+
+        fn shape(claims: &[Claim]) -> Vec<&'static str> {
+            claims
+                .iter()
+                .map(|claim| match claim {
+                    Claim::Claimed => "claimed",
+                    Claim::Existing(_) => "existing",
+                })
+                .collect()
+        }
+
+        #[tokio::test]
+        async fn a_key_given_twice_in_a_batch_is_claimed_once() {
+            let store = $open;
+            let scope = own_scope("twice");
+            let batch = keys(scope, &["a", "b", "a", "c", "b"]);
+            let claims = claim_and_commit(&store, &batch, None).await;
+            assert_eq!(
+                shape(&claims),
+                ["claimed", "claimed", "existing", "claimed", "existing"]
+            );
+            let again = claim_and_commit(&store, &keys(scope, &["c", "b", "a"]), None).await;
+            assert_eq!(
+                shape(&again),
+                ["existing"; 3],
+                "every key is recorded once, committed"
+            );
+        }
+
+        #[tokio::test]
+        async fn a_batch_overlapping_an_earlier_one_claims_only_the_new_keys() {
+            let store = $open;
+            let scope = own_scope("overlap");
+            claim_and_commit(&store, &keys(scope, &["a", "b", "c"]), None).await;
+            let claims = claim_and_commit(&store, &keys(scope, &["d", "b", "e", "a"]), None).await;
+            assert_eq!(
+                shape(&claims),
+                ["claimed", "existing", "claimed", "existing"]
+            );
+        }
+
+        #[tokio::test]
+        async fn a_rolled_back_batch_leaves_every_key_free() {
+            let store = $open;
+            let scope = own_scope("rollback");
+            let batch = keys(scope, &["a", "b", "c"]);
+            let mut tx = store.begin().await.expect("begin");
+            let claims = store
+                .claim_batch(&mut tx, &records(&batch, store.now_ms(), None))
+                .await
+                .expect("claim");
+            assert_eq!(shape(&claims), ["claimed"; 3]);
+            $crate::effects::rollback(&store, tx).await;
+            let after = claim_and_commit(&store, &batch, None).await;
+            assert_eq!(
+                shape(&after),
+                ["claimed"; 3],
+                "nothing of the rolled-back batch stays"
+            );
+        }
+
+        #[tokio::test]
+        async fn expired_records_in_a_batch_are_taken_over() {
+            let clock = ManualClock::starting_now();
+            let store = $open.with_clock(clock.clone());
+            let scope = own_scope("expired");
+            claim_and_commit(&store, &keys(scope, &["a", "b"]), Some(3_600_000)).await;
+            clock.advance(Duration::from_secs(3600));
+            let claims =
+                claim_and_commit(&store, &keys(scope, &["b", "c", "a"]), Some(3_600_000)).await;
+            assert_eq!(shape(&claims), ["claimed"; 3]);
+            let live = claim_and_commit(&store, &keys(scope, &["a"]), None).await;
+            assert_eq!(
+                shape(&live),
+                ["existing"],
+                "the take-over renewed the expiry"
+            );
+        }
+
+        /// Four batches of the same 40 keys, each in its own order, at once: every key is
+        /// claimed by exactly one of them, and none waits forever (a deadlock the database
+        /// breaks is a retryable error: the batch runs again, as a broker would redeliver it).
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn concurrent_batches_sharing_keys_claim_each_key_once() {
+            let store = $open;
+            let scope = own_scope("concurrent");
+            let ids: Vec<String> = (0..40).map(|n| format!("k{n:02}")).collect();
+            let tasks: Vec<_> = (0..4u64)
+                .map(|task| {
+                    let store = store.clone();
+                    // Each batch its own order: rotated, and every other one reversed.
+                    let mut order: Vec<&str> = ids.iter().map(String::as_str).collect();
+                    order.rotate_left(usize::try_from(task * 11).expect("small"));
+                    if task % 2 == 1 {
+                        order.reverse();
+                    }
+                    let batch = keys(scope, &order);
+                    ::tokio::spawn(async move {
+                        for _ in 0..10 {
+                            let mut tx = store.begin().await.expect("begin");
+                            let claimed = store
+                                .claim_batch(&mut tx, &records(&batch, store.now_ms(), None))
+                                .await;
+                            match claimed {
+                                Ok(claims) => {
+                                    store.commit(tx).await.expect("commit");
+                                    return batch
+                                        .iter()
+                                        .zip(claims)
+                                        .filter(|(_, claim)| matches!(claim, Claim::Claimed))
+                                        .map(|(key, _)| key.value().to_owned())
+                                        .collect::<Vec<_>>();
+                                }
+                                Err(error) => {
+                                    assert!(
+                                        ::idem_runtime::classify_sqlx_error(&error)
+                                            == ::idem_runtime::Disposition::Retry,
+                                        "only a retryable error may end a batch: {error}"
+                                    );
+                                    $crate::effects::rollback(&store, tx).await;
+                                }
+                            }
+                        }
+                        panic!("a batch kept failing");
+                    })
+                })
+                .collect();
+            let mut claimed: Vec<String> = Vec::new();
+            for task in tasks {
+                let won = $crate::within("a batch", task).await.expect("task");
+                claimed.extend(won);
+            }
+            claimed.sort();
+            let mut expected: Vec<String> = ids
+                .iter()
+                .map(|id| {
+                    Key::new(scope, &[("order_id", id)])
+                        .expect("key")
+                        .value()
+                        .to_owned()
+                })
+                .collect();
+            expected.sort();
+            assert_eq!(claimed, expected, "each key claimed by exactly one batch");
         }
     };
 }

@@ -152,6 +152,62 @@ pub(crate) fn record_kept_vanishing(key: &Key) -> sqlx::Error {
     )))
 }
 
+/// The order in which a batch's keys are claimed: each key once, in `(scope, key)` order, and
+/// the later occurrences of a key given twice.
+#[derive(Debug)]
+pub(crate) struct BatchPlan {
+    /// The index of each key's first occurrence, sorted by key.
+    pub(crate) unique: Vec<usize>,
+    /// `(later occurrence, first occurrence)`.
+    pub(crate) twins: Vec<(usize, usize)>,
+}
+
+impl BatchPlan {
+    pub(crate) fn of(records: &[NewRecord<'_>]) -> Self {
+        let id = |index: usize| (records[index].key.scope(), records[index].key.value());
+        let mut order: Vec<usize> = (0..records.len()).collect();
+        // Stable: the first occurrence of a key comes first among its twins.
+        order.sort_by(|&a, &b| id(a).cmp(&id(b)));
+        let mut unique = Vec::with_capacity(order.len());
+        let mut twins = Vec::new();
+        for index in order {
+            match unique.last() {
+                Some(&first) if id(first) == id(index) => twins.push((index, first)),
+                _ => unique.push(index),
+            }
+        }
+        Self { unique, twins }
+    }
+
+    /// The claims in the batch's own order, from the claims of the unique keys: a twin is a
+    /// duplicate of what its first occurrence claimed or found.
+    pub(crate) fn spread(
+        &self,
+        records: &[NewRecord<'_>],
+        claims: Vec<(usize, Claim)>,
+    ) -> Vec<Claim> {
+        let mut out: Vec<Option<Claim>> = vec![None; records.len()];
+        for (index, claim) in claims {
+            out[index] = Some(claim);
+        }
+        for &(twin, first) in &self.twins {
+            let existing = match &out[first] {
+                Some(Claim::Existing(found)) => found.clone(),
+                _ => StoredRecord {
+                    fingerprint: records[first].fingerprint.map(str::to_owned),
+                    response: records[first].response.map(str::to_owned),
+                    created_at_ms: records[first].now_ms,
+                },
+            };
+            out[twin] = Some(Claim::Existing(existing));
+        }
+        // Every index is a unique key's or a twin's, so every slot is filled.
+        let claims: Vec<Claim> = out.into_iter().flatten().collect();
+        debug_assert_eq!(claims.len(), records.len());
+        claims
+    }
+}
+
 /// The result of writing a dedup record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
@@ -267,6 +323,31 @@ pub trait Store: sealed::Sealed + Send + Sync {
         record: &NewRecord<'_>,
     ) -> impl Future<Output = Result<Claim, sqlx::Error>> + Send;
 
+    /// Claims every record of `records` inside `tx`, as [`claim`](Self::claim) would one by
+    /// one, and returns their claims in the same order. A key given twice is claimed once: the
+    /// later ones are [`Claim::Existing`] with what the first wrote (or found). Keys are claimed
+    /// in `(scope, key)` order, whatever their order in `records`, so that two batches sharing
+    /// keys wait for each other instead of deadlocking. PostgreSQL writes the whole batch in one
+    /// statement (and reads the keys that were already there in one more); the other stores
+    /// claim key by key, in the same transaction.
+    fn claim_batch(
+        &self,
+        tx: &mut Self::Tx,
+        records: &[NewRecord<'_>],
+    ) -> impl Future<Output = Result<Vec<Claim>, sqlx::Error>> + Send
+    where
+        Self: Sized,
+    {
+        async move {
+            let plan = BatchPlan::of(records);
+            let mut claims = Vec::with_capacity(plan.unique.len());
+            for &index in &plan.unique {
+                claims.push((index, self.claim(tx, &records[index]).await?));
+            }
+            Ok(plan.spread(records, claims))
+        }
+    }
+
     /// Stores the JSON result on this transaction's own record, for replay.
     fn save_response(
         &self,
@@ -318,25 +399,27 @@ pub trait Store: sealed::Sealed + Send + Sync {
                 now_ms.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX))
             });
             let mut tx = self.begin().await?;
-            let mut recorded = 0;
-            // A key given twice is one key: its second claim finds this transaction's record.
-            for key in keys {
-                let record = NewRecord {
-                    key: &key,
+            let records: Vec<NewRecord<'_>> = keys
+                .iter()
+                .map(|key| NewRecord {
+                    key,
                     fingerprint: None,
                     response: None,
                     now_ms,
                     expires_at_ms,
-                };
-                match self.claim(&mut tx, &record).await {
-                    Ok(Claim::Claimed) => recorded += 1,
-                    Ok(Claim::Existing(_)) => {}
-                    Err(error) => {
-                        let _ = Self::rollback(tx).await;
-                        return Err(error);
-                    }
+                })
+                .collect();
+            // A key given twice is one key: claimed once.
+            let recorded = match self.claim_batch(&mut tx, &records).await {
+                Ok(claims) => claims
+                    .iter()
+                    .filter(|claim| matches!(claim, Claim::Claimed))
+                    .count() as u64,
+                Err(error) => {
+                    let _ = Self::rollback(tx).await;
+                    return Err(error);
                 }
-            }
+            };
             match self.commit(tx).await {
                 Ok(()) => Ok(recorded),
                 Err(CommitFailure::Database(error)) => Err(error),
@@ -481,3 +564,61 @@ macro_rules! run_transition {
 }
 #[cfg(any(feature = "pg", feature = "mysql", feature = "sqlite"))]
 pub(crate) use run_transition;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_is_claimed_in_key_order_each_key_once() {
+        let keys: Vec<Key> = ["c", "a", "c", "b", "a"]
+            .iter()
+            .map(|id| Key::new("plan", &[("id", id)]).expect("key"))
+            .collect();
+        let records: Vec<NewRecord<'_>> = keys
+            .iter()
+            .map(|key| NewRecord {
+                key,
+                fingerprint: Some("f"),
+                response: None,
+                now_ms: 7,
+                expires_at_ms: None,
+            })
+            .collect();
+        let plan = BatchPlan::of(&records);
+        assert_eq!(
+            plan.unique,
+            [1, 3, 0],
+            "a, b, c: each first occurrence, sorted"
+        );
+        assert_eq!(plan.twins, [(4, 1), (2, 0)]);
+        let found = StoredRecord {
+            fingerprint: None,
+            response: Some("1".into()),
+            created_at_ms: 3,
+        };
+        let claims = plan.spread(
+            &records,
+            vec![
+                (1, Claim::Claimed),
+                (3, Claim::Existing(found.clone())),
+                (0, Claim::Claimed),
+            ],
+        );
+        let written = StoredRecord {
+            fingerprint: Some("f".into()),
+            response: None,
+            created_at_ms: 7,
+        };
+        assert_eq!(
+            claims,
+            [
+                Claim::Claimed,
+                Claim::Claimed,
+                Claim::Existing(written.clone()),
+                Claim::Existing(found),
+                Claim::Existing(written),
+            ]
+        );
+    }
+}

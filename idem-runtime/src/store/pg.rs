@@ -22,8 +22,8 @@ use sqlx::{Postgres, SqlStr, Transaction};
 use super::records::{AgedBatch, RecordDetails, RecordStats, Records, ScopeStats};
 use super::table::Dialect;
 use super::{
-    CLAIM_ATTEMPTS, Claim, CommitFailure, NewRecord, RecordRow, RecordsTable, Store, StoredRecord,
-    TransitionStore, live_record, migrations, record_kept_vanishing, sealed,
+    BatchPlan, CLAIM_ATTEMPTS, Claim, CommitFailure, NewRecord, RecordRow, RecordsTable, Store,
+    StoredRecord, TransitionStore, live_record, migrations, record_kept_vanishing, sealed,
 };
 use crate::classify::is_transaction_gone;
 use crate::clock::{Clock, SharedClock, Sleep};
@@ -67,6 +67,18 @@ const INSERT: &str = "INSERT INTO idem_records \
     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (scope, record_key) DO NOTHING";
 const SELECT: &str = "SELECT fingerprint, response, created_at_ms, expires_at_ms \
     FROM idem_records WHERE scope = $1 AND record_key = $2";
+/// A batch's gate in one statement: every record, in the order given (the batch's sorted
+/// order, so that two batches sharing keys wait instead of deadlocking); returns the keys it
+/// wrote. Binds: scopes, keys, fingerprints, responses, creation times, expiries (arrays).
+const INSERT_BATCH: &str = "INSERT INTO idem_records \
+    (scope, record_key, fingerprint, response, created_at_ms, expires_at_ms) \
+    SELECT s, k, f, r, c, e FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], \
+    $5::int8[], $6::int8[]) WITH ORDINALITY AS t(s, k, f, r, c, e, n) ORDER BY n \
+    ON CONFLICT (scope, record_key) DO NOTHING RETURNING scope, record_key";
+/// The records of the keys a batch's insert found taken. Binds: scopes, keys (arrays).
+const SELECT_BATCH: &str = "SELECT scope, record_key, fingerprint, response, created_at_ms, \
+    expires_at_ms FROM idem_records \
+    WHERE (scope, record_key) IN (SELECT * FROM unnest($1::text[], $2::text[]))";
 const TAKE_OVER_EXPIRED: &str = "UPDATE idem_records \
     SET fingerprint = $3, response = $4, created_at_ms = $5, expires_at_ms = $6 \
     WHERE scope = $1 AND record_key = $2 AND expires_at_ms IS NOT NULL AND expires_at_ms <= $5";
@@ -112,6 +124,16 @@ const TABLE_BYTES: &str = "SELECT (pg_total_relation_size(to_regclass($1)) + COA
     SELECT sum(pg_total_relation_size(relid)) FROM pg_partition_tree(to_regclass($1)) \
     WHERE relid <> to_regclass($1)), 0))::BIGINT";
 
+/// A record with its scope and key, as the batch gate reads the keys it found taken.
+type KeyedRecordRow = (
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    i64,
+    Option<i64>,
+);
+
 /// The statements of a purge by age.
 #[derive(Debug)]
 struct AgedSql {
@@ -129,7 +151,9 @@ struct RecordsSql {
     table: RecordsTable,
     migration: SqlStr,
     insert: SqlStr,
+    insert_batch: SqlStr,
     select: SqlStr,
+    select_batch: SqlStr,
     take_over_expired: SqlStr,
     save_response: SqlStr,
     forget: SqlStr,
@@ -146,7 +170,9 @@ impl RecordsSql {
         Self {
             migration: sql(migrations::POSTGRES),
             insert: sql(INSERT),
+            insert_batch: sql(INSERT_BATCH),
             select: sql(SELECT),
+            select_batch: sql(SELECT_BATCH),
             take_over_expired: sql(TAKE_OVER_EXPIRED),
             save_response: sql(SAVE_RESPONSE),
             forget: sql(FORGET),
@@ -347,6 +373,70 @@ impl Store for PgStore {
             }
         }
         Err(record_kept_vanishing(record.key))
+    }
+
+    async fn claim_batch(
+        &self,
+        tx: &mut Self::Tx,
+        records: &[NewRecord<'_>],
+    ) -> Result<Vec<Claim>, sqlx::Error> {
+        let plan = BatchPlan::of(records);
+        let unique: Vec<&NewRecord<'_>> = plan.unique.iter().map(|&i| &records[i]).collect();
+        let inserted: Vec<(String, String)> = sqlx::query_as(self.sql.insert_batch.clone())
+            .bind(unique.iter().map(|r| r.key.scope()).collect::<Vec<_>>())
+            .bind(unique.iter().map(|r| r.key.value()).collect::<Vec<_>>())
+            .bind(unique.iter().map(|r| r.fingerprint).collect::<Vec<_>>())
+            .bind(unique.iter().map(|r| r.response).collect::<Vec<_>>())
+            .bind(unique.iter().map(|r| r.now_ms).collect::<Vec<_>>())
+            .bind(unique.iter().map(|r| r.expires_at_ms).collect::<Vec<_>>())
+            .fetch_all(&mut **tx)
+            .await?;
+        let inserted: std::collections::HashSet<(String, String)> = inserted.into_iter().collect();
+        let mut claims = Vec::with_capacity(unique.len());
+        let mut taken = Vec::new();
+        for &index in &plan.unique {
+            let key = records[index].key;
+            if inserted.contains(&(key.scope().to_owned(), key.value().to_owned())) {
+                claims.push((index, Claim::Claimed));
+            } else {
+                taken.push(index);
+            }
+        }
+        if !taken.is_empty() {
+            let rows: Vec<KeyedRecordRow> = sqlx::query_as(self.sql.select_batch.clone())
+                .bind(
+                    taken
+                        .iter()
+                        .map(|&i| records[i].key.scope())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    taken
+                        .iter()
+                        .map(|&i| records[i].key.value())
+                        .collect::<Vec<_>>(),
+                )
+                .fetch_all(&mut **tx)
+                .await?;
+            let mut found: std::collections::HashMap<(String, String), RecordRow> = rows
+                .into_iter()
+                .map(|(scope, key, fingerprint, response, created, expires)| {
+                    ((scope, key), (fingerprint, response, created, expires))
+                })
+                .collect();
+            for index in taken {
+                let record = &records[index];
+                let row =
+                    found.remove(&(record.key.scope().to_owned(), record.key.value().to_owned()));
+                match live_record(row, record.now_ms) {
+                    Some(existing) => claims.push((index, Claim::Existing(existing))),
+                    // Expired (to take over) or purged since the insert: the one-key path
+                    // handles both, still in key order.
+                    None => claims.push((index, self.claim(tx, record).await?)),
+                }
+            }
+        }
+        Ok(plan.spread(records, claims))
     }
 
     async fn save_response(
