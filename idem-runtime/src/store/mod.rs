@@ -327,7 +327,11 @@ pub trait Store: sealed::Sealed + Send + Sync {
     /// one, and returns their claims in the same order. A key given twice is claimed once: the
     /// later ones are [`Claim::Existing`] with what the first wrote (or found). Keys are claimed
     /// in `(scope, key)` order, whatever their order in `records`, so that two batches sharing
-    /// keys wait for each other instead of deadlocking. PostgreSQL writes the whole batch in one
+    /// keys wait for each other rather than deadlock. One case escapes the order: on
+    /// PostgreSQL a key found expired, or deleted (by a purge or `forget`) between the batch's
+    /// two statements, is claimed again after the others; a batch racing it for the same keys
+    /// can then deadlock, and the database ends one of them with a retryable error (the broker
+    /// redelivers; nothing is claimed twice). PostgreSQL writes the whole batch in one
     /// statement (and reads the keys that were already there in one more); the other stores
     /// claim key by key, in the same transaction.
     fn claim_batch(
