@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use idem_runtime::retention::{PurgeOptions, PurgeProgress, purge};
 use idem_runtime::sqlx;
-use idem_runtime::sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
-use idem_runtime::sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use idem_runtime::sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
+use idem_runtime::sqlx::mysql::MySqlConnectOptions;
+use idem_runtime::sqlx::postgres::PgConnectOptions;
+use idem_runtime::sqlx::sqlite::SqliteConnectOptions;
 use idem_runtime::store::{RecordDetails, RecordStats, Records, RecordsTable};
 use idem_runtime::{MySqlStore, PgStore, SqliteStore, Store};
 
@@ -30,6 +30,18 @@ macro_rules! on_store {
             Database::Sqlite($store) => $body,
         }
     };
+}
+
+/// A pool of one connection for the command, after a [`probe`] proved the database reachable.
+async fn one_connection<C: sqlx::Connection>(
+    options: C::Options,
+    timeout: Duration,
+) -> Result<sqlx::Pool<C::Database>, sqlx::Error> {
+    probe::<C>(&options, timeout).await?;
+    Ok(sqlx::pool::PoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(timeout)
+        .connect_lazy_with(options))
 }
 
 /// Opens one connection and closes it: a pool retries a refused connection until its timeout
@@ -77,13 +89,9 @@ impl Database {
             Some("postgres" | "postgresql") => {
                 let options =
                     PgConnectOptions::from_str(url).map_err(|e| bad_url(e.to_string()))?;
-                probe::<sqlx::PgConnection>(&options, timeout)
+                let pool = one_connection::<sqlx::PgConnection>(options, timeout)
                     .await
                     .map_err(unreachable)?;
-                let pool = PgPoolOptions::new()
-                    .max_connections(1)
-                    .acquire_timeout(timeout)
-                    .connect_lazy_with(options);
                 Self::Postgres(PgStore::new(pool).with_records_table(table))
             }
             Some("mysql" | "mariadb") => {
@@ -93,13 +101,9 @@ impl Database {
                     .map_or_else(|| url.to_owned(), |rest| format!("mysql:{rest}"));
                 let options =
                     MySqlConnectOptions::from_str(&url).map_err(|e| bad_url(e.to_string()))?;
-                probe::<sqlx::MySqlConnection>(&options, timeout)
+                let pool = one_connection::<sqlx::MySqlConnection>(options, timeout)
                     .await
                     .map_err(unreachable)?;
-                let pool = MySqlPoolOptions::new()
-                    .max_connections(1)
-                    .acquire_timeout(timeout)
-                    .connect_lazy_with(options);
                 Self::MySql(MySqlStore::new(pool).with_records_table(table))
             }
             Some("sqlite") => {
@@ -107,13 +111,9 @@ impl Database {
                     .map_err(|e| bad_url(e.to_string()))?
                     .create_if_missing(open == Open::CreatingSqliteFile)
                     .busy_timeout(timeout);
-                probe::<sqlx::SqliteConnection>(&options, timeout)
+                let pool = one_connection::<sqlx::SqliteConnection>(options, timeout)
                     .await
                     .map_err(unreachable)?;
-                let pool = SqlitePoolOptions::new()
-                    .max_connections(1)
-                    .acquire_timeout(timeout)
-                    .connect_lazy_with(options);
                 Self::Sqlite(SqliteStore::new(pool).with_records_table(table))
             }
             _ => {

@@ -83,6 +83,21 @@ fn expect(url: &str, table: &str, args: &[&str], stdin: Option<&str>, code: i32)
     run
 }
 
+/// `(scope, records)` from `idem --json stats`.
+fn records_per_scope(stats: &Value) -> Vec<(&str, u64)> {
+    stats["scopes"]
+        .as_array()
+        .expect("scopes")
+        .iter()
+        .map(|s| {
+            (
+                s["scope"].as_str().expect("scope"),
+                s["records"].as_u64().expect("records"),
+            )
+        })
+        .collect()
+}
+
 fn key(scope: &'static str, id: &str) -> Key {
     Key::new(scope, &[("order_id", &id)]).expect("key")
 }
@@ -173,17 +188,7 @@ async fn every_command(url: &str, table: &str, fill_it: impl std::future::Future
         (json["records"].as_u64(), json["expired"].as_u64()),
         (Some(17), Some(5))
     );
-    let scopes: Vec<(&str, u64)> = json["scopes"]
-        .as_array()
-        .expect("scopes")
-        .iter()
-        .map(|s| {
-            (
-                s["scope"].as_str().expect("scope"),
-                s["records"].as_u64().expect("records"),
-            )
-        })
-        .collect();
+    let scopes = records_per_scope(&json);
     assert_eq!(
         scopes,
         [
@@ -293,17 +298,7 @@ async fn every_command(url: &str, table: &str, fill_it: impl std::future::Future
     );
     assert!(all.stdout.contains("purged 6 records"), "{all:?}");
     let json = expect(url, table, &["--json", "stats"], None, 0).json();
-    let left: Vec<(&str, u64)> = json["scopes"]
-        .as_array()
-        .expect("scopes")
-        .iter()
-        .map(|s| {
-            (
-                s["scope"].as_str().expect("scope"),
-                s["records"].as_u64().expect("records"),
-            )
-        })
-        .collect();
+    let left = records_per_scope(&json);
     assert_eq!(left, [("cli.b", 2)]);
 
     // A table that does not exist: 4, and what to do.

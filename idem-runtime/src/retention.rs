@@ -3,10 +3,10 @@
 //!
 //! A record that counts forever (no `ttl`) or an expired one that nobody deletes stays in the
 //! records table. [`purge`] deletes them in batches of [`PurgeOptions::batch_size`] records,
-//! each one statement committed on its own, with a pause between batches
-//! ([`DEFAULT_PAUSE`]), until none is left: purging ten million records is two thousand short
-//! transactions, never one long lock or one huge transaction; a gate waits for at most one
-//! batch (on PostgreSQL not even that: a batch skips the rows a gate holds), and the pause
+//! each committed on its own, with a pause between batches ([`DEFAULT_PAUSE`]), until none is
+//! left: purging ten million records is two thousand short transactions, never one long lock
+//! or one huge transaction; a gate waits for at most one batch (on PostgreSQL a batch of
+//! expired records does not even make it wait: it skips the rows a gate holds), and the pause
 //! leaves the database to the live path (measured in BENCHMARKS.md, `pg-purge`).
 //!
 //! What is deleted:
@@ -152,7 +152,9 @@ impl PurgeOptions {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 #[non_exhaustive]
 pub struct PurgeProgress {
-    /// Batches run (statements that deleted something, and the last one that found nothing).
+    /// Batches run, each a bounded delete (of expired records, or of one window of a purge by
+    /// age), counting those that deleted nothing (the last of each phase, and windows without
+    /// old records).
     pub batches: u64,
     /// Records deleted so far.
     pub deleted: u64,

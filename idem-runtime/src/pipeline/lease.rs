@@ -173,9 +173,14 @@ impl Renewal<'_> {
             return body.await;
         }
         let every = (self.rules.lease / 3).max(Duration::from_millis(1));
+        // The first tick's deadline is set now, before the body runs: `select` polls the body
+        // first, and a clock moved while the body holds (a test's `ManualClock`) must still
+        // find the renewal's deadline behind it.
+        let mut tick = self.store.sleep(every);
         let renew = async {
             loop {
-                self.store.sleep(every).await;
+                tick.await;
+                tick = self.store.sleep(every);
                 match self
                     .store
                     .extend(

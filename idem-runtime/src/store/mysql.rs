@@ -35,14 +35,14 @@ use sqlx::{SqlStr, Transaction};
 
 use std::sync::Arc;
 
-use super::records::{AgedBatch, RecordDetails, RecordStats, Records, ScopeStats};
+use super::records::{AgedBatch, AgedSql, RecordStats, Records};
 use super::table::Dialect;
 use super::{
     CLAIM_ATTEMPTS, Claim, CommitFailure, NewRecord, RecordRow, RecordsTable, Store, StoredRecord,
     TransitionStore, live_record, migrations, record_kept_vanishing, sealed,
 };
 use crate::classify::{MYSQL_DUPLICATE_ENTRY, is_savepoint_gone, mysql_duplicate_key_name};
-use crate::clock::{Clock, SharedClock, Sleep};
+use crate::clock::{Clock, SharedClock};
 use crate::key::Key;
 use crate::transition::{
     StateKey, Transition, TransitionOutcome, TransitionSql, transition_statements,
@@ -138,17 +138,6 @@ const STATS: &str = "SELECT scope, COUNT(*), \
 const TABLE_BYTES: &str = "SELECT CAST(DATA_LENGTH + INDEX_LENGTH AS SIGNED) \
     FROM information_schema.TABLES WHERE TABLE_SCHEMA = COALESCE(?, DATABASE()) AND TABLE_NAME = ?";
 
-/// The statements of a purge by age.
-#[derive(Debug)]
-struct AgedSql {
-    window_end: SqlStr,
-    delete_window: SqlStr,
-    delete_tail: SqlStr,
-    window_end_in_scope: SqlStr,
-    delete_window_in_scope: SqlStr,
-    delete_tail_in_scope: SqlStr,
-}
-
 /// The statements a store runs on its records table, built once, when the table is set.
 #[derive(Debug)]
 struct RecordsSql {
@@ -179,14 +168,17 @@ impl RecordsSql {
             save_response: sql(SAVE_RESPONSE),
             forget: sql(FORGET),
             purge_expired_batch: sql(PURGE_EXPIRED_BATCH),
-            aged: AgedSql {
-                window_end: sql(AGED_WINDOW_END),
-                delete_window: sql(DELETE_AGED_WINDOW),
-                delete_tail: sql(DELETE_AGED_TAIL),
-                window_end_in_scope: sql(AGED_WINDOW_END_IN_SCOPE),
-                delete_window_in_scope: sql(DELETE_AGED_WINDOW_IN_SCOPE),
-                delete_tail_in_scope: sql(DELETE_AGED_TAIL_IN_SCOPE),
-            },
+            aged: AgedSql::new(
+                sql,
+                [
+                    AGED_WINDOW_END,
+                    DELETE_AGED_WINDOW,
+                    DELETE_AGED_TAIL,
+                    AGED_WINDOW_END_IN_SCOPE,
+                    DELETE_AGED_WINDOW_IN_SCOPE,
+                    DELETE_AGED_TAIL_IN_SCOPE,
+                ],
+            ),
             stats: sql(STATS),
             table,
         }
@@ -530,13 +522,7 @@ impl Records for MySqlStore {
     async fn stats(&self) -> Result<RecordStats, sqlx::Error> {
         let now_ms = self.clock.now_ms();
         let mut conn = self.pool.acquire().await?;
-        let scopes = sqlx::query_as(self.sql.stats.clone())
-            .bind(now_ms)
-            .fetch_all(&mut *conn)
-            .await?
-            .into_iter()
-            .map(ScopeStats::from_row)
-            .collect();
+        let scopes = super::records::scope_stats!(self.sql.stats.clone(), now_ms, &mut *conn);
         let table = &self.sql.table;
         let bytes: Option<Option<i64>> = sqlx::query_scalar(TABLE_BYTES)
             .bind(table.schema())
@@ -550,19 +536,7 @@ impl Records for MySqlStore {
         })
     }
 
-    async fn inspect(&self, scope: &str, key: &str) -> Result<Option<RecordDetails>, sqlx::Error> {
-        let now_ms = self.clock.now_ms();
-        let row = sqlx::query_as::<_, RecordRow>(self.sql.select.clone())
-            .bind(scope)
-            .bind(key)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(row.map(|row| RecordDetails::from_row(scope, key, row, now_ms)))
-    }
-
-    fn sleep(&self, duration: std::time::Duration) -> Sleep<'_> {
-        self.clock.sleep(duration)
-    }
+    super::records::sql_records_reads!();
 }
 
 impl TransitionStore for MySqlStore {

@@ -121,10 +121,12 @@ pub struct AgedBatch {
 /// bounded batches. Implemented by every [`Store`]; sealed like it. The purge loop and the
 /// background purger ([`crate::retention`]) are written against this trait.
 ///
-/// Each batch is one statement in a transaction of its own, committed before the next: a purge
-/// of millions of records never holds a long lock or grows one huge transaction. On
-/// PostgreSQL, a batch skips rows a gate holds locked (`FOR UPDATE SKIP LOCKED`) instead of
-/// waiting for them.
+/// Each batch commits before the next, and each of its statements (one for expired records; a
+/// read of the window's end and a range delete for a purge by age) touches at most one batch
+/// of rows: a purge of millions of records never holds a long lock or grows one huge
+/// transaction. On PostgreSQL, a batch of expired records skips rows a gate holds locked
+/// (`FOR UPDATE SKIP LOCKED`) instead of waiting for them; a window of a purge by age waits for
+/// them (a gate's transaction is short).
 pub trait Records: Store {
     /// Deletes at most `limit` records whose expiry is at or before `now_ms`, in `scope` when
     /// given; returns how many. Uses the expiry index.
@@ -166,6 +168,142 @@ pub trait Records: Store {
     /// [`ManualClock`](crate::clock::ManualClock).
     fn sleep(&self, duration: Duration) -> Sleep<'_>;
 }
+
+/// The statements of a purge by age, in a store's dialect: the window's end (all scopes, one
+/// scope), the delete of a full window, and the delete of the last, shorter one.
+#[cfg(any(feature = "pg", feature = "mysql", feature = "sqlite"))]
+#[derive(Debug)]
+pub(crate) struct AgedSql {
+    pub(crate) window_end: sqlx::SqlStr,
+    pub(crate) delete_window: sqlx::SqlStr,
+    pub(crate) delete_tail: sqlx::SqlStr,
+    pub(crate) window_end_in_scope: sqlx::SqlStr,
+    pub(crate) delete_window_in_scope: sqlx::SqlStr,
+    pub(crate) delete_tail_in_scope: sqlx::SqlStr,
+}
+
+#[cfg(any(feature = "pg", feature = "mysql", feature = "sqlite"))]
+impl AgedSql {
+    /// `statements` in the order of the fields, each rewritten for the store's table by `sql`.
+    pub(crate) fn new(
+        sql: impl Fn(&'static str) -> sqlx::SqlStr,
+        statements: [&'static str; 6],
+    ) -> Self {
+        let [
+            window_end,
+            delete_window,
+            delete_tail,
+            window_end_in_scope,
+            delete_window_in_scope,
+            delete_tail_in_scope,
+        ] = statements.map(sql);
+        Self {
+            window_end,
+            delete_window,
+            delete_tail,
+            window_end_in_scope,
+            delete_window_in_scope,
+            delete_tail_in_scope,
+        }
+    }
+}
+
+/// The parts of [`Records`] every sqlx store writes the same way, given a pool `self.pool`, a
+/// clock `self.clock` and the one-record statement `self.sql.select`: `inspect` and `sleep`.
+#[cfg(any(feature = "pg", feature = "mysql", feature = "sqlite"))]
+macro_rules! sql_records_reads {
+    () => {
+        async fn inspect(
+            &self,
+            scope: &str,
+            key: &str,
+        ) -> Result<Option<$crate::store::RecordDetails>, sqlx::Error> {
+            let now_ms = self.clock.now_ms();
+            let row = sqlx::query_as::<_, $crate::store::RecordRow>(self.sql.select.clone())
+                .bind(scope)
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await?;
+            Ok(row.map(|row| $crate::store::RecordDetails::from_row(scope, key, row, now_ms)))
+        }
+
+        fn sleep(&self, duration: std::time::Duration) -> $crate::clock::Sleep<'_> {
+            self.clock.sleep(duration)
+        }
+    };
+}
+#[cfg(any(feature = "pg", feature = "mysql", feature = "sqlite"))]
+pub(crate) use sql_records_reads;
+
+/// Every scope's line of [`RecordStats`] (a `Vec<ScopeStats>`), by a store's `stats`
+/// statement (binds: now), on `executor`.
+#[cfg(any(feature = "pg", feature = "mysql", feature = "sqlite"))]
+macro_rules! scope_stats {
+    ($statement:expr, $now_ms:expr, $executor:expr) => {
+        sqlx::query_as($statement)
+            .bind($now_ms)
+            .fetch_all($executor)
+            .await?
+            .into_iter()
+            .map($crate::store::ScopeStats::from_row)
+            .collect::<Vec<_>>()
+    };
+}
+#[cfg(any(feature = "pg", feature = "mysql", feature = "sqlite"))]
+pub(crate) use scope_stats;
+
+/// `Records::purge_created_before_batch` for a dialect that compares row values, where
+/// `(scope, record_key) > (?, ?)` binds the walk's position as two values (PostgreSQL,
+/// SQLite): find the window's end, then delete the old records up to it.
+#[cfg(any(feature = "pg", feature = "sqlite"))]
+macro_rules! row_value_aged_batch {
+    () => {
+        async fn purge_created_before_batch(
+            &self,
+            cutoff_ms: i64,
+            scope: Option<&str>,
+            after: (&str, &str),
+            limit: u32,
+        ) -> Result<$crate::store::AgedBatch, sqlx::Error> {
+            let sql = &self.sql.aged;
+            let offset = i64::from(limit.max(1) - 1);
+            let window_end: Option<(String, String)> = match scope {
+                None => sqlx::query_as(sql.window_end.clone()).bind(after.0),
+                Some(scope) => sqlx::query_as(sql.window_end_in_scope.clone()).bind(scope),
+            }
+            .bind(after.1)
+            .bind(offset)
+            .fetch_optional(&self.pool)
+            .await?;
+            let delete = match (scope, &window_end) {
+                (None, Some((last_scope, last_key))) => sqlx::query(sql.delete_window.clone())
+                    .bind(after.0)
+                    .bind(after.1)
+                    .bind(last_scope)
+                    .bind(last_key),
+                (Some(scope), Some((_, last_key))) => {
+                    sqlx::query(sql.delete_window_in_scope.clone())
+                        .bind(scope)
+                        .bind(after.1)
+                        .bind(last_key)
+                }
+                (None, None) => sqlx::query(sql.delete_tail.clone())
+                    .bind(after.0)
+                    .bind(after.1),
+                (Some(scope), None) => sqlx::query(sql.delete_tail_in_scope.clone())
+                    .bind(scope)
+                    .bind(after.1),
+            };
+            let done = delete.bind(cutoff_ms).execute(&self.pool).await?;
+            Ok($crate::store::AgedBatch {
+                deleted: done.rows_affected(),
+                last: window_end,
+            })
+        }
+    };
+}
+#[cfg(any(feature = "pg", feature = "sqlite"))]
+pub(crate) use row_value_aged_batch;
 
 #[cfg(test)]
 mod tests {

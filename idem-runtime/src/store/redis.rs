@@ -477,11 +477,12 @@ impl RedisStore {
     }
 
     /// Waits `duration` on the store's clock: real time, or until an injected clock is advanced
-    /// past it (the lease renewal waits here, so tests drive it with a `ManualClock`).
-    pub(crate) async fn sleep(&self, duration: Duration) {
+    /// past it (the lease renewal waits here, so tests drive it with a `ManualClock`). The
+    /// deadline is fixed when this is called, not when the future is first polled.
+    pub(crate) fn sleep(&self, duration: Duration) -> crate::clock::Sleep<'_> {
         match &self.clock {
-            Some(clock) => clock.sleep(duration).await,
-            None => tokio::time::sleep(duration).await,
+            Some(clock) => clock.sleep(duration),
+            None => Box::pin(tokio::time::sleep(duration)),
         }
     }
 

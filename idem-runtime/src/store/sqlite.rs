@@ -30,14 +30,14 @@ use sqlx::sqlite::{
 };
 use sqlx::{SqlStr, Sqlite, Transaction};
 
-use super::records::{AgedBatch, RecordDetails, RecordStats, Records, ScopeStats};
+use super::records::{AgedSql, RecordStats, Records};
 use super::table::Dialect;
 use super::{
     Claim, CommitFailure, NewRecord, RecordRow, RecordsTable, Store, StoredRecord, TransitionStore,
     live_record, migrations, sealed,
 };
 use crate::classify::{is_savepoint_gone, sqlite_unique_detail_matches};
-use crate::clock::{Clock, SharedClock, Sleep};
+use crate::clock::{Clock, SharedClock};
 use crate::key::Key;
 use crate::transition::{
     StateKey, Transition, TransitionOutcome, TransitionSql, transition_statements,
@@ -131,17 +131,6 @@ const STATS: &str = "SELECT scope, count(*), \
 /// the schema (`main` unless attached), the table's name, the index's name.
 const TABLE_BYTES: &str = "SELECT sum(pgsize) FROM dbstat(?1) WHERE name IN (?2, ?3)";
 
-/// The statements of a purge by age.
-#[derive(Debug)]
-struct AgedSql {
-    window_end: SqlStr,
-    delete_window: SqlStr,
-    delete_tail: SqlStr,
-    window_end_in_scope: SqlStr,
-    delete_window_in_scope: SqlStr,
-    delete_tail_in_scope: SqlStr,
-}
-
 /// The statements a store runs on its records table, built once, when the table is set.
 #[derive(Debug)]
 struct RecordsSql {
@@ -168,14 +157,17 @@ impl RecordsSql {
             save_response: sql(SAVE_RESPONSE),
             forget: sql(FORGET),
             purge_expired_batch: sql(PURGE_EXPIRED_BATCH),
-            aged: AgedSql {
-                window_end: sql(AGED_WINDOW_END),
-                delete_window: sql(DELETE_AGED_WINDOW),
-                delete_tail: sql(DELETE_AGED_TAIL),
-                window_end_in_scope: sql(AGED_WINDOW_END_IN_SCOPE),
-                delete_window_in_scope: sql(DELETE_AGED_WINDOW_IN_SCOPE),
-                delete_tail_in_scope: sql(DELETE_AGED_TAIL_IN_SCOPE),
-            },
+            aged: AgedSql::new(
+                sql,
+                [
+                    AGED_WINDOW_END,
+                    DELETE_AGED_WINDOW,
+                    DELETE_AGED_TAIL,
+                    AGED_WINDOW_END_IN_SCOPE,
+                    DELETE_AGED_WINDOW_IN_SCOPE,
+                    DELETE_AGED_TAIL_IN_SCOPE,
+                ],
+            ),
             stats: sql(STATS),
             table,
         }
@@ -466,57 +458,12 @@ impl Records for SqliteStore {
         Ok(done.rows_affected())
     }
 
-    async fn purge_created_before_batch(
-        &self,
-        cutoff_ms: i64,
-        scope: Option<&str>,
-        after: (&str, &str),
-        limit: u32,
-    ) -> Result<AgedBatch, sqlx::Error> {
-        let sql = &self.sql.aged;
-        let offset = i64::from(limit.max(1) - 1);
-        let window_end: Option<(String, String)> = match scope {
-            None => sqlx::query_as(sql.window_end.clone()).bind(after.0),
-            Some(scope) => sqlx::query_as(sql.window_end_in_scope.clone()).bind(scope),
-        }
-        .bind(after.1)
-        .bind(offset)
-        .fetch_optional(&self.pool)
-        .await?;
-        let delete = match (scope, &window_end) {
-            (None, Some((last_scope, last_key))) => sqlx::query(sql.delete_window.clone())
-                .bind(after.0)
-                .bind(after.1)
-                .bind(last_scope)
-                .bind(last_key),
-            (Some(scope), Some((_, last_key))) => sqlx::query(sql.delete_window_in_scope.clone())
-                .bind(scope)
-                .bind(after.1)
-                .bind(last_key),
-            (None, None) => sqlx::query(sql.delete_tail.clone())
-                .bind(after.0)
-                .bind(after.1),
-            (Some(scope), None) => sqlx::query(sql.delete_tail_in_scope.clone())
-                .bind(scope)
-                .bind(after.1),
-        };
-        let done = delete.bind(cutoff_ms).execute(&self.pool).await?;
-        Ok(AgedBatch {
-            deleted: done.rows_affected(),
-            last: window_end,
-        })
-    }
+    super::records::row_value_aged_batch!();
 
     async fn stats(&self) -> Result<RecordStats, sqlx::Error> {
         let now_ms = self.clock.now_ms();
         let mut conn = self.pool.acquire().await?;
-        let scopes = sqlx::query_as(self.sql.stats.clone())
-            .bind(now_ms)
-            .fetch_all(&mut *conn)
-            .await?
-            .into_iter()
-            .map(ScopeStats::from_row)
-            .collect();
+        let scopes = super::records::scope_stats!(self.sql.stats.clone(), now_ms, &mut *conn);
         let table = &self.sql.table;
         // Without `dbstat` compiled in, the size is unknown, not an error.
         let bytes: Option<i64> = sqlx::query_scalar(TABLE_BYTES)
@@ -533,19 +480,7 @@ impl Records for SqliteStore {
         })
     }
 
-    async fn inspect(&self, scope: &str, key: &str) -> Result<Option<RecordDetails>, sqlx::Error> {
-        let now_ms = self.clock.now_ms();
-        let row = sqlx::query_as::<_, RecordRow>(self.sql.select.clone())
-            .bind(scope)
-            .bind(key)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(row.map(|row| RecordDetails::from_row(scope, key, row, now_ms)))
-    }
-
-    fn sleep(&self, duration: Duration) -> Sleep<'_> {
-        self.clock.sleep(duration)
-    }
+    super::records::sql_records_reads!();
 }
 
 impl TransitionStore for SqliteStore {
