@@ -31,6 +31,7 @@ pub(crate) enum Name {
     Done,
     Early,
     OnMissing,
+    Batch,
 }
 
 /// What an argument's value looks like.
@@ -415,6 +416,31 @@ pub(crate) const ARGUMENTS: &[Argument] = &[
         applies: STATE_MACHINE_ONLY,
         doc: "what to do when the row does not exist yet",
     },
+    Argument {
+        id: Name::Batch,
+        name: "batch",
+        shape: Shape::Flag,
+        example: "batch",
+        presence: Presence::Optional { default: "off" },
+        applies: Applies::Only {
+            strategies: &[StrategyKind::DedupTable, StrategyKind::UniqueConstraint],
+            refusals: &[
+                (
+                    StrategyKind::StateMachine,
+                    "`batch` applies to `dedup_table` and `unique_constraint`: a `state_machine` step is one guarded update per entity, which a batch would not make cheaper; remove `batch`, or use `strategy = \"dedup_table\"`",
+                ),
+                (
+                    StrategyKind::Lock,
+                    "`batch` needs a database transaction that the gate and the body share, and Redis has none: remove `batch`, or use `strategy = \"dedup_table\"` on a SQL store",
+                ),
+                (
+                    StrategyKind::Token,
+                    "`batch` needs a database transaction that the gate and the body share, and Redis has none: remove `batch`, or use `strategy = \"dedup_table\"` on a SQL store",
+                ),
+            ],
+        },
+        doc: "handle many deliveries in one transaction: the handler takes `msgs: &[M]`, and the generated function takes `Vec<(M, impl Acknowledger)>` and returns one result per delivery. Every key is gated in one statement, a key twice in the batch is handled once, the body gets only the fresh messages, one commit, then every delivery is acked. A failing batch is rolled back and split in halves down to the failing message, which is retried or dead-lettered on its own; the rest commit. Returns `Result<(), E>`; not with `replay` nor `mode = \"observe\"`. See [`pipeline::batch`](crate::pipeline::batch).",
+    },
 ];
 
 /// The argument written `name`.
@@ -658,6 +684,7 @@ mod tests {
                 Name::Done => 19,
                 Name::Early => 20,
                 Name::OnMissing => 21,
+                Name::Batch => 22,
             }
         }
         let positions: Vec<usize> = ARGUMENTS.iter().map(|a| position(a.id)).collect();
@@ -751,7 +778,7 @@ mod tests {
         );
         assert_eq!(
             flags(),
-            "`replay`, `fingerprint`, `fixed_lease` and `spend_on_error`"
+            "`replay`, `fingerprint`, `fixed_lease`, `spend_on_error` and `batch`"
         );
     }
 }

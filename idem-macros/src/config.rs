@@ -318,6 +318,9 @@ pub(crate) fn validate(
             "on MySQL/MariaDB the error names the key but not its table, so `PRIMARY` would match a primary-key violation in any table the body writes to; put a named unique key on the key column (`CONSTRAINT payments_order_id_key UNIQUE (order_id)`) and name it",
         );
     }
+    if parsed.batch.is_some() {
+        batch(&parsed, errors);
+    }
     let strategy = match parsed.strategy {
         Some((StrategyKind::DedupTable, _)) => Some(StrategyConfig::DedupTable),
         Some((StrategyKind::UniqueConstraint, _)) => parsed
@@ -348,6 +351,27 @@ pub(crate) fn validate(
         mode: parsed.mode.unwrap_or(Mode::Enforce),
         strategy: strategy?,
     })
+}
+
+/// What `batch` does not go with.
+fn batch(parsed: &Parsed, errors: &mut Errors) {
+    if let Some(replay) = parsed.replay {
+        errors.error(
+            replay,
+            "`replay` returns each message's own result to its duplicates, and a `batch` body returns one result for many messages: remove `replay` (or `batch`)",
+        );
+    }
+    if parsed.mode == Some(Mode::Observe)
+        && let Some(mode) = parsed
+            .written
+            .iter()
+            .find(|written| written.argument.id == crate::arguments::Name::Mode)
+    {
+        errors.spanned(
+            &mode.tokens,
+            "`mode = \"observe\"` is for adopting idem on a handler of one message at a time; a `batch` handler is new code: remove `mode` (or `batch`)",
+        );
+    }
 }
 
 /// `token`'s settings: the key is the token, one field the client sends back.

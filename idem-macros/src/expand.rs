@@ -431,6 +431,80 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
     let inputs = &sig.inputs;
     let asyncness = &sig.asyncness;
     let original_output = &sig.output;
+    let body_companion = quote! {
+        #(#companion_attrs)*
+        #[doc = #body_doc]
+        // The same statements are linted where they also stand, in the handler itself.
+        #[allow(dead_code, clippy::all, clippy::pedantic)]
+        #vis #asyncness fn #body_ident #generics (#inputs) #original_output #where_clause {
+            #(#inner_attrs)*
+            #(#body)*
+        }
+    };
+
+    if let (Some(element), Some(tx)) = (&handler.batch_element, &handler.tx) {
+        let tx_pat = &tx.pat;
+        let tx_type = elide_lifetimes(&tx.ty);
+        let tx_arg = format_ident!("tx", span = mixed.located_at(tx.ty.span()));
+        let deliveries = format_ident!("deliveries", span = mixed);
+        let run = format_ident!("run", span = mixed);
+        let part = format_ident!("part", span = mixed);
+        let messages = format_ident!("messages", span = mixed);
+        let message_id_arg = format_ident!("message_id", span = mixed);
+        let batch_output = respan(quote!(#private::assert_batch_output::<#output>), output_span);
+        return quote! {
+            #scope_probe
+            #(#attrs)*
+            #vis async fn #ident #generics (
+                #receiver
+                #store_param: &#private::#store_type,
+                #deliveries: ::std::vec::Vec<(#element, impl #private::Acknowledger)>,
+            ) -> ::std::vec::Vec<#returns> #where_clause {
+                #(#inner_attrs)*
+                const _: () = #check_scope(#scope);
+                #batch_output();
+                static #spec: #private::HandlerSpec = #private::HandlerSpec::new(#scope)
+                    .at(#private::core::concat!(
+                        #private::core::module_path!(), "::", #ident_text, "@",
+                        #private::core::file!(), ":",
+                        #private::core::line!(), ":",
+                        #private::core::column!()
+                    ))
+                    #ttl #max_attempts;
+                #private::inventory::submit! { #private::Registration::of(&#spec) }
+                // Each part of the batch: gate, body on the fresh messages, commit and ack, or
+                // roll back and split. The body is an async block, as for one message.
+                let mut #run = #private::open_batch(
+                    #store_param,
+                    &#spec,
+                    #handler_errors,
+                    #deliveries,
+                    || #strategy_value,
+                    |#message_param: &#element, #message_id_arg: #private::core::option::Option<&str>| {
+                        let #message_id_var = #message_id_arg;
+                        #build_key
+                    },
+                    |#message_param: &#element| #fingerprint_value,
+                )
+                .await;
+                while let #private::core::option::Option::Some(mut #part) = #run.next_part().await {
+                    let (#tx_arg, #messages, #span_var) = #part.parts();
+                    let #result = #private::body::<#output, _>(#span_var, async {
+                        #[allow(clippy::no_effect_underscore_binding)]
+                        let #tx_pat: #tx_type = #tx_arg;
+                        #[allow(clippy::no_effect_underscore_binding)]
+                        let #message_pat: &[#element] = #messages;
+                        #(#body)*
+                    })
+                    .await;
+                    #run.finish_part(#part, #into_result(#result)).await;
+                }
+                #run.into_results()
+            }
+
+            #body_companion
+        };
+    }
 
     quote! {
         #scope_probe
@@ -468,13 +542,6 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
 
         #in_transaction_companion
 
-        #(#companion_attrs)*
-        #[doc = #body_doc]
-        // The same statements are linted where they also stand, in the handler itself.
-        #[allow(dead_code, clippy::all, clippy::pedantic)]
-        #vis #asyncness fn #body_ident #generics (#inputs) #original_output #where_clause {
-            #(#inner_attrs)*
-            #(#body)*
-        }
+        #body_companion
     }
 }

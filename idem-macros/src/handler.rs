@@ -15,6 +15,8 @@ pub(crate) struct Handler {
     pub(crate) tx: Option<PatType>,
     pub(crate) message: PatType,
     pub(crate) output: Type,
+    /// `batch`: `M` in the message parameter's `&[M]`.
+    pub(crate) batch_element: Option<Type>,
 }
 
 fn tx_example(store: Option<StoreKind>) -> &'static str {
@@ -29,6 +31,7 @@ fn tx_example(store: Option<StoreKind>) -> &'static str {
 pub(crate) fn check(
     sig: &Signature,
     store: Option<StoreKind>,
+    batch: bool,
     errors: &mut Errors,
 ) -> Option<Handler> {
     let tx_example = tx_example(store);
@@ -95,6 +98,24 @@ pub(crate) fn check(
             "the message must be taken by value or shared reference, not `&mut`: the handler may not change what it was given",
         );
     }
+    let batch_element = match (&message, batch) {
+        (Some(message), true) => match &*message.ty {
+            Type::Reference(reference) if reference.mutability.is_none() => match &*reference.elem
+            {
+                Type::Slice(slice) => Some((*slice.elem).clone()),
+                _ => None,
+            },
+            _ => None,
+        }
+        .or_else(|| {
+            errors.error(
+                message.ty.span(),
+                "a `batch` handler takes its messages as a slice, `msgs: &[YourMessage]`: the body gets the fresh messages of the batch, and a part of them again when a failing batch is split",
+            );
+            None
+        }),
+        _ => None,
+    };
     let output = match &sig.output {
         ReturnType::Type(_, ty) if is_never_a_result(ty) => {
             let shown = quote::ToTokens::to_token_stream(ty).to_string();
@@ -120,6 +141,7 @@ pub(crate) fn check(
         tx,
         message: message?,
         output: output?,
+        batch_element: if batch { Some(batch_element?) } else { None },
     })
 }
 

@@ -49,10 +49,11 @@ fn idempotent_impl(
     };
     let parsed = parse::parse(attr, &mut errors);
     let store = parsed.store.map(|(kind, _)| kind);
+    let batch = parsed.batch.is_some();
     // A misspelt `scope` counts as written: it is reported once, as misspelt.
     let scope_written = parsed.unparsable || parsed.has(arguments::Name::Scope);
     let config = config::validate(parsed, attribute_span, &mut errors);
-    let handler = handler::check(&function.sig, store, &mut errors);
+    let handler = handler::check(&function.sig, store, batch, &mut errors);
     if !scope_written {
         handler::require_scope_where_the_default_is_shared(&function.sig, &mut errors);
     }

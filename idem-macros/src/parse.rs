@@ -47,6 +47,7 @@ pub(crate) struct Parsed {
     pub(crate) lease_millis: Option<u64>,
     pub(crate) fixed_lease: Option<Span>,
     pub(crate) spend_on_error: Option<Span>,
+    pub(crate) batch: Option<Span>,
     /// Every argument written once, valid or not, in order.
     pub(crate) written: Vec<Written>,
     /// The arguments that misspelt names were most likely meant to be: not also reported
@@ -129,6 +130,7 @@ fn value(parsed: &mut Parsed, argument: &Argument, meta: &Meta, errors: &mut Err
         Name::Fingerprint => return flag(meta, argument, errors, &mut parsed.fingerprint),
         Name::FixedLease => return flag(meta, argument, errors, &mut parsed.fixed_lease),
         Name::SpendOnError => return flag(meta, argument, errors, &mut parsed.spend_on_error),
+        Name::Batch => return flag(meta, argument, errors, &mut parsed.batch),
         Name::Lease => parsed.lease_millis = lit(errors).and_then(|lit| lease(&lit, errors)),
         Name::MaxAttempts => parsed.max_attempts = count(meta, argument, "deliveries", errors),
         Name::From => parsed.from = states(meta, argument, errors),

@@ -12,6 +12,7 @@ pub use crate::outcome::Outcome;
 pub use crate::payload::{JsonReplay, NoReplay};
 #[cfg(feature = "redis")]
 pub use crate::pipeline::lease::{LeaseGate, Renewal, open_lease};
+pub use crate::pipeline::batch::{BatchOutput, BatchPart, BatchRun, open_batch};
 pub use crate::pipeline::{
     CallerGate, HandlerResult, HandlerSpec, OpenGate, PanicPayload, Prepared, Registration, body,
     open, open_in,
@@ -91,6 +92,10 @@ pub fn into_result<R: HandlerResult>(
 ) -> Result<Result<R::Ok, R::Err>, PanicPayload> {
     result.map(HandlerResult::into_result)
 }
+
+/// Checks, on the handler's return type, that a `batch` handler returns `Result<(), E>`.
+#[inline(always)]
+pub const fn assert_batch_output<R: BatchOutput>() {}
 
 /// The key value of a `state_machine` gate, checked where the key is written.
 #[inline]

@@ -120,6 +120,27 @@ pub trait Acknowledger: Send {
         self,
         letter: DeadLetter<'_>,
     ) -> impl Future<Output = Result<(), Self::Error>> + Send;
+
+    /// Acknowledges every delivery of `acks`, after the one commit that covered them all (a
+    /// `batch` handler's part), and returns what the broker said to each, in order. The
+    /// default acks them one by one; a broker that acknowledges many deliveries in one call
+    /// overrides it (RabbitMQ's `multiple`, where it is safe).
+    fn ack_all(
+        acks: Vec<Self>,
+        proof: Committed,
+    ) -> impl Future<Output = Vec<Result<(), Self::Error>>> + Send
+    where
+        Self: Sized,
+    {
+        let _ = proof;
+        async move {
+            let mut told = Vec::with_capacity(acks.len());
+            for ack in acks {
+                told.push(ack.ack(Committed::new()).await);
+            }
+            told
+        }
+    }
 }
 
 /// The acknowledger of a direct call, with no broker behind it: every method does nothing, and

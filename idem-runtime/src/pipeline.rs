@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use futures_util::FutureExt as _;
 
+pub mod batch;
 #[cfg(feature = "redis")]
 pub mod lease;
 use tracing::Instrument as _;

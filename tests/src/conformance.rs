@@ -126,6 +126,41 @@ macro_rules! conformance_suite {
                 Ok(msg.amount)
             }
 
+            /// Every batch body: counts each message's run and writes its ledger entry, then
+            /// fails or panics where a test asked it to, for any message of the batch.
+            async fn work_batch(tx: &mut $tx, msgs: &[Payment]) -> Result<(), AppError> {
+                for msg in msgs {
+                    $crate::count_run(&msg.order_id);
+                    tx.ledger(&msg.order_id, msg.amount).await?;
+                }
+                for msg in msgs {
+                    $crate::maybe_panic(&msg.order_id);
+                    $crate::maybe_fail(&msg.order_id)?;
+                }
+                Ok(())
+            }
+
+            #[idempotent(key = "order_id", store = $store, strategy = "dedup_table", scope = "conf.batch.dedup", batch)]
+            pub async fn dedup_batch(tx: &mut $tx, msgs: &[Payment]) -> Result<(), AppError> {
+                work_batch(tx, msgs).await
+            }
+
+            #[idempotent(key = "order_id", store = $store, strategy = "dedup_table", scope = "conf.batch.dedup.fingerprint", batch, fingerprint)]
+            pub async fn dedup_batch_fingerprint(tx: &mut $tx, msgs: &[Payment]) -> Result<(), AppError> {
+                work_batch(tx, msgs).await
+            }
+
+            $crate::__unless_skipped!(sql, [$($skip),*],
+                #[idempotent(key = "order_id", store = $store, strategy = "dedup_table", scope = "conf.batch.dedup.swallow", batch)]
+                pub async fn dedup_batch_swallowing(tx: &mut $tx, msgs: &[Payment]) -> Result<(), AppError> {
+                    work_batch(tx, msgs).await?;
+                    if msgs.iter().any(|msg| $crate::should_swallow(&msg.order_id)) {
+                        $crate::effects::SwallowsAFailure::swallow_a_failed_statement(tx).await;
+                    }
+                    Ok(())
+                }
+            );
+
             $crate::__unless_skipped!(sql, [$($skip),*],
                 #[idempotent(key = "order_id", store = $store, strategy = "dedup_table", scope = "conf.dedup.swallow")]
                 pub async fn dedup_swallowing(tx: &mut $tx, msg: Payment) -> Result<i64, AppError> {
@@ -155,6 +190,14 @@ macro_rules! conformance_suite {
                     tx.ledger(&msg.order_id, msg.amount).await?;
                     $crate::maybe_panic(&msg.order_id);
                     $crate::maybe_fail(&msg.order_id)
+                }
+
+                #[idempotent(key = "order_id", store = $store, strategy = "unique_constraint", scope = "conf.batch.unique", constraint = $constraint, batch)]
+                pub async fn unique_batch(tx: &mut $tx, msgs: &[Payment]) -> Result<(), AppError> {
+                    for msg in msgs {
+                        write_payment(tx, msg).await?;
+                    }
+                    Ok(())
                 }
 
                 #[idempotent(key = "order_id", store = $store, strategy = "unique_constraint", scope = "conf.unique", constraint = $constraint)]
@@ -282,6 +325,33 @@ macro_rules! conformance_suite {
             mod state_machine {
                 use super::*;
                 $crate::__state_machine_cases!(open = $open, p1 = $p1);
+            }
+        );
+
+        mod batch_dedup_table {
+            use super::*;
+            $crate::__batch_cases!(
+                open = $open,
+                batch = handlers::dedup_batch,
+                fingerprint = handlers::dedup_batch_fingerprint,
+                scope = "conf.batch.dedup",
+                duplicates_run_the_body = false,
+            );
+            $crate::__unless_skipped!(sql, [$($skip),*],
+                $crate::__batch_commit_failure_case!(open = $open, batch = handlers::dedup_batch_swallowing);
+            );
+        }
+
+        $crate::__unless_skipped!(unique_constraint, [$($skip),*],
+            mod batch_unique_constraint {
+                use super::*;
+                $crate::__batch_cases!(
+                    open = $open,
+                    batch = handlers::unique_batch,
+                    fingerprint = handlers::dedup_batch_fingerprint,
+                    scope = "conf.batch.unique",
+                    duplicates_run_the_body = true,
+                );
             }
         );
 

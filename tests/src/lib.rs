@@ -18,6 +18,7 @@ pub mod memory;
 pub mod mysql;
 pub mod pg;
 pub mod sqlite;
+pub mod batch;
 pub mod ui;
 
 /// A message for the conformance handlers.

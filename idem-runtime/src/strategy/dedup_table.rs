@@ -9,6 +9,10 @@
 //!
 //! Cost over a hand-written handler: one `INSERT` on the happy path, plus one `UPDATE` of the
 //! record with `replay`. A duplicate costs the `INSERT` and one `SELECT`.
+//!
+//! In a batch (`batch`), every key of the batch is claimed in one call,
+//! [`claim_batch`](crate::store::Store::claim_batch), in key order, so that two batches sharing
+//! keys wait for each other instead of deadlocking.
 
 use super::{Delivery, Gate, Strategy};
 use crate::store::Store;
@@ -29,6 +33,17 @@ impl<S: Store> Strategy<S> for DedupTable {
         delivery: &Delivery<'_>,
     ) -> Result<Gate, sqlx::Error> {
         Ok(store.claim(tx, &delivery.record(None)).await?.into())
+    }
+
+    async fn enter_batch(
+        &self,
+        store: &S,
+        tx: &mut S::Tx,
+        deliveries: &[Delivery<'_>],
+    ) -> Result<Vec<Gate>, sqlx::Error> {
+        let records: Vec<_> = deliveries.iter().map(|delivery| delivery.record(None)).collect();
+        let claims = store.claim_batch(tx, &records).await?;
+        Ok(claims.into_iter().map(Gate::from).collect())
     }
 
     async fn leave(

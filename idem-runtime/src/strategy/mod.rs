@@ -151,6 +151,25 @@ pub trait Strategy<S: Store>: sealed::Sealed + Send + Sync {
         delivery: &Delivery<'_>,
     ) -> impl Future<Output = Result<Gate, sqlx::Error>> + Send;
 
+    /// Runs in the transaction before the body of a batch (`batch`), for every delivery of
+    /// it, and returns one verdict per delivery, in order. Each key appears once (the runtime
+    /// gates a key given twice once). The default runs [`enter`](Self::enter) for each;
+    /// `dedup_table` claims every key in one call ([`Store::claim_batch`]).
+    fn enter_batch(
+        &self,
+        store: &S,
+        tx: &mut S::Tx,
+        deliveries: &[Delivery<'_>],
+    ) -> impl Future<Output = Result<Vec<Gate>, sqlx::Error>> + Send {
+        async move {
+            let mut gates = Vec::with_capacity(deliveries.len());
+            for delivery in deliveries {
+                gates.push(self.enter(store, tx, delivery).await?);
+            }
+            Ok(gates)
+        }
+    }
+
     /// Runs in the transaction after the body succeeded, with its encoded result (`replay`).
     fn leave(
         &self,
