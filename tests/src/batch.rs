@@ -76,7 +76,13 @@ macro_rules! __batch_cases {
             assert_eq!(tally(&results), (0, 10, 0), "{results:?}");
             assert!(all_acked_once(&acks));
             for key in &keys {
-                assert_eq!(runs(key), if $runs_on_duplicate { 2 } else { 1 }, "{key}");
+                if $runs_on_duplicate {
+                    // The constraint refuses a part's write without saying which message's:
+                    // the part is split down to each duplicate (10, 5, 3, 2, 1).
+                    assert!((2..=6).contains(&runs(key)), "{key}: {}", runs(key));
+                } else {
+                    assert_eq!(runs(key), 1, "{key}: a duplicate never reaches the body");
+                }
                 assert_eq!(store.ledger_rows(key).await, 1, "{key}");
             }
         }
