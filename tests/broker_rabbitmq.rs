@@ -1324,3 +1324,125 @@ async fn concurrent_copies_on_one_channel_each_land_once() {
         assert_nothing_left(&connection, topology).await;
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Batch mode
+
+/// Body runs of the batch handler (one per part of a batch).
+static BATCH_BODIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+#[idempotent(
+    key = "order_id",
+    store = "pg",
+    strategy = "dedup_table",
+    scope = "rmq.batch",
+    batch
+)]
+async fn on_batch(tx: &mut PgTx<'_>, msgs: &[Payment]) -> Result<(), TestError> {
+    BATCH_BODIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    for msg in msgs {
+        body(tx, &msg.order_id, msg).await?;
+    }
+    Ok(())
+}
+
+/// g. Batch mode: every message twice (some copies in one batch, some in two batches running
+/// at once), a permanent failure and an undecodable payload among them. Each effect once, the
+/// poison and the undecodable payload dead-lettered on their own, every other delivery acked
+/// (nothing left), in far fewer body runs than messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_mode_each_effect_once_and_poison_dead_lettered() {
+    idem_tests::init_tracing();
+    let store = idem_tests::pg::store().await;
+    let connection = connect().await;
+    let topology = topology(&connection, "batch").await;
+    let publisher = confirmed_channel(&connection).await;
+
+    const N: usize = 300;
+    let keys: Vec<String> = (0..N).map(|_| unique_key("rmq-batch")).collect();
+    let poison = unique_key("rmq-batch-poison");
+    let undecodable = format!(r#"{{"order_id": "{}""#, unique_key("rmq-batch-undecodable"));
+    for (i, key) in keys.iter().enumerate() {
+        publish_payment(&publisher, &topology, &Payment::new(key, 1), None).await;
+        if i == N / 2 {
+            publish_payment(&publisher, &topology, &Payment::new(&poison, -1), None).await;
+            publish(&publisher, &topology, undecodable.as_bytes(), None).await;
+        }
+        // Every third key's copy right behind it (the same batch), the rest one pass later.
+        if i % 3 == 0 {
+            publish_payment(&publisher, &topology, &Payment::new(key, 1), None).await;
+        }
+    }
+    for (i, key) in keys.iter().enumerate() {
+        if i % 3 != 0 {
+            publish_payment(&publisher, &topology, &Payment::new(key, 1), None).await;
+        }
+    }
+    let published = 2 * N as u64 + 2;
+    assert_eq!(
+        u64::from(depth(&connection, topology.queue()).await),
+        published
+    );
+
+    let channel = connection.create_channel().await.expect("create a channel");
+    let consumer = idem_runtime::broker::rabbitmq::RabbitMqBatchConsumer::new(
+        channel,
+        topology.clone(),
+        idem_runtime::batch_handler!(on_batch),
+        store.clone(),
+    )
+    .with_options(ConsumerOptions::default().concurrency(2))
+    .with_batch(
+        idem_runtime::broker::BatchOptions::default()
+            .max_size(100)
+            .max_wait(Duration::from_millis(50)),
+    );
+    let stats = consumer.stats();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(consumer.run(shutdown.clone()));
+    let running = Running {
+        shutdown,
+        stats,
+        task,
+    };
+    running.settled("every delivery settled", published).await;
+    let report = running.stop().await;
+
+    assert_eq!(
+        (
+            report.processed,
+            report.duplicates,
+            report.dead_lettered,
+            report.requeued,
+            report.unsettled,
+            report.settle_failures
+        ),
+        (N as u64, N as u64, 2, 0, 0, 0),
+        "{report:?}"
+    );
+    for key in &keys {
+        assert_eq!(store.ledger_rows(key).await, 1, "{key}: one committed run");
+        assert!(runs(key) <= 8, "{key}: {} runs", runs(key));
+    }
+    assert_eq!(store.ledger_rows(&poison).await, 0);
+    let bodies = BATCH_BODIES.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        bodies < 60,
+        "{bodies} body runs for {published} deliveries: the runner batches"
+    );
+    let letters = dead_letters(&connection, &topology).await;
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    assert!(
+        letters.iter().any(|letter| letter
+            .reason
+            .contains(&format!("order {poison} is invalid"))),
+        "{letters:?}"
+    );
+    assert!(
+        letters
+            .iter()
+            .any(|letter| letter.reason.contains("does not decode")),
+        "{letters:?}"
+    );
+    assert_nothing_left(&connection, &topology).await;
+}

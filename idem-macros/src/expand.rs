@@ -451,7 +451,10 @@ pub(crate) fn expand(expansion: Expansion<'_>) -> TokenStream {
         let part = format_ident!("part", span = mixed);
         let messages = format_ident!("messages", span = mixed);
         let message_id_arg = format_ident!("message_id", span = mixed);
-        let batch_output = respan(quote!(#private::assert_batch_output::<#output>), output_span);
+        let batch_output = respan(
+            quote!(#private::assert_batch_output::<#output>),
+            output_span,
+        );
         return quote! {
             #scope_probe
             #(#attrs)*

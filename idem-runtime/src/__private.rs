@@ -10,9 +10,9 @@ pub use crate::error::{Error, HandlerErrors};
 pub use crate::key::{Key, KeyPart};
 pub use crate::outcome::Outcome;
 pub use crate::payload::{JsonReplay, NoReplay};
+pub use crate::pipeline::batch::{BatchOutput, BatchPart, BatchRun, open_batch};
 #[cfg(feature = "redis")]
 pub use crate::pipeline::lease::{LeaseGate, Renewal, open_lease};
-pub use crate::pipeline::batch::{BatchOutput, BatchPart, BatchRun, open_batch};
 pub use crate::pipeline::{
     CallerGate, HandlerResult, HandlerSpec, OpenGate, PanicPayload, Prepared, Registration, body,
     open, open_in,

@@ -421,3 +421,127 @@ macro_rules! handler {
         })
     };
 }
+
+/// A `batch` handler (`#[idempotent(.., batch)]`) as a value: what a consumer runner's batch
+/// mode calls with the deliveries it collected. Made from a batch function by
+/// [`batch_handler!`](crate::batch_handler!), from anything else by [`FnBatchHandler`].
+///
+/// The acknowledgers arrive boxed, so that the trait is object-safe and a runner can hand its
+/// own. [`handle_batch`](Self::handle_batch) returns one result per delivery, in order, as the
+/// batch function does.
+pub trait BatchHandler: Send + Sync + 'static {
+    /// The store the handler's gate and body run on.
+    type Store: Backend;
+    /// The message type the handler takes (`M` in `msgs: &[M]`).
+    type Message: Send + 'static;
+    /// The body's error (`E` in `Result<(), E>`).
+    type Error: HandlerFailure;
+
+    /// Handles the deliveries as one batch: gate, body on the fresh messages, commit, then
+    /// settle each delivery.
+    fn handle_batch<'a>(
+        &'a self,
+        store: &'a Self::Store,
+        deliveries: Vec<(Self::Message, Box<dyn DynAcknowledger + 'a>)>,
+    ) -> BoxFuture<'a, Vec<Result<Outcome<()>, Error<Self::Error>>>>;
+}
+
+/// The types a [`FnBatchHandler`] handles, without owning any of them.
+type BatchSignature<S, M, E> = fn(&S, M) -> E;
+
+/// A [`BatchHandler`] made from a function: what [`batch_handler!`](crate::batch_handler!)
+/// returns, or what you build from a closure for a batch method.
+pub struct FnBatchHandler<S, M, E, F> {
+    call: F,
+    types: PhantomData<BatchSignature<S, M, E>>,
+}
+
+impl<S, M, E, F> std::fmt::Debug for FnBatchHandler<S, M, E, F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FnBatchHandler")
+            .field("message", &std::any::type_name::<M>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, M, E, F> FnBatchHandler<S, M, E, F>
+where
+    S: Backend,
+    F: for<'a> Fn(
+            &'a S,
+            Vec<(M, Box<dyn DynAcknowledger + 'a>)>,
+        ) -> BoxFuture<'a, Vec<Result<Outcome<()>, Error<E>>>>
+        + Send
+        + Sync
+        + 'static,
+{
+    /// The batch handler that calls `call`.
+    pub fn new(call: F) -> Self {
+        Self {
+            call,
+            types: PhantomData,
+        }
+    }
+}
+
+impl<S, M, E, F> BatchHandler for FnBatchHandler<S, M, E, F>
+where
+    S: Backend,
+    M: Send + 'static,
+    E: HandlerFailure,
+    F: for<'a> Fn(
+            &'a S,
+            Vec<(M, Box<dyn DynAcknowledger + 'a>)>,
+        ) -> BoxFuture<'a, Vec<Result<Outcome<()>, Error<E>>>>
+        + Send
+        + Sync
+        + 'static,
+{
+    type Store = S;
+    type Message = M;
+    type Error = E;
+
+    fn handle_batch<'a>(
+        &'a self,
+        store: &'a S,
+        deliveries: Vec<(M, Box<dyn DynAcknowledger + 'a>)>,
+    ) -> BoxFuture<'a, Vec<Result<Outcome<()>, Error<E>>>> {
+        (self.call)(store, deliveries)
+    }
+}
+
+/// A `batch` `#[idempotent]` function as a [`BatchHandler`] value, by its path as you would
+/// call it.
+///
+/// ```
+/// use idem_runtime::handler::{BatchHandler as _, DynAcknowledger};
+/// use idem_runtime::{idempotent, HandlerError, MemoryStore, MemoryTx, NoAck};
+///
+/// #[derive(Debug, thiserror::Error)]
+/// #[error("failed")]
+/// struct AppError;
+/// impl HandlerError for AppError {}
+///
+/// #[idempotent(key = "0", store = "memory", strategy = "dedup_table", scope = "doc.batch_handler_macro", batch)]
+/// async fn on_paid(tx: &mut MemoryTx, msgs: &[(String,)]) -> Result<(), AppError> { Ok(()) }
+///
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// let handler = idem_runtime::batch_handler!(on_paid);
+/// let store = MemoryStore::new();
+/// let batch = |ids: &[&str]| -> Vec<((String,), Box<dyn DynAcknowledger>)> {
+///     ids.iter().map(|id| (((*id).to_owned(),), Box::new(NoAck) as Box<dyn DynAcknowledger>)).collect()
+/// };
+/// let results = handler.handle_batch(&store, batch(&["o-1", "o-2", "o-1"])).await;
+/// assert!(results[0].as_ref().unwrap().is_processed());
+/// assert!(results[2].as_ref().unwrap().is_duplicate());
+/// # });
+/// ```
+#[macro_export]
+macro_rules! batch_handler {
+    ($($function:tt)+) => {
+        $crate::handler::FnBatchHandler::new(|store, deliveries| {
+            ::std::boxed::Box::pin($($function)+(store, deliveries))
+                as $crate::handler::BoxFuture<'_, _>
+        })
+    };
+}

@@ -9,7 +9,10 @@ use idem_runtime::Outcome;
 use crate::{AckEvent, Payment, RecordingAck};
 
 /// A batch of deliveries of `ids`, each with an acknowledger to inspect afterwards.
-pub fn deliveries(ids: &[String], amount: i64) -> (Vec<(Payment, RecordingAck)>, Vec<RecordingAck>) {
+pub fn deliveries(
+    ids: &[String],
+    amount: i64,
+) -> (Vec<(Payment, RecordingAck)>, Vec<RecordingAck>) {
     let acks: Vec<RecordingAck> = ids.iter().map(|_| RecordingAck::new()).collect();
     let batch = ids
         .iter()
@@ -21,7 +24,9 @@ pub fn deliveries(ids: &[String], amount: i64) -> (Vec<(Payment, RecordingAck)>,
 
 /// `n` fresh keys with `label`.
 pub fn fresh_keys(label: &str, n: usize) -> Vec<String> {
-    (0..n).map(|i| crate::unique_key(&format!("{label}-{i}"))).collect()
+    (0..n)
+        .map(|i| crate::unique_key(&format!("{label}-{i}")))
+        .collect()
 }
 
 /// Whether every acknowledger was told exactly one thing: ack.
@@ -39,7 +44,11 @@ pub fn tally<E>(results: &[Result<Outcome<()>, E>]) -> (usize, usize, usize) {
         .iter()
         .filter(|result| matches!(result, Ok(outcome) if outcome.is_duplicate()))
         .count();
-    (processed, duplicates, results.len() - processed - duplicates)
+    (
+        processed,
+        duplicates,
+        results.len() - processed - duplicates,
+    )
 }
 
 /// Implementation detail of [`conformance_suite!`](crate::conformance_suite): the batch cases.
@@ -95,8 +104,14 @@ macro_rules! __batch_cases {
             let (batch, acks) = deliveries(&ids, 4);
             let results = $batch(&store, batch).await;
             assert_eq!(results[0].as_ref().ok(), Some(&Outcome::Processed(())));
-            assert_eq!(results[2].as_ref().ok(), Some(&Outcome::Duplicate { replayed: None }));
-            assert_eq!(results[4].as_ref().ok(), Some(&Outcome::Duplicate { replayed: None }));
+            assert_eq!(
+                results[2].as_ref().ok(),
+                Some(&Outcome::Duplicate { replayed: None })
+            );
+            assert_eq!(
+                results[4].as_ref().ok(),
+                Some(&Outcome::Duplicate { replayed: None })
+            );
             assert_eq!(tally(&results), (3, 2, 0), "{results:?}");
             assert!(all_acked_once(&acks), "twins are acked too");
             assert_eq!(runs(&keys[0]), 1, "the body got the key once");
@@ -163,7 +178,10 @@ macro_rules! __batch_cases {
                     .await
                     .expect("the batch's task");
                 let (p, d, failed) = tally(&results);
-                assert_eq!(failed, 0, "no delivery failed (no deadlock escaped): {results:?}");
+                assert_eq!(
+                    failed, 0,
+                    "no delivery failed (no deadlock escaped): {results:?}"
+                );
                 assert!(all_acked_once(&acks));
                 processed += p;
                 duplicates += d;
@@ -187,18 +205,29 @@ macro_rules! __batch_cases {
             let results = $batch(&store, batch).await;
             assert_eq!(tally(&results), (99, 0, 1), "{results:?}");
             assert!(
-                matches!(&results[37], Err(Error::Handler($crate::AppError::Transient(_)))),
+                matches!(
+                    &results[37],
+                    Err(Error::Handler($crate::AppError::Transient(_)))
+                ),
                 "{:?}",
                 results[37]
             );
-            assert!(acks[37].requeued_once(), "the poison follows the usual rules: {:?}", acks[37].events());
+            assert!(
+                acks[37].requeued_once(),
+                "the poison follows the usual rules: {:?}",
+                acks[37].events()
+            );
             for (i, key) in keys.iter().enumerate() {
                 if i != 37 {
                     assert_eq!(acks[i].events(), vec![AckEvent::Ack], "{key}");
                     assert_eq!(store.ledger_rows(key).await, 1, "{key}: committed once");
                 }
             }
-            assert_eq!(store.ledger_rows(poison).await, 0, "the poison's write rolled back");
+            assert_eq!(
+                store.ledger_rows(poison).await,
+                0,
+                "the poison's write rolled back"
+            );
             // Split in halves: the poison ran in at most 8 parts (100, 50, 25, 13, 7, 4, 2, 1).
             assert!(runs(poison) <= 8, "{}", runs(poison));
             // Its last delivery dead-letters it, on its own.
@@ -207,7 +236,11 @@ macro_rules! __batch_cases {
             batch[7].1 = last.clone();
             let results = $batch(&store, batch).await;
             assert_eq!(tally(&results), (0, 9, 1), "{results:?}");
-            assert!(last.dead_lettered_with("injected transient failure"), "{:?}", last.events());
+            assert!(
+                last.dead_lettered_with("injected transient failure"),
+                "{:?}",
+                last.events()
+            );
             assert_eq!(store.ledger_rows(poison).await, 0);
         }
 
@@ -236,15 +269,23 @@ macro_rules! __batch_cases {
         async fn a_lost_ack_after_a_batch_commit_makes_the_redelivery_a_duplicate() {
             let store = $open;
             let keys = fresh_keys("batch-lostack", 5);
-            let acks: Vec<RecordingAck> = keys.iter().map(|_| RecordingAck::losing_acks()).collect();
+            let acks: Vec<RecordingAck> =
+                keys.iter().map(|_| RecordingAck::losing_acks()).collect();
             let batch = keys
                 .iter()
                 .zip(&acks)
                 .map(|(key, ack)| ($crate::Payment::new(key, 2), ack.clone()))
                 .collect();
             let results = $batch(&store, batch).await;
-            assert_eq!(tally(&results), (5, 0, 0), "a lost ack is not a handling failure");
-            assert!(all_acked_once(&acks), "every ack was attempted after the commit");
+            assert_eq!(
+                tally(&results),
+                (5, 0, 0),
+                "a lost ack is not a handling failure"
+            );
+            assert!(
+                all_acked_once(&acks),
+                "every ack was attempted after the commit"
+            );
             let (again, acks) = deliveries(&keys, 2);
             assert_eq!(tally(&$batch(&store, again).await), (0, 5, 0));
             assert!(all_acked_once(&acks));
@@ -257,10 +298,19 @@ macro_rules! __batch_cases {
         async fn a_bad_key_in_a_batch_is_dead_lettered_alone() {
             let store = $open;
             let keys = fresh_keys("batch-badkey", 3);
-            let ids = [keys[0].clone(), String::new(), keys[1].clone(), keys[2].clone()];
+            let ids = [
+                keys[0].clone(),
+                String::new(),
+                keys[1].clone(),
+                keys[2].clone(),
+            ];
             let (batch, acks) = deliveries(&ids, 1);
             let results = $batch(&store, batch).await;
-            assert!(matches!(&results[1], Err(Error::Key(_))), "{:?}", results[1]);
+            assert!(
+                matches!(&results[1], Err(Error::Key(_))),
+                "{:?}",
+                results[1]
+            );
             assert!(
                 matches!(acks[1].events().as_slice(), [AckEvent::DeadLetter(_)]),
                 "{:?}",
@@ -284,13 +334,27 @@ macro_rules! __batch_cases {
             ];
             let results = $fingerprint(&store, batch).await;
             assert_eq!(results[0].as_ref().ok(), Some(&Outcome::Processed(())));
-            assert!(matches!(&results[1], Err(Error::PayloadMismatch { .. })), "{:?}", results[1]);
-            assert_eq!(results[2].as_ref().ok(), Some(&Outcome::Duplicate { replayed: None }));
-            assert!(acks[1].dead_lettered_with("payload"), "{:?}", acks[1].events());
+            assert!(
+                matches!(&results[1], Err(Error::PayloadMismatch { .. })),
+                "{:?}",
+                results[1]
+            );
+            assert_eq!(
+                results[2].as_ref().ok(),
+                Some(&Outcome::Duplicate { replayed: None })
+            );
+            assert!(
+                acks[1].dead_lettered_with("payload"),
+                "{:?}",
+                acks[1].events()
+            );
             // And against a committed record, in a later batch.
             let later = vec![($crate::Payment::new(&key, 3), RecordingAck::new())];
             let results = $fingerprint(&store, later).await;
-            assert!(matches!(&results[0], Err(Error::PayloadMismatch { .. })), "{results:?}");
+            assert!(
+                matches!(&results[0], Err(Error::PayloadMismatch { .. })),
+                "{results:?}"
+            );
             assert_eq!(store.ledger_rows(&key).await, 1);
         }
 
@@ -318,10 +382,17 @@ macro_rules! __batch_commit_failure_case {
             let (batch, acks) = $crate::batch::deliveries(&keys, 1);
             let results = $batch(&store, batch).await;
             assert_eq!($crate::batch::tally(&results), (8, 0, 0), "{results:?}");
-            assert!($crate::batch::all_acked_once(&acks), "acked once each, after a commit");
+            assert!(
+                $crate::batch::all_acked_once(&acks),
+                "acked once each, after a commit"
+            );
             for key in &keys {
                 assert_eq!(store.ledger_rows(key).await, 1, "{key}: committed once");
-                assert_eq!($crate::runs(key), 2, "{key}: the failed part, then a half that committed");
+                assert_eq!(
+                    $crate::runs(key),
+                    2,
+                    "{key}: the failed part, then a half that committed"
+                );
             }
         }
     };

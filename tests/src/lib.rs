@@ -12,13 +12,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use idem_runtime::store::{Claim, NewRecord};
 use idem_runtime::{Acknowledger, Committed, DeadLetter, HandlerError, Key, Requeue, Store};
 
+pub mod batch;
 pub mod conformance;
 pub mod effects;
 pub mod memory;
 pub mod mysql;
 pub mod pg;
 pub mod sqlite;
-pub mod batch;
 pub mod ui;
 
 /// A message for the conformance handlers.

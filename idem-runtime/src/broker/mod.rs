@@ -181,6 +181,73 @@ impl ConsumerOptions {
     }
 }
 
+/// How a runner in batch mode collects deliveries for a `batch` handler
+/// ([`BatchHandler`](crate::handler::BatchHandler)): up to [`max_size`](Self::max_size)
+/// deliveries, or whatever arrived within [`max_wait`](Self::max_wait) of the first, whichever
+/// comes first. The defaults: 100 deliveries, 20 ms.
+///
+/// Each batch runs in one transaction (see [`pipeline::batch`](crate::pipeline::batch)), and
+/// [`ConsumerOptions::concurrency`] batches run at once, each holding one connection. The
+/// runner raises the prefetch to at least `max_size` × concurrency, so that batches can fill.
+///
+/// ```
+/// use std::time::Duration;
+/// use idem_runtime::broker::BatchOptions;
+///
+/// let batches = BatchOptions::default().max_size(500).max_wait(Duration::from_millis(50));
+/// assert_eq!(batches.size_limit(), 500);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchOptions {
+    max_size: usize,
+    max_wait: Duration,
+}
+
+impl Default for BatchOptions {
+    fn default() -> Self {
+        Self {
+            max_size: 100,
+            max_wait: Duration::from_millis(20),
+        }
+    }
+}
+
+impl BatchOptions {
+    /// At most this many deliveries per batch (at least 1).
+    #[must_use]
+    pub fn max_size(mut self, max_size: usize) -> Self {
+        self.max_size = max_size.max(1);
+        self
+    }
+
+    /// How long a batch waits for more deliveries after its first, before it runs with what it
+    /// has.
+    #[must_use]
+    pub fn max_wait(mut self, max_wait: Duration) -> Self {
+        self.max_wait = max_wait;
+        self
+    }
+
+    /// [`max_size`](Self::max_size).
+    pub fn size_limit(&self) -> usize {
+        self.max_size
+    }
+
+    /// [`max_wait`](Self::max_wait).
+    pub fn wait_limit(&self) -> Duration {
+        self.max_wait
+    }
+
+    /// The prefetch a runner needs so that `concurrency` batches can fill: at least
+    /// `prefetch`, raised to `max_size` × `concurrency`, at most what the broker accepts.
+    pub(crate) fn prefetch_for(&self, options: &ConsumerOptions) -> u16 {
+        let wanted = self.max_size.saturating_mul(options.concurrency_limit());
+        u16::try_from(wanted)
+            .unwrap_or(u16::MAX)
+            .max(options.prefetch_count())
+    }
+}
+
 /// What a consumer runner did, counted as it settled each delivery. Shared, so a service can
 /// read it while the runner runs ([`ConsumerStats::snapshot`]).
 #[derive(Debug, Default)]
@@ -374,6 +441,59 @@ pub(crate) async fn deliver<H, D, A>(
         _ => Settled::Unsettled,
     };
     stats.count(settled);
+}
+
+/// Decodes each delivery of a batch, hands the decoded ones to the batch handler at once and
+/// counts how each was settled: what every runner's batch mode does with a batch. An
+/// undecodable payload is dead-lettered on its own, before the batch runs.
+pub(crate) async fn deliver_batch<H, D, P, A>(
+    handler: &H,
+    decoder: &D,
+    store: &H::Store,
+    deliveries: Vec<(P, A)>,
+    stats: &ConsumerStats,
+) where
+    H: crate::handler::BatchHandler,
+    D: Decode<H::Message>,
+    P: std::ops::Deref<Target = [u8]>,
+    A: Acknowledger,
+{
+    let records: Vec<SettleRecord> = deliveries.iter().map(|_| SettleRecord::default()).collect();
+    let mut batch: Vec<(H::Message, Box<dyn crate::handler::DynAcknowledger + '_>)> =
+        Vec::with_capacity(deliveries.len());
+    let mut positions = Vec::with_capacity(deliveries.len());
+    for (position, ((payload, ack), record)) in deliveries.into_iter().zip(&records).enumerate() {
+        let ack = Recording { inner: ack, record };
+        let decoded = crate::unwind::catch_sync(|| decoder.decode(&payload))
+            .unwrap_or_else(|message| Err(format!("the decoder panicked: {message}").into()));
+        match decoded {
+            Ok(message) => {
+                batch.push((message, Box::new(ack)));
+                positions.push(position);
+            }
+            Err(source) => {
+                crate::handler::dead_letter_undecodable::<H::Message, _>(ack, source).await;
+            }
+        }
+    }
+    let mut duplicate = vec![false; records.len()];
+    if !batch.is_empty() {
+        let results = handler.handle_batch(store, batch).await;
+        for (position, result) in positions.into_iter().zip(results) {
+            duplicate[position] = matches!(result, Ok(outcome) if outcome.is_duplicate());
+        }
+    }
+    for (record, duplicate) in records.iter().zip(duplicate) {
+        let settled = match record.0.load(Ordering::Relaxed) {
+            ACKED if duplicate => Settled::Duplicate,
+            ACKED => Settled::Processed,
+            REQUEUED => Settled::Requeued,
+            DEAD_LETTERED => Settled::DeadLettered,
+            REFUSED => Settled::Refused,
+            _ => Settled::Unsettled,
+        };
+        stats.count(settled);
+    }
 }
 
 /// The handlers a runner has in flight: at most `concurrency` at once, drained at shutdown.

@@ -208,7 +208,7 @@
 //! To replay a dead letter, publish it back to the work queue without its `x-idem-attempt`
 //! header (with it, its attempts count on from where they stopped).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, LazyLock, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
@@ -225,9 +225,11 @@ use tracing::Instrument as _;
 
 pub use lapin;
 
-use super::{CancellationToken, ConsumerOptions, ConsumerReport, ConsumerStats, Decode, Json};
+use super::{
+    BatchOptions, CancellationToken, ConsumerOptions, ConsumerReport, ConsumerStats, Decode, Json,
+};
 use crate::ack::{Acknowledger, Committed, DeadLetter, Requeue};
-use crate::handler::Handler;
+use crate::handler::{BatchHandler, Handler};
 
 /// The header that carries which delivery of a message a copy is (1 for the first), on retry
 /// copies; on dead letters, the delivery that failed.
@@ -783,6 +785,8 @@ pub struct RabbitMqAcknowledger {
     copy_lock: CopyLock,
     topology: RabbitMqTopology,
     attempt: u32,
+    /// In a batch runner: how its deliveries are tracked, and where its ack waits.
+    tracking: Option<Tracking>,
 }
 
 impl RabbitMqAcknowledger {
@@ -800,6 +804,22 @@ impl RabbitMqAcknowledger {
             channel,
             topology,
             attempt,
+            tracking: None,
+        }
+    }
+
+    /// In a batch runner: the delivery is outstanding in `tracking` until settled, and its ack
+    /// is left for the runner to send after the batch.
+    fn tracked(mut self, tracking: Tracking) -> Self {
+        tracking.outstanding.received(self.delivery_tag);
+        self.tracking = Some(tracking);
+        self
+    }
+
+    /// This delivery is settled with the broker (or never will be by us).
+    fn settled(&self) {
+        if let Some(tracking) = &self.tracking {
+            tracking.outstanding.settled(self.delivery_tag);
         }
     }
 
@@ -838,8 +858,9 @@ impl RabbitMqAcknowledger {
             .acker
             .ack(BasicAckOptions::default())
             .await
-            .map_err(RabbitMqError::amqp("basic.ack"))?;
-        self.check_acked(acked)
+            .map_err(RabbitMqError::amqp("basic.ack"));
+        self.settled();
+        self.check_acked(acked?)
     }
 
     /// Hands the original back after a copy could not be stored, and returns `error`: after
@@ -870,6 +891,7 @@ impl RabbitMqAcknowledger {
                 "could not hand the delivery back either; RabbitMQ redelivers it when the channel closes"
             );
         }
+        self.settled();
         error
     }
 
@@ -1050,6 +1072,15 @@ impl Acknowledger for RabbitMqAcknowledger {
     }
 
     async fn ack(self, _proof: Committed) -> Result<(), RabbitMqError> {
+        if let Some(tracking) = &self.tracking {
+            // A batch runner acks after the batch, at once where it is safe.
+            tracking
+                .deferred
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push((self.delivery_tag, self.acker));
+            return Ok(());
+        }
         self.ack_original().await
     }
 
@@ -1232,6 +1263,18 @@ where
         topology: &RabbitMqTopology,
         options: ConsumerOptions,
     ) -> Result<lapin::Consumer, RabbitMqError> {
+        start_consuming(channel, topology, options.prefetch_count()).await
+    }
+}
+
+/// Sets the runner's channel up (publisher confirms, the prefetch), declares the topology and
+/// starts consuming the work queue.
+async fn start_consuming(
+    channel: &Channel,
+    topology: &RabbitMqTopology,
+    prefetch: u16,
+) -> Result<lapin::Consumer, RabbitMqError> {
+    {
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await
@@ -1240,7 +1283,7 @@ where
             return Err(RabbitMqError::ConfirmsNotEnabled);
         }
         channel
-            .basic_qos(options.prefetch_count(), BasicQosOptions::default())
+            .basic_qos(prefetch, BasicQosOptions::default())
             .await
             .map_err(RabbitMqError::amqp("basic.qos"))?;
         topology.declare(channel).await?;
@@ -1253,6 +1296,348 @@ where
             )
             .await
             .map_err(RabbitMqError::amqp("basic.consume"))
+    }
+}
+
+/// A delivery's body, shared with its acknowledger (which publishes it again as a retry or
+/// dead-letter copy).
+struct Payload(Arc<Vec<u8>>);
+
+impl std::ops::Deref for Payload {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// A batch runner's bookkeeping of its deliveries: which are outstanding (received, not yet
+/// settled), and, per batch, the acks waiting for the batch to end.
+#[derive(Debug, Clone)]
+struct Tracking {
+    outstanding: Arc<Outstanding>,
+    deferred: Arc<Mutex<Vec<(u64, Acker)>>>,
+}
+
+/// The delivery tags of one channel that were received and not yet settled.
+#[derive(Debug, Default)]
+struct Outstanding(Mutex<BTreeSet<u64>>);
+
+impl Outstanding {
+    fn tags(&self) -> std::sync::MutexGuard<'_, BTreeSet<u64>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn received(&self, tag: u64) {
+        self.tags().insert(tag);
+    }
+
+    fn settled(&self, tag: u64) {
+        self.tags().remove(&tag);
+    }
+
+    /// When one `multiple` ack up to the highest of `tags` would settle exactly `tags`, forgets
+    /// them and returns `true`; else changes nothing.
+    fn take_if_only(&self, tags: &BTreeSet<u64>) -> bool {
+        let mut outstanding = self.tags();
+        if !multiple_ack_settles_only(&outstanding, tags) {
+            return false;
+        }
+        for tag in tags {
+            outstanding.remove(tag);
+        }
+        true
+    }
+}
+
+/// Whether `basic.ack` with `multiple` up to the highest of `tags` acks nothing but `tags`:
+/// every outstanding delivery up to it is one of them. A delivery being requeued or
+/// dead-lettered (its copy not yet confirmed), or one of another batch still running, below
+/// that tag makes it unsafe: it would be acked before its copy is stored, or before its commit.
+fn multiple_ack_settles_only(outstanding: &BTreeSet<u64>, tags: &BTreeSet<u64>) -> bool {
+    match tags.last() {
+        Some(&last) => outstanding.range(..=last).all(|tag| tags.contains(tag)),
+        None => false,
+    }
+}
+
+/// Sends the acks a batch left waiting: one `multiple` ack where it settles exactly them, one
+/// ack each otherwise.
+async fn flush_acks(tracking: &Tracking) {
+    let acks = std::mem::take(
+        &mut *tracking
+            .deferred
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner),
+    );
+    let tags: BTreeSet<u64> = acks.iter().map(|(tag, _)| *tag).collect();
+    if tags.is_empty() {
+        return;
+    }
+    let failed = |error: &dyn std::fmt::Display| {
+        tracing::warn!(
+            target: "idem",
+            %error,
+            "ack failed after commit; the broker will redeliver and the gate will report duplicates"
+        );
+    };
+    if tracking.outstanding.take_if_only(&tags) {
+        let last = acks.into_iter().max_by_key(|(tag, _)| *tag);
+        if let Some((_, acker)) = last {
+            match acker.ack(BasicAckOptions { multiple: true }).await {
+                Ok(true) => {}
+                Ok(false) => failed(&"the channel is closed"),
+                Err(error) => failed(&error),
+            }
+        }
+        return;
+    }
+    for (tag, acker) in acks {
+        match acker.ack(BasicAckOptions::default()).await {
+            Ok(true) => {}
+            Ok(false) => failed(&"the channel is closed"),
+            Err(error) => failed(&error),
+        }
+        tracking.outstanding.settled(tag);
+    }
+}
+
+/// A consumer runner in batch mode, for a `batch` handler ([`BatchHandler`]): collects up to
+/// [`BatchOptions::max_size`] deliveries or what arrives within [`BatchOptions::max_wait`] of
+/// the first, hands them to the handler as one batch (one transaction, see
+/// [`pipeline::batch`](crate::pipeline::batch)), and runs up to
+/// [`ConsumerOptions::concurrency`] batches at once. Everything else is as
+/// [`RabbitMqConsumer`]: the channel is its own, retries and dead letters go to the same
+/// queues, shutdown is graceful.
+///
+/// Acks wait until the batch's handler returns (every part of it committed), then go out as
+/// one `basic.ack` with `multiple` when that acks exactly the batch's processed and duplicate
+/// deliveries: no delivery of another batch still running, and none being requeued or
+/// dead-lettered, has a lower tag. Otherwise each delivery is acked on its own.
+///
+/// ```no_run
+/// use idem_runtime::broker::rabbitmq::{lapin, RabbitMqBatchConsumer, RabbitMqTopology};
+/// use idem_runtime::broker::{BatchOptions, CancellationToken};
+/// use idem_runtime::{batch_handler, idempotent, HandlerError, PgStore, PgTx};
+///
+/// #[derive(serde::Deserialize)]
+/// struct OrderPaid { order_id: String, amount: i64 }
+///
+/// #[derive(Debug, thiserror::Error)]
+/// enum AppError {
+///     #[error(transparent)]
+///     Db(#[from] idem_runtime::sqlx::Error),
+/// }
+/// impl HandlerError for AppError {}
+///
+/// #[idempotent(key = "order_id", store = "pg", strategy = "dedup_table", scope = "doc.rabbitmq.batch", batch)]
+/// async fn on_orders_paid(tx: &mut PgTx<'_>, msgs: &[OrderPaid]) -> Result<(), AppError> {
+///     let ids: Vec<&str> = msgs.iter().map(|msg| msg.order_id.as_str()).collect();
+///     let amounts: Vec<i64> = msgs.iter().map(|msg| msg.amount).collect();
+///     idem_runtime::sqlx::query(
+///         "INSERT INTO payments (order_id, amount) SELECT * FROM unnest($1::text[], $2::bigint[])",
+///     )
+///     .bind(&ids).bind(&amounts)
+///     .execute(&mut **tx).await?;
+///     Ok(())
+/// }
+///
+/// # async fn run(store: PgStore, connection: lapin::Connection) -> Result<(), Box<dyn std::error::Error>> {
+/// let shutdown = CancellationToken::new();
+/// let consumer = RabbitMqBatchConsumer::new(
+///     connection.create_channel().await?,
+///     RabbitMqTopology::for_queue("orders")?,
+///     batch_handler!(on_orders_paid),
+///     store,
+/// )
+/// .with_batch(BatchOptions::default().max_size(100));
+/// let report = consumer.run(shutdown).await?;
+/// # drop(report);
+/// # Ok(())
+/// # }
+/// ```
+pub struct RabbitMqBatchConsumer<H: BatchHandler, D = Json> {
+    channel: Channel,
+    topology: RabbitMqTopology,
+    handler: Arc<H>,
+    store: Arc<H::Store>,
+    decoder: Arc<D>,
+    options: ConsumerOptions,
+    batch: BatchOptions,
+    stats: Arc<ConsumerStats>,
+}
+
+impl<H: BatchHandler> RabbitMqBatchConsumer<H, Json> {
+    /// A batch runner consuming `topology`'s work queue on `channel` (a channel of its own),
+    /// with `handler`, on `store`; payloads are JSON, the options and batches the defaults.
+    pub fn new(channel: Channel, topology: RabbitMqTopology, handler: H, store: H::Store) -> Self {
+        Self {
+            channel,
+            topology,
+            handler: Arc::new(handler),
+            store: Arc::new(store),
+            decoder: Arc::new(Json),
+            options: ConsumerOptions::default(),
+            batch: BatchOptions::default(),
+            stats: Arc::default(),
+        }
+    }
+}
+
+impl<H: BatchHandler, D> RabbitMqBatchConsumer<H, D> {
+    /// Decodes payloads with `decoder` instead.
+    pub fn with_decoder<D2: Decode<H::Message>>(self, decoder: D2) -> RabbitMqBatchConsumer<H, D2> {
+        RabbitMqBatchConsumer {
+            channel: self.channel,
+            topology: self.topology,
+            handler: self.handler,
+            store: self.store,
+            decoder: Arc::new(decoder),
+            options: self.options,
+            batch: self.batch,
+            stats: self.stats,
+        }
+    }
+
+    /// Concurrency (batches at once), prefetch and shutdown grace.
+    #[must_use]
+    pub fn with_options(mut self, options: ConsumerOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// How batches are collected.
+    #[must_use]
+    pub fn with_batch(mut self, batch: BatchOptions) -> Self {
+        self.batch = batch;
+        self
+    }
+
+    /// The runner's counts, live.
+    pub fn stats(&self) -> Arc<ConsumerStats> {
+        Arc::clone(&self.stats)
+    }
+}
+
+impl<H, D> RabbitMqBatchConsumer<H, D>
+where
+    H: BatchHandler,
+    H::Store: 'static,
+    D: Decode<H::Message>,
+{
+    /// Consumes in batches until `shutdown` is cancelled, then stops as
+    /// [`RabbitMqConsumer::run`] does: the batch being collected runs with what it has, the
+    /// batches in flight finish for up to the shutdown grace, and the channel closes.
+    ///
+    /// # Errors
+    ///
+    /// As [`RabbitMqConsumer::run`].
+    pub async fn run(self, shutdown: CancellationToken) -> Result<ConsumerReport, RabbitMqError> {
+        let Self {
+            channel,
+            topology,
+            handler,
+            store,
+            decoder,
+            options,
+            batch,
+            stats,
+        } = self;
+        let prefetch = batch.prefetch_for(&options);
+        let mut consumer = match start_consuming(&channel, &topology, prefetch).await {
+            Ok(consumer) => consumer,
+            Err(error) => {
+                close(&channel).await;
+                return Err(error);
+            }
+        };
+        let outstanding = Arc::new(Outstanding::default());
+        let mut workers = super::Workers::new(options.concurrency_limit(), Arc::clone(&stats));
+        let ended = loop {
+            let Some(permit) = shutdown.run_until_cancelled(workers.ready()).await else {
+                break Ok(());
+            };
+            let Some(first) = shutdown.run_until_cancelled(consumer.next()).await else {
+                break Ok(());
+            };
+            let mut collected = Vec::with_capacity(batch.size_limit());
+            let mut failed = match first {
+                Some(Ok(delivery)) => {
+                    collected.push(delivery);
+                    None
+                }
+                Some(Err(source)) => break Err(RabbitMqError::amqp("basic.consume")(source)),
+                None => {
+                    break Err(RabbitMqError::ConsumerCancelled {
+                        queue: topology.queue().to_owned(),
+                    });
+                }
+            };
+            let deadline = tokio::time::Instant::now() + batch.wait_limit();
+            while failed.is_none() && collected.len() < batch.size_limit() {
+                tokio::select! {
+                    biased;
+                    next = consumer.next() => match next {
+                        Some(Ok(delivery)) => collected.push(delivery),
+                        Some(Err(source)) => {
+                            failed = Some(RabbitMqError::amqp("basic.consume")(source));
+                        }
+                        None => {
+                            failed = Some(RabbitMqError::ConsumerCancelled {
+                                queue: topology.queue().to_owned(),
+                            });
+                        }
+                    },
+                    () = tokio::time::sleep_until(deadline) => break,
+                    () = shutdown.cancelled() => break,
+                }
+            }
+            let tracking = Tracking {
+                outstanding: Arc::clone(&outstanding),
+                deferred: Arc::default(),
+            };
+            let span = tracing::info_span!(
+                "idem.delivery_batch",
+                broker = "rabbitmq",
+                queue = topology.queue(),
+                size = collected.len(),
+            );
+            let deliveries: Vec<(Payload, RabbitMqAcknowledger)> = collected
+                .into_iter()
+                .map(|delivery| {
+                    let ack =
+                        RabbitMqAcknowledger::new(delivery, channel.clone(), topology.clone())
+                            .tracked(tracking.clone());
+                    (Payload(Arc::clone(&ack.payload)), ack)
+                })
+                .collect();
+            let (handler, decoder, store, stats) = (
+                Arc::clone(&handler),
+                Arc::clone(&decoder),
+                Arc::clone(&store),
+                Arc::clone(&stats),
+            );
+            workers.spawn(
+                permit,
+                async move {
+                    super::deliver_batch(&*handler, &*decoder, &*store, deliveries, &stats).await;
+                    flush_acks(&tracking).await;
+                }
+                .instrument(span),
+            );
+            if let Some(error) = failed {
+                break Err(error);
+            }
+        };
+        if ended.is_ok()
+            && let Err(error) = channel
+                .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+                .await
+        {
+            tracing::warn!(target: "idem", %error, "basic.cancel failed while shutting down");
+        }
+        workers.drain(options.grace()).await;
+        close(&channel).await;
+        ended.map(|()| stats.snapshot())
     }
 }
 
@@ -1269,6 +1654,32 @@ async fn close(channel: &Channel) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_multiple_ack_is_sent_only_when_it_settles_the_batch_alone() {
+        let set = |tags: &[u64]| tags.iter().copied().collect::<BTreeSet<u64>>();
+        // The batch is everything outstanding up to its last tag.
+        assert!(multiple_ack_settles_only(
+            &set(&[3, 4, 5, 9]),
+            &set(&[3, 4, 5])
+        ));
+        // Tag 2 (another batch, or a copy not yet confirmed) would be acked with it.
+        assert!(!multiple_ack_settles_only(
+            &set(&[2, 3, 4, 5]),
+            &set(&[3, 4, 5])
+        ));
+        // A delivery of the batch itself still being requeued, below its last tag.
+        assert!(!multiple_ack_settles_only(&set(&[3, 4, 5]), &set(&[3, 5])));
+        assert!(!multiple_ack_settles_only(&set(&[1]), &set(&[])));
+        let outstanding = Outstanding::default();
+        for tag in 1..=6 {
+            outstanding.received(tag);
+        }
+        assert!(!outstanding.take_if_only(&set(&[2, 3])), "1 is outstanding");
+        outstanding.settled(1);
+        assert!(outstanding.take_if_only(&set(&[2, 3])));
+        assert_eq!(*outstanding.tags(), set(&[4, 5, 6]));
+    }
 
     #[test]
     fn tiers_round_the_delay_up_to_a_power_of_two() {

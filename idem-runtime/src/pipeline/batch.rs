@@ -28,7 +28,7 @@ use std::collections::HashMap;
 use tracing::Instrument as _;
 
 use super::{
-    Attempt, Entered, Handling, HandlerSpec, PanicPayload, Prepared, Settled, accept_duplicate,
+    Attempt, Entered, HandlerSpec, Handling, PanicPayload, Prepared, Settled, accept_duplicate,
     commit_failure, complete, conclude, prepare, rollback,
 };
 use crate::ack::{Acknowledger, Committed};
@@ -246,7 +246,10 @@ where
 
     /// Begins a transaction for `group` and gates its keys; `None` when the group is settled
     /// already (all duplicates, or the transaction could not begin) or was split.
-    async fn begin_part(&mut self, mut group: Vec<Item<G, M, A>>) -> Option<BatchPart<S, G, M, A, E>> {
+    async fn begin_part(
+        &mut self,
+        mut group: Vec<Item<G, M, A>>,
+    ) -> Option<BatchPart<S, G, M, A, E>> {
         let store = self.store;
         let now_ms = store.now_ms();
         for item in &mut group {
@@ -263,8 +266,10 @@ where
             }
         };
         let strategy = &group[0].entry.entered.strategy;
-        let deliveries: Vec<Delivery<'_>> =
-            group.iter().map(|item| item.entry.entered.delivery()).collect();
+        let deliveries: Vec<Delivery<'_>> = group
+            .iter()
+            .map(|item| item.entry.entered.delivery())
+            .collect();
         let gates = strategy.enter_batch(store, &mut tx, &deliveries).await;
         drop(deliveries);
         let gates = gates.and_then(|gates| {
@@ -380,21 +385,20 @@ where
             match attempt {
                 Ok(attempt) => self.settle_committed(vec![(entry, attempt)]).await,
                 Err(error) => {
-                    self.settle_failed_single(
-                        Item {
-                            message,
-                            entry,
-                        },
-                        Err(error),
-                    )
-                    .await;
+                    self.settle_failed_single(Item { message, entry }, Err(error))
+                        .await;
                 }
             }
             return;
         }
         let size = fresh.len();
         let failure = match result {
-            Ok(Ok(())) => self.keep(&mut tx, &fresh).await.err(),
+            Ok(Ok(())) => {
+                // The entries hold acknowledgers, which need not be `Sync`: lend only the gates.
+                let entered: Vec<&Entered<G, NoReplay>> =
+                    fresh.iter().map(|entry| &entry.entered).collect();
+                keep(store, &mut tx, &entered).await.err()
+            }
             Ok(Err(error)) => {
                 let errors = self.errors;
                 // The error's `Display` is user code.
@@ -441,32 +445,6 @@ where
         }
     }
 
-    /// The gate after the body, for every fresh message of a part that succeeded.
-    async fn keep(&self, tx: &mut S::Tx, fresh: &[Entry<G, M, A>]) -> Result<(), String> {
-        let store = self.store;
-        let writes = fresh.iter().any(|entry| {
-            entry
-                .entered
-                .strategy
-                .writes_after_body(&entry.entered.delivery(), None)
-        });
-        if writes {
-            store.ensure_open(tx).await.map_err(|failure| match failure {
-                CommitFailure::Aborted => "the transaction was aborted".to_owned(),
-                CommitFailure::Database(error) => error.to_string(),
-            })?;
-        }
-        for entry in fresh {
-            let delivery = entry.entered.delivery();
-            match entry.entered.strategy.leave(store, tx, &delivery, None).await {
-                Ok(Gate::Open) => {}
-                Ok(_) => return Err(format!("the gate after the body found `{}` taken", delivery.key.value())),
-                Err(error) => return Err(error.to_string()),
-            }
-        }
-        Ok(())
-    }
-
     /// Rolled back: each half of `group` runs again in a part of its own, the first half first.
     fn split(&mut self, mut group: Vec<Item<G, M, A>>) {
         let second = group.split_off(group.len() / 2);
@@ -476,7 +454,10 @@ where
 
     /// Acks the deliveries of a committed part, and the twins of each (duplicates of it), all
     /// at once; a twin whose payload differs is dead-lettered.
-    async fn settle_committed(&mut self, committed: Vec<(Entry<G, M, A>, (Outcome<()>, Committed))>) {
+    async fn settle_committed(
+        &mut self,
+        committed: Vec<(Entry<G, M, A>, (Outcome<()>, Committed))>,
+    ) {
         let mut acks = Vec::new();
         let mut settled = Vec::new();
         let mut mismatched = Vec::new();
@@ -517,7 +498,10 @@ where
     /// One message's failure, settled by the single-delivery rules; its twins then run on
     /// their own, since nothing committed their message.
     async fn settle_failed_single(&mut self, item: Item<G, M, A>, attempt: Attempt<(), E>) {
-        let Item { message: _, mut entry } = item;
+        let Item {
+            message: _,
+            mut entry,
+        } = item;
         let twins = std::mem::take(&mut entry.twins);
         self.conclude(entry, attempt).await;
         if !twins.is_empty() {
@@ -527,13 +511,17 @@ where
 
     /// The transaction could not begin: `item` and its twins fail with `error`.
     async fn fail_all(&mut self, item: Item<G, M, A>, error: &sqlx::Error) {
-        let Item { message: _, mut entry } = item;
+        let Item {
+            message: _,
+            mut entry,
+        } = item;
         // Twins have none of their own.
         for twin in std::mem::take(&mut entry.twins) {
             self.conclude(twin.entry, Err(Error::Database(replicate(error))))
                 .await;
         }
-        self.conclude(entry, Err(Error::Database(replicate(error)))).await;
+        self.conclude(entry, Err(Error::Database(replicate(error))))
+            .await;
     }
 
     async fn conclude(&mut self, entry: Entry<G, M, A>, attempt: Attempt<(), E>) {
@@ -579,6 +567,46 @@ where
         }
         failpoint!(crate::failpoints::AFTER_ACK);
     }
+}
+
+/// The gate after the body, for every fresh message of a part that succeeded.
+async fn keep<S, G>(
+    store: &S,
+    tx: &mut S::Tx,
+    fresh: &[&Entered<G, NoReplay>],
+) -> Result<(), String>
+where
+    S: Store,
+    G: Strategy<S>,
+{
+    let writes = fresh.iter().any(|entered| {
+        entered
+            .strategy
+            .writes_after_body(&entered.delivery(), None)
+    });
+    if writes {
+        store
+            .ensure_open(tx)
+            .await
+            .map_err(|failure| match failure {
+                CommitFailure::Aborted => "the transaction was aborted".to_owned(),
+                CommitFailure::Database(error) => error.to_string(),
+            })?;
+    }
+    for entered in fresh {
+        let delivery = entered.delivery();
+        match entered.strategy.leave(store, tx, &delivery, None).await {
+            Ok(Gate::Open) => {}
+            Ok(_) => {
+                return Err(format!(
+                    "the gate after the body found `{}` taken",
+                    delivery.key.value()
+                ));
+            }
+            Err(error) => return Err(error.to_string()),
+        }
+    }
+    Ok(())
 }
 
 /// A delivery whose ack is in flight, with what to record once it is told.

@@ -41,7 +41,10 @@ impl<S: Store> Strategy<S> for DedupTable {
         tx: &mut S::Tx,
         deliveries: &[Delivery<'_>],
     ) -> Result<Vec<Gate>, sqlx::Error> {
-        let records: Vec<_> = deliveries.iter().map(|delivery| delivery.record(None)).collect();
+        let records: Vec<_> = deliveries
+            .iter()
+            .map(|delivery| delivery.record(None))
+            .collect();
         let claims = store.claim_batch(tx, &records).await?;
         Ok(claims.into_iter().map(Gate::from).collect())
     }
