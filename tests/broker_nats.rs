@@ -17,15 +17,17 @@ use async_nats::jetstream::consumer::{AckPolicy, PullConsumer, pull};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, stream};
 use idem_runtime::broker::nats::{
-    ATTEMPT_HEADER, NatsConsumer, NatsError, REASON_HEADER, STREAM_HEADER, STREAM_SEQUENCE_HEADER,
-    SUBJECT_HEADER, ensure_dead_letter_stream,
+    ATTEMPT_HEADER, NatsBatchConsumer, NatsConsumer, NatsError, REASON_HEADER, STREAM_HEADER,
+    STREAM_SEQUENCE_HEADER, SUBJECT_HEADER, ensure_dead_letter_stream,
 };
-use idem_runtime::broker::{CancellationToken, ConsumerOptions, ConsumerReport, ConsumerStats};
+use idem_runtime::broker::{
+    BatchOptions, CancellationToken, ConsumerOptions, ConsumerReport, ConsumerStats,
+};
 use idem_runtime::handler::Handler;
 use idem_runtime::{
     Acknowledger, Disposition, Error, HandlerError, Outcome, PgStore, PgTx, idempotent,
 };
-use idem_tests::{count_run, latch, run_id, runs, unique_key, within};
+use idem_tests::{Payment, count_run, latch, run_id, runs, unique_key, within};
 
 // ---------------------------------------------------------------------------------------------
 // PostgreSQL: one runs table for this process.
@@ -1197,5 +1199,142 @@ async fn the_runner_checks_its_set_up() {
     .await
     .expect_err("acks are not explicit");
     assert!(matches!(error, NatsError::AckPolicy { .. }), "{error}");
+    topic.delete().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Batch mode.
+
+/// Body runs of the batch handler (one per part of a batch).
+static BATCH_BODIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+#[idempotent(
+    key = "order_id",
+    store = "pg",
+    strategy = "dedup_table",
+    scope = "nats.batch",
+    batch
+)]
+async fn on_batch(tx: &mut PgTx<'_>, msgs: &[Payment]) -> Result<(), AppError> {
+    BATCH_BODIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    for msg in msgs {
+        record(tx, &msg.order_id).await?;
+        if msg.amount < 0 {
+            return Err(AppError::Poison(msg.order_id.clone()));
+        }
+    }
+    Ok(())
+}
+
+/// Batch mode: 300 orders, each published twice (every third copy right behind its original,
+/// the rest one pass later), a permanent failure and an undecodable payload among them,
+/// consumed in batches of up to 100, two at once. Each effect once, the two poison messages
+/// dead-lettered with their reasons, every other message acked (nothing pending), in far fewer
+/// body runs than messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_mode_each_effect_once_and_poison_dead_lettered() {
+    idem_tests::init_tracing();
+    let store = pg().await;
+    let topic = Topic::new("batch", Duration::from_secs(30), -1).await;
+
+    const N: usize = 300;
+    let keys: Vec<String> = (0..N).map(|_| unique_key("nats-batch")).collect();
+    let poison_key = unique_key("nats-batch-poison");
+    let undecodable = format!(
+        r#"{{"order_id": "{}""#,
+        unique_key("nats-batch-undecodable")
+    )
+    .into_bytes();
+    let json = |key: &str, amount: i64| {
+        serde_json::to_vec(&Payment::new(key, amount)).expect("serialize a payment")
+    };
+    let poison = json(&poison_key, -1);
+    let mut payloads = Vec::new();
+    for (i, key) in keys.iter().enumerate() {
+        payloads.push(json(key, 1));
+        if i == N / 2 {
+            payloads.push(poison.clone());
+            payloads.push(undecodable.clone());
+        }
+        // Every third key's copy right behind it (the same batch), the rest one pass later.
+        if i % 3 == 0 {
+            payloads.push(json(key, 1));
+        }
+    }
+    for (i, key) in keys.iter().enumerate() {
+        if i % 3 != 0 {
+            payloads.push(json(key, 1));
+        }
+    }
+    let published = payloads.len() as u64;
+    assert_eq!(published, 2 * N as u64 + 2);
+    topic.publish_all(payloads).await;
+
+    let runner = NatsBatchConsumer::new(
+        topic.consumer().await,
+        topic.js.clone(),
+        idem_runtime::batch_handler!(on_batch),
+        store.clone(),
+    )
+    .with_options(ConsumerOptions::default().concurrency(2))
+    .with_batch(
+        BatchOptions::default()
+            .max_size(100)
+            .max_wait(Duration::from_millis(50)),
+    );
+    let stats = runner.stats();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(runner.run(shutdown.clone()));
+    let mut running = Running {
+        shutdown,
+        task,
+        stats,
+    };
+    running
+        .until("every delivery settled", |r| {
+            r.processed + r.duplicates + r.dead_lettered >= published
+        })
+        .await;
+    let report = running.stop().await;
+
+    // Nothing requeued, unsettled or refused.
+    assert_eq!(report, report_of(N as u64, N as u64, 0, 2), "{report:?}");
+    let rows = rows(&store, &keys).await;
+    assert_eq!(rows.len(), N, "a row for every order");
+    for key in &keys {
+        assert_eq!(rows.get(key), Some(&1), "{key}: one committed run");
+        assert!(runs(key) <= 8, "{key}: {} runs", runs(key));
+    }
+    assert_eq!(rows_of(&store, &poison_key).await, 0, "rolled back");
+    let bodies = BATCH_BODIES.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        bodies < 60,
+        "{bodies} body runs for {published} messages: the runner batches"
+    );
+    let letters = topic.dead_letters().await;
+    assert_eq!(letters.len(), 2, "exactly the poison: {letters:?}");
+    let failed = letters
+        .iter()
+        .find(|letter| letter.payload == poison)
+        .expect("the permanent failure is dead-lettered");
+    assert!(
+        failed
+            .reason
+            .contains(&format!("order {poison_key} is poison")),
+        "{}",
+        failed.reason
+    );
+    assert_eq!(failed.attempt, 1);
+    let garbage = letters
+        .iter()
+        .find(|letter| letter.payload == undecodable)
+        .expect("the undecodable payload is dead-lettered");
+    assert!(
+        garbage.reason.contains("does not decode"),
+        "{}",
+        garbage.reason
+    );
+    assert_eq!(garbage.attempt, 1);
+    topic.assert_drained().await;
     topic.delete().await;
 }

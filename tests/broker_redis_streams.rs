@@ -13,11 +13,12 @@ use std::time::{Duration, Instant};
 
 use idem_runtime::broker::redis_streams::{
     ATTEMPT_FIELD, ID_FIELD, REASON_FIELD, RedisStreamAcknowledger, RedisStreamConsumer,
-    STREAM_FIELD, StreamGroup,
+    RedisStreamsBatchConsumer, STREAM_FIELD, StreamGroup,
 };
-use idem_runtime::broker::{CancellationToken, ConsumerOptions, ConsumerReport};
+use idem_runtime::broker::{BatchOptions, CancellationToken, ConsumerOptions, ConsumerReport};
 use idem_runtime::{Disposition, HandlerError, PgStore, PgTx, idempotent};
-use idem_tests::{count_run, runs};
+use idem_tests::effects::{Effects as _, TestStore as _};
+use idem_tests::{Payment, count_run, runs};
 use redis::Value;
 use redis::aio::ConnectionManager;
 
@@ -1738,4 +1739,148 @@ async fn a_redis_lock_handler_runs_under_the_runner() {
     for key in &keys {
         assert_eq!(runs(key), 1, "body runs of {key}");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Batch mode
+
+/// Body runs of the batch handler (one per part of a batch).
+static BATCH_BODIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+#[idempotent(
+    key = "order_id",
+    store = "pg",
+    strategy = "dedup_table",
+    scope = "rs.batch",
+    batch
+)]
+async fn on_batch(tx: &mut PgTx<'_>, msgs: &[Payment]) -> Result<(), TestError> {
+    BATCH_BODIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    for msg in msgs {
+        count_run(&msg.order_id);
+        tx.ledger(&msg.order_id, msg.amount)
+            .await
+            .map_err(|error| match error {
+                idem_tests::AppError::Db(error) => TestError::Db(error),
+                idem_tests::AppError::Transient(key) => TestError::Transient(key),
+            })?;
+        if msg.amount < 0 {
+            return Err(TestError::Refused(msg.order_id.clone()));
+        }
+    }
+    Ok(())
+}
+
+/// Batch mode: 300 orders, each published twice (every third copy right behind its original,
+/// the rest one pass later), a permanent failure and an undecodable payload among them,
+/// consumed in batches of up to 100, two at once. Each effect once, the two poison entries
+/// dead-lettered with their reasons, every other entry acked (nothing pending), in far fewer
+/// body runs than entries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn batch_mode_each_effect_once_and_poison_dead_lettered() {
+    let (store, table) = pg("batch").await;
+    let mut conn = redis().await;
+    let group = fresh_group("batch");
+
+    const N: usize = 300;
+    let keys: Vec<String> = (0..N).map(|_| idem_tests::unique_key("rs-batch")).collect();
+    let poison = idem_tests::unique_key("rs-batch-poison");
+    let undecodable = format!(
+        r#"{{"order_id": "{}""#,
+        idem_tests::unique_key("rs-batch-undecodable")
+    );
+    let json = |key: &str, amount: i64| {
+        serde_json::to_vec(&Payment::new(key, amount)).expect("serialize a payment")
+    };
+    let mut letters_expected: HashMap<String, String> = HashMap::new();
+    let mut published = 0_u64;
+    for (i, key) in keys.iter().enumerate() {
+        group.publish(&mut conn, &json(key, 1)).await.expect("XADD");
+        if i == N / 2 {
+            let id = group
+                .publish(&mut conn, &json(&poison, -1))
+                .await
+                .expect("XADD");
+            letters_expected.insert(id, format!("the order {poison} is refused for good"));
+            let id = group
+                .publish(&mut conn, undecodable.as_bytes())
+                .await
+                .expect("XADD");
+            letters_expected.insert(id, "does not decode".to_owned());
+            published += 2;
+        }
+        // Every third key's copy right behind it (the same batch), the rest one pass later.
+        if i % 3 == 0 {
+            group.publish(&mut conn, &json(key, 1)).await.expect("XADD");
+            published += 1;
+        }
+        published += 1;
+    }
+    for (i, key) in keys.iter().enumerate() {
+        if i % 3 != 0 {
+            group.publish(&mut conn, &json(key, 1)).await.expect("XADD");
+            published += 1;
+        }
+    }
+    assert_eq!(published, 2 * N as u64 + 2);
+
+    let consumer = RedisStreamsBatchConsumer::new(
+        client(),
+        group.clone(),
+        "batch-1",
+        idem_runtime::batch_handler!(on_batch),
+        store.clone(),
+    )
+    .with_options(ConsumerOptions::default().concurrency(2))
+    .with_batch(
+        BatchOptions::default()
+            .max_size(100)
+            .max_wait(Duration::from_millis(50)),
+    );
+    let stats = consumer.stats();
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(consumer.run(shutdown.clone()));
+    let report = drain_and_stop(&mut conn, &group, &stats, published, &shutdown, run).await;
+
+    assert_eq!(
+        (
+            report.processed,
+            report.duplicates,
+            report.dead_lettered,
+            report.requeued,
+            report.unsettled,
+            report.settle_failures
+        ),
+        (N as u64, N as u64, 2, 0, 0, 0),
+        "{report:?}"
+    );
+    for key in &keys {
+        assert_eq!(store.ledger_rows(key).await, 1, "{key}: one committed run");
+        assert!(runs(key) <= 8, "{key}: {} runs", runs(key));
+    }
+    assert_eq!(store.ledger_rows(&poison).await, 0, "rolled back");
+    let bodies = BATCH_BODIES.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        bodies < 60,
+        "{bodies} body runs for {published} entries: the runner batches"
+    );
+    let letters = entries(&mut conn, group.dead_letter_stream()).await;
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    for (_, fields) in &letters {
+        let expected = letters_expected
+            .remove(&fields[ID_FIELD])
+            .unwrap_or_else(|| panic!("only the poison is dead-lettered: {fields:?}"));
+        assert!(
+            fields[REASON_FIELD].contains(&expected),
+            "{expected:?} in {fields:?}"
+        );
+        assert_eq!(fields[ATTEMPT_FIELD], "1", "{fields:?}");
+        assert_eq!(fields[STREAM_FIELD], group.stream());
+    }
+    assert!(
+        letters_expected.is_empty(),
+        "not dead-lettered: {letters_expected:?}"
+    );
+    assert_eq!(pending(&mut conn, &group).await, 0);
+    drop_table(&store, &table).await;
 }

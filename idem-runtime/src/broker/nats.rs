@@ -1,5 +1,7 @@
 //! NATS JetStream (feature `nats`, client [`async_nats`]): an [`Acknowledger`] for JetStream
-//! messages and a pull-consumer runner that acks only after the commit.
+//! messages and a pull-consumer runner that acks only after the commit ([`NatsConsumer`]), with
+//! a batch mode for `batch` handlers ([`NatsBatchConsumer`]: up to `max_size` messages in one
+//! transaction, each still acked on its own after its commit).
 //!
 //! | outcome | JetStream is told |
 //! |---|---|
@@ -117,17 +119,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::consumer::pull::{MessagesError, MessagesErrorKind};
+use async_nats::jetstream::consumer::pull::{self, MessagesError, MessagesErrorKind};
 use async_nats::jetstream::consumer::{AckPolicy, PullConsumer, StreamError};
 use async_nats::jetstream::context::PublishError;
 use async_nats::jetstream::{self, AckKind};
 use futures_util::StreamExt as _;
 use tracing::Instrument as _;
 
-use super::{CancellationToken, ConsumerOptions, ConsumerReport, ConsumerStats, Decode, Json};
-use super::{Workers, deliver};
+use super::{
+    BatchOptions, CancellationToken, ConsumerOptions, ConsumerReport, ConsumerStats, Decode, Json,
+};
+use super::{Workers, deliver, deliver_batch};
 use crate::ack::{Acknowledger, Committed, DeadLetter, Requeue};
-use crate::handler::Handler;
+use crate::handler::{BatchHandler, Handler};
 
 /// Header of a dead letter: why it was dead-lettered.
 pub const REASON_HEADER: &str = "Idem-Reason";
@@ -612,127 +616,35 @@ impl Acknowledger for NatsAcknowledger {
     }
 }
 
-/// A JetStream pull-consumer runner: pulls with bounded prefetch, runs the handler on up to
-/// [`ConsumerOptions::concurrency`] messages at once, settles each after its commit, and stops
-/// gracefully when its [`CancellationToken`] is cancelled.
-///
-/// The consumer must use `AckPolicy::Explicit`. Its `max_deliver` is honoured (the last
-/// delivery is dead-lettered), its `ack_wait` sets the in-progress interval (a third of it).
-/// Size the prefetch so that the fetched messages are handled within `ack_wait`: a message
-/// waiting in the prefetch buffer longer is redelivered meanwhile (harmless: a duplicate).
-///
-/// On cancellation it stops pulling, lets the handlers in flight finish and settle for
-/// [`ConsumerOptions::shutdown_grace`], then cancels the rest, whose messages are left
-/// pending and redelivered after `ack_wait`. Messages fetched but not yet started are left
-/// pending too.
-///
-/// See the [module](self) for an example.
-pub struct NatsConsumer<H: Handler, D = Json> {
+/// What a runner pulls from and settles with: the consumer, the context dead letters are
+/// published through, and how its acknowledgers settle. Shared by [`NatsConsumer`] and
+/// [`NatsBatchConsumer`].
+struct PullSource {
     consumer: PullConsumer,
     context: jetstream::Context,
-    handler: Arc<H>,
-    store: Arc<H::Store>,
-    decoder: Arc<D>,
-    options: ConsumerOptions,
     dead_letter_subject: Option<String>,
     progress_every: Option<Option<Duration>>,
     confirm_acks: bool,
-    stats: Arc<ConsumerStats>,
 }
 
-impl<H: Handler, D> std::fmt::Debug for NatsConsumer<H, D> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NatsConsumer")
-            .field("stream", &self.consumer.cached_info().stream_name)
-            .field("consumer", &self.consumer.cached_info().name)
-            .field("options", &self.options)
-            .field("dead_letter_subject", &self.dead_letter_subject)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<H: Handler> NatsConsumer<H, Json> {
-    /// A runner for `consumer` (a durable or ephemeral pull consumer with explicit acks),
-    /// publishing dead letters through `context`, handling with `handler` on `store`. Payloads
-    /// are JSON until [`with_decoder`](Self::with_decoder).
-    pub fn new(
-        consumer: PullConsumer,
-        context: jetstream::Context,
-        handler: H,
-        store: H::Store,
-    ) -> Self {
+impl PullSource {
+    fn new(consumer: PullConsumer, context: jetstream::Context) -> Self {
         Self {
             consumer,
             context,
-            handler: Arc::new(handler),
-            store: Arc::new(store),
-            decoder: Arc::new(Json),
-            options: ConsumerOptions::default(),
             dead_letter_subject: None,
             progress_every: None,
             confirm_acks: true,
-            stats: Arc::default(),
-        }
-    }
-}
-
-impl<H: Handler, D: Decode<H::Message>> NatsConsumer<H, D> {
-    /// Decodes payloads with `decoder` instead of JSON.
-    pub fn with_decoder<D2: Decode<H::Message>>(self, decoder: D2) -> NatsConsumer<H, D2> {
-        NatsConsumer {
-            consumer: self.consumer,
-            context: self.context,
-            handler: self.handler,
-            store: self.store,
-            decoder: Arc::new(decoder),
-            options: self.options,
-            dead_letter_subject: self.dead_letter_subject,
-            progress_every: self.progress_every,
-            confirm_acks: self.confirm_acks,
-            stats: self.stats,
         }
     }
 
-    /// Concurrency, prefetch (the pull batch size) and shutdown grace.
-    #[must_use]
-    pub fn with_options(mut self, options: ConsumerOptions) -> Self {
-        self.options = options;
-        self
+    fn info(&self) -> &jetstream::consumer::Info {
+        self.consumer.cached_info()
     }
 
-    /// Dead letters go to `subject` instead of `<stream>.dead-letter`. A stream other than the
-    /// consumed one must capture it; [`run`](Self::run) checks.
-    #[must_use]
-    pub fn with_dead_letter_subject(mut self, subject: impl Into<String>) -> Self {
-        self.dead_letter_subject = Some(subject.into());
-        self
-    }
-
-    /// How often a running handler's message is signalled in progress, instead of a third of
-    /// the consumer's `ack_wait`; `None`: never (a body longer than `ack_wait` is then
-    /// redelivered while it runs, and the redelivery waits on the gate).
-    #[must_use]
-    pub fn with_progress_every(mut self, every: Option<Duration>) -> Self {
-        self.progress_every = Some(every);
-        self
-    }
-
-    /// Whether acks, naks and terms wait for the server's confirmation (the default; see
-    /// [`NatsAckOptions::with_confirmed_acks`]).
-    #[must_use]
-    pub fn with_confirmed_acks(mut self, confirm: bool) -> Self {
-        self.confirm_acks = confirm;
-        self
-    }
-
-    /// The runner's counts, readable while it runs.
-    pub fn stats(&self) -> Arc<ConsumerStats> {
-        Arc::clone(&self.stats)
-    }
-
-    /// The acknowledger options this runner settles with.
+    /// The acknowledger options the runner settles with.
     fn ack_options(&self) -> NatsAckOptions {
-        let info = self.consumer.cached_info();
+        let info = self.info();
         let mut options = NatsAckOptions::for_consumer(info).with_confirmed_acks(self.confirm_acks);
         if let Some(subject) = &self.dead_letter_subject {
             options = options.with_dead_letter_subject(subject.clone());
@@ -745,7 +657,7 @@ impl<H: Handler, D: Decode<H::Message>> NatsConsumer<H, D> {
 
     /// Checks the consumer and the dead-letter destination before pulling.
     async fn check(&self, settle: &NatsAckOptions) -> Result<(), NatsError> {
-        let info = self.consumer.cached_info();
+        let info = self.info();
         if info.config.ack_policy != AckPolicy::Explicit {
             return Err(NatsError::AckPolicy {
                 consumer: info.name.clone(),
@@ -767,6 +679,174 @@ impl<H: Handler, D: Decode<H::Message>> NatsConsumer<H, D> {
         }
     }
 
+    /// Checks, then starts pulling, `prefetch` messages per pull request: the options to settle
+    /// with and the messages.
+    async fn start(&self, prefetch: u16) -> Result<(NatsAckOptions, pull::Stream), NatsError> {
+        let settle = self.ack_options();
+        self.check(&settle).await?;
+        let messages = self
+            .consumer
+            .stream()
+            .max_messages_per_batch(usize::from(prefetch))
+            .heartbeat(PULL_HEARTBEAT)
+            .messages()
+            .await
+            .map_err(|source| NatsError::Pull {
+                consumer: self.info().name.clone(),
+                source,
+            })?;
+        Ok((settle, messages))
+    }
+
+    /// Stops pulling (what was fetched and not started stays pending on the server), drains
+    /// the handlers in flight for `grace`, and sends the acks the client still buffers.
+    async fn stop(&self, messages: pull::Stream, workers: Workers, grace: Duration) {
+        drop(messages);
+        workers.drain(grace).await;
+        // Unconfirmed acks are buffered in the client: send them before returning.
+        if let Err(error) = self.context.client().flush().await {
+            tracing::warn!(target: "idem", %error, "could not flush the last acks; the server redelivers those messages");
+        }
+    }
+}
+
+/// What one poll of the message stream gave a runner: a message to handle; `None`, nothing
+/// this time (missed heartbeats, a failed pull request, logged), and the stream pulls again;
+/// or an error when pulling failed for good or the connection was closed, and the runner
+/// stops.
+fn pulled(
+    next: Option<Result<jetstream::Message, MessagesError>>,
+    consumer: &str,
+) -> Result<Option<jetstream::Message>, NatsError> {
+    match next {
+        Some(Ok(message)) => Ok(Some(message)),
+        Some(Err(error)) => {
+            if matches!(
+                error.kind(),
+                MessagesErrorKind::ConsumerDeleted
+                    | MessagesErrorKind::PushBasedConsumer
+                    | MessagesErrorKind::RequestLimitExceeded
+            ) {
+                return Err(NatsError::Messages {
+                    consumer: consumer.to_owned(),
+                    source: error,
+                });
+            }
+            tracing::warn!(target: "idem", %consumer, %error, "pulling from JetStream failed; retrying");
+            Ok(None)
+        }
+        None => Err(NatsError::StreamEnded {
+            consumer: consumer.to_owned(),
+        }),
+    }
+}
+
+/// A JetStream pull-consumer runner: pulls with bounded prefetch, runs the handler on up to
+/// [`ConsumerOptions::concurrency`] messages at once, settles each after its commit, and stops
+/// gracefully when its [`CancellationToken`] is cancelled.
+///
+/// The consumer must use `AckPolicy::Explicit`. Its `max_deliver` is honoured (the last
+/// delivery is dead-lettered), its `ack_wait` sets the in-progress interval (a third of it).
+/// Size the prefetch so that the fetched messages are handled within `ack_wait`: a message
+/// waiting in the prefetch buffer longer is redelivered meanwhile (harmless: a duplicate).
+///
+/// On cancellation it stops pulling, lets the handlers in flight finish and settle for
+/// [`ConsumerOptions::shutdown_grace`], then cancels the rest, whose messages are left
+/// pending and redelivered after `ack_wait`. Messages fetched but not yet started are left
+/// pending too.
+///
+/// See the [module](self) for an example.
+pub struct NatsConsumer<H: Handler, D = Json> {
+    source: PullSource,
+    handler: Arc<H>,
+    store: Arc<H::Store>,
+    decoder: Arc<D>,
+    options: ConsumerOptions,
+    stats: Arc<ConsumerStats>,
+}
+
+impl<H: Handler, D> std::fmt::Debug for NatsConsumer<H, D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsConsumer")
+            .field("stream", &self.source.info().stream_name)
+            .field("consumer", &self.source.info().name)
+            .field("options", &self.options)
+            .field("dead_letter_subject", &self.source.dead_letter_subject)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<H: Handler> NatsConsumer<H, Json> {
+    /// A runner for `consumer` (a durable or ephemeral pull consumer with explicit acks),
+    /// publishing dead letters through `context`, handling with `handler` on `store`. Payloads
+    /// are JSON until [`with_decoder`](Self::with_decoder).
+    pub fn new(
+        consumer: PullConsumer,
+        context: jetstream::Context,
+        handler: H,
+        store: H::Store,
+    ) -> Self {
+        Self {
+            source: PullSource::new(consumer, context),
+            handler: Arc::new(handler),
+            store: Arc::new(store),
+            decoder: Arc::new(Json),
+            options: ConsumerOptions::default(),
+            stats: Arc::default(),
+        }
+    }
+}
+
+impl<H: Handler, D: Decode<H::Message>> NatsConsumer<H, D> {
+    /// Decodes payloads with `decoder` instead of JSON.
+    pub fn with_decoder<D2: Decode<H::Message>>(self, decoder: D2) -> NatsConsumer<H, D2> {
+        NatsConsumer {
+            source: self.source,
+            handler: self.handler,
+            store: self.store,
+            decoder: Arc::new(decoder),
+            options: self.options,
+            stats: self.stats,
+        }
+    }
+
+    /// Concurrency, prefetch (the pull batch size) and shutdown grace.
+    #[must_use]
+    pub fn with_options(mut self, options: ConsumerOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Dead letters go to `subject` instead of `<stream>.dead-letter`. A stream other than the
+    /// consumed one must capture it; [`run`](Self::run) checks.
+    #[must_use]
+    pub fn with_dead_letter_subject(mut self, subject: impl Into<String>) -> Self {
+        self.source.dead_letter_subject = Some(subject.into());
+        self
+    }
+
+    /// How often a running handler's message is signalled in progress, instead of a third of
+    /// the consumer's `ack_wait`; `None`: never (a body longer than `ack_wait` is then
+    /// redelivered while it runs, and the redelivery waits on the gate).
+    #[must_use]
+    pub fn with_progress_every(mut self, every: Option<Duration>) -> Self {
+        self.source.progress_every = Some(every);
+        self
+    }
+
+    /// Whether acks, naks and terms wait for the server's confirmation (the default; see
+    /// [`NatsAckOptions::with_confirmed_acks`]).
+    #[must_use]
+    pub fn with_confirmed_acks(mut self, confirm: bool) -> Self {
+        self.source.confirm_acks = confirm;
+        self
+    }
+
+    /// The runner's counts, readable while it runs.
+    pub fn stats(&self) -> Arc<ConsumerStats> {
+        Arc::clone(&self.stats)
+    }
+
     /// Pulls and handles messages until `shutdown` is cancelled, then drains the handlers in
     /// flight (for the shutdown grace) and returns what it did.
     ///
@@ -779,20 +859,8 @@ impl<H: Handler, D: Decode<H::Message>> NatsConsumer<H, D> {
     /// Settling failures are not errors of `run`: they are logged and counted
     /// ([`ConsumerReport::settle_failures`]), and the server redelivers those messages.
     pub async fn run(self, shutdown: CancellationToken) -> Result<ConsumerReport, NatsError> {
-        let settle = self.ack_options();
-        self.check(&settle).await?;
-        let consumer_name = self.consumer.cached_info().name.clone();
-        let mut messages = self
-            .consumer
-            .stream()
-            .max_messages_per_batch(usize::from(self.options.prefetch_count()))
-            .heartbeat(PULL_HEARTBEAT)
-            .messages()
-            .await
-            .map_err(|source| NatsError::Pull {
-                consumer: consumer_name.clone(),
-                source,
-            })?;
+        let (settle, mut messages) = self.source.start(self.options.prefetch_count()).await?;
+        let consumer_name = self.source.info().name.clone();
         let mut workers = Workers::new(self.options.concurrency_limit(), Arc::clone(&self.stats));
         let mut failed = None;
         loop {
@@ -806,29 +874,11 @@ impl<H: Handler, D: Decode<H::Message>> NatsConsumer<H, D> {
                 () = shutdown.cancelled() => break,
                 next = messages.next() => next,
             };
-            let message = match next {
-                Some(Ok(message)) => message,
-                Some(Err(error)) => {
-                    if matches!(
-                        error.kind(),
-                        MessagesErrorKind::ConsumerDeleted
-                            | MessagesErrorKind::PushBasedConsumer
-                            | MessagesErrorKind::RequestLimitExceeded
-                    ) {
-                        failed = Some(NatsError::Messages {
-                            consumer: consumer_name.clone(),
-                            source: error,
-                        });
-                        break;
-                    }
-                    // Missed heartbeats, a failed pull request: the stream pulls again.
-                    tracing::warn!(target: "idem", consumer = %consumer_name, %error, "pulling from JetStream failed; retrying");
-                    continue;
-                }
-                None => {
-                    failed = Some(NatsError::StreamEnded {
-                        consumer: consumer_name.clone(),
-                    });
+            let message = match pulled(next, &consumer_name) {
+                Ok(Some(message)) => message,
+                Ok(None) => continue,
+                Err(error) => {
+                    failed = Some(error);
                     break;
                 }
             };
@@ -847,18 +897,288 @@ impl<H: Handler, D: Decode<H::Message>> NatsConsumer<H, D> {
                 .instrument(span),
             );
         }
-        // Stop pulling: what was fetched and not started stays pending on the server.
-        drop(messages);
-        workers.drain(self.options.grace()).await;
-        // Unconfirmed acks are buffered in the client: send them before returning.
-        if let Err(error) = self.context.client().flush().await {
-            tracing::warn!(target: "idem", %error, "could not flush the last acks; the server redelivers those messages");
-        }
+        self.source
+            .stop(messages, workers, self.options.grace())
+            .await;
         match failed {
             Some(error) => Err(error),
             None => Ok(self.stats.snapshot()),
         }
     }
+}
+
+/// A JetStream pull-consumer runner in batch mode, for a `batch` handler ([`BatchHandler`]):
+/// collects up to [`BatchOptions::max_size`] messages, or what arrives within
+/// [`BatchOptions::max_wait`] of the first, hands them to the handler as one batch (one
+/// transaction, see [`pipeline::batch`](crate::pipeline::batch)), and runs up to
+/// [`ConsumerOptions::concurrency`] batches at once. Everything else is as [`NatsConsumer`]:
+/// the consumer must use `AckPolicy::Explicit`, `max_deliver` is honoured, each message is
+/// kept in progress while it waits in its batch and while the batch runs, dead letters go to
+/// the same subject, and shutdown is graceful (the batch being collected runs with what it
+/// has; messages fetched and not collected stay pending).
+///
+/// Each message is acked on its own ([`NatsAcknowledger`]), once the part of the batch it
+/// belongs to committed. Each pull request asks for at least `max_size` × concurrency
+/// messages (the prefetch is raised to it), so that batches can fill: the consumer's
+/// `max_batch`, if it sets one, must allow that, and its `max_ack_pending` should be at least
+/// as large, or batches run smaller than `max_size`.
+///
+/// ```no_run
+/// use async_nats::jetstream::{self, consumer::pull};
+/// use idem_runtime::broker::nats::{ensure_dead_letter_stream, NatsBatchConsumer};
+/// use idem_runtime::broker::{BatchOptions, CancellationToken, ConsumerOptions};
+/// use idem_runtime::{batch_handler, idempotent, HandlerError, PgStore, PgTx};
+///
+/// #[derive(Debug, serde::Deserialize)]
+/// struct OrderPaid { order_id: String, amount: i64 }
+///
+/// #[derive(Debug, thiserror::Error)]
+/// enum AppError { #[error(transparent)] Db(#[from] sqlx::Error) }
+/// impl HandlerError for AppError {}
+///
+/// #[idempotent(key = "order_id", store = "pg", strategy = "dedup_table", scope = "doc.nats.batch", batch)]
+/// async fn on_orders_paid(tx: &mut PgTx<'_>, msgs: &[OrderPaid]) -> Result<(), AppError> {
+///     let ids: Vec<&str> = msgs.iter().map(|msg| msg.order_id.as_str()).collect();
+///     let amounts: Vec<i64> = msgs.iter().map(|msg| msg.amount).collect();
+///     sqlx::query(
+///         "INSERT INTO payments (order_id, amount) SELECT * FROM unnest($1::text[], $2::bigint[])",
+///     )
+///     .bind(&ids).bind(&amounts)
+///     .execute(&mut **tx).await?;
+///     Ok(())
+/// }
+///
+/// # async fn run(store: PgStore) -> Result<(), Box<dyn std::error::Error>> {
+/// let js = jetstream::new(async_nats::connect("127.0.0.1:4222").await?);
+/// ensure_dead_letter_stream(&js, "ORDERS").await?;
+/// let consumer = js
+///     .get_stream("ORDERS")
+///     .await?
+///     .get_or_create_consumer("billing", pull::Config {
+///         durable_name: Some("billing".into()),
+///         ack_policy: jetstream::consumer::AckPolicy::Explicit,
+///         ..Default::default()
+///     })
+///     .await?;
+///
+/// let shutdown = CancellationToken::new();
+/// let runner = NatsBatchConsumer::new(consumer, js, batch_handler!(on_orders_paid), store)
+///     .with_options(ConsumerOptions::default().concurrency(4))
+///     .with_batch(BatchOptions::default().max_size(100));
+/// let stats = runner.stats(); // read while it runs
+/// let report = runner.run(shutdown.child_token()).await?; // until `shutdown.cancel()`
+/// println!("processed={} duplicates={}", report.processed, report.duplicates);
+/// # drop(stats);
+/// # Ok(()) }
+/// ```
+pub struct NatsBatchConsumer<H: BatchHandler, D = Json> {
+    source: PullSource,
+    handler: Arc<H>,
+    store: Arc<H::Store>,
+    decoder: Arc<D>,
+    options: ConsumerOptions,
+    batch: BatchOptions,
+    stats: Arc<ConsumerStats>,
+}
+
+impl<H: BatchHandler, D> std::fmt::Debug for NatsBatchConsumer<H, D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsBatchConsumer")
+            .field("stream", &self.source.info().stream_name)
+            .field("consumer", &self.source.info().name)
+            .field("options", &self.options)
+            .field("batch", &self.batch)
+            .field("dead_letter_subject", &self.source.dead_letter_subject)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<H: BatchHandler> NatsBatchConsumer<H, Json> {
+    /// A batch runner for `consumer` (a durable or ephemeral pull consumer with explicit
+    /// acks), publishing dead letters through `context`, handling with `handler` on `store`.
+    /// Payloads are JSON until [`with_decoder`](Self::with_decoder); the options and batches
+    /// the defaults.
+    pub fn new(
+        consumer: PullConsumer,
+        context: jetstream::Context,
+        handler: H,
+        store: H::Store,
+    ) -> Self {
+        Self {
+            source: PullSource::new(consumer, context),
+            handler: Arc::new(handler),
+            store: Arc::new(store),
+            decoder: Arc::new(Json),
+            options: ConsumerOptions::default(),
+            batch: BatchOptions::default(),
+            stats: Arc::default(),
+        }
+    }
+}
+
+impl<H: BatchHandler, D: Decode<H::Message>> NatsBatchConsumer<H, D> {
+    /// Decodes payloads with `decoder` instead of JSON.
+    pub fn with_decoder<D2: Decode<H::Message>>(self, decoder: D2) -> NatsBatchConsumer<H, D2> {
+        NatsBatchConsumer {
+            source: self.source,
+            handler: self.handler,
+            store: self.store,
+            decoder: Arc::new(decoder),
+            options: self.options,
+            batch: self.batch,
+            stats: self.stats,
+        }
+    }
+
+    /// Concurrency (batches at once), prefetch (the pull batch size, raised to at least
+    /// `max_size` × concurrency) and shutdown grace.
+    #[must_use]
+    pub fn with_options(mut self, options: ConsumerOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// How batches are collected.
+    #[must_use]
+    pub fn with_batch(mut self, batch: BatchOptions) -> Self {
+        self.batch = batch;
+        self
+    }
+
+    /// As [`NatsConsumer::with_dead_letter_subject`].
+    #[must_use]
+    pub fn with_dead_letter_subject(mut self, subject: impl Into<String>) -> Self {
+        self.source.dead_letter_subject = Some(subject.into());
+        self
+    }
+
+    /// As [`NatsConsumer::with_progress_every`]: each message of a batch is signalled in
+    /// progress from the moment it is collected until it is settled.
+    #[must_use]
+    pub fn with_progress_every(mut self, every: Option<Duration>) -> Self {
+        self.source.progress_every = Some(every);
+        self
+    }
+
+    /// As [`NatsConsumer::with_confirmed_acks`].
+    #[must_use]
+    pub fn with_confirmed_acks(mut self, confirm: bool) -> Self {
+        self.source.confirm_acks = confirm;
+        self
+    }
+
+    /// The runner's counts, readable while it runs.
+    pub fn stats(&self) -> Arc<ConsumerStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// Pulls and handles messages in batches until `shutdown` is cancelled, then stops as
+    /// [`NatsConsumer::run`] does: the batch being collected runs with what it has, the
+    /// batches in flight finish and settle for up to the shutdown grace, the rest are
+    /// cancelled (their messages left pending), and it returns what it did.
+    ///
+    /// # Errors
+    ///
+    /// As [`NatsConsumer::run`]; [`NatsError::Messages`] also when `max_size` × concurrency
+    /// exceeds the consumer's `max_batch`. A batch collected when pulling fails for good still
+    /// runs, before the error is returned.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<ConsumerReport, NatsError> {
+        let prefetch = self.batch.prefetch_for(&self.options);
+        let (settle, mut messages) = self.source.start(prefetch).await?;
+        let consumer_name = self.source.info().name.clone();
+        let stream_name = self.source.info().stream_name.clone();
+        let max_size = self.batch.size_limit();
+        let mut workers = Workers::new(self.options.concurrency_limit(), Arc::clone(&self.stats));
+        let mut failed = None;
+        'consume: loop {
+            let permit = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                permit = workers.ready() => permit,
+            };
+            // The batch's first message, however long it takes to come.
+            let first = loop {
+                let next = tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => break 'consume,
+                    next = messages.next() => next,
+                };
+                match pulled(next, &consumer_name) {
+                    Ok(Some(message)) => break message,
+                    Ok(None) => {}
+                    Err(error) => {
+                        failed = Some(error);
+                        break 'consume;
+                    }
+                }
+            };
+            // Then up to `max_size`, until `max_wait` after the first, or shutdown. Each
+            // message is in progress from here on.
+            let mut collected = Vec::with_capacity(max_size);
+            collected.push(NatsAcknowledger::new(first, &settle));
+            let deadline = batch_deadline(self.batch.wait_limit());
+            while collected.len() < max_size {
+                let next = tokio::select! {
+                    biased;
+                    next = messages.next() => next,
+                    () = tokio::time::sleep_until(deadline) => break,
+                    () = shutdown.cancelled() => break,
+                };
+                match pulled(next, &consumer_name) {
+                    Ok(Some(message)) => {
+                        collected.push(NatsAcknowledger::new(message, &settle));
+                    }
+                    Ok(None) => {}
+                    Err(error) => {
+                        failed = Some(error);
+                        break;
+                    }
+                }
+            }
+            let span = tracing::info_span!(
+                "idem.delivery_batch",
+                broker = "nats",
+                stream = %stream_name,
+                consumer = %consumer_name,
+                size = collected.len(),
+            );
+            let deliveries: Vec<_> = collected
+                .into_iter()
+                .map(|ack| (ack.message.payload.clone(), ack))
+                .collect();
+            let handler = Arc::clone(&self.handler);
+            let store = Arc::clone(&self.store);
+            let decoder = Arc::clone(&self.decoder);
+            let stats = Arc::clone(&self.stats);
+            workers.spawn_batch(
+                permit,
+                deliveries.len(),
+                async move {
+                    deliver_batch(&*handler, &*decoder, &*store, deliveries, &stats).await;
+                }
+                .instrument(span),
+            );
+            if failed.is_some() {
+                break;
+            }
+        }
+        self.source
+            .stop(messages, workers, self.options.grace())
+            .await;
+        match failed {
+            Some(error) => Err(error),
+            None => Ok(self.stats.snapshot()),
+        }
+    }
+}
+
+/// When a batch collected now stops waiting for more: `wait` from now, or, when that is out
+/// of the clock's range, a day from now.
+fn batch_deadline(wait: Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(wait)
+        .or_else(|| now.checked_add(Duration::from_secs(24 * 60 * 60)))
+        .unwrap_or(now)
 }
 
 /// The span of one delivery: `idem.delivery` with the stream, its sequence, the delivery

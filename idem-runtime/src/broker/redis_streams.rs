@@ -11,6 +11,9 @@
 //!   [`pending`](StreamGroup::pending).
 //! - [`RedisStreamAcknowledger`]: the [`Acknowledger`] of one entry read by one consumer.
 //! - [`RedisStreamConsumer`]: the runner that does the loop.
+//! - [`RedisStreamsBatchConsumer`]: the same loop in batch mode, for a `batch` handler: up to
+//!   `max_size` entries in one transaction, each still acked (`XACK`) on its own after its
+//!   commit.
 //!
 //! # What each outcome becomes
 //!
@@ -155,15 +158,16 @@ use std::time::Duration;
 
 use redis::Value;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tracing::Instrument as _;
 
 use super::{
-    CancellationToken, ConsumerOptions, ConsumerReport, ConsumerStats, Decode, Json, Settled,
-    Workers, deliver,
+    BatchOptions, CancellationToken, ConsumerOptions, ConsumerReport, ConsumerStats, Decode, Json,
+    Settled, Workers, deliver, deliver_batch,
 };
 use crate::ack::{Acknowledger, Committed, DeadLetter, Requeue};
-use crate::handler::Handler;
+use crate::handler::{BatchHandler, Handler};
 
 /// What went wrong talking to Redis.
 #[derive(Debug, thiserror::Error)]
@@ -1227,223 +1231,619 @@ where
         self,
         shutdown: CancellationToken,
     ) -> Result<ConsumerReport, RedisStreamError> {
+        let mut intake = Intake::open(
+            &self.client,
+            &self.group,
+            &self.consumer,
+            self.start,
+            self.block,
+            self.reclaim_interval,
+            usize::from(self.options.prefetch_count()),
+        )
+        .await?;
+        let mut workers = Workers::new(self.options.concurrency_limit(), Arc::clone(&self.stats));
+        while let Some(permit) = intake.slot(&mut workers, &shutdown).await {
+            let Some(delivery) = intake.next(&shutdown, None).await else {
+                break;
+            };
+            let span = tracing::info_span!(
+                "idem.delivery",
+                stream = %self.group.stream,
+                entry_id = %delivery.id,
+                delivery_count = delivery.delivery_count,
+            );
+            let taken = intake.take(delivery).await;
+            let handler = Arc::clone(&self.handler);
+            let store = Arc::clone(&self.store);
+            let decoder = Arc::clone(&self.decoder);
+            let stats = Arc::clone(&self.stats);
+            workers.spawn(
+                permit,
+                async move {
+                    let Taken {
+                        ack,
+                        payload,
+                        malformed,
+                        hold,
+                    } = taken;
+                    match malformed {
+                        Some(reason) => dead_letter_malformed(ack, &reason, &stats).await,
+                        None => deliver(&*handler, &*decoder, &*store, &payload, ack, &stats).await,
+                    }
+                    // Settled, or left for a reclaim after a refused settle: no longer held.
+                    hold.release().await;
+                }
+                .instrument(span),
+            );
+        }
+        intake.close(workers, self.options.grace()).await;
+        Ok(self.stats.snapshot())
+    }
+}
+
+/// What a runner reads from, and the state of its reading: its two connections, the entries
+/// its handlers hold and those fetched ahead, when to reclaim and touch next, and the backoff
+/// after a failed command. Shared by [`RedisStreamConsumer`] and [`RedisStreamsBatchConsumer`].
+struct Intake {
+    group: StreamGroup,
+    consumer: Arc<str>,
+    /// Settling, reclaiming, touching.
+    conn: ConnectionManager,
+    /// The blocking reads.
+    reader: ConnectionManager,
+    held: Arc<Held>,
+    ahead: VecDeque<StreamDelivery>,
+    /// The `COUNT` of reads and reclaims.
+    prefetch: usize,
+    block: Duration,
+    reclaim_interval: Duration,
+    touch_interval: Duration,
+    next_reclaim: Instant,
+    next_touch: Instant,
+    cursor: String,
+    retry_after_error: Duration,
+    /// After a failed read or reclaim: not before this.
+    retry_at: Option<Instant>,
+}
+
+impl Intake {
+    /// Opens the runner's connections and makes the group if missing.
+    async fn open(
+        client: &redis::Client,
+        group: &StreamGroup,
+        consumer: &Arc<str>,
+        start: GroupStart,
+        block: Duration,
+        reclaim_interval: Option<Duration>,
+        prefetch: usize,
+    ) -> Result<Self, RedisStreamError> {
         let connect_error = |source| RedisStreamError::Connect {
-            stream: self.group.stream.to_string(),
+            stream: group.stream.to_string(),
             source,
         };
-        let mut conn = self
-            .client
+        let mut conn = client
             .get_connection_manager()
             .await
             .map_err(connect_error)?;
         // The reads block: a connection of their own, with a response timeout past the block.
-        let mut reader = self
-            .client
+        let reader = client
             .get_connection_manager_with_config(
                 ConnectionManagerConfig::new()
-                    .set_response_timeout(Some(self.block.saturating_add(Duration::from_secs(5)))),
+                    .set_response_timeout(Some(block.saturating_add(Duration::from_secs(5)))),
             )
             .await
             .map_err(connect_error)?;
-        self.group.create(&mut conn, self.start).await?;
+        group.create(&mut conn, start).await?;
 
-        let group = &self.group;
         let reclaim_idle = group.reclaim_idle;
-        let reclaim_interval = self.reclaim_interval.unwrap_or_else(|| {
+        let reclaim_interval = reclaim_interval.unwrap_or_else(|| {
             (reclaim_idle / 4)
                 .min(Duration::from_secs(1))
                 .max(Duration::from_millis(1))
         });
         let touch_interval = (reclaim_idle / 3).max(Duration::from_millis(1));
-        let prefetch = usize::from(self.options.prefetch_count());
-        let held: Arc<Held> = Arc::default();
-        let mut workers = Workers::new(self.options.concurrency_limit(), Arc::clone(&self.stats));
-        let mut ahead: VecDeque<StreamDelivery> = VecDeque::new();
-        // Take over what dead consumers left at once.
-        let mut next_reclaim = Instant::now();
-        let mut next_touch = later(Instant::now(), touch_interval);
-        let mut cursor = String::from("0-0");
-        let mut retry_after_error = Duration::ZERO;
-        // After a failed read or reclaim: not before this.
-        let mut retry_at: Option<Instant> = None;
+        Ok(Self {
+            group: group.clone(),
+            consumer: Arc::clone(consumer),
+            conn,
+            reader,
+            held: Arc::default(),
+            ahead: VecDeque::new(),
+            prefetch,
+            block,
+            reclaim_interval,
+            touch_interval,
+            // Take over what dead consumers left at once.
+            next_reclaim: Instant::now(),
+            next_touch: later(Instant::now(), touch_interval),
+            cursor: String::from("0-0"),
+            retry_after_error: Duration::ZERO,
+            retry_at: None,
+        })
+    }
 
-        'consume: loop {
-            // A free handler slot, keeping held entries fresh while waiting for one.
-            let permit = loop {
-                tokio::select! {
-                    biased;
-                    () = shutdown.cancelled() => break 'consume,
-                    () = tokio::time::sleep_until(next_touch) => {
-                        touch(&mut conn, group, &self.consumer, &held, &ahead).await;
-                        next_touch = later(Instant::now(), touch_interval);
-                    }
-                    permit = workers.ready() => break permit,
-                }
-            };
-            // An entry: fetched ahead, reclaimed, or read.
-            let delivery = loop {
-                let now = Instant::now();
-                if now >= next_touch {
-                    touch(&mut conn, group, &self.consumer, &held, &ahead).await;
-                    next_touch = later(now, touch_interval);
-                }
-                if let Some(delivery) = ahead.pop_front() {
-                    break delivery;
-                }
-                if let Some(at) = retry_at {
-                    if now < at {
-                        // Wait out the backoff, waking for the next touch on the way.
-                        tokio::select! {
-                            biased;
-                            () = shutdown.cancelled() => break 'consume,
-                            () = tokio::time::sleep_until(at.min(next_touch)) => {}
-                        }
-                        continue;
-                    }
-                    retry_at = None;
-                }
-                if now >= next_reclaim {
-                    match group
-                        .reclaim_from(&mut conn, &self.consumer, &cursor, prefetch)
-                        .await
-                    {
-                        Ok((next, reclaimed)) => {
-                            retry_after_error = Duration::ZERO;
-                            ahead.extend(reclaimed);
-                            // A full sweep done: the next one after the interval; otherwise
-                            // continue the scan at once.
-                            if next == "0-0" {
-                                next_reclaim = later(now, reclaim_interval);
-                            }
-                            cursor = next;
-                        }
-                        Err(error) => {
-                            tracing::warn!(target: "idem", %error, "reclaim failed; retrying");
-                            retry_after_error = backoff(retry_after_error);
-                            retry_at = Some(later(Instant::now(), retry_after_error));
-                            next_reclaim = later(now, reclaim_interval);
-                        }
+    /// Touches the held and fetched-ahead entries, and sets the next touch.
+    async fn touch(&mut self) {
+        touch(
+            &mut self.conn,
+            &self.group,
+            &self.consumer,
+            &self.held,
+            &self.ahead,
+        )
+        .await;
+        self.next_touch = later(Instant::now(), self.touch_interval);
+    }
+
+    /// A free handler slot, keeping held entries fresh while waiting for one; `None` once
+    /// `shutdown` is cancelled.
+    async fn slot(
+        &mut self,
+        workers: &mut Workers,
+        shutdown: &CancellationToken,
+    ) -> Option<OwnedSemaphorePermit> {
+        loop {
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return None,
+                () = tokio::time::sleep_until(self.next_touch) => self.touch().await,
+                permit = workers.ready() => return Some(permit),
+            }
+        }
+    }
+
+    /// An entry: fetched ahead, reclaimed, or read. `None` once `shutdown` is cancelled, or,
+    /// with a `deadline`, when it passes with nothing fetched ahead (a read then waits no
+    /// longer than it).
+    async fn next(
+        &mut self,
+        shutdown: &CancellationToken,
+        deadline: Option<Instant>,
+    ) -> Option<StreamDelivery> {
+        loop {
+            let now = Instant::now();
+            if now >= self.next_touch {
+                self.touch().await;
+            }
+            if let Some(delivery) = self.ahead.pop_front() {
+                return Some(delivery);
+            }
+            if deadline.is_some_and(|deadline| now >= deadline) {
+                return None;
+            }
+            let wake = deadline.map_or(self.next_touch, |deadline| deadline.min(self.next_touch));
+            if let Some(at) = self.retry_at {
+                if now < at {
+                    // Wait out the backoff, waking for the next touch (or the deadline) on the
+                    // way.
+                    tokio::select! {
+                        biased;
+                        () = shutdown.cancelled() => return None,
+                        () = tokio::time::sleep_until(at.min(wake)) => {}
                     }
                     continue;
                 }
-                let wait = next_reclaim
-                    .min(next_touch)
-                    .saturating_duration_since(now)
-                    .min(self.block);
-                let read = group.read(
-                    &mut reader,
-                    &self.consumer,
-                    prefetch,
-                    Some(wait.max(Duration::from_millis(1))),
-                );
-                tokio::pin!(read);
-                let read = tokio::select! {
-                    biased;
-                    read = &mut read => read,
-                    () = shutdown.cancelled() => {
-                        // The server may be handing out entries to this read: take them, to
-                        // hand them back below, rather than leave them pending for a reclaim.
-                        if let Ok(read) = read.await {
-                            ahead.extend(read);
+                self.retry_at = None;
+            }
+            if now >= self.next_reclaim {
+                match self
+                    .group
+                    .reclaim_from(&mut self.conn, &self.consumer, &self.cursor, self.prefetch)
+                    .await
+                {
+                    Ok((next, reclaimed)) => {
+                        self.retry_after_error = Duration::ZERO;
+                        self.ahead.extend(reclaimed);
+                        // A full sweep done: the next one after the interval; otherwise
+                        // continue the scan at once.
+                        if next == "0-0" {
+                            self.next_reclaim = later(now, self.reclaim_interval);
                         }
-                        break 'consume;
-                    }
-                };
-                match read {
-                    Ok(read) => {
-                        retry_after_error = Duration::ZERO;
-                        ahead.extend(read);
+                        self.cursor = next;
                     }
                     Err(error) => {
-                        tracing::warn!(target: "idem", %error, "XREADGROUP failed; retrying");
-                        retry_after_error = backoff(retry_after_error);
-                        retry_at = Some(later(Instant::now(), retry_after_error));
+                        tracing::warn!(target: "idem", %error, "reclaim failed; retrying");
+                        self.retry_after_error = backoff(self.retry_after_error);
+                        self.retry_at = Some(later(Instant::now(), self.retry_after_error));
+                        self.next_reclaim = later(now, self.reclaim_interval);
                     }
                 }
+                continue;
+            }
+            let wait = self
+                .next_reclaim
+                .min(wake)
+                .saturating_duration_since(now)
+                .min(self.block);
+            let read = self.group.read(
+                &mut self.reader,
+                &self.consumer,
+                self.prefetch,
+                Some(wait.max(Duration::from_millis(1))),
+            );
+            tokio::pin!(read);
+            let read = tokio::select! {
+                biased;
+                read = &mut read => read,
+                () = shutdown.cancelled() => {
+                    // The server may be handing out entries to this read: take them, to
+                    // hand them back at the close, rather than leave them pending for a
+                    // reclaim.
+                    if let Ok(read) = read.await {
+                        self.ahead.extend(read);
+                    }
+                    return None;
+                }
             };
-            self.spawn(&mut workers, permit, &conn, &held, delivery)
-                .await;
-        }
-
-        // Entries fetched ahead never reached a handler: hand them back, reclaimable at once,
-        // with the delivery count they had before this consumer took them.
-        let unstarted: Vec<StreamDelivery> = ahead.drain(..).collect();
-        hand_back(&mut conn, group, &self.consumer, &unstarted).await;
-        // The running handlers finish, their entries kept fresh meanwhile.
-        let drain = workers.drain(self.options.grace());
-        tokio::pin!(drain);
-        loop {
-            tokio::select! {
-                () = &mut drain => break,
-                () = tokio::time::sleep_until(next_touch) => {
-                    touch(&mut conn, group, &self.consumer, &held, &ahead).await;
-                    next_touch = later(Instant::now(), touch_interval);
+            match read {
+                Ok(read) => {
+                    self.retry_after_error = Duration::ZERO;
+                    self.ahead.extend(read);
+                }
+                Err(error) => {
+                    tracing::warn!(target: "idem", %error, "XREADGROUP failed; retrying");
+                    self.retry_after_error = backoff(self.retry_after_error);
+                    self.retry_at = Some(later(Instant::now(), self.retry_after_error));
                 }
             }
         }
-        // What is still held was cancelled at the deadline: unacknowledged, reclaimable now.
-        let cancelled: Vec<String> = held.lock().await.drain().map(|(id, _)| id).collect();
-        if !cancelled.is_empty() {
-            let ids: Vec<&str> = cancelled.iter().map(String::as_str).collect();
-            release_ids(&mut conn, group, &self.consumer, &ids, None).await;
-        }
-        Ok(self.stats.snapshot())
     }
 
-    async fn spawn(
-        &self,
-        workers: &mut Workers,
-        permit: tokio::sync::OwnedSemaphorePermit,
-        conn: &ConnectionManager,
-        held: &Arc<Held>,
-        delivery: StreamDelivery,
-    ) {
-        let hold = Hold::take(held, delivery.id.clone()).await;
-        let span = tracing::info_span!(
-            "idem.delivery",
-            stream = %self.group.stream,
-            entry_id = %delivery.id,
-            delivery_count = delivery.delivery_count,
-        );
-        let fields = Arc::clone(&delivery.fields);
-        let payload_index = delivery.payload_index;
+    /// Takes `delivery` for a handler: held (kept fresh) from now until it is settled or its
+    /// handler returns, with its acknowledger and payload.
+    async fn take(&self, delivery: StreamDelivery) -> Taken {
+        let hold = Hold::take(&self.held, delivery.id.clone()).await;
+        let payload = EntryPayload {
+            fields: Arc::clone(&delivery.fields),
+            index: delivery.payload_index,
+        };
         let malformed = delivery.malformed.clone();
         let ack = RedisStreamAcknowledger {
-            conn: conn.clone(),
+            conn: self.conn.clone(),
             qualified_id: qualified_id(&self.group, &delivery),
             group: self.group.clone(),
             consumer: Arc::clone(&self.consumer),
             delivery,
             held: Some(Arc::clone(&hold)),
         };
-        let handler = Arc::clone(&self.handler);
-        let store = Arc::clone(&self.store);
-        let decoder = Arc::clone(&self.decoder);
-        let stats = Arc::clone(&self.stats);
-        workers.spawn(
-            permit,
-            async move {
-                if let Some(reason) = malformed {
-                    // Cannot be handled: to the dead-letter stream, with the reason.
-                    let settled = match ack.dead_letter_now(&reason).await {
-                        Ok(()) => Settled::DeadLettered,
-                        Err(error) => {
-                            tracing::warn!(target: "idem", %error, "could not dead-letter a malformed entry; it stays pending");
-                            Settled::Refused
-                        }
-                    };
-                    stats.count(settled);
-                } else {
-                    let payload = payload_index
-                        .and_then(|index| fields.get(index))
-                        .map_or(&[][..], |(_, value)| value.as_slice());
-                    deliver(&*handler, &*decoder, &*store, payload, ack, &stats).await;
-                }
-                // Settled, or left for a reclaim after a refused settle: no longer held.
-                hold.release().await;
+        Taken {
+            ack,
+            payload,
+            malformed,
+            hold,
+        }
+    }
+
+    /// After the loop: hands the entries fetched ahead back, lets the running handlers finish
+    /// for `grace` (their entries kept fresh meanwhile), and makes the entries of those
+    /// cancelled at the deadline reclaimable at once.
+    async fn close(mut self, workers: Workers, grace: Duration) {
+        // Entries fetched ahead never reached a handler: hand them back, reclaimable at once,
+        // with the delivery count they had before this consumer took them.
+        let unstarted: Vec<StreamDelivery> = self.ahead.drain(..).collect();
+        hand_back(&mut self.conn, &self.group, &self.consumer, &unstarted).await;
+        // The running handlers finish, their entries kept fresh meanwhile.
+        let drain = workers.drain(grace);
+        tokio::pin!(drain);
+        loop {
+            tokio::select! {
+                () = &mut drain => break,
+                () = tokio::time::sleep_until(self.next_touch) => self.touch().await,
             }
-            .instrument(span),
-        );
+        }
+        // What is still held was cancelled at the deadline: unacknowledged, reclaimable now.
+        let cancelled: Vec<String> = self.held.lock().await.drain().map(|(id, _)| id).collect();
+        if !cancelled.is_empty() {
+            let ids: Vec<&str> = cancelled.iter().map(String::as_str).collect();
+            release_ids(&mut self.conn, &self.group, &self.consumer, &ids, None).await;
+        }
+    }
+}
+
+/// An entry a runner took for a handler.
+struct Taken {
+    ack: RedisStreamAcknowledger,
+    payload: EntryPayload,
+    /// Why the entry cannot be handled, if it cannot.
+    malformed: Option<Arc<str>>,
+    hold: Arc<Hold>,
+}
+
+/// An entry's payload: its payload field's value, empty when it lacks one.
+struct EntryPayload {
+    fields: Arc<[(Vec<u8>, Vec<u8>)]>,
+    index: Option<usize>,
+}
+
+impl std::ops::Deref for EntryPayload {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        self.index
+            .and_then(|index| self.fields.get(index))
+            .map_or(&[][..], |(_, value)| value.as_slice())
+    }
+}
+
+/// Dead-letters an entry that cannot be handled (a malformed one), with the reason, and
+/// counts it.
+async fn dead_letter_malformed(ack: RedisStreamAcknowledger, reason: &str, stats: &ConsumerStats) {
+    let settled = match ack.dead_letter_now(reason).await {
+        Ok(()) => Settled::DeadLettered,
+        Err(error) => {
+            tracing::warn!(target: "idem", %error, "could not dead-letter a malformed entry; it stays pending");
+            Settled::Refused
+        }
+    };
+    stats.count(settled);
+}
+
+/// A consumer of one stream's consumer group in batch mode, for a `batch` handler
+/// ([`BatchHandler`]): collects up to [`BatchOptions::max_size`] entries, or what arrives
+/// within [`BatchOptions::max_wait`] of the first, hands them to the handler as one batch (one
+/// transaction, see [`pipeline::batch`](crate::pipeline::batch)), and runs up to
+/// [`ConsumerOptions::concurrency`] batches at once.
+///
+/// Everything else is as [`RedisStreamConsumer`]: `XREADGROUP` and `XAUTOCLAIM` sweeps, with
+/// a `COUNT` raised to at least `max_size` × concurrency so that batches can fill (one read
+/// often fills a batch at once); the entries of a batch are kept fresh from the moment they
+/// are collected; each entry is acked on its own (`XACK`) once the part of the batch it
+/// belongs to committed, requeued or dead-lettered as one entry is; a
+/// [malformed](StreamDelivery::malformed) entry is dead-lettered on its own, before its batch
+/// runs. Each batch runs inside a span `idem.delivery_batch` with `stream` and `size`. On
+/// cancellation the batch being collected runs with what it has, the entries fetched ahead
+/// are handed back, and the batches in flight finish for the shutdown grace.
+///
+/// ```no_run
+/// use idem_runtime::broker::redis_streams::{RedisStreamsBatchConsumer, StreamGroup};
+/// use idem_runtime::broker::{BatchOptions, CancellationToken, ConsumerOptions};
+/// use idem_runtime::{batch_handler, idempotent, HandlerError, PgStore, PgTx};
+///
+/// #[derive(serde::Deserialize)]
+/// struct OrderPaid { order_id: String, amount: i64 }
+///
+/// #[derive(Debug, thiserror::Error)]
+/// #[error(transparent)]
+/// struct AppError(#[from] idem_runtime::sqlx::Error);
+/// impl HandlerError for AppError {}
+///
+/// #[idempotent(key = "order_id", store = "pg", strategy = "dedup_table", scope = "doc.redis.batch", batch)]
+/// async fn on_orders_paid(tx: &mut PgTx<'_>, msgs: &[OrderPaid]) -> Result<(), AppError> {
+///     let ids: Vec<&str> = msgs.iter().map(|msg| msg.order_id.as_str()).collect();
+///     let amounts: Vec<i64> = msgs.iter().map(|msg| msg.amount).collect();
+///     idem_runtime::sqlx::query(
+///         "INSERT INTO ledger (order_id, amount) SELECT * FROM unnest($1::text[], $2::bigint[])",
+///     )
+///     .bind(&ids).bind(&amounts)
+///     .execute(&mut **tx).await?;
+///     Ok(())
+/// }
+///
+/// # async fn run(store: PgStore) -> Result<(), Box<dyn std::error::Error>> {
+/// let client = redis::Client::open("redis://127.0.0.1:6379")?;
+/// let shutdown = CancellationToken::new();
+/// let consumer = RedisStreamsBatchConsumer::new(
+///     client,
+///     StreamGroup::new("orders", "ledger"),
+///     "ledger-1", // unique per process: a host name, a pod name
+///     batch_handler!(on_orders_paid),
+///     store,
+/// )
+/// .with_options(ConsumerOptions::default().concurrency(4))
+/// .with_batch(BatchOptions::default().max_size(100));
+/// let stats = consumer.stats(); // read while it runs
+/// // Cancel `shutdown` on SIGTERM; `run` then drains and returns.
+/// let report = consumer.run(shutdown).await?;
+/// println!("processed={} duplicates={}", report.processed, report.duplicates);
+/// # drop(stats);
+/// # Ok(()) }
+/// ```
+pub struct RedisStreamsBatchConsumer<H: BatchHandler, D = Json> {
+    client: redis::Client,
+    group: StreamGroup,
+    consumer: Arc<str>,
+    handler: Arc<H>,
+    store: Arc<H::Store>,
+    decoder: Arc<D>,
+    options: ConsumerOptions,
+    batch: BatchOptions,
+    block: Duration,
+    reclaim_interval: Option<Duration>,
+    start: GroupStart,
+    stats: Arc<ConsumerStats>,
+}
+
+impl<H: BatchHandler, D> std::fmt::Debug for RedisStreamsBatchConsumer<H, D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStreamsBatchConsumer")
+            .field("group", &self.group)
+            .field("consumer", &self.consumer)
+            .field("options", &self.options)
+            .field("batch", &self.batch)
+            .field("block", &self.block)
+            .field("reclaim_interval", &self.reclaim_interval)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<H> RedisStreamsBatchConsumer<H, Json>
+where
+    H: BatchHandler,
+    Json: Decode<H::Message>,
+{
+    /// A batch consumer named `consumer` (unique among the group's live consumers: a host or
+    /// pod name) of `group`, running `handler` on `store`. JSON payloads, the default
+    /// [`ConsumerOptions`] and [`BatchOptions`], reads blocking for 2 s at most, the group made
+    /// at [`GroupStart::Beginning`] if missing.
+    pub fn new(
+        client: redis::Client,
+        group: StreamGroup,
+        consumer: impl Into<String>,
+        handler: H,
+        store: H::Store,
+    ) -> Self {
+        Self {
+            client,
+            group,
+            consumer: Arc::from(consumer.into()),
+            handler: Arc::new(handler),
+            store: Arc::new(store),
+            decoder: Arc::new(Json),
+            options: ConsumerOptions::default(),
+            batch: BatchOptions::default(),
+            block: Duration::from_secs(2),
+            reclaim_interval: None,
+            start: GroupStart::Beginning,
+            stats: Arc::new(ConsumerStats::default()),
+        }
+    }
+}
+
+impl<H, D> RedisStreamsBatchConsumer<H, D>
+where
+    H: BatchHandler,
+    D: Decode<H::Message>,
+{
+    /// Decode payloads with `decoder` instead of JSON.
+    pub fn with_decoder<D2: Decode<H::Message>>(
+        self,
+        decoder: D2,
+    ) -> RedisStreamsBatchConsumer<H, D2> {
+        RedisStreamsBatchConsumer {
+            client: self.client,
+            group: self.group,
+            consumer: self.consumer,
+            handler: self.handler,
+            store: self.store,
+            decoder: Arc::new(decoder),
+            options: self.options,
+            batch: self.batch,
+            block: self.block,
+            reclaim_interval: self.reclaim_interval,
+            start: self.start,
+            stats: self.stats,
+        }
+    }
+
+    /// Concurrency (batches at once), prefetch (the `XREADGROUP` `COUNT`, raised to at least
+    /// `max_size` × concurrency) and shutdown grace.
+    #[must_use]
+    pub fn with_options(mut self, options: ConsumerOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// How batches are collected.
+    #[must_use]
+    pub fn with_batch(mut self, batch: BatchOptions) -> Self {
+        self.batch = batch;
+        self
+    }
+
+    /// As [`RedisStreamConsumer::with_block`]; a read while a batch is collected also stops
+    /// waiting at the batch's `max_wait`.
+    #[must_use]
+    pub fn with_block(mut self, block: Duration) -> Self {
+        self.block = clamp(block);
+        self
+    }
+
+    /// As [`RedisStreamConsumer::with_reclaim_interval`].
+    #[must_use]
+    pub fn with_reclaim_interval(mut self, interval: Duration) -> Self {
+        self.reclaim_interval = Some(clamp(interval));
+        self
+    }
+
+    /// As [`RedisStreamConsumer::with_group_start`].
+    #[must_use]
+    pub fn with_group_start(mut self, start: GroupStart) -> Self {
+        self.start = start;
+        self
+    }
+
+    /// The runner's counts, live.
+    pub fn stats(&self) -> Arc<ConsumerStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// Consumes in batches until `shutdown` is cancelled, then drains (see the type's docs)
+    /// and returns the counts. Fails only when it cannot connect or make the group at the
+    /// start; later errors (a lost connection) are logged and retried.
+    pub async fn run(
+        self,
+        shutdown: CancellationToken,
+    ) -> Result<ConsumerReport, RedisStreamError> {
+        let mut intake = Intake::open(
+            &self.client,
+            &self.group,
+            &self.consumer,
+            self.start,
+            self.block,
+            self.reclaim_interval,
+            usize::from(self.batch.prefetch_for(&self.options)),
+        )
+        .await?;
+        let max_size = self.batch.size_limit();
+        let mut workers = Workers::new(self.options.concurrency_limit(), Arc::clone(&self.stats));
+        while let Some(permit) = intake.slot(&mut workers, &shutdown).await {
+            // The batch's first entry, however long it takes to come.
+            let Some(first) = intake.next(&shutdown, None).await else {
+                break;
+            };
+            // Then up to `max_size`, until `max_wait` after the first, or shutdown. Each entry
+            // is held (kept fresh) from here on.
+            let mut collected = Vec::with_capacity(max_size);
+            collected.push(intake.take(first).await);
+            let deadline = later(Instant::now(), self.batch.wait_limit());
+            while collected.len() < max_size {
+                let Some(delivery) = intake.next(&shutdown, Some(deadline)).await else {
+                    break;
+                };
+                collected.push(intake.take(delivery).await);
+            }
+            let span = tracing::info_span!(
+                "idem.delivery_batch",
+                stream = %self.group.stream,
+                size = collected.len(),
+            );
+            let handler = Arc::clone(&self.handler);
+            let store = Arc::clone(&self.store);
+            let decoder = Arc::clone(&self.decoder);
+            let stats = Arc::clone(&self.stats);
+            workers.spawn_batch(
+                permit,
+                collected.len(),
+                async move {
+                    let mut deliveries = Vec::with_capacity(collected.len());
+                    let mut holds = Vec::with_capacity(collected.len());
+                    for taken in collected {
+                        let Taken {
+                            ack,
+                            payload,
+                            malformed,
+                            hold,
+                        } = taken;
+                        match malformed {
+                            // Cannot be handled: to the dead-letter stream, before the batch.
+                            Some(reason) => dead_letter_malformed(ack, &reason, &stats).await,
+                            None => deliveries.push((payload, ack)),
+                        }
+                        holds.push(hold);
+                    }
+                    if !deliveries.is_empty() {
+                        deliver_batch(&*handler, &*decoder, &*store, deliveries, &stats).await;
+                    }
+                    // Settled, or left for a reclaim after a refused settle: no longer held.
+                    for hold in holds {
+                        hold.release().await;
+                    }
+                }
+                .instrument(span),
+            );
+        }
+        intake.close(workers, self.options.grace()).await;
+        Ok(self.stats.snapshot())
     }
 }
 
