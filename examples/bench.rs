@@ -109,12 +109,24 @@ const SCENARIOS: &[(&str, &str, ScenarioFn)] = &[
         |c| Box::pin(brokers::nats_pg(c)),
     ),
     (
+        "pg-batch",
+        "batches of 100 with the dedup_table gate vs a hand-written batch insert (and vs per-message dedup_table, and a hand-gated batch)",
+        |c| Box::pin(batch::pg_batch(c)),
+    ),
+    (
+        "rabbitmq-pg-batch",
+        "RabbitMQ -> idem's batch consumer (batches of 100, dedup_table on PostgreSQL) vs a hand-written batch consumer (and vs idem's per-message consumer)",
+        |c| Box::pin(batch::rabbitmq_pg_batch(c)),
+    ),
+    (
         "redis-lock",
         "lock on Redis (first deliveries, duplicates, 32 tasks) vs raw SET NX PX and the marker script alone",
         |c| Box::pin(redis_lock::redis_lock(c)),
     ),
 ];
 
+#[path = "bench/batch.rs"]
+mod batch;
 #[path = "bench/brokers.rs"]
 mod brokers;
 #[path = "bench/purge.rs"]

@@ -71,7 +71,7 @@ fn payloads(config: &Config, role: Role, round: usize, count: usize) -> Vec<Vec<
 
 /// Times idem's runner (`run`, already given `shutdown`) until it has processed `messages`
 /// deliveries, woken by each settlement; then shuts it down.
-async fn time_runner<E>(
+pub(super) async fn time_runner<E>(
     stats: Arc<ConsumerStats>,
     run: impl Future<Output = Result<ConsumerReport, E>> + Send + 'static,
     shutdown: CancellationToken,
@@ -105,7 +105,7 @@ where
 
 // ---- RabbitMQ -------------------------------------------------------------------------------
 
-fn amqp_url() -> String {
+pub(super) fn amqp_url() -> String {
     std::env::var("IDEM_TEST_AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
 }
