@@ -443,8 +443,11 @@ pub trait BatchHandler: Send + Sync + 'static {
         &'a self,
         store: &'a Self::Store,
         deliveries: Vec<(Self::Message, Box<dyn DynAcknowledger + 'a>)>,
-    ) -> BoxFuture<'a, Vec<Result<Outcome<()>, Error<Self::Error>>>>;
+    ) -> BoxFuture<'a, BatchResults<Self::Error>>;
 }
+
+/// What a batch handler returns: one result per delivery, in the batch's order.
+pub type BatchResults<E> = Vec<Result<Outcome<()>, Error<E>>>;
 
 /// The types a [`FnBatchHandler`] handles, without owning any of them.
 type BatchSignature<S, M, E> = fn(&S, M) -> E;
@@ -467,10 +470,7 @@ impl<S, M, E, F> std::fmt::Debug for FnBatchHandler<S, M, E, F> {
 impl<S, M, E, F> FnBatchHandler<S, M, E, F>
 where
     S: Backend,
-    F: for<'a> Fn(
-            &'a S,
-            Vec<(M, Box<dyn DynAcknowledger + 'a>)>,
-        ) -> BoxFuture<'a, Vec<Result<Outcome<()>, Error<E>>>>
+    F: for<'a> Fn(&'a S, Vec<(M, Box<dyn DynAcknowledger + 'a>)>) -> BoxFuture<'a, BatchResults<E>>
         + Send
         + Sync
         + 'static,
@@ -489,10 +489,7 @@ where
     S: Backend,
     M: Send + 'static,
     E: HandlerFailure,
-    F: for<'a> Fn(
-            &'a S,
-            Vec<(M, Box<dyn DynAcknowledger + 'a>)>,
-        ) -> BoxFuture<'a, Vec<Result<Outcome<()>, Error<E>>>>
+    F: for<'a> Fn(&'a S, Vec<(M, Box<dyn DynAcknowledger + 'a>)>) -> BoxFuture<'a, BatchResults<E>>
         + Send
         + Sync
         + 'static,
@@ -505,7 +502,7 @@ where
         &'a self,
         store: &'a S,
         deliveries: Vec<(M, Box<dyn DynAcknowledger + 'a>)>,
-    ) -> BoxFuture<'a, Vec<Result<Outcome<()>, Error<E>>>> {
+    ) -> BoxFuture<'a, BatchResults<E>> {
         (self.call)(store, deliveries)
     }
 }

@@ -188,6 +188,10 @@ impl ConsumerOptions {
     }
 }
 
+/// The longest [`BatchOptions::max_wait`]: a batch never waits longer than this for its last
+/// delivery (its first would hold its prefetch slot meanwhile).
+pub const MAX_BATCH_WAIT: Duration = Duration::from_secs(60);
+
 /// How a runner in batch mode collects deliveries for a `batch` handler
 /// ([`BatchHandler`](crate::handler::BatchHandler)): up to [`max_size`](Self::max_size)
 /// deliveries, or whatever arrived within [`max_wait`](Self::max_wait) of the first, whichever
@@ -228,10 +232,10 @@ impl BatchOptions {
     }
 
     /// How long a batch waits for more deliveries after its first, before it runs with what it
-    /// has.
+    /// has (at most [`MAX_BATCH_WAIT`]; a longer wait is cut to it).
     #[must_use]
     pub fn max_wait(mut self, max_wait: Duration) -> Self {
-        self.max_wait = max_wait;
+        self.max_wait = max_wait.min(MAX_BATCH_WAIT);
         self
     }
 

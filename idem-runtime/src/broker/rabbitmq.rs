@@ -1616,8 +1616,10 @@ where
                 Arc::clone(&store),
                 Arc::clone(&stats),
             );
-            workers.spawn(
+            let size = deliveries.len();
+            workers.spawn_batch(
                 permit,
+                size,
                 async move {
                     super::deliver_batch(&*handler, &*decoder, &*store, deliveries, &stats).await;
                     flush_acks(&tracking).await;

@@ -383,7 +383,7 @@ where
                 .await;
             self.settle_decided(decided).await;
             match attempt {
-                Ok(attempt) => self.settle_committed(vec![(entry, attempt)]).await,
+                Ok((outcome, _proof)) => self.settle_committed(vec![(entry, outcome)]).await,
                 Err(error) => {
                     self.settle_failed_single(Item { message, entry }, Err(error))
                         .await;
@@ -429,7 +429,7 @@ where
             Ok(()) => {
                 let processed = fresh
                     .into_iter()
-                    .map(|entry| (entry, (Outcome::Processed(()), Committed::new())))
+                    .map(|entry| (entry, Outcome::Processed(())))
                     .collect();
                 self.settle_committed(processed).await;
             }
@@ -454,14 +454,11 @@ where
 
     /// Acks the deliveries of a committed part, and the twins of each (duplicates of it), all
     /// at once; a twin whose payload differs is dead-lettered.
-    async fn settle_committed(
-        &mut self,
-        committed: Vec<(Entry<G, M, A>, (Outcome<()>, Committed))>,
-    ) {
+    async fn settle_committed(&mut self, committed: Vec<(Entry<G, M, A>, Outcome<()>)>) {
         let mut acks = Vec::new();
         let mut settled = Vec::new();
         let mut mismatched = Vec::new();
-        for (mut entry, (outcome, _proof)) in committed {
+        for (mut entry, outcome) in committed {
             let written = StoredRecord {
                 fingerprint: entry.entered.fingerprint.clone(),
                 response: None,
