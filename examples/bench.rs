@@ -418,6 +418,7 @@ async fn pg_store(config: &Config) -> Result<PgStore, BoxError> {
         "CREATE TABLE IF NOT EXISTS bench_ledger (order_id VARCHAR(255) NOT NULL, amount BIGINT NOT NULL)",
         "CREATE TABLE IF NOT EXISTS bench_orders (order_id VARCHAR(255) PRIMARY KEY, status VARCHAR(32) NOT NULL)",
         "CREATE TABLE IF NOT EXISTS bench_dedup (dedup_key VARCHAR(255) PRIMARY KEY)",
+        "CREATE TABLE IF NOT EXISTS bench_inbox (consumer TEXT NOT NULL, message_id TEXT NOT NULL, PRIMARY KEY (consumer, message_id))",
     ] {
         sqlx::query(sqlx::AssertSqlSafe(ddl))
             .execute(store.pool())

@@ -6,7 +6,9 @@
 //! same run, as extra fields: the per-message `dedup_table` handler (`per_message_per_s`,
 //! `vs_per_message` = idem ÷ it), and, for `pg-batch`, a hand-written batch *with* a gate of
 //! its own, the inbox people write (`INSERT … ON CONFLICT DO NOTHING RETURNING` on a key table,
-//! then the rows of the keys it returned; `gated_baseline_per_s`, `vs_gated`).
+//! then the rows of the keys it returned; `gated_baseline_per_s`, `vs_gated`), and the same
+//! in a key table shaped as idem's records, `(consumer, message_id)` (`inbox_baseline_per_s`,
+//! `vs_inbox`).
 //!
 //! The latencies of `pg-batch` are per batch, not per message.
 
@@ -81,7 +83,8 @@ pub(super) async fn pg_batch(config: &Config) -> Result<Measurement, BoxError> {
         baseline: Side::default(),
         extra: Vec::new(),
     };
-    let (mut per_message, mut gated) = (Side::default(), Side::default());
+    let (mut per_message, mut gated, mut inbox) =
+        (Side::default(), Side::default(), Side::default());
     let per_round = config.messages.div_ceil(config.rounds);
     let batches = per_round.div_ceil(BATCH);
     for round in 0..config.rounds {
@@ -90,9 +93,9 @@ pub(super) async fn pg_batch(config: &Config) -> Result<Measurement, BoxError> {
                 .map(|n| format!("{}-pgb-{side}-{round}-{n}", config.run_id))
                 .collect()
         };
-        // Four sides, each first in turn.
-        for turn in 0..4 {
-            match (round + turn) % 4 {
+        // Five sides, each first in turn.
+        for turn in 0..5 {
+            match (round + turn) % 5 {
                 0 => {
                     let store = store.clone();
                     let side = drive(config.tasks, ids("idem", batches), move |id| {
@@ -132,6 +135,15 @@ pub(super) async fn pg_batch(config: &Config) -> Result<Measurement, BoxError> {
                     .await?;
                     gated.add(in_messages(side));
                 }
+                3 => {
+                    let pool = pool.clone();
+                    let side = drive(config.tasks, ids("inbox", batches), move |id| {
+                        let pool = pool.clone();
+                        async move { inbox_batch(&pool, &batch_of(&id)).await }
+                    })
+                    .await?;
+                    inbox.add(in_messages(side));
+                }
                 _ => {
                     // Fewer messages one by one: the per-message rate is what is compared.
                     let store = store.clone();
@@ -167,6 +179,14 @@ pub(super) async fn pg_batch(config: &Config) -> Result<Measurement, BoxError> {
             "vs_gated".to_owned(),
             format!("{:.3}", idem / gated.per_second().max(f64::EPSILON)),
         ),
+        (
+            "inbox_baseline_per_s".to_owned(),
+            format!("{:.0}", inbox.per_second()),
+        ),
+        (
+            "vs_inbox".to_owned(),
+            format!("{:.3}", idem / inbox.per_second().max(f64::EPSILON)),
+        ),
     ]);
     Ok(measurement)
 }
@@ -185,6 +205,26 @@ async fn gated_batch(pool: &sqlx::PgPool, msgs: &[BenchMsg]) -> Result<(), BoxEr
     .await?;
     if claimed.len() != msgs.len() {
         return Err("the gated baseline found a duplicate: keys are not unique".into());
+    }
+    insert_rows(&mut tx, msgs).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// The same, in a key table shaped as idem's records and as many services' inboxes are: the
+/// consumer's name and the message's key, `PRIMARY KEY (consumer, message_id)`.
+async fn inbox_batch(pool: &sqlx::PgPool, msgs: &[BenchMsg]) -> Result<(), BoxError> {
+    let mut tx = pool.begin().await?;
+    let keys: Vec<&str> = msgs.iter().map(|msg| msg.order_id.as_str()).collect();
+    let claimed: Vec<String> = sqlx::query_scalar(
+        "INSERT INTO bench_inbox (consumer, message_id) SELECT 'bench.orders', k FROM unnest($1::text[]) k \
+         ON CONFLICT DO NOTHING RETURNING message_id",
+    )
+    .bind(&keys)
+    .fetch_all(&mut *tx)
+    .await?;
+    if claimed.len() != msgs.len() {
+        return Err("the inbox baseline found a duplicate: keys are not unique".into());
     }
     insert_rows(&mut tx, msgs).await?;
     tx.commit().await?;

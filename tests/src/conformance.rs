@@ -671,6 +671,41 @@ macro_rules! __batch_gate_cases {
             );
         }
 
+        /// Keys of two scopes in one batch (`mark_processed` takes any keys): the same id in
+        /// each scope is two keys; what an earlier batch recorded in one scope is found there
+        /// only, with its fingerprint. (On PostgreSQL a batch of one scope takes a shorter
+        /// statement; this one takes the general one.)
+        #[tokio::test]
+        async fn a_batch_across_scopes_claims_each_scopes_key() {
+            let store = $open;
+            let (first, second) = (own_scope("scopes-1"), own_scope("scopes-2"));
+            let earlier = keys(first, &["a"]);
+            let mut tx = store.begin().await.expect("begin");
+            let fingerprinted: Vec<NewRecord<'_>> = records(&earlier, store.now_ms(), None)
+                .into_iter()
+                .map(|record| NewRecord {
+                    fingerprint: Some("f-1"),
+                    ..record
+                })
+                .collect();
+            store
+                .claim_batch(&mut tx, &fingerprinted)
+                .await
+                .expect("claim");
+            store.commit(tx).await.expect("commit");
+            let mut batch = keys(second, &["a", "b"]);
+            batch.extend(keys(first, &["b", "a"]));
+            let claims = claim_and_commit(&store, &batch, None).await;
+            assert_eq!(
+                shape(&claims),
+                ["claimed", "claimed", "claimed", "existing"]
+            );
+            match &claims[3] {
+                Claim::Existing(found) => assert_eq!(found.fingerprint.as_deref(), Some("f-1")),
+                other => panic!("{other:?}"),
+            }
+        }
+
         #[tokio::test]
         async fn a_batch_overlapping_an_earlier_one_claims_only_the_new_keys() {
             let store = $open;

@@ -75,6 +75,14 @@ const INSERT_BATCH: &str = "INSERT INTO idem_records \
     SELECT s, k, f, r, c, e FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], \
     $5::int8[], $6::int8[]) WITH ORDINALITY AS t(s, k, f, r, c, e, n) ORDER BY n \
     ON CONFLICT (scope, record_key) DO NOTHING RETURNING scope, record_key";
+/// A batch's insert when its records share a scope, a time and an expiry and carry no
+/// response (every batch of one handler): one array, of keys (and one of fingerprints), instead
+/// of six. Binds: scope, keys, fingerprints, now, expiry.
+const INSERT_BATCH_IN_SCOPE: &str = "INSERT INTO idem_records \
+    (scope, record_key, fingerprint, response, created_at_ms, expires_at_ms) \
+    SELECT $1, k, f, NULL, $4, $5 FROM unnest($2::text[], $3::text[]) \
+    WITH ORDINALITY AS t(k, f, n) ORDER BY n \
+    ON CONFLICT (scope, record_key) DO NOTHING RETURNING record_key";
 /// The records of the keys a batch's insert found taken. Binds: scopes, keys (arrays).
 const SELECT_BATCH: &str = "SELECT scope, record_key, fingerprint, response, created_at_ms, \
     expires_at_ms FROM idem_records \
@@ -141,6 +149,7 @@ struct RecordsSql {
     migration: SqlStr,
     insert: SqlStr,
     insert_batch: SqlStr,
+    insert_batch_in_scope: SqlStr,
     select: SqlStr,
     select_batch: SqlStr,
     take_over_expired: SqlStr,
@@ -160,6 +169,7 @@ impl RecordsSql {
             migration: sql(migrations::POSTGRES),
             insert: sql(INSERT),
             insert_batch: sql(INSERT_BATCH),
+            insert_batch_in_scope: sql(INSERT_BATCH_IN_SCOPE),
             select: sql(SELECT),
             select_batch: sql(SELECT_BATCH),
             take_over_expired: sql(TAKE_OVER_EXPIRED),
@@ -374,16 +384,41 @@ impl Store for PgStore {
     ) -> Result<Vec<Claim>, sqlx::Error> {
         let plan = BatchPlan::of(records);
         let unique: Vec<&NewRecord<'_>> = plan.unique.iter().map(|&i| &records[i]).collect();
-        let inserted: Vec<(String, String)> = sqlx::query_as(self.sql.insert_batch.clone())
-            .bind(unique.iter().map(|r| r.key.scope()).collect::<Vec<_>>())
-            .bind(unique.iter().map(|r| r.key.value()).collect::<Vec<_>>())
-            .bind(unique.iter().map(|r| r.fingerprint).collect::<Vec<_>>())
-            .bind(unique.iter().map(|r| r.response).collect::<Vec<_>>())
-            .bind(unique.iter().map(|r| r.now_ms).collect::<Vec<_>>())
-            .bind(unique.iter().map(|r| r.expires_at_ms).collect::<Vec<_>>())
-            .fetch_all(&mut **tx)
-            .await?;
-        let inserted: std::collections::HashSet<(String, String)> = inserted.into_iter().collect();
+        let inserted = match unique.first() {
+            Some(first)
+                if unique.iter().all(|r| {
+                    r.key.scope() == first.key.scope()
+                        && r.response.is_none()
+                        && r.now_ms == first.now_ms
+                        && r.expires_at_ms == first.expires_at_ms
+                }) =>
+            {
+                let keys: Vec<String> = sqlx::query_scalar(self.sql.insert_batch_in_scope.clone())
+                    .bind(first.key.scope())
+                    .bind(unique.iter().map(|r| r.key.value()).collect::<Vec<_>>())
+                    .bind(unique.iter().map(|r| r.fingerprint).collect::<Vec<_>>())
+                    .bind(first.now_ms)
+                    .bind(first.expires_at_ms)
+                    .fetch_all(&mut **tx)
+                    .await?;
+                let scope = first.key.scope();
+                keys.into_iter()
+                    .map(|key| (scope.to_owned(), key))
+                    .collect::<std::collections::HashSet<(String, String)>>()
+            }
+            _ => {
+                let rows: Vec<(String, String)> = sqlx::query_as(self.sql.insert_batch.clone())
+                    .bind(unique.iter().map(|r| r.key.scope()).collect::<Vec<_>>())
+                    .bind(unique.iter().map(|r| r.key.value()).collect::<Vec<_>>())
+                    .bind(unique.iter().map(|r| r.fingerprint).collect::<Vec<_>>())
+                    .bind(unique.iter().map(|r| r.response).collect::<Vec<_>>())
+                    .bind(unique.iter().map(|r| r.now_ms).collect::<Vec<_>>())
+                    .bind(unique.iter().map(|r| r.expires_at_ms).collect::<Vec<_>>())
+                    .fetch_all(&mut **tx)
+                    .await?;
+                rows.into_iter().collect()
+            }
+        };
         let mut claims = Vec::with_capacity(unique.len());
         let mut taken = Vec::new();
         for &index in &plan.unique {
