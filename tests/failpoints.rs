@@ -148,3 +148,126 @@ async fn a_crash_before_the_commit_leaves_nothing_and_the_redelivery_runs_the_bo
     assert_eq!(rows(&store, &key).await, 1);
     scenario.teardown();
 }
+
+#[idempotent(
+    key = "order_id",
+    store = "pg",
+    strategy = "dedup_table",
+    scope = "tests.failpoints.paid_batch",
+    batch
+)]
+async fn on_paid_batch(tx: &mut PgTx<'_>, msgs: &[Payment]) -> Result<(), AppError> {
+    for msg in msgs {
+        count_run(&msg.order_id);
+        sqlx::query("INSERT INTO idem_failpoint_payments (order_id, amount) VALUES ($1, $2)")
+            .bind(&msg.order_id)
+            .bind(msg.amount)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
+}
+
+fn batch_of(keys: &[String]) -> (Vec<(Payment, RecordingAck)>, Vec<RecordingAck>) {
+    let acks: Vec<RecordingAck> = keys.iter().map(|_| RecordingAck::new()).collect();
+    let batch = keys
+        .iter()
+        .zip(&acks)
+        .map(|(key, ack)| (Payment::new(key, 10), ack.clone()))
+        .collect();
+    (batch, acks)
+}
+
+#[tokio::test]
+async fn a_batch_passes_every_failpoint_in_order() {
+    let scenario = fail::FailScenario::setup();
+    let store = store().await;
+    let keys: Vec<String> = (0..3).map(|_| unique_key("fp-batch-order")).collect();
+    let passed = record_every_failpoint();
+    let (batch, _) = batch_of(&keys);
+    let results = on_paid_batch(&store, batch).await;
+    assert!(
+        results
+            .iter()
+            .all(|result| matches!(result, Ok(Outcome::Processed(()))))
+    );
+    assert_eq!(taken(&passed), failpoints::ALL, "once for the whole batch");
+    scenario.teardown();
+}
+
+#[tokio::test]
+async fn a_crash_after_a_batch_commit_keeps_every_effect_and_the_redelivery_is_all_duplicates() {
+    let scenario = fail::FailScenario::setup();
+    let store = store().await;
+    let keys: Vec<String> = (0..5)
+        .map(|_| unique_key("fp-batch-after-commit"))
+        .collect();
+    fail::cfg(failpoints::AFTER_COMMIT, "1*panic").expect("arm the failpoint");
+
+    let (batch, acks) = batch_of(&keys);
+    let crashed = tokio::spawn({
+        let store = store.clone();
+        async move { on_paid_batch(&store, batch).await }
+    })
+    .await;
+    assert!(crashed.is_err_and(|error| error.is_panic()));
+    for (key, ack) in keys.iter().zip(&acks) {
+        assert_eq!(ack.events(), [], "the crash came before any ack");
+        assert_eq!(
+            rows(&store, key).await,
+            1,
+            "{key}: the effect was committed"
+        );
+    }
+
+    let (again, acks) = batch_of(&keys);
+    let results = on_paid_batch(&store, again).await;
+    assert!(
+        results
+            .iter()
+            .all(|result| matches!(result, Ok(outcome) if outcome.is_duplicate())),
+        "{results:?}"
+    );
+    for (key, ack) in keys.iter().zip(&acks) {
+        assert_eq!(ack.events(), [AckEvent::Ack]);
+        assert_eq!(runs(key), 1, "{key}: the body ran once");
+        assert_eq!(rows(&store, key).await, 1);
+    }
+    scenario.teardown();
+}
+
+#[tokio::test]
+async fn a_crash_before_a_batch_commit_leaves_nothing_and_the_redelivery_runs_the_body() {
+    let scenario = fail::FailScenario::setup();
+    let store = store().await;
+    let keys: Vec<String> = (0..5)
+        .map(|_| unique_key("fp-batch-before-commit"))
+        .collect();
+    fail::cfg(failpoints::BEFORE_COMMIT, "1*panic").expect("arm the failpoint");
+
+    let (batch, acks) = batch_of(&keys);
+    let crashed = tokio::spawn({
+        let store = store.clone();
+        async move { on_paid_batch(&store, batch).await }
+    })
+    .await;
+    assert!(crashed.is_err_and(|error| error.is_panic()));
+    for (key, ack) in keys.iter().zip(&acks) {
+        assert_eq!(ack.events(), []);
+        assert_eq!(rows(&store, key).await, 0, "{key}: nothing was committed");
+    }
+
+    let (again, acks) = batch_of(&keys);
+    let results = on_paid_batch(&store, again).await;
+    assert!(
+        results
+            .iter()
+            .all(|result| matches!(result, Ok(Outcome::Processed(()))))
+    );
+    for (key, ack) in keys.iter().zip(&acks) {
+        assert_eq!(ack.events(), [AckEvent::Ack]);
+        assert_eq!(runs(key), 2, "{key}: the body ran again");
+        assert_eq!(rows(&store, key).await, 1);
+    }
+    scenario.teardown();
+}

@@ -336,6 +336,7 @@ where
             self.settle_decided(decided).await;
             return None;
         }
+        failpoint!(crate::failpoints::AFTER_GATE);
         let span = if fresh.len() == 1 {
             fresh[0].span.clone()
         } else {
@@ -392,6 +393,7 @@ where
             return;
         }
         let size = fresh.len();
+        failpoint!(crate::failpoints::AFTER_BODY);
         let failure = match result {
             Ok(Ok(())) => {
                 // The entries hold acknowledgers, which need not be `Sync`: lend only the gates.
