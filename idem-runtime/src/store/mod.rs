@@ -208,6 +208,132 @@ impl BatchPlan {
     }
 }
 
+/// A record with its scope and key, as a batch's gate reads the keys it found taken.
+#[cfg(any(feature = "mysql", feature = "sqlite"))]
+pub(crate) type KeyedRecordRow = (
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    i64,
+    Option<i64>,
+);
+
+/// A statement on the records table with a list of rows of variable length (a multi-row
+/// `VALUES`): its text before and after the rows, rewritten for the table once, and one row's
+/// placeholders. Only placeholders go between the two: every value is bound.
+#[cfg(any(feature = "mysql", feature = "sqlite"))]
+#[derive(Debug)]
+pub(crate) struct RowsSql {
+    head: String,
+    row: &'static str,
+    tail: String,
+}
+
+#[cfg(any(feature = "mysql", feature = "sqlite"))]
+impl RowsSql {
+    /// `head`, `row` and `tail` are written for the default table, as every statement is.
+    pub(crate) fn new(
+        table: &RecordsTable,
+        dialect: table::Dialect,
+        [head, row, tail]: [&'static str; 3],
+    ) -> Self {
+        Self {
+            head: table.rewrite_text(head, dialect),
+            row,
+            tail: table.rewrite_text(tail, dialect),
+        }
+    }
+
+    /// The statement for `rows` rows (at least one).
+    pub(crate) fn for_rows(&self, rows: usize) -> sqlx::AssertSqlSafe<String> {
+        debug_assert!(rows > 0, "a statement without rows");
+        let mut text =
+            String::with_capacity(self.head.len() + rows * (self.row.len() + 2) + self.tail.len());
+        text.push_str(&self.head);
+        for n in 0..rows {
+            if n > 0 {
+                text.push_str(", ");
+            }
+            text.push_str(self.row);
+        }
+        text.push_str(&self.tail);
+        // The table's validated, quoted name and placeholders: no value is in the text.
+        sqlx::AssertSqlSafe(text)
+    }
+}
+
+/// The keys `indexes` (at most `max`) as a statement with a list of rows binds them: padded to
+/// the next power of two rows, at most `max`, by repeating the last key. The statement's text
+/// depends on its number of rows, and sqlx prepares and keeps each text per connection (100 by
+/// default; MariaDB keeps them on the server too): padded, batches of every size share a dozen
+/// texts. A repeated key is harmless: the insert skips it as a duplicate of the row it has
+/// just written or found (it returns each key it wrote once), and the read finds its row again.
+#[cfg(any(feature = "mysql", feature = "sqlite"))]
+pub(crate) fn padded(indexes: &[usize], max: usize) -> Vec<usize> {
+    let rows = indexes
+        .len()
+        .next_power_of_two()
+        .min(max)
+        .max(indexes.len());
+    let mut padded = Vec::with_capacity(rows);
+    padded.extend_from_slice(indexes);
+    if let Some(&last) = indexes.last() {
+        padded.resize(rows, last);
+    }
+    padded
+}
+
+/// After a batch's insert of the keys `chunk` (indexes into `records`) returned the keys it
+/// wrote: pushes a claim for each of those, and returns the others (found taken), in order.
+#[cfg(any(feature = "mysql", feature = "sqlite"))]
+pub(crate) fn claimed_or_taken(
+    records: &[NewRecord<'_>],
+    chunk: &[usize],
+    inserted: Vec<(String, String)>,
+    claims: &mut Vec<(usize, Claim)>,
+) -> Vec<usize> {
+    let inserted: std::collections::HashSet<(String, String)> = inserted.into_iter().collect();
+    let mut taken = Vec::with_capacity(chunk.len() - inserted.len().min(chunk.len()));
+    for &index in chunk {
+        let key = records[index].key;
+        if inserted.contains(&(key.scope().to_owned(), key.value().to_owned())) {
+            claims.push((index, Claim::Claimed));
+        } else {
+            taken.push(index);
+        }
+    }
+    taken
+}
+
+/// After the read of the keys `taken` found: pushes [`Claim::Existing`] for each live record,
+/// and returns the keys left for the one-key claim (expired, or deleted since the insert), in
+/// order.
+#[cfg(any(feature = "mysql", feature = "sqlite"))]
+pub(crate) fn existing_or_left(
+    records: &[NewRecord<'_>],
+    taken: Vec<usize>,
+    rows: Vec<KeyedRecordRow>,
+    claims: &mut Vec<(usize, Claim)>,
+) -> Vec<usize> {
+    let mut found: std::collections::HashMap<(String, String), RecordRow> = rows
+        .into_iter()
+        .map(|(scope, key, fingerprint, response, created, expires)| {
+            ((scope, key), (fingerprint, response, created, expires))
+        })
+        .collect();
+    let mut left = Vec::new();
+    for index in taken {
+        let record = &records[index];
+        let row = found.remove(&(record.key.scope().to_owned(), record.key.value().to_owned()));
+        match live_record(row, record.now_ms) {
+            Some(existing) => claims.push((index, Claim::Existing(existing))),
+            None => left.push(index),
+        }
+    }
+    left
+}
+
 /// The result of writing a dedup record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
@@ -328,12 +454,22 @@ pub trait Store: sealed::Sealed + Send + Sync {
     /// later ones are [`Claim::Existing`] with what the first wrote (or found). Keys are claimed
     /// in `(scope, key)` order, whatever their order in `records`, so that two batches sharing
     /// keys wait for each other rather than deadlock. One case escapes the order: on
-    /// PostgreSQL a key found expired, or deleted (by a purge or `forget`) between the batch's
-    /// two statements, is claimed again after the others; a batch racing it for the same keys
-    /// can then deadlock, and the database ends one of them with a retryable error (the broker
-    /// redelivers; nothing is claimed twice). PostgreSQL writes the whole batch in one
-    /// statement (and reads the keys that were already there in one more); the other stores
-    /// claim key by key, in the same transaction.
+    /// PostgreSQL and MariaDB a key found expired, or deleted (by a purge or `forget`) between
+    /// the batch's two statements, is claimed again after the others of its statement; a batch
+    /// racing it for the same keys can then deadlock, and the database ends one of them with a
+    /// retryable error (the broker redelivers; nothing is claimed twice).
+    ///
+    /// How many statements a batch takes, by store:
+    ///
+    /// | store | the batch's keys | the keys found taken |
+    /// |---|---|---|
+    /// | PostgreSQL | one `INSERT … SELECT … ON CONFLICT DO NOTHING RETURNING` | one `SELECT` |
+    /// | SQLite | one `INSERT … VALUES … ON CONFLICT DO NOTHING RETURNING` per [`CLAIM_BATCH_ROWS`](sqlite::CLAIM_BATCH_ROWS) keys (SQLite's limit on bound parameters) | one `SELECT` per such statement |
+    /// | MariaDB 10.5+ | one `INSERT IGNORE … VALUES … RETURNING` per [`CLAIM_BATCH_ROWS`](mysql::CLAIM_BATCH_ROWS) keys | one `SELECT` per such statement |
+    /// | MySQL (no `RETURNING`), MariaDB before 10.5 | one `INSERT` per key | one `SELECT` each |
+    ///
+    /// plus the one-key claim for each key found expired. The memory store claims key by key.
+    /// All in the same transaction.
     fn claim_batch(
         &self,
         tx: &mut Self::Tx,
@@ -596,6 +732,17 @@ mod tests {
             "a, b, c: each first occurrence, sorted"
         );
         assert_eq!(plan.twins, [(4, 1), (2, 0)]);
+        #[cfg(any(feature = "mysql", feature = "sqlite"))]
+        {
+            assert_eq!(padded(&plan.unique, 100), [1, 3, 0, 0], "up to four rows");
+            assert_eq!(padded(&[5, 6], 100), [5, 6]);
+            assert_eq!(
+                padded(&[1, 2, 3, 4, 5], 6),
+                [1, 2, 3, 4, 5, 5],
+                "at most six"
+            );
+            assert_eq!(padded(&[], 6), [0_usize; 0]);
+        }
         let found = StoredRecord {
             fingerprint: None,
             response: Some("1".into()),

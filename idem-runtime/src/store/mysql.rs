@@ -1,5 +1,5 @@
 //! MySQL and MariaDB (`store = "mysql"`, feature `mysql`). Tested on MariaDB 10.11; written for
-//! MySQL 8 too (no `RETURNING`, no `INSERT IGNORE`).
+//! MySQL 8 too (which has no `RETURNING`: see batches below).
 //!
 //! What happens to a duplicate here: the gate is a plain `INSERT` into `idem_records`. A live
 //! record makes it fail with error 1062 on the table's primary key, which the store reads as
@@ -10,6 +10,26 @@
 //! read. A twin in flight makes the `INSERT` wait on InnoDB's lock on the uncommitted row, then
 //! fail with 1062 (the twin committed) or succeed (it rolled back). Deadlocks (1213) and lock
 //! wait time-outs (1205) are retryable.
+//!
+//! A batch's gate ([`Store::claim_batch`]) depends on the server, asked once (`SELECT
+//! VERSION()`, by [`migrate`](MySqlStore::migrate) or the first batch) and remembered by the
+//! store and its clones. On MariaDB 10.5 and later, which has `INSERT … RETURNING`, it is one
+//! multi-row `INSERT IGNORE … RETURNING scope, record_key` for the batch's keys (one per
+//! [`CLAIM_BATCH_ROWS`] keys), in key order, which returns the keys it wrote, then one read of
+//! the keys it found taken; a key found expired, or deleted since, takes the one-key path. A
+//! twin in flight makes that insert wait on its row as the plain `INSERT` does (a duplicate
+//! takes the same lock with or without `IGNORE`), then skip the key (the twin committed) or
+//! write it (it rolled back). `IGNORE` turns the duplicates into warnings, and would do the same
+//! to a truncated value or a `NULL` in a `NOT NULL` column; neither can happen in the table the
+//! shipped migrations create: a scope and a key are at most 200 and 500 *bytes*
+//! ([`MAX_SCOPE_BYTES`](crate::key::MAX_SCOPE_BYTES), [`MAX_KEY_BYTES`](crate::key::MAX_KEY_BYTES)),
+//! so at most as many characters as `VARCHAR(200)` and `VARCHAR(500)` hold, any of them in
+//! `utf8mb4`; the times are `BIGINT`s and never `NULL`; and a batch that carries a fingerprint
+//! longer than `CHAR(64)` or a response longer than `MEDIUMTEXT` is claimed key by key, where
+//! the plain `INSERT` fails on it (in strict mode, the servers' default; without it, the plain
+//! `INSERT` truncates too). A records table altered to narrower columns or another character
+//! set loses this. On MySQL, and MariaDB before 10.5, a batch is claimed key by key
+//! with the one-key gate, in key order, in the same transaction.
 //!
 //! Two twins that find the same *expired* record both hold a shared lock on it from their
 //! failed `INSERT`, and both then need an exclusive one to take it over: InnoDB resolves that
@@ -33,13 +53,14 @@
 use sqlx::mysql::{MySql, MySqlDatabaseError, MySqlPool, MySqlPoolOptions};
 use sqlx::{SqlStr, Transaction};
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use super::records::{AgedBatch, AgedSql, RecordStats, Records};
 use super::table::Dialect;
 use super::{
-    CLAIM_ATTEMPTS, Claim, CommitFailure, NewRecord, RecordRow, RecordsTable, Store, StoredRecord,
-    TransitionStore, live_record, migrations, record_kept_vanishing, sealed,
+    BatchPlan, CLAIM_ATTEMPTS, Claim, CommitFailure, KeyedRecordRow, NewRecord, RecordRow,
+    RecordsTable, RowsSql, Store, StoredRecord, TransitionStore, claimed_or_taken,
+    existing_or_left, live_record, migrations, padded, record_kept_vanishing, sealed,
 };
 use crate::classify::{MYSQL_DUPLICATE_ENTRY, is_savepoint_gone, mysql_duplicate_key_name};
 use crate::clock::{Clock, SharedClock};
@@ -69,6 +90,9 @@ pub struct MySqlStore {
     pool: MySqlPool,
     clock: SharedClock,
     sql: Arc<RecordsSql>,
+    /// Whether the server takes `INSERT … RETURNING` (MariaDB 10.5+): asked once, shared by
+    /// the clones.
+    returning: Arc<OnceLock<bool>>,
 }
 
 /// `BEGIN`, then the savepoint whose presence proves the transaction is still open.
@@ -96,6 +120,43 @@ const INSERT: &str = "INSERT INTO idem_records \
     VALUES (?, ?, ?, ?, ?, ?)";
 const SELECT: &str = "SELECT fingerprint, response, created_at_ms, expires_at_ms \
     FROM idem_records WHERE scope = ? AND record_key = ?";
+/// The most keys one statement of a batch's gate writes, on MariaDB (see the
+/// [module docs](self)): six placeholders a key, far from the 65,535 a prepared statement may
+/// hold, and with keys at their longest under 1 MiB of values, far from the default
+/// `max_allowed_packet` (16 MiB). A larger batch takes one insert (and at most one read) per
+/// chunk of this many keys, chunk after chunk in key order, in the same transaction.
+///
+/// A statement's rows are padded to the next power of two (repeating its last key, which it
+/// then skips), so that batches of every size share a dozen statement texts in the cache of
+/// prepared statements sqlx keeps per connection.
+pub const CLAIM_BATCH_ROWS: usize = 1_000;
+/// A batch's gate on MariaDB: one row a key, in the batch's sorted order; returns the keys it
+/// wrote (a duplicate is skipped, after waiting for a twin in flight). Binds, a key after the
+/// other: scope, key, fingerprint, response, creation, expiry.
+const INSERT_BATCH: [&str; 3] = [
+    "INSERT IGNORE INTO idem_records \
+    (scope, record_key, fingerprint, response, created_at_ms, expires_at_ms) VALUES ",
+    "(?, ?, ?, ?, ?, ?)",
+    " RETURNING scope, record_key",
+];
+/// The records of the keys a batch's insert found taken (a range read of the primary key).
+/// Binds, a key after the other: scope, key.
+const SELECT_BATCH: [&str; 3] = [
+    "SELECT scope, record_key, fingerprint, response, created_at_ms, expires_at_ms \
+    FROM idem_records WHERE (scope, record_key) IN (",
+    "(?, ?)",
+    ")",
+];
+/// The widest fingerprint (characters) and response (bytes) the shipped table holds:
+/// `CHAR(64)`, `MEDIUMTEXT`. `INSERT IGNORE` would truncate a wider one without an error.
+const FINGERPRINT_CHARS: usize = 64;
+const RESPONSE_BYTES: usize = (1 << 24) - 1;
+// Scope and key fit `VARCHAR(200)` and `VARCHAR(500)` (characters) whatever they hold, so that
+// `INSERT IGNORE` never truncates them.
+const _: () = assert!(
+    crate::key::MAX_SCOPE_BYTES <= 200 && crate::key::MAX_KEY_BYTES <= 500,
+    "a key must fit the records table's columns"
+);
 const TAKE_OVER_EXPIRED: &str = "UPDATE idem_records \
     SET fingerprint = ?, response = ?, created_at_ms = ?, expires_at_ms = ? \
     WHERE scope = ? AND record_key = ? AND expires_at_ms IS NOT NULL AND expires_at_ms <= ?";
@@ -146,7 +207,9 @@ struct RecordsSql {
     create_mariadb: SqlStr,
     convert: String,
     insert: SqlStr,
+    insert_batch: RowsSql,
     select: SqlStr,
+    select_batch: RowsSql,
     take_over_expired: SqlStr,
     save_response: SqlStr,
     forget: SqlStr,
@@ -163,7 +226,9 @@ impl RecordsSql {
             create_mariadb: sql(migrations::MARIADB),
             convert: table.rewrite_text(CONVERT_TABLE, Dialect::MySql),
             insert: sql(INSERT),
+            insert_batch: RowsSql::new(&table, Dialect::MySql, INSERT_BATCH),
             select: sql(SELECT),
+            select_batch: RowsSql::new(&table, Dialect::MySql, SELECT_BATCH),
             take_over_expired: sql(TAKE_OVER_EXPIRED),
             save_response: sql(SAVE_RESPONSE),
             forget: sql(FORGET),
@@ -192,6 +257,7 @@ impl MySqlStore {
             pool,
             clock: crate::clock::system(),
             sql: Arc::new(RecordsSql::new(RecordsTable::default())),
+            returning: Arc::new(OnceLock::new()),
         }
     }
 
@@ -252,6 +318,7 @@ impl MySqlStore {
         let version: String = sqlx::query_scalar("SELECT VERSION()")
             .fetch_one(&self.pool)
             .await?;
+        let _ = self.returning.set(inserts_returning(&version));
         let (create, collation) = if version.contains("MariaDB") {
             (&self.sql.create_mariadb, MARIADB_COLLATION)
         } else {
@@ -294,6 +361,51 @@ impl MySqlStore {
             .fetch_optional(conn)
             .await
     }
+
+    /// Whether the server takes `INSERT … RETURNING`; asked on `conn` the first time only.
+    async fn server_inserts_returning(
+        &self,
+        conn: &mut sqlx::MySqlConnection,
+    ) -> Result<bool, sqlx::Error> {
+        if let Some(&known) = self.returning.get() {
+            return Ok(known);
+        }
+        let version: String = sqlx::query_scalar("SELECT VERSION()")
+            .fetch_one(conn)
+            .await?;
+        let known = inserts_returning(&version);
+        // A clone that asked at the same time found the same.
+        let _ = self.returning.set(known);
+        Ok(known)
+    }
+}
+
+/// Whether the server whose `VERSION()` is `version` takes `INSERT … RETURNING`: MariaDB from
+/// 10.5 (`10.11.19-MariaDB-0+deb12u1`); MySQL has no `RETURNING`.
+fn inserts_returning(version: &str) -> bool {
+    if !version.contains("MariaDB") {
+        return false;
+    }
+    // Older MariaDB announced itself as `5.5.5-10.x` in the handshake; skip that prefix.
+    let version = version.strip_prefix("5.5.5-").unwrap_or(version);
+    let mut numbers = version
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|part| part.parse::<u32>().ok());
+    match (numbers.next().flatten(), numbers.next().flatten()) {
+        (Some(major), Some(minor)) => (major, minor) >= (10, 5),
+        _ => false,
+    }
+}
+
+/// Whether `INSERT IGNORE` writes `record` as a plain `INSERT` would: no value wider than its
+/// column in the shipped table (scope and key always fit; see the [module docs](self)).
+fn fits_columns(record: &NewRecord<'_>) -> bool {
+    record
+        .fingerprint
+        .is_none_or(|fingerprint| fingerprint.chars().count() <= FINGERPRINT_CHARS)
+        && record
+            .response
+            .is_none_or(|response| response.len() <= RESPONSE_BYTES)
 }
 
 /// Whether `error` is a duplicate entry on the records table's primary key (the only unique
@@ -409,6 +521,63 @@ impl Store for MySqlStore {
             }
         }
         Err(record_kept_vanishing(record.key))
+    }
+
+    /// On MariaDB 10.5+, one `INSERT IGNORE … RETURNING` for the batch's keys (one per
+    /// [`CLAIM_BATCH_ROWS`] keys), one read of the keys it found taken, and the one-key claim
+    /// for those found expired or deleted since; elsewhere, or for a value `INSERT IGNORE`
+    /// could truncate, the one-key claim for each key. In key order either way (module docs).
+    async fn claim_batch(
+        &self,
+        tx: &mut Self::Tx,
+        records: &[NewRecord<'_>],
+    ) -> Result<Vec<Claim>, sqlx::Error> {
+        let plan = BatchPlan::of(records);
+        let mut claims = Vec::with_capacity(plan.unique.len());
+        let one_statement = !plan.unique.is_empty()
+            && self.server_inserts_returning(tx).await?
+            && plan
+                .unique
+                .iter()
+                .all(|&index| fits_columns(&records[index]));
+        if !one_statement {
+            for &index in &plan.unique {
+                claims.push((index, self.claim(tx, &records[index]).await?));
+            }
+            return Ok(plan.spread(records, claims));
+        }
+        for chunk in plan.unique.chunks(CLAIM_BATCH_ROWS) {
+            let bound = padded(chunk, CLAIM_BATCH_ROWS);
+            let mut insert =
+                sqlx::query_as::<_, (String, String)>(self.sql.insert_batch.for_rows(bound.len()));
+            for record in bound.iter().map(|&index| &records[index]) {
+                insert = insert
+                    .bind(record.key.scope())
+                    .bind(record.key.value())
+                    .bind(record.fingerprint)
+                    .bind(record.response)
+                    .bind(record.now_ms)
+                    .bind(record.expires_at_ms);
+            }
+            let inserted = insert.fetch_all(&mut **tx).await?;
+            let taken = claimed_or_taken(records, chunk, inserted, &mut claims);
+            if taken.is_empty() {
+                continue;
+            }
+            let bound = padded(&taken, CLAIM_BATCH_ROWS);
+            let mut select =
+                sqlx::query_as::<_, KeyedRecordRow>(self.sql.select_batch.for_rows(bound.len()));
+            for record in bound.iter().map(|&index| &records[index]) {
+                select = select.bind(record.key.scope()).bind(record.key.value());
+            }
+            let rows = select.fetch_all(&mut **tx).await?;
+            for index in existing_or_left(records, taken, rows, &mut claims) {
+                // Expired (to take over) or deleted since the insert: the one-key path handles
+                // both, before the next chunk.
+                claims.push((index, self.claim(tx, &records[index]).await?));
+            }
+        }
+        Ok(plan.spread(records, claims))
     }
 
     async fn save_response(
@@ -559,6 +728,40 @@ impl TransitionStore for MySqlStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_mariadb_from_10_5_inserts_returning() {
+        for (version, expected) in [
+            ("10.11.19-MariaDB-0+deb12u1", true),
+            ("10.5.0-MariaDB", true),
+            ("11.4.2-MariaDB-log", true),
+            ("5.5.5-10.6.12-MariaDB", true),
+            ("10.4.32-MariaDB", false),
+            ("10.3.39-MariaDB-0ubuntu0.20.04.2", false),
+            ("8.0.36", false),
+            ("8.4.0-commercial", false),
+            ("MariaDB", false),
+        ] {
+            assert_eq!(inserts_returning(version), expected, "{version}");
+        }
+    }
+
+    #[test]
+    fn a_batch_statement_binds_every_value() {
+        let table = RecordsTable::parse("billing.Order").expect("a valid name");
+        let sql = RecordsSql::new(table);
+        assert_eq!(
+            sql.insert_batch.for_rows(2).0,
+            "INSERT IGNORE INTO `billing`.`Order` \
+            (scope, record_key, fingerprint, response, created_at_ms, expires_at_ms) \
+            VALUES (?, ?, ?, ?, ?, ?), (?, ?, ?, ?, ?, ?) RETURNING scope, record_key"
+        );
+        assert_eq!(
+            sql.select_batch.for_rows(1).0,
+            "SELECT scope, record_key, fingerprint, response, created_at_ms, expires_at_ms \
+            FROM `billing`.`Order` WHERE (scope, record_key) IN ((?, ?))"
+        );
+    }
 
     #[test]
     fn transition_statements_use_backticks_and_positional_parameters() {

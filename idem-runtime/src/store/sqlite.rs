@@ -6,6 +6,11 @@
 //! record. Starting with a plain `BEGIN` would let two readers both try to upgrade to writer
 //! and fail with `SQLITE_BUSY` instead of waiting.
 //!
+//! A batch's gate ([`Store::claim_batch`]) writes all its keys in one multi-row
+//! `INSERT … ON CONFLICT DO NOTHING RETURNING` (one per [`CLAIM_BATCH_ROWS`] keys, for SQLite's
+//! limit on bound parameters) and reads the keys it found taken in one more statement; a key
+//! found expired is taken over on its own.
+//!
 //! Durability: [`SqliteStore::open`] sets `synchronous = FULL`, so a transaction that
 //! committed (and whose message was then acked) survives a power loss or an OS crash, not only
 //! a process crash. `NORMAL` is faster in WAL mode but may lose the last transactions on power
@@ -33,8 +38,9 @@ use sqlx::{SqlStr, Sqlite, Transaction};
 use super::records::{AgedSql, RecordStats, Records};
 use super::table::Dialect;
 use super::{
-    Claim, CommitFailure, NewRecord, RecordRow, RecordsTable, Store, StoredRecord, TransitionStore,
-    live_record, migrations, sealed,
+    BatchPlan, Claim, CommitFailure, KeyedRecordRow, NewRecord, RecordRow, RecordsTable, RowsSql,
+    Store, StoredRecord, TransitionStore, claimed_or_taken, existing_or_left, live_record,
+    migrations, padded, sealed,
 };
 use crate::classify::{is_savepoint_gone, sqlite_unique_detail_matches};
 use crate::clock::{Clock, SharedClock};
@@ -90,6 +96,33 @@ const INSERT: &str = "INSERT INTO idem_records \
     VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (scope, record_key) DO NOTHING";
 const SELECT: &str = "SELECT fingerprint, response, created_at_ms, expires_at_ms \
     FROM idem_records WHERE scope = ?1 AND record_key = ?2";
+/// The most keys one statement of a batch's gate writes (see [`Store::claim_batch`]): SQLite
+/// binds at most 32,766 parameters a statement (`SQLITE_MAX_VARIABLE_NUMBER`: the bundled
+/// library's, and the default of every SQLite since 3.32; `RETURNING` needs 3.35), six a key.
+/// A larger batch takes one insert (and at most one read) per chunk of this many keys, chunk
+/// after chunk in key order, in the same transaction.
+///
+/// A statement's rows are padded to the next power of two (repeating its last key, which it
+/// then skips), so that batches of every size share a dozen statement texts in the cache of
+/// prepared statements sqlx keeps per connection.
+pub const CLAIM_BATCH_ROWS: usize = 32_766 / 6;
+/// A batch's gate: one row a key, in the batch's sorted order; returns the keys it wrote.
+/// Binds, a key after the other: scope, key, fingerprint, response, creation, expiry.
+const INSERT_BATCH: [&str; 3] = [
+    "INSERT INTO idem_records \
+    (scope, record_key, fingerprint, response, created_at_ms, expires_at_ms) VALUES ",
+    "(?, ?, ?, ?, ?, ?)",
+    " ON CONFLICT (scope, record_key) DO NOTHING RETURNING scope, record_key",
+];
+/// The records of the keys a batch's insert found taken. A join on the key list rather than
+/// `(scope, record_key) IN (VALUES …)`, which SQLite answers with a scan of the whole table.
+/// Binds, a key after the other: scope, key.
+const SELECT_BATCH: [&str; 3] = [
+    "SELECT r.scope, r.record_key, r.fingerprint, r.response, r.created_at_ms, \
+    r.expires_at_ms FROM (VALUES ",
+    "(?, ?)",
+    ") AS v JOIN idem_records AS r ON r.scope = v.column1 AND r.record_key = v.column2",
+];
 const TAKE_OVER_EXPIRED: &str = "UPDATE idem_records \
     SET fingerprint = ?3, response = ?4, created_at_ms = ?5, expires_at_ms = ?6 \
     WHERE scope = ?1 AND record_key = ?2 AND expires_at_ms IS NOT NULL AND expires_at_ms <= ?5";
@@ -137,7 +170,9 @@ struct RecordsSql {
     table: RecordsTable,
     migration: SqlStr,
     insert: SqlStr,
+    insert_batch: RowsSql,
     select: SqlStr,
+    select_batch: RowsSql,
     take_over_expired: SqlStr,
     save_response: SqlStr,
     forget: SqlStr,
@@ -152,7 +187,9 @@ impl RecordsSql {
         Self {
             migration: sql(migrations::SQLITE),
             insert: sql(INSERT),
+            insert_batch: RowsSql::new(&table, Dialect::Sqlite, INSERT_BATCH),
             select: sql(SELECT),
+            select_batch: RowsSql::new(&table, Dialect::Sqlite, SELECT_BATCH),
             take_over_expired: sql(TAKE_OVER_EXPIRED),
             save_response: sql(SAVE_RESPONSE),
             forget: sql(FORGET),
@@ -397,6 +434,50 @@ impl Store for SqliteStore {
         Ok(Claim::Claimed)
     }
 
+    /// One `INSERT … ON CONFLICT DO NOTHING RETURNING` for the batch's keys (one per
+    /// [`CLAIM_BATCH_ROWS`] keys), one read of the keys it found taken, and the one-key claim
+    /// for those found expired. The transaction holds the write lock (`BEGIN IMMEDIATE`):
+    /// nothing changes between these statements.
+    async fn claim_batch(
+        &self,
+        tx: &mut Self::Tx,
+        records: &[NewRecord<'_>],
+    ) -> Result<Vec<Claim>, sqlx::Error> {
+        let plan = BatchPlan::of(records);
+        let mut claims = Vec::with_capacity(plan.unique.len());
+        for chunk in plan.unique.chunks(CLAIM_BATCH_ROWS) {
+            let bound = padded(chunk, CLAIM_BATCH_ROWS);
+            let mut insert =
+                sqlx::query_as::<_, (String, String)>(self.sql.insert_batch.for_rows(bound.len()));
+            for record in bound.iter().map(|&index| &records[index]) {
+                insert = insert
+                    .bind(record.key.scope())
+                    .bind(record.key.value())
+                    .bind(record.fingerprint)
+                    .bind(record.response)
+                    .bind(record.now_ms)
+                    .bind(record.expires_at_ms);
+            }
+            let inserted = insert.fetch_all(&mut **tx).await?;
+            let taken = claimed_or_taken(records, chunk, inserted, &mut claims);
+            if taken.is_empty() {
+                continue;
+            }
+            let bound = padded(&taken, CLAIM_BATCH_ROWS);
+            let mut select =
+                sqlx::query_as::<_, KeyedRecordRow>(self.sql.select_batch.for_rows(bound.len()));
+            for record in bound.iter().map(|&index| &records[index]) {
+                select = select.bind(record.key.scope()).bind(record.key.value());
+            }
+            let rows = select.fetch_all(&mut **tx).await?;
+            for index in existing_or_left(records, taken, rows, &mut claims) {
+                // Expired: taken over, still in key order.
+                claims.push((index, self.claim(tx, &records[index]).await?));
+            }
+        }
+        Ok(plan.spread(records, claims))
+    }
+
     async fn save_response(
         &self,
         tx: &mut Self::Tx,
@@ -496,5 +577,29 @@ impl TransitionStore for SqliteStore {
         key: &StateKey,
     ) -> Result<TransitionOutcome, sqlx::Error> {
         super::run_transition!(&mut **tx, statements, transition, key, uuid = text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_statement_binds_every_value() {
+        let table = RecordsTable::parse("main.Order").expect("a valid name");
+        let sql = RecordsSql::new(table);
+        assert_eq!(
+            sql.insert_batch.for_rows(2).0,
+            "INSERT INTO \"main\".\"Order\" \
+            (scope, record_key, fingerprint, response, created_at_ms, expires_at_ms) \
+            VALUES (?, ?, ?, ?, ?, ?), (?, ?, ?, ?, ?, ?) \
+            ON CONFLICT (scope, record_key) DO NOTHING RETURNING scope, record_key"
+        );
+        assert_eq!(
+            sql.select_batch.for_rows(1).0,
+            "SELECT r.scope, r.record_key, r.fingerprint, r.response, r.created_at_ms, \
+            r.expires_at_ms FROM (VALUES (?, ?)) AS v JOIN \"main\".\"Order\" AS r \
+            ON r.scope = v.column1 AND r.record_key = v.column2"
+        );
     }
 }
