@@ -2,8 +2,10 @@
 //! batch suites do not cover, each trying to make a plausible batch handler lose a message,
 //! process one twice, ack before a commit, leave a delivery unsettled or panic.
 //!
-//! Tests marked `#[ignore = "defect: …"]` fail on the code they were written against: each
-//! shows a defect, named in its reason. The others are what held.
+//! Four of them failed when written, each on a defect since fixed: RabbitMQ `multiple` acks of
+//! two batches racing (a batch's tags were forgotten before its ack was sent), runners
+//! panicking on `max_size(usize::MAX)`, a deferred RabbitMQ ack that failed counted as acked,
+//! and the batch span's `parts` never recorded.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
@@ -718,7 +720,6 @@ where
 /// took (one, or more when it was split). A batch split around a failing message must report
 /// it.
 #[tokio::test]
-#[ignore = "defect: the `parts` field of the `idem.handle_batch` span is declared (tracing::field::Empty) but never recorded"]
 async fn the_batch_span_reports_how_many_parts_it_took() {
     use tracing_subscriber::layer::SubscriberExt as _;
     let fields = BatchSpanFields::default();
@@ -878,7 +879,7 @@ mod rabbitmq {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "defect: RabbitMqBatchConsumer::run panics (capacity overflow) with BatchOptions::max_size(usize::MAX): Vec::with_capacity(batch.size_limit())"]
+
     async fn a_batch_bounded_by_time_only_is_handled() {
         let store = idem_tests::pg::store().await;
         let connection = connect().await;
@@ -916,7 +917,7 @@ mod rabbitmq {
     /// (`ConsumerReport::settle_failures`: "deliveries whose settling the broker refused (a
     /// closed channel, a lost connection)"), not count it as processed, which means acked.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "defect: a batch's deferred RabbitMQ ack that fails after the commit is counted as processed (acked), not as a settle failure: the Recording acknowledger sees the deferral's Ok, flush_acks only logs"]
+
     async fn a_deferred_ack_that_cannot_reach_the_broker_is_not_counted_as_acked() {
         let store = idem_tests::pg::store().await;
         let connection = connect().await;
@@ -965,7 +966,7 @@ mod rabbitmq {
     /// twice: RabbitMQ closes the channel (PRECONDITION_FAILED, unknown delivery tag). With
     /// `concurrency(1)` it passes; with 2 or more it fails within a few hundred deliveries.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "defect: two RabbitMqBatchConsumer batches both take the multiple-ack path; take_if_only forgets the first one's tags before its basic.ack is sent (lapin sends each ack from a task of its own), so the second's multiple ack can cover them first: PRECONDITION_FAILED unknown delivery tag, the channel closes and the runner stops"]
+
     async fn many_small_batches_at_once_never_break_the_channel() {
         let store = idem_tests::pg::store().await;
         let connection = connect().await;
@@ -1028,7 +1029,7 @@ mod redis_streams {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "defect: RedisStreamsBatchConsumer::run panics (capacity overflow) with BatchOptions::max_size(usize::MAX): Vec::with_capacity(max_size)"]
+
     async fn a_batch_bounded_by_time_only_is_handled() {
         let store = idem_tests::pg::store().await;
         let mut conn = client()
@@ -1071,7 +1072,7 @@ mod nats {
     use idem_runtime::broker::nats::{NatsBatchConsumer, ensure_dead_letter_stream};
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "defect: NatsBatchConsumer::run panics (capacity overflow) with BatchOptions::max_size(usize::MAX): Vec::with_capacity(max_size)"]
+
     async fn a_batch_bounded_by_time_only_is_handled() {
         let store = idem_tests::pg::store().await;
         let url =

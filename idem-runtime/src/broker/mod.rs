@@ -188,6 +188,14 @@ impl ConsumerOptions {
     }
 }
 
+/// The largest [`BatchOptions::max_size`]: the largest prefetch a broker takes (RabbitMQ's is
+/// 16 bits), so a larger batch could never fill.
+pub const MAX_BATCH_SIZE: usize = u16::MAX as usize;
+
+/// How many deliveries a batch being collected makes room for at first: batches that stay small
+/// (a short `max_wait`) do not allocate for a large `max_size`.
+pub(crate) const BATCH_CAPACITY: usize = 1024;
+
 /// The longest [`BatchOptions::max_wait`]: a batch never waits longer than this for its last
 /// delivery (its first would hold its prefetch slot meanwhile).
 pub const MAX_BATCH_WAIT: Duration = Duration::from_secs(60);
@@ -224,10 +232,12 @@ impl Default for BatchOptions {
 }
 
 impl BatchOptions {
-    /// At most this many deliveries per batch (at least 1).
+    /// At most this many deliveries per batch (at least 1, at most [`MAX_BATCH_SIZE`]; a
+    /// larger size is cut to it, so that `usize::MAX` means "as many as arrive within
+    /// `max_wait`").
     #[must_use]
     pub fn max_size(mut self, max_size: usize) -> Self {
-        self.max_size = max_size.max(1);
+        self.max_size = max_size.clamp(1, MAX_BATCH_SIZE);
         self
     }
 
@@ -306,7 +316,7 @@ impl ConsumerStats {
         }
     }
 
-    fn count(&self, settled: Settled) {
+    pub(crate) fn count(&self, settled: Settled) {
         let counter = match settled {
             Settled::Processed => &self.processed,
             Settled::Duplicate => &self.duplicates,
@@ -469,6 +479,25 @@ pub(crate) async fn deliver_batch<H, D, P, A>(
     P: std::ops::Deref<Target = [u8]>,
     A: Acknowledger,
 {
+    for settled in handle_batch(handler, decoder, store, deliveries).await {
+        stats.count(settled);
+    }
+}
+
+/// [`deliver_batch`] without the counting: how each delivery was settled, in order, for a
+/// runner that finishes settling them itself (RabbitMQ sends the acks after the batch).
+pub(crate) async fn handle_batch<H, D, P, A>(
+    handler: &H,
+    decoder: &D,
+    store: &H::Store,
+    deliveries: Vec<(P, A)>,
+) -> Vec<Settled>
+where
+    H: crate::handler::BatchHandler,
+    D: Decode<H::Message>,
+    P: std::ops::Deref<Target = [u8]>,
+    A: Acknowledger,
+{
     let records: Vec<SettleRecord> = deliveries.iter().map(|_| SettleRecord::default()).collect();
     let mut batch: Vec<(H::Message, Box<dyn crate::handler::DynAcknowledger + '_>)> =
         Vec::with_capacity(deliveries.len());
@@ -494,17 +523,20 @@ pub(crate) async fn deliver_batch<H, D, P, A>(
             duplicate[position] = matches!(result, Ok(outcome) if outcome.is_duplicate());
         }
     }
-    for (record, duplicate) in records.iter().zip(duplicate) {
-        let settled = match record.0.load(Ordering::Relaxed) {
-            ACKED if duplicate => Settled::Duplicate,
-            ACKED => Settled::Processed,
-            REQUEUED => Settled::Requeued,
-            DEAD_LETTERED => Settled::DeadLettered,
-            REFUSED => Settled::Refused,
-            _ => Settled::Unsettled,
-        };
-        stats.count(settled);
-    }
+    records
+        .iter()
+        .zip(duplicate)
+        .map(
+            |(record, duplicate)| match record.0.load(Ordering::Relaxed) {
+                ACKED if duplicate => Settled::Duplicate,
+                ACKED => Settled::Processed,
+                REQUEUED => Settled::Requeued,
+                DEAD_LETTERED => Settled::DeadLettered,
+                REFUSED => Settled::Refused,
+                _ => Settled::Unsettled,
+            },
+        )
+        .collect()
 }
 
 /// The handlers a runner has in flight: at most `concurrency` at once, drained at shutdown.
@@ -555,11 +587,6 @@ impl Workers {
     /// [`spawn`](Self::spawn), but cancelled at the shutdown deadline it counts `deliveries`
     /// unsettled deliveries, not one (all of them: a batch counts how its deliveries settled
     /// only when it ends, so one a part of it had already settled counts as unsettled too).
-    // The RabbitMQ batch runner does not use it (yet).
-    #[cfg_attr(
-        not(any(feature = "nats", feature = "redis-streams")),
-        allow(dead_code)
-    )]
     pub(crate) fn spawn_batch<F>(
         &mut self,
         permit: OwnedSemaphorePermit,

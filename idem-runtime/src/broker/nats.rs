@@ -1114,7 +1114,7 @@ impl<H: BatchHandler, D: Decode<H::Message>> NatsBatchConsumer<H, D> {
             };
             // Then up to `max_size`, until `max_wait` after the first, or shutdown. Each
             // message is in progress from here on.
-            let mut collected = Vec::with_capacity(max_size);
+            let mut collected = Vec::with_capacity(max_size.min(super::BATCH_CAPACITY));
             collected.push(NatsAcknowledger::new(first, &settle));
             let deadline = batch_deadline(self.batch.wait_limit());
             while collected.len() < max_size {

@@ -1335,17 +1335,20 @@ impl Outstanding {
         self.tags().remove(&tag);
     }
 
-    /// When one `multiple` ack up to the highest of `tags` would settle exactly `tags`, forgets
-    /// them and returns `true`; else changes nothing.
-    fn take_if_only(&self, tags: &BTreeSet<u64>) -> bool {
+    /// Whether one `multiple` ack up to the highest of `tags` would settle exactly `tags`.
+    fn settled_only_by(&self, tags: &BTreeSet<u64>) -> bool {
+        multiple_ack_settles_only(&self.tags(), tags)
+    }
+
+    /// `tags` were acked: forget them. Only once their ack is sent: until then another batch's
+    /// `multiple` ack must not cover them, or it could reach the broker first (lapin sends each
+    /// ack from a task of its own) and leave ours acking an unknown tag, which closes the
+    /// channel.
+    fn forget(&self, tags: &BTreeSet<u64>) {
         let mut outstanding = self.tags();
-        if !multiple_ack_settles_only(&outstanding, tags) {
-            return false;
-        }
         for tag in tags {
             outstanding.remove(tag);
         }
-        true
     }
 }
 
@@ -1361,8 +1364,8 @@ fn multiple_ack_settles_only(outstanding: &BTreeSet<u64>, tags: &BTreeSet<u64>) 
 }
 
 /// Sends the acks a batch left waiting: one `multiple` ack where it settles exactly them, one
-/// ack each otherwise.
-async fn flush_acks(tracking: &Tracking) {
+/// ack each otherwise. Returns the tags whose ack did not reach the broker.
+async fn flush_acks(tracking: &Tracking) -> BTreeSet<u64> {
     let acks = std::mem::take(
         &mut *tracking
             .deferred
@@ -1371,7 +1374,7 @@ async fn flush_acks(tracking: &Tracking) {
     );
     let tags: BTreeSet<u64> = acks.iter().map(|(tag, _)| *tag).collect();
     if tags.is_empty() {
-        return;
+        return BTreeSet::new();
     }
     let failed = |error: &dyn std::fmt::Display| {
         tracing::warn!(
@@ -1380,25 +1383,40 @@ async fn flush_acks(tracking: &Tracking) {
             "ack failed after commit; the broker will redeliver and the gate will report duplicates"
         );
     };
-    if tracking.outstanding.take_if_only(&tags) {
+    let mut refused = BTreeSet::new();
+    if tracking.outstanding.settled_only_by(&tags) {
         let last = acks.into_iter().max_by_key(|(tag, _)| *tag);
         if let Some((_, acker)) = last {
             match acker.ack(BasicAckOptions { multiple: true }).await {
                 Ok(true) => {}
-                Ok(false) => failed(&"the channel is closed"),
-                Err(error) => failed(&error),
+                Ok(false) => {
+                    failed(&"the channel is closed");
+                    refused.clone_from(&tags);
+                }
+                Err(error) => {
+                    failed(&error);
+                    refused.clone_from(&tags);
+                }
             }
         }
-        return;
+        tracking.outstanding.forget(&tags);
+        return refused;
     }
     for (tag, acker) in acks {
         match acker.ack(BasicAckOptions::default()).await {
             Ok(true) => {}
-            Ok(false) => failed(&"the channel is closed"),
-            Err(error) => failed(&error),
+            Ok(false) => {
+                failed(&"the channel is closed");
+                refused.insert(tag);
+            }
+            Err(error) => {
+                failed(&error);
+                refused.insert(tag);
+            }
         }
         tracking.outstanding.settled(tag);
     }
+    refused
 }
 
 /// A consumer runner in batch mode, for a `batch` handler ([`BatchHandler`]): collects up to
@@ -1559,7 +1577,7 @@ where
             let Some(first) = shutdown.run_until_cancelled(consumer.next()).await else {
                 break Ok(());
             };
-            let mut collected = Vec::with_capacity(batch.size_limit());
+            let mut collected = Vec::with_capacity(batch.size_limit().min(super::BATCH_CAPACITY));
             let mut failed = match first {
                 Some(Ok(delivery)) => {
                     collected.push(delivery);
@@ -1621,8 +1639,25 @@ where
                 permit,
                 size,
                 async move {
-                    super::deliver_batch(&*handler, &*decoder, &*store, deliveries, &stats).await;
-                    flush_acks(&tracking).await;
+                    let tags: Vec<u64> =
+                        deliveries.iter().map(|(_, ack)| ack.delivery_tag).collect();
+                    let mut settled =
+                        super::handle_batch(&*handler, &*decoder, &*store, deliveries).await;
+                    // The acks were only queued: a delivery whose ack then fails is not acked.
+                    let refused = flush_acks(&tracking).await;
+                    for (settled, tag) in settled.iter_mut().zip(tags) {
+                        if refused.contains(&tag)
+                            && matches!(
+                                settled,
+                                super::Settled::Processed | super::Settled::Duplicate
+                            )
+                        {
+                            *settled = super::Settled::Refused;
+                        }
+                    }
+                    for settled in settled {
+                        stats.count(settled);
+                    }
                 }
                 .instrument(span),
             );
@@ -1677,9 +1712,18 @@ mod tests {
         for tag in 1..=6 {
             outstanding.received(tag);
         }
-        assert!(!outstanding.take_if_only(&set(&[2, 3])), "1 is outstanding");
+        assert!(
+            !outstanding.settled_only_by(&set(&[2, 3])),
+            "1 is outstanding"
+        );
         outstanding.settled(1);
-        assert!(outstanding.take_if_only(&set(&[2, 3])));
+        assert!(outstanding.settled_only_by(&set(&[2, 3])));
+        assert_eq!(
+            *outstanding.tags(),
+            set(&[2, 3, 4, 5, 6]),
+            "until the ack is sent"
+        );
+        outstanding.forget(&set(&[2, 3]));
         assert_eq!(*outstanding.tags(), set(&[4, 5, 6]));
     }
 

@@ -1793,7 +1793,7 @@ where
             };
             // Then up to `max_size`, until `max_wait` after the first, or shutdown. Each entry
             // is held (kept fresh) from here on.
-            let mut collected = Vec::with_capacity(max_size);
+            let mut collected = Vec::with_capacity(max_size.min(super::BATCH_CAPACITY));
             collected.push(intake.take(first).await);
             let deadline = later(Instant::now(), self.batch.wait_limit());
             while collected.len() < max_size {

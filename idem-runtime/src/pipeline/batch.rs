@@ -85,6 +85,8 @@ pub struct BatchRun<'s, S: Store, G, M, A, E> {
     pending: Vec<Vec<Item<G, M, A>>>,
     results: Vec<Option<Settled<(), E>>>,
     span: tracing::Span,
+    /// Transactions begun so far: 1 for a batch that committed at once.
+    parts: u64,
 }
 
 impl<S: Store, G, M, A, E> std::fmt::Debug for BatchRun<'_, S, G, M, A, E> {
@@ -193,6 +195,7 @@ where
         },
         results,
         span,
+        parts: 0,
     }
 }
 
@@ -238,6 +241,7 @@ where
 
     /// Every delivery's result, in the batch's order.
     pub fn into_results(self) -> Vec<Settled<(), E>> {
+        self.span.record("parts", self.parts);
         self.results
             .into_iter()
             .map(|result| result.expect("every delivery of a finished batch is settled"))
@@ -255,6 +259,7 @@ where
         for item in &mut group {
             item.entry.refresh(now_ms);
         }
+        self.parts += 1;
         let mut tx = match store.begin().await {
             Ok(tx) => tx,
             Err(error) => {
