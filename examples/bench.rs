@@ -862,6 +862,13 @@ fn parse_args() -> Result<(Vec<&'static str>, Config, usize), String> {
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
+    // Off unless asked for (RUST_LOG=...): logging would be part of what is measured.
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let (chosen, mut config, runs) = match parse_args() {
         Ok(parsed) => parsed,
         Err(message) => {
