@@ -23,7 +23,9 @@
 //! CHAOS messages=… duplicates_injected=… kills=… severed=… db_restarts=… broker_restarts=… effects_exactly_once=true lost=0 double_effects=0
 //! ```
 //!
-//! It exits non-zero when the ledger does not match. `--handler ack-before-commit` and
+//! It exits non-zero when the ledger does not match. `--handler idem-batch` runs the same gate
+//! as a `batch` handler under the batch runners (batches of up to 32, 4 at once, so that
+//! batches share accounts and deadlock on them, and split). `--handler ack-before-commit` and
 //! `--handler no-gate` run the same workload through hand-written controls that must fail it.
 
 #[path = "chaos/broker.rs"]
@@ -91,6 +93,9 @@ pub(crate) enum BrokerKind {
 pub(crate) enum HandlerKind {
     /// `#[idempotent(strategy = "dedup_table")]` under idem's runner.
     Idem,
+    /// The same gate and write as a `batch` handler, under idem's batch runner (batches of up
+    /// to 32, 4 at once).
+    IdemBatch,
     /// Control: acks, then commits (no runner).
     AckBeforeCommit,
     /// Control: commits, then acks, with no gate (no runner).
@@ -285,7 +290,7 @@ async fn harness(args: RunArgs) -> Result<bool, BoxError> {
     let outcome = run(&args, &dir, &mut rng).await;
     // A control is meant to fail: its directory goes unless asked for.
     let failed = !outcome.as_ref().is_ok_and(|ok| *ok);
-    if args.keep || (failed && args.handler == HandlerKind::Idem) {
+    if args.keep || (failed && matches!(args.handler, HandlerKind::Idem | HandlerKind::IdemBatch)) {
         eprintln!("chaos: kept {} (server and consumer logs)", dir.display());
     } else {
         let _ = std::fs::remove_dir_all(&dir);
@@ -353,7 +358,7 @@ async fn run(args: &RunArgs, dir: &Path, rng: &mut fastrand::Rng) -> Result<bool
     // The consumers.
     let counts = Arc::new(Counts::default());
     let kill_points: Vec<&'static str> = match args.handler {
-        HandlerKind::Idem => failpoints::ALL.to_vec(),
+        HandlerKind::Idem | HandlerKind::IdemBatch => failpoints::ALL.to_vec(),
         HandlerKind::AckBeforeCommit => vec![consumer::AFTER_ACK_BEFORE_COMMIT],
         HandlerKind::NoGate => Vec::new(),
     };

@@ -15,15 +15,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use idem_runtime::broker::nats::{NatsConsumer, ensure_dead_letter_stream};
+use idem_runtime::broker::nats::{NatsBatchConsumer, NatsConsumer, ensure_dead_letter_stream};
 use idem_runtime::broker::rabbitmq::lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
 };
 use idem_runtime::broker::rabbitmq::lapin::types::FieldTable;
-use idem_runtime::broker::rabbitmq::{RabbitMqConsumer, RabbitMqTopology, lapin};
-use idem_runtime::broker::{CancellationToken, ConsumerOptions};
+use idem_runtime::broker::rabbitmq::{
+    RabbitMqBatchConsumer, RabbitMqConsumer, RabbitMqTopology, lapin,
+};
+use idem_runtime::broker::{BatchOptions, CancellationToken, ConsumerOptions};
 use idem_runtime::failpoints::{self, fail};
-use idem_runtime::{HandlerError, PgStore, PgTx, handler, idempotent, sqlx};
+use idem_runtime::{HandlerError, PgStore, PgTx, batch_handler, handler, idempotent, sqlx};
 use tokio::io::AsyncReadExt;
 
 use crate::{BoxError, BrokerKind, ConsumeArgs, HandlerKind, Order, names};
@@ -46,6 +48,29 @@ async fn apply_order(tx: &mut PgTx<'_>, msg: Order) -> Result<(), ChaosError> {
         msg.order_id
     );
     business_write(tx, &msg).await
+}
+
+/// [`apply_order`] as a `batch` handler: the same gate (one claim for the whole batch), the same
+/// fingerprint, the same write per order, the same panic.
+#[idempotent(
+    key = "order_id",
+    store = "pg",
+    strategy = "dedup_table",
+    scope = "chaos.orders.batch",
+    fingerprint,
+    max_attempts = 5,
+    batch
+)]
+async fn apply_orders(tx: &mut PgTx<'_>, msgs: &[Order]) -> Result<(), ChaosError> {
+    for msg in msgs {
+        assert!(
+            !msg.order_id.starts_with("panic-"),
+            "chaos: the handler panics on order {}",
+            msg.order_id
+        );
+        business_write(tx, msg).await?;
+    }
+    Ok(())
 }
 
 /// The business effect: one ledger row, and the amount added to the account's balance. The
@@ -160,6 +185,12 @@ pub(crate) async fn run(args: ConsumeArgs) -> Result<(), BoxError> {
                 rabbitmq_idem(&args, &store, &shutdown).await
             }
             (BrokerKind::Nats, HandlerKind::Idem) => nats_idem(&args, &store, &shutdown).await,
+            (BrokerKind::Rabbitmq, HandlerKind::IdemBatch) => {
+                rabbitmq_idem_batch(&args, &store, &shutdown).await
+            }
+            (BrokerKind::Nats, HandlerKind::IdemBatch) => {
+                nats_idem_batch(&args, &store, &shutdown).await
+            }
             (BrokerKind::Rabbitmq, control) => {
                 rabbitmq_control(&args, &store, control, &shutdown).await
             }
@@ -231,6 +262,60 @@ async fn nats_idem(
     Ok(())
 }
 
+fn batches() -> BatchOptions {
+    BatchOptions::default()
+        .max_size(32)
+        .max_wait(Duration::from_millis(20))
+}
+
+async fn rabbitmq_idem_batch(
+    args: &ConsumeArgs,
+    store: &PgStore,
+    shutdown: &CancellationToken,
+) -> Result<(), BoxError> {
+    let connection =
+        lapin::Connection::connect(&args.broker_url, lapin::ConnectionProperties::default())
+            .await?;
+    let topology = RabbitMqTopology::for_queue(names::QUEUE)?;
+    let consumer = RabbitMqBatchConsumer::new(
+        connection.create_channel().await?,
+        topology,
+        batch_handler!(apply_orders),
+        store.clone(),
+    )
+    .with_options(options().concurrency(4))
+    .with_batch(batches());
+    consumer.run(shutdown.clone()).await?;
+    let _ = connection.close(200, "stopping".into()).await;
+    Ok(())
+}
+
+async fn nats_idem_batch(
+    args: &ConsumeArgs,
+    store: &PgStore,
+    shutdown: &CancellationToken,
+) -> Result<(), BoxError> {
+    let client = async_nats::connect(&args.broker_url).await?;
+    let js = async_nats::jetstream::new(client);
+    ensure_dead_letter_stream(&js, names::STREAM).await?;
+    let consumer = js
+        .get_stream(names::STREAM)
+        .await?
+        .get_consumer(names::NATS_CONSUMER)
+        .await?;
+    NatsBatchConsumer::new(
+        consumer,
+        js.clone(),
+        batch_handler!(apply_orders),
+        store.clone(),
+    )
+    .with_options(options().concurrency(4))
+    .with_batch(batches())
+    .run(shutdown.clone())
+    .await?;
+    Ok(())
+}
+
 /// What a hand-written control handler does with one payload: `Ok(true)` to ack.
 async fn control_handle(
     store: &PgStore,
@@ -270,7 +355,9 @@ async fn control_handle(
             tx.commit().await?;
             ack().await?;
         }
-        HandlerKind::Idem => unreachable!("the idem handler runs under the idem runners"),
+        HandlerKind::Idem | HandlerKind::IdemBatch => {
+            unreachable!("the idem handlers run under the idem runners")
+        }
     }
     Ok(())
 }
