@@ -123,8 +123,10 @@ pub trait Acknowledger: Send {
 
     /// Acknowledges every delivery of `acks`, after the one commit that covered them all (a
     /// `batch` handler's part), and returns what the broker said to each, in order. The
-    /// default acks them one by one; a broker that acknowledges many deliveries in one call
-    /// overrides it (RabbitMQ's `multiple`, where it is safe).
+    /// default acks them one by one; an acknowledger of a broker that acknowledges many
+    /// deliveries in one call may override it. (idem's RabbitMQ batch runner does it its own
+    /// way: it holds a batch's acks and sends them, as one `multiple` ack where that is safe,
+    /// once the whole batch has ended.)
     fn ack_all(
         acks: Vec<Self>,
         proof: Committed,
