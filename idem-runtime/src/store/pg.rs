@@ -58,6 +58,17 @@ pub struct PgStore {
 /// The commit, with the check that the transaction was not aborted riding on its round trip
 /// (see the [module docs](self)).
 const CHECKED_COMMIT: &str = "SELECT 1; COMMIT; BEGIN";
+// Notes for the round-trip work (issue 17), read in sqlx 0.9's sources: `Pool::begin_with(sql)`
+// sends `sql` as one *simple* query (`PgTransactionManager::begin` → `queue_simple_query`, then
+// `wait_until_ready`), so it may carry several statements (`BEGIN; INSERT …`); it fails with
+// `BeginFailed` unless the connection reports an open transaction afterwards, and a simple
+// query binds nothing, so a key there must be a literal (hence the issue's hex encoding). The
+// connection tracks the server's transaction status from every `ReadyForQuery`
+// (`PgConnection::in_transaction`), but only crate-privately: that is why `CHECKED_COMMIT` asks
+// the server instead. A dropped `Transaction` queues its `ROLLBACK` (`start_rollback`), which
+// the pool flushes with its release ping, so it adds a statement but no round trip of its own.
+// A batch (`claim_batch`) costs BEGIN, the claim, the body, this commit: one round trip per
+// step, as a hand-written inbox.
 
 const MIGRATION_LOCK: &str = "SELECT pg_advisory_xact_lock(7280321149621735001)";
 // The statements on the records table, written for the default one; `RecordsSql::new` rewrites
