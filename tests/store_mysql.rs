@@ -267,22 +267,19 @@ mod batch_claim {
                 }
             });
             let id = connection.await.expect("the batch's connection");
-            // InnoDB refreshes `INNODB_TRX` only when it was not read for 100 ms: poll slower.
-            idem_tests::within("the batch to wait on the twin's row", async {
-                loop {
-                    tokio::time::sleep(Duration::from_millis(150)).await;
-                    let waiting: i64 = sqlx::query_scalar(
-                        "SELECT COUNT(*) FROM information_schema.INNODB_TRX \
-                         WHERE trx_mysql_thread_id = ? AND trx_state = 'LOCK WAIT'",
-                    )
-                    .bind(id)
-                    .fetch_one(store.pool())
-                    .await
-                    .expect("read INNODB_TRX");
-                    if waiting == 1 {
-                        break;
-                    }
-                }
+            // The batch's connection, seen live by the server (`PROCESSLIST`; InnoDB's
+            // `INNODB_TRX` is a cache refreshed at most every 100 ms): its claim is running,
+            // and the twin's uncommitted row makes it wait there.
+            idem_tests::eventually("the batch to wait on the twin's row", || async {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM information_schema.PROCESSLIST \
+                     WHERE ID = ? AND STATE = 'Update' AND INFO LIKE 'INSERT%'",
+                )
+                .bind(id)
+                .fetch_one(store.pool())
+                .await
+                .expect("read PROCESSLIST");
+                waiting == 1
             })
             .await;
             assert!(!batch.is_finished(), "the batch waits for the twin");
