@@ -129,6 +129,8 @@ const SCENARIOS: &[(&str, &str, ScenarioFn)] = &[
 mod batch;
 #[path = "bench/brokers.rs"]
 mod brokers;
+#[path = "bench/latency.rs"]
+mod latency;
 #[path = "bench/purge.rs"]
 mod purge;
 #[path = "bench/redis.rs"]
@@ -142,6 +144,10 @@ struct Config {
     /// Rounds per run: idem and baseline alternate who goes first.
     rounds: usize,
     run_id: String,
+    /// `--pg-latency-us`: added to each direction of every PostgreSQL round trip (0: none).
+    pg_latency_us: u64,
+    /// `--gate-in-begin`: `PgStore::with_gate_in_begin(true)` for the idempotent side.
+    gate_in_begin: bool,
 }
 
 /// One message of the benchmark.
@@ -404,14 +410,33 @@ fn processed(outcome: &idem_runtime::Outcome<()>) -> Result<(), BoxError> {
 
 // ---- PostgreSQL ---------------------------------------------------------------------------
 
-async fn pg_store(config: &Config) -> Result<PgStore, BoxError> {
+/// The PostgreSQL to connect to: `IDEM_TEST_PG_URL`, through the latency proxy when
+/// `--pg-latency-us` asks for one (started once per process).
+fn pg_connect_options(config: &Config) -> Result<sqlx::postgres::PgConnectOptions, BoxError> {
+    static PROXY_PORT: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
     let url = std::env::var("IDEM_TEST_PG_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    let options: sqlx::postgres::PgConnectOptions = url.parse()?;
+    if config.pg_latency_us == 0 {
+        return Ok(options);
+    }
+    let upstream = format!("{}:{}", options.get_host(), options.get_port());
+    let port = match PROXY_PORT.get() {
+        Some(port) => *port,
+        None => *PROXY_PORT.get_or_init(|| {
+            latency::start(upstream, Duration::from_micros(config.pg_latency_us))
+                .expect("start the latency proxy")
+        }),
+    };
+    Ok(options.host("127.0.0.1").port(port))
+}
+
+async fn pg_store(config: &Config) -> Result<PgStore, BoxError> {
     let pool = PgPoolOptions::new()
         .max_connections(u32::try_from(config.tasks)?)
-        .connect(&url)
+        .connect_with(pg_connect_options(config)?)
         .await?;
-    let store = PgStore::new(pool);
+    let store = PgStore::new(pool).with_gate_in_begin(config.gate_in_begin);
     store.migrate().await?;
     for ddl in [
         "CREATE TABLE IF NOT EXISTS bench_payments (order_id VARCHAR(255) NOT NULL, amount BIGINT NOT NULL, CONSTRAINT bench_payments_order_id_key UNIQUE (order_id))",
@@ -820,7 +845,7 @@ fn usage() -> String {
         .map(|(name, what, _)| format!("  {name:<26} {what}"))
         .collect();
     format!(
-        "usage: bench <scenario>|--all [--messages N] [--tasks T] [--runs R] [--rounds K]\n\nscenarios:\n{}",
+        "usage: bench <scenario>|--all [--messages N] [--tasks T] [--runs R] [--rounds K] [--pg-latency-us N] [--gate-in-begin]\n\nscenarios:\n{}",
         names.join("\n")
     )
 }
@@ -832,6 +857,8 @@ fn parse_args() -> Result<(Vec<&'static str>, Config, usize), String> {
         tasks: 16,
         rounds: 4,
         run_id: String::new(),
+        pg_latency_us: 0,
+        gate_in_begin: false,
     };
     let mut runs = 1;
     let mut args = std::env::args().skip(1);
@@ -848,6 +875,8 @@ fn parse_args() -> Result<(Vec<&'static str>, Config, usize), String> {
             "--tasks" => config.tasks = number("--tasks")?,
             "--runs" => runs = number("--runs")?,
             "--rounds" => config.rounds = number("--rounds")?,
+            "--pg-latency-us" => config.pg_latency_us = number("--pg-latency-us")? as u64,
+            "--gate-in-begin" => config.gate_in_begin = true,
             name => match SCENARIOS.iter().find(|(n, _, _)| *n == name) {
                 Some((name, _, _)) => chosen.push(*name),
                 None => return Err(format!("unknown scenario `{name}`\n\n{}", usage())),

@@ -43,6 +43,12 @@ pub const AFTER_COMMIT: &str = "idem::after_commit";
 /// The broker has been told (ack, or the ack failed and was logged).
 pub const AFTER_ACK: &str = "idem::after_ack";
 
+/// PostgreSQL's one-round-trip gate found the key taken (or, under `state_machine`, the row
+/// unmoved) and is about to read the record (the row's state) with a second statement. Not a
+/// place to kill a consumer (nothing is open here): a test hook, for what another transaction
+/// does between the two statements. Not in [`ALL`].
+pub const BEFORE_TAKEN_KEY_READ: &str = "idem::before_taken_key_read";
+
 /// Every failpoint, in the order a delivery passes them.
 pub const ALL: [&str; 5] = [
     AFTER_GATE,

@@ -529,20 +529,39 @@ where
     C: ResultCodec<T>,
 {
     let mut entered = prepare(store.now_ms(), spec, prepared, codec)?;
-    let mut tx = store
-        .begin()
+    let delivery = entered.delivery();
+    // The gate may travel with the BEGIN (PostgreSQL); a failure to begin is a database error
+    // like any other: the delivery is retried.
+    let begun = entered
+        .strategy
+        .open(store, &delivery)
         .await
         .map_err(|error| Err(Error::Database(error)))?;
-    let delivery = entered.delivery();
-    let verdict = entered.strategy.enter(store, &mut tx, &delivery).await;
-    match judge(spec, verdict, &delivery, &entered.codec) {
+    match judge(spec, begun.verdict, &delivery, &entered.codec) {
         Ok(observed) => {
+            let tx = match begun.tx {
+                Some(tx) => tx,
+                // Observe mode met a duplicate that a one-round-trip gate already ended the
+                // transaction of: the body runs in a transaction of its own.
+                None if observed.is_some() => store
+                    .begin()
+                    .await
+                    .map_err(|error| Err(Error::Database(error)))?,
+                None => {
+                    return Err(Err(Error::Database(sqlx::Error::Protocol(
+                        "idem: the gate opened without a transaction (a store bug; please report it)"
+                            .into(),
+                    ))));
+                }
+            };
             entered.observed = observed;
             failpoint!(crate::failpoints::AFTER_GATE);
             Ok((entered, tx))
         }
         Err(ended) => {
-            rollback(store, tx).await;
+            if let Some(tx) = begun.tx {
+                rollback(store, tx).await;
+            }
             Err(ended)
         }
     }

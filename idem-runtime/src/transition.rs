@@ -243,23 +243,40 @@ pub(crate) fn transition_statements(
     let table = quote_identifier(transition.table(), quote);
     let column = quote_identifier(transition.column(), quote);
     let key_column = quote_identifier(transition.key_column(), quote);
-    let from = (0..transition.from().len())
-        .map(|i| placeholder(i + 3))
-        .collect::<Vec<_>>()
-        .join(", ");
     TransitionSql {
-        update: format!(
-            "UPDATE {table} SET {column} = {to} WHERE {key_column} = {key} AND {column} IN ({from})",
-            to = placeholder(1),
-            key = placeholder(2),
-        )
-        .into(),
+        update: guarded_update(transition, quote, &placeholder).into(),
         select: format!(
             "SELECT {column} FROM {table} WHERE {key_column} = {key}",
             key = placeholder(1)
         )
         .into(),
     }
+}
+
+/// The guarded update of `transition` (`$1` = `to`, `$2` = key, `$3…` = `from`, as
+/// `placeholder` writes them: parameter markers, or, for PostgreSQL's one-round-trip gate,
+/// literals).
+#[cfg_attr(
+    not(any(feature = "pg", feature = "mysql", feature = "sqlite")),
+    allow(dead_code)
+)] // used by the SQL stores
+pub(crate) fn guarded_update(
+    transition: &Transition,
+    quote: char,
+    placeholder: impl Fn(usize) -> String,
+) -> String {
+    let table = quote_identifier(transition.table(), quote);
+    let column = quote_identifier(transition.column(), quote);
+    let key_column = quote_identifier(transition.key_column(), quote);
+    let from = (0..transition.from().len())
+        .map(|i| placeholder(i + 3))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "UPDATE {table} SET {column} = {to} WHERE {key_column} = {key} AND {column} IN ({from})",
+        to = placeholder(1),
+        key = placeholder(2),
+    )
 }
 
 #[cfg(test)]

@@ -119,3 +119,189 @@ pub async fn drop_schema(schema: &str) {
     .await
     .expect("drop the fresh schema");
 }
+
+/// A TCP proxy in front of the live PostgreSQL that counts the client's round trips: a round
+/// trip starts when the client sends after the server last answered, so messages the client
+/// sends without waiting in between (a queued `ROLLBACK` and the pool's ping) count once. It
+/// also keeps the text of each simple query, to show which statements travelled together.
+#[derive(Debug, Clone)]
+pub struct RoundTrips {
+    address: std::net::SocketAddr,
+    seen: std::sync::Arc<std::sync::Mutex<Seen>>,
+}
+
+#[derive(Debug, Default)]
+struct Seen {
+    round_trips: u64,
+    /// The client has sent something the server has not answered yet: whatever else it sends
+    /// meanwhile travels in the same round trip (a queued `ROLLBACK` with the release ping).
+    awaiting_reply: bool,
+    simple_queries: Vec<String>,
+}
+
+impl RoundTrips {
+    /// Starts the proxy on a free local port, forwarding to the server of [`url`].
+    ///
+    /// # Panics
+    ///
+    /// When it cannot listen on a local port.
+    pub async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("listen on a local port");
+        let address = listener.local_addr().expect("the proxy's address");
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Seen::default()));
+        let upstream = server_address();
+        let counted = std::sync::Arc::clone(&seen);
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let seen = std::sync::Arc::clone(&counted);
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let _ = client.set_nodelay(true);
+                    let _ = server.set_nodelay(true);
+                    let (client_read, mut client_write) = client.into_split();
+                    let (mut server_read, mut server_write) = server.into_split();
+                    let answered = std::sync::Arc::clone(&seen);
+                    let to_server = async move {
+                        let _ = forward_counting(client_read, &mut server_write, &seen).await;
+                    };
+                    let to_client = async move {
+                        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+                        let mut buffer = vec![0; 64 * 1024];
+                        while let Ok(read) = server_read.read(&mut buffer).await {
+                            if read == 0 {
+                                break;
+                            }
+                            // Before the client can see the answer and send again.
+                            answered
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                .awaiting_reply = false;
+                            if client_write.write_all(&buffer[..read]).await.is_err() {
+                                break;
+                            }
+                        }
+                    };
+                    tokio::join!(to_server, to_client);
+                });
+            }
+        });
+        Self { address, seen }
+    }
+
+    /// A pool of one connection through the proxy that does not ping a connection before
+    /// handing it out, so that each measured call's round trips are its own (sqlx's default,
+    /// `test_before_acquire`, adds one ping per acquire, on both sides of a comparison).
+    ///
+    /// # Panics
+    ///
+    /// When PostgreSQL is unreachable through the proxy.
+    pub async fn pool(&self) -> sqlx::PgPool {
+        let options: PgConnectOptions = url().parse().expect("a valid IDEM_TEST_PG_URL");
+        PgPoolOptions::new()
+            .max_connections(1)
+            .test_before_acquire(false)
+            .connect_with(options.host("127.0.0.1").port(self.address.port()))
+            .await
+            .expect("connect through the round-trip proxy")
+    }
+
+    /// The round trips `work` took on `pool` (a pool of [`pool`](Self::pool)), counted once
+    /// its connection is back in the pool: the ping with which sqlx returns a connection, and
+    /// the `ROLLBACK` that a dropped transaction queues before it, are included.
+    pub async fn of<T>(
+        &self,
+        pool: &sqlx::PgPool,
+        work: impl std::future::Future<Output = T>,
+    ) -> (T, u64) {
+        let before = self.settled(pool).await;
+        let output = work.await;
+        // Each `settled` returns one connection, whose release ping the next one counts.
+        let after = self.settled(pool).await;
+        (output, after - before - 1)
+    }
+
+    /// The simple queries seen so far, in order.
+    pub fn simple_queries(&self) -> Vec<String> {
+        self.lock().simple_queries.clone()
+    }
+
+    async fn settled(&self, pool: &sqlx::PgPool) -> u64 {
+        // Waits for the pool's one connection: whatever released it has finished.
+        let connection = pool.acquire().await.expect("acquire the pool's connection");
+        let count = self.lock().round_trips;
+        drop(connection);
+        count
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Seen> {
+        self.seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+fn server_address() -> String {
+    let options: PgConnectOptions = url().parse().expect("a valid IDEM_TEST_PG_URL");
+    format!("{}:{}", options.get_host(), options.get_port())
+}
+
+/// Copies the client's bytes to the server, message by message, counting round trips and
+/// keeping the text of each `Query` ('Q'). The first messages of a connection (an `SSLRequest` or `GSSENCRequest`, then
+/// the `StartupMessage`) have no type byte: a length, then a code.
+async fn forward_counting(
+    mut client: tokio::net::tcp::OwnedReadHalf,
+    server: &mut tokio::net::tcp::OwnedWriteHalf,
+    seen: &std::sync::Mutex<Seen>,
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    const SSL_REQUEST: u32 = 80_877_103;
+    const GSSENC_REQUEST: u32 = 80_877_104;
+    // Untyped messages until the startup message (an SSL or GSS request comes first and is
+    // answered with one byte, 'N' here: the test server has no TLS).
+    loop {
+        let length = client.read_u32().await?;
+        let mut body = vec![0; usize::try_from(length).unwrap_or(0).saturating_sub(4)];
+        client.read_exact(&mut body).await?;
+        let mut message = length.to_be_bytes().to_vec();
+        message.extend_from_slice(&body);
+        server.write_all(&message).await?;
+        let code = body.get(..4).map_or(0, |code| {
+            u32::from_be_bytes([code[0], code[1], code[2], code[3]])
+        });
+        if code != SSL_REQUEST && code != GSSENC_REQUEST {
+            break;
+        }
+    }
+    loop {
+        let kind = client.read_u8().await?;
+        let length = client.read_u32().await?;
+        let mut body = vec![0; usize::try_from(length).unwrap_or(0).saturating_sub(4)];
+        client.read_exact(&mut body).await?;
+        {
+            let mut seen = seen
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            // 'X' (Terminate) is not answered.
+            if kind != b'X' && !seen.awaiting_reply {
+                seen.round_trips += 1;
+                seen.awaiting_reply = true;
+            }
+            if kind == b'Q' {
+                let text = body.strip_suffix(&[0]).unwrap_or(&body);
+                seen.simple_queries
+                    .push(String::from_utf8_lossy(text).into_owned());
+            }
+        }
+        // One write per message: separate small writes would wait on delayed ACKs.
+        let mut message = Vec::with_capacity(body.len() + 5);
+        message.push(kind);
+        message.extend_from_slice(&length.to_be_bytes());
+        message.extend_from_slice(&body);
+        server.write_all(&message).await?;
+    }
+}

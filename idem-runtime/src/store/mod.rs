@@ -59,6 +59,8 @@ use std::future::Future;
 use crate::key::Key;
 use crate::transition::{StateKey, Transition, TransitionOutcome, TransitionSql};
 
+#[cfg(feature = "pg")]
+pub mod literal;
 pub mod memory;
 pub mod migrations;
 #[cfg(feature = "mysql")]
@@ -360,6 +362,18 @@ impl<S: Store + 'static> Backend for S {}
 #[cfg(feature = "redis")]
 impl Backend for redis::RedisStore {}
 
+/// A transaction begun together with its gate ([`Store::begin_claim`],
+/// [`TransitionStore::begin_transition`]): on PostgreSQL both travel in one round trip.
+#[derive(Debug)]
+pub struct Begun<Tx, V> {
+    /// The transaction. Always open when the gate let the delivery in. When it did not, `None`
+    /// where the gate ran before the transaction was kept (PostgreSQL), otherwise open: roll it
+    /// back.
+    pub tx: Option<Tx>,
+    /// What the gate found, or its error.
+    pub verdict: Result<V, sqlx::Error>,
+}
+
 /// Why a commit did not make the transaction's effects durable.
 #[derive(Debug)]
 #[non_exhaustive]
@@ -448,6 +462,32 @@ pub trait Store: sealed::Sealed + Send + Sync {
         tx: &mut Self::Tx,
         record: &NewRecord<'_>,
     ) -> impl Future<Output = Result<Claim, sqlx::Error>> + Send;
+
+    /// Opens a write transaction and claims `record` in it, as [`begin`](Self::begin) then
+    /// [`claim`](Self::claim) would. The verdict is `None` when an earlier delivery holds the
+    /// key and its record was not read: the caller did not ask for it (`wants_record`, for a
+    /// fingerprint check or a replay) and the store could tell without a read.
+    ///
+    /// PostgreSQL sends the claim with the `BEGIN`, in one round trip (see
+    /// [`PgStore`](pg::PgStore)); the other stores run the two steps.
+    fn begin_claim(
+        &self,
+        record: &NewRecord<'_>,
+        wants_record: bool,
+    ) -> impl Future<Output = Result<Begun<Self::Tx, Option<Claim>>, sqlx::Error>> + Send
+    where
+        Self: Sized,
+    {
+        let _ = wants_record;
+        async move {
+            let mut tx = self.begin().await?;
+            let verdict = self.claim(&mut tx, record).await.map(Some);
+            Ok(Begun {
+                tx: Some(tx),
+                verdict,
+            })
+        }
+    }
 
     /// Claims every record of `records` inside `tx`, as [`claim`](Self::claim) would one by
     /// one, and returns their claims in the same order. A key given twice is claimed once: the
@@ -616,6 +656,28 @@ pub trait TransitionStore: Store {
         transition: &Transition,
         key: &StateKey,
     ) -> impl Future<Output = Result<TransitionOutcome, sqlx::Error>> + Send;
+
+    /// Opens a write transaction and runs [`transition`](Self::transition) in it. PostgreSQL
+    /// sends the guarded update with the `BEGIN`, in one round trip (see
+    /// [`PgStore`](pg::PgStore)); the other stores run the two steps.
+    fn begin_transition(
+        &self,
+        statements: &TransitionSql,
+        transition: &Transition,
+        key: &StateKey,
+    ) -> impl Future<Output = Result<Begun<Self::Tx, TransitionOutcome>, sqlx::Error>> + Send
+    where
+        Self: Sized,
+    {
+        async move {
+            let mut tx = self.begin().await?;
+            let verdict = self.transition(&mut tx, statements, transition, key).await;
+            Ok(Begun {
+                tx: Some(tx),
+                verdict,
+            })
+        }
+    }
 }
 
 /// [`Store::release_savepoint`] and [`Store::rollback_to_savepoint`] for a sqlx store whose

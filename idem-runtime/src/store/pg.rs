@@ -17,13 +17,14 @@
 use std::sync::Arc;
 
 use sqlx::postgres::{PgPool, PgPoolOptions};
-use sqlx::{Postgres, SqlStr, Transaction};
+use sqlx::{AssertSqlSafe, Postgres, SqlStr, Transaction};
 
+use super::literal;
 use super::records::{AgedSql, RecordStats, Records};
 use super::table::Dialect;
 use super::{
-    BatchPlan, CLAIM_ATTEMPTS, Claim, CommitFailure, NewRecord, RecordRow, RecordsTable, Store,
-    StoredRecord, TransitionStore, live_record, migrations, record_kept_vanishing, sealed,
+    BatchPlan, Begun, CLAIM_ATTEMPTS, Claim, CommitFailure, NewRecord, RecordRow, RecordsTable,
+    Store, StoredRecord, TransitionStore, live_record, migrations, record_kept_vanishing, sealed,
 };
 use crate::classify::is_transaction_gone;
 use crate::clock::{Clock, SharedClock};
@@ -53,6 +54,7 @@ pub struct PgStore {
     pool: PgPool,
     clock: SharedClock,
     sql: Arc<RecordsSql>,
+    gate_in_begin: bool,
 }
 
 /// The commit, with the check that the transaction was not aborted riding on its round trip
@@ -70,14 +72,47 @@ const CHECKED_COMMIT: &str = "SELECT 1; COMMIT; BEGIN";
 // A batch (`claim_batch`) costs BEGIN, the claim, the body, this commit: one round trip per
 // step, as a hand-written inbox.
 
+/// The claim that travels with the `BEGIN` ([`Store::begin_claim`]): this head, the values as
+/// literals, [`CLAIM_AND_BEGIN_WHERE`], now, [`CLAIM_AND_BEGIN_TAIL`]. A fresh key is inserted,
+/// an expired record taken over; a live record makes the `WHERE` divide by zero, so that the
+/// statement fails, the rest of the query string (the `BEGIN`) is skipped, and the server rolls
+/// the implicit transaction back. The comment is for whoever reads the server log.
+const CLAIM_AND_BEGIN_HEAD: &str = "/* idem gate: a \"division by zero\" from this statement means \
+    the message is a duplicate, not a failure */ INSERT INTO idem_records AS r \
+    (scope, record_key, fingerprint, response, created_at_ms, expires_at_ms) VALUES (";
+const CLAIM_AND_BEGIN_WHERE: &str = ") ON CONFLICT (scope, record_key) DO UPDATE \
+    SET fingerprint = EXCLUDED.fingerprint, response = EXCLUDED.response, \
+    created_at_ms = EXCLUDED.created_at_ms, expires_at_ms = EXCLUDED.expires_at_ms \
+    WHERE CASE WHEN r.expires_at_ms <= ";
+const CLAIM_AND_BEGIN_TAIL: &str = " THEN TRUE ELSE r.created_at_ms / 0 = 0 END; BEGIN";
+/// The guarded update that travels with the `BEGIN` ([`TransitionStore::begin_transition`]):
+/// this head, the update with literals, [`TRANSITION_AND_BEGIN_TAIL`]. When it moves no row,
+/// the count divides by zero and the `BEGIN` is skipped, as for the claim.
+const TRANSITION_AND_BEGIN_HEAD: &str = "/* idem gate: a \"division by zero\" from this statement \
+    means the row did not move (a duplicate or a refused step), not a failure */ WITH moved AS (";
+const TRANSITION_AND_BEGIN_TAIL: &str = " RETURNING 1) SELECT 1 / count(*)::int FROM moved; BEGIN";
+/// SQLSTATE `division_by_zero`: the one-round-trip gate found the key taken (or the row
+/// unmoved).
+const GATE_CLOSED: &str = "22012";
+
 const MIGRATION_LOCK: &str = "SELECT pg_advisory_xact_lock(7280321149621735001)";
 // The statements on the records table, written for the default one; `RecordsSql::new` rewrites
 // them for another.
-const INSERT: &str = "INSERT INTO idem_records \
-    (scope, record_key, fingerprint, response, created_at_ms, expires_at_ms) \
-    VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (scope, record_key) DO NOTHING";
 const SELECT: &str = "SELECT fingerprint, response, created_at_ms, expires_at_ms \
     FROM idem_records WHERE scope = $1 AND record_key = $2";
+/// The claim in one statement: insert the record, or, when the key is taken, return the record
+/// that holds it, for the duplicate's verdict, its fingerprint check or its replay. Returns one
+/// row: whether this statement inserted, then the existing record's columns (all `NULL` when it
+/// inserted, and also when the row that holds the key was committed by a twin after this
+/// statement's snapshot was taken: the insert waited for it, but the read cannot see it; the
+/// caller then reads it with a statement of its own). Binds: scope, key, fingerprint, response,
+/// now, expiry.
+const INSERT_OR_READ: &str = "WITH inserted AS (INSERT INTO idem_records \
+    (scope, record_key, fingerprint, response, created_at_ms, expires_at_ms) \
+    VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (scope, record_key) DO NOTHING RETURNING 1) \
+    SELECT EXISTS (SELECT FROM inserted), r.fingerprint, r.response, r.created_at_ms, \
+    r.expires_at_ms FROM (SELECT 1) AS one \
+    LEFT JOIN idem_records AS r ON r.scope = $1 AND r.record_key = $2";
 /// A batch's gate in one statement: every record, in the order given (the batch's sorted
 /// order, so that two batches sharing keys wait instead of deadlocking); returns the keys it
 /// wrote. Binds: scopes, keys, fingerprints, responses, creation times, expiries (arrays).
@@ -158,11 +193,13 @@ type KeyedRecordRow = (
 struct RecordsSql {
     table: RecordsTable,
     migration: SqlStr,
-    insert: SqlStr,
+    insert_or_read: SqlStr,
     insert_batch: SqlStr,
     insert_batch_in_scope: SqlStr,
     select: SqlStr,
     select_batch: SqlStr,
+    /// [`CLAIM_AND_BEGIN_HEAD`] for this table.
+    claim_and_begin_head: String,
     take_over_expired: SqlStr,
     save_response: SqlStr,
     forget: SqlStr,
@@ -178,11 +215,12 @@ impl RecordsSql {
         let sql = |statement| table.rewrite(statement, Dialect::Postgres);
         Self {
             migration: sql(migrations::POSTGRES),
-            insert: sql(INSERT),
+            insert_or_read: sql(INSERT_OR_READ),
             insert_batch: sql(INSERT_BATCH),
             insert_batch_in_scope: sql(INSERT_BATCH_IN_SCOPE),
             select: sql(SELECT),
             select_batch: sql(SELECT_BATCH),
+            claim_and_begin_head: table.rewrite_text(CLAIM_AND_BEGIN_HEAD, Dialect::Postgres),
             take_over_expired: sql(TAKE_OVER_EXPIRED),
             save_response: sql(SAVE_RESPONSE),
             forget: sql(FORGET),
@@ -212,7 +250,46 @@ impl PgStore {
             pool,
             clock: crate::clock::system(),
             sql: Arc::new(RecordsSql::new(RecordsTable::default())),
+            gate_in_begin: false,
         }
+    }
+
+    /// Sends the gate of `dedup_table` and `state_machine` with the `BEGIN`, in one round trip,
+    /// instead of after it (the default). Worth it where a round trip is expensive (a database
+    /// across a network: every delivery waits for one round trip less, and a duplicate for
+    /// three less); not on a database next to the service whose CPU is the limit, where the
+    /// extra parsing costs more than the round trip saves. BENCHMARKS.md measures both.
+    ///
+    /// What changes:
+    ///
+    /// - The gate statement travels as a *simple* query, so its values are written into the
+    ///   SQL text, as escape-string literals ([`literal`]); PostgreSQL parses and plans it for
+    ///   every delivery, where the default path reuses a prepared statement.
+    /// - A duplicate (or, under `state_machine`, a row that does not move) is reported by the
+    ///   statement *failing*, with SQLSTATE `22012` ("division by zero"): there is no other way
+    ///   for it to tell sqlx not to open the transaction. The server logs every such failure
+    ///   (`log_min_error_statement`), with the statement, so expect an `ERROR` line per
+    ///   duplicate in the server log. The statement starts with a comment that says so.
+    /// - With `fingerprint` or `replay`, a duplicate's record is read with a second statement;
+    ///   under `state_machine`, a refused or duplicate step's state likewise.
+    ///
+    /// ```no_run
+    /// # async fn demo(pool: sqlx::PgPool) {
+    /// use idem_runtime::PgStore;
+    ///
+    /// // The database is a network hop away: one round trip less per delivery.
+    /// let store = PgStore::new(pool).with_gate_in_begin(true);
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn with_gate_in_begin(mut self, on: bool) -> Self {
+        self.gate_in_begin = on;
+        self
+    }
+
+    /// Whether the gate travels with the `BEGIN` ([`with_gate_in_begin`](Self::with_gate_in_begin)).
+    pub fn gate_in_begin(&self) -> bool {
+        self.gate_in_begin
     }
 
     /// Keeps the records in `table` instead of `idem_records` (every statement on the table is
@@ -278,6 +355,64 @@ impl PgStore {
         crate::retention::purge_expired(self).await
     }
 
+    /// The query string of [`Store::begin_claim`]'s one round trip; `None` when a value
+    /// cannot be written as a literal (a NUL in the scope: the two-step path then binds it,
+    /// and PostgreSQL refuses it there).
+    fn claim_and_begin(&self, record: &NewRecord<'_>) -> Option<String> {
+        let mut sql = String::with_capacity(
+            self.sql.claim_and_begin_head.len()
+                + CLAIM_AND_BEGIN_WHERE.len()
+                + CLAIM_AND_BEGIN_TAIL.len()
+                + 2 * (record.key.scope().len() + record.key.value().len())
+                + record.fingerprint.map_or(0, |f| 2 * f.len())
+                + 200,
+        );
+        sql.push_str(&self.sql.claim_and_begin_head);
+        literal::push_pg_text(&mut sql, record.key.scope()).ok()?;
+        sql.push_str(", ");
+        literal::push_pg_text(&mut sql, record.key.value()).ok()?;
+        sql.push_str(", ");
+        literal::push_pg_optional_text(&mut sql, record.fingerprint).ok()?;
+        sql.push_str(", ");
+        literal::push_pg_optional_text(&mut sql, record.response).ok()?;
+        sql.push_str(", ");
+        literal::push_pg_int8(&mut sql, record.now_ms);
+        sql.push_str(", ");
+        literal::push_pg_optional_int8(&mut sql, record.expires_at_ms);
+        sql.push_str(CLAIM_AND_BEGIN_WHERE);
+        literal::push_pg_int8(&mut sql, record.now_ms);
+        sql.push_str(CLAIM_AND_BEGIN_TAIL);
+        Some(sql)
+    }
+
+    /// Begin, then claim: two round trips, every value bound.
+    async fn begin_then_claim(
+        &self,
+        record: &NewRecord<'_>,
+    ) -> Result<Begun<PgTx<'static>, Option<Claim>>, sqlx::Error> {
+        let mut tx = self.begin().await?;
+        let verdict = self.claim(&mut tx, record).await.map(Some);
+        Ok(Begun {
+            tx: Some(tx),
+            verdict,
+        })
+    }
+
+    /// Begin, then the guarded update: two round trips, every value bound.
+    async fn begin_then_transition(
+        &self,
+        statements: &TransitionSql,
+        transition: &Transition,
+        key: &StateKey,
+    ) -> Result<Begun<PgTx<'static>, TransitionOutcome>, sqlx::Error> {
+        let mut tx = self.begin().await?;
+        let verdict = self.transition(&mut tx, statements, transition, key).await;
+        Ok(Begun {
+            tx: Some(tx),
+            verdict,
+        })
+    }
+
     async fn read(
         &self,
         conn: &mut sqlx::PgConnection,
@@ -305,6 +440,50 @@ impl Store for PgStore {
         self.pool.begin().await
     }
 
+    /// With [`with_gate_in_begin`](PgStore::with_gate_in_begin), one round trip: the claim,
+    /// then `BEGIN`, in one simple query (its values as literals, see [`literal`]). PostgreSQL runs the claim in an implicit transaction that
+    /// the `BEGIN` then makes the handler's; a taken key fails the claim, which skips the
+    /// `BEGIN` and rolls the claim back. A twin in flight makes the claim wait, as in
+    /// [`claim`](Store::claim). The record of a taken key is read with a second statement,
+    /// only when `wants_record`; if it vanished meanwhile (a purge, `forget`), the two-step
+    /// path claims the key.
+    async fn begin_claim(
+        &self,
+        record: &NewRecord<'_>,
+        wants_record: bool,
+    ) -> Result<Begun<Self::Tx, Option<Claim>>, sqlx::Error> {
+        let Some(sql) = self
+            .gate_in_begin
+            .then(|| self.claim_and_begin(record))
+            .flatten()
+        else {
+            return self.begin_then_claim(record).await;
+        };
+        match self.pool.begin_with(AssertSqlSafe(sql)).await {
+            Ok(tx) => Ok(Begun {
+                tx: Some(tx),
+                verdict: Ok(Some(Claim::Claimed)),
+            }),
+            Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some(GATE_CLOSED) => {
+                if !wants_record {
+                    return Ok(Begun {
+                        tx: None,
+                        verdict: Ok(None),
+                    });
+                }
+                failpoint!(crate::failpoints::BEFORE_TAKEN_KEY_READ);
+                match self.find_record(record.key, record.now_ms).await? {
+                    Some(existing) => Ok(Begun {
+                        tx: None,
+                        verdict: Ok(Some(Claim::Existing(existing))),
+                    }),
+                    None => self.begin_then_claim(record).await,
+                }
+            }
+            Err(error) => Err(error),
+        }
+    }
+
     async fn commit(&self, mut tx: Self::Tx) -> Result<(), CommitFailure> {
         match sqlx::raw_sql(CHECKED_COMMIT).execute(&mut *tx).await {
             // Committed; dropping `tx` rolls back the empty transaction `BEGIN` opened.
@@ -329,7 +508,11 @@ impl Store for PgStore {
     }
 
     async fn rollback(tx: Self::Tx) -> Result<(), sqlx::Error> {
-        tx.rollback().await
+        // Dropping the transaction queues its ROLLBACK, which sqlx sends with the ping of the
+        // connection's return to the pool: the same statement, one round trip fewer on the
+        // delivery's path (a duplicate's above all).
+        drop(tx);
+        Ok(())
     }
 
     async fn savepoint(&self, tx: &mut Self::Tx, name: &str) -> Result<(), CommitFailure> {
@@ -353,16 +536,33 @@ impl Store for PgStore {
                 .bind(record.expires_at_ms)
         };
         for _ in 0..CLAIM_ATTEMPTS {
-            // Fresh key: one statement. A twin in flight makes it wait here, on the row.
-            if bind(&self.sql.insert)
-                .execute(&mut **tx)
-                .await?
-                .rows_affected()
-                == 1
-            {
+            // One statement: a fresh key is inserted, a taken one comes back with its record.
+            // A twin in flight makes it wait here, on the row.
+            let (inserted, fingerprint, response, created_at_ms, expires_at_ms): (
+                bool,
+                Option<String>,
+                Option<String>,
+                Option<i64>,
+                Option<i64>,
+            ) = sqlx::query_as(self.sql.insert_or_read.clone())
+                .bind(record.key.scope())
+                .bind(record.key.value())
+                .bind(record.fingerprint)
+                .bind(record.response)
+                .bind(record.now_ms)
+                .bind(record.expires_at_ms)
+                .fetch_one(&mut **tx)
+                .await?;
+            if inserted {
                 return Ok(Claim::Claimed);
             }
-            let row = self.read(tx, record.key).await?;
+            let row = match created_at_ms {
+                Some(created_at_ms) => Some((fingerprint, response, created_at_ms, expires_at_ms)),
+                // The key's row is not in this statement's snapshot: a twin committed it after
+                // the snapshot was taken (the insert waited for that commit), or a purge
+                // deleted it after the insert conflicted. A statement of its own tells.
+                None => self.read(tx, record.key).await?,
+            };
             if row.is_none() {
                 // Purged since the insert conflicted: the key is free again. Start over.
                 continue;
@@ -570,4 +770,83 @@ impl TransitionStore for PgStore {
     ) -> Result<TransitionOutcome, sqlx::Error> {
         super::run_transition!(&mut **tx, statements, transition, key, uuid = native)
     }
+
+    /// With [`with_gate_in_begin`](PgStore::with_gate_in_begin), one round trip, as
+    /// [`begin_claim`](Store::begin_claim): the guarded update, then `BEGIN`; an update that moves nothing fails and skips the `BEGIN`. Then, only for a
+    /// delivery that moved nothing, the classifying read. If that read finds the row in a
+    /// state the step moves from (it changed between the two statements), the two-step path
+    /// runs the gate again.
+    async fn begin_transition(
+        &self,
+        statements: &TransitionSql,
+        transition: &Transition,
+        key: &StateKey,
+    ) -> Result<Begun<Self::Tx, TransitionOutcome>, sqlx::Error> {
+        let Some(sql) = self
+            .gate_in_begin
+            .then(|| transition_and_begin(transition, key))
+            .flatten()
+        else {
+            return self
+                .begin_then_transition(statements, transition, key)
+                .await;
+        };
+        match self.pool.begin_with(AssertSqlSafe(sql)).await {
+            Ok(tx) => Ok(Begun {
+                tx: Some(tx),
+                verdict: Ok(TransitionOutcome::Moved),
+            }),
+            Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some(GATE_CLOSED) => {
+                failpoint!(crate::failpoints::BEFORE_TAKEN_KEY_READ);
+                let select = sqlx::query_scalar(AssertSqlSafe(Arc::clone(&statements.select)));
+                let select = match key {
+                    StateKey::Text(text) => select.bind(text.as_str()),
+                    StateKey::Integer(integer) => select.bind(*integer),
+                    #[cfg(feature = "uuid")]
+                    StateKey::Uuid(uuid) => select.bind(*uuid),
+                };
+                let current: Option<Option<String>> = select.fetch_optional(&self.pool).await?;
+                let movable = matches!(&current, Some(Some(state)) if transition.from().contains(&state.as_str()));
+                if movable {
+                    return self
+                        .begin_then_transition(statements, transition, key)
+                        .await;
+                }
+                Ok(Begun {
+                    tx: None,
+                    verdict: Ok(TransitionOutcome::Unmoved { current }),
+                })
+            }
+            Err(error) => Err(error),
+        }
+    }
+}
+
+/// The query string of [`TransitionStore::begin_transition`]'s one round trip: the guarded
+/// update with its values as literals; `None` when one cannot be written as a literal.
+fn transition_and_begin(transition: &Transition, key: &StateKey) -> Option<String> {
+    let mut values = Vec::with_capacity(transition.from().len() + 2);
+    let text = |value: &str| literal::pg_text(value).ok();
+    values.push(text(transition.to())?);
+    values.push(match key {
+        StateKey::Text(value) => text(value)?,
+        StateKey::Integer(value) => {
+            let mut sql = String::new();
+            literal::push_pg_int8(&mut sql, *value);
+            sql
+        }
+        #[cfg(feature = "uuid")]
+        StateKey::Uuid(value) => {
+            let mut sql = String::new();
+            literal::push_pg_uuid(&mut sql, value);
+            sql
+        }
+    });
+    for state in transition.from() {
+        values.push(text(state)?);
+    }
+    let update = crate::transition::guarded_update(transition, '"', |n| values[n - 1].clone());
+    Some(format!(
+        "{TRANSITION_AND_BEGIN_HEAD}{update}{TRANSITION_AND_BEGIN_TAIL}"
+    ))
 }

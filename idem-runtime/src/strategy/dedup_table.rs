@@ -8,14 +8,17 @@
 //! runs twice to commit.
 //!
 //! Cost over a hand-written handler: one `INSERT` on the happy path, plus one `UPDATE` of the
-//! record with `replay`. A duplicate costs the `INSERT` and one `SELECT`.
+//! record with `replay`. On PostgreSQL the `INSERT` travels with the `BEGIN`, in its round
+//! trip, and a duplicate costs that one statement (plus a `SELECT` of the record with
+//! `fingerprint` or `replay`); elsewhere a duplicate costs the `INSERT` and one `SELECT`.
+//! BENCHMARKS.md lists every statement per store.
 //!
 //! In a batch (`batch`), every key of the batch is claimed in one call,
 //! [`claim_batch`](crate::store::Store::claim_batch), in key order, so that two batches sharing
 //! keys wait for each other instead of deadlocking.
 
 use super::{Delivery, Gate, Strategy};
-use crate::store::Store;
+use crate::store::{Begun, Store};
 
 /// The dedup-table gate. See the [module docs](self).
 #[derive(Debug, Clone, Copy, Default)]
@@ -33,6 +36,24 @@ impl<S: Store> Strategy<S> for DedupTable {
         delivery: &Delivery<'_>,
     ) -> Result<Gate, sqlx::Error> {
         Ok(store.claim(tx, &delivery.record(None)).await?.into())
+    }
+
+    async fn open(
+        &self,
+        store: &S,
+        delivery: &Delivery<'_>,
+    ) -> Result<Begun<S::Tx, Gate>, sqlx::Error> {
+        let begun = store
+            .begin_claim(&delivery.record(None), delivery.wants_record)
+            .await?;
+        Ok(Begun {
+            tx: begun.tx,
+            verdict: begun.verdict.map(|claim| match claim {
+                Some(claim) => claim.into(),
+                // Taken, and the caller did not ask for the record.
+                None => Gate::Duplicate(None),
+            }),
+        })
     }
 
     async fn enter_batch(

@@ -14,7 +14,7 @@ use std::future::Future;
 
 use crate::error::Error;
 use crate::key::Key;
-use crate::store::{Claim, NewRecord, Store, StoredRecord};
+use crate::store::{Begun, Claim, NewRecord, Store, StoredRecord};
 
 pub mod dedup_table;
 #[cfg(feature = "redis")]
@@ -150,6 +150,27 @@ pub trait Strategy<S: Store>: sealed::Sealed + Send + Sync {
         tx: &mut S::Tx,
         delivery: &Delivery<'_>,
     ) -> impl Future<Output = Result<Gate, sqlx::Error>> + Send;
+
+    /// Opens the delivery's transaction and runs the gate before the body in it: what
+    /// [`Store::begin`] then [`enter`](Self::enter) do, which is the default. `dedup_table`
+    /// and `state_machine` ask the store to send the gate with the `BEGIN`
+    /// ([`Store::begin_claim`], [`TransitionStore::begin_transition`](crate::store::TransitionStore::begin_transition)),
+    /// one round trip on PostgreSQL. When the gate lets the delivery in, the transaction is
+    /// open.
+    fn open(
+        &self,
+        store: &S,
+        delivery: &Delivery<'_>,
+    ) -> impl Future<Output = Result<Begun<S::Tx, Gate>, sqlx::Error>> + Send {
+        async move {
+            let mut tx = store.begin().await?;
+            let verdict = self.enter(store, &mut tx, delivery).await;
+            Ok(Begun {
+                tx: Some(tx),
+                verdict,
+            })
+        }
+    }
 
     /// Runs in the transaction before the body of a batch (`batch`), for every delivery of
     /// it, and returns one verdict per delivery, in order. Each key appears once (the runtime

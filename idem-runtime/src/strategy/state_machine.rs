@@ -38,7 +38,7 @@
 use std::sync::OnceLock;
 
 use super::{Delivery, Gate, Refusal, Strategy};
-use crate::store::TransitionStore;
+use crate::store::{Begun, TransitionStore};
 use crate::transition::{OnMissing, StateKey, Transition, TransitionOutcome, TransitionSql};
 
 /// The state-machine gate for one delivery: the handler's [`Transition`], its statements
@@ -84,6 +84,25 @@ impl<S: TransitionStore> Strategy<S> for StateMachine<'_> {
             .transition(tx, statements, self.transition, &self.key)
             .await?;
         Ok(classify(self.transition, outcome))
+    }
+
+    async fn open(
+        &self,
+        store: &S,
+        _delivery: &Delivery<'_>,
+    ) -> Result<Begun<S::Tx, Gate>, sqlx::Error> {
+        let statements = self
+            .statements
+            .get_or_init(|| S::transition_sql(self.transition));
+        let begun = store
+            .begin_transition(statements, self.transition, &self.key)
+            .await?;
+        Ok(Begun {
+            tx: begun.tx,
+            verdict: begun
+                .verdict
+                .map(|outcome| classify(self.transition, outcome)),
+        })
     }
 
     async fn leave(
