@@ -722,9 +722,19 @@ where
 #[tokio::test]
 async fn the_batch_span_reports_how_many_parts_it_took() {
     use tracing_subscriber::layer::SubscriberExt as _;
-    let fields = BatchSpanFields::default();
-    let _default =
-        tracing::subscriber::set_default(tracing_subscriber::registry().with(fields.clone()));
+    // The process's subscriber, not this thread's: a thread-local one loses the race in which
+    // another test's thread, with no subscriber, registers the span's callsite first and caches
+    // "never interested" for it. Other tests' batch spans are collected too; the assertion
+    // holds only if `parts` is recorded on some `idem.handle_batch`, which is the regression.
+    static FIELDS: std::sync::OnceLock<BatchSpanFields> = std::sync::OnceLock::new();
+    let fields = FIELDS.get_or_init(|| {
+        let fields = BatchSpanFields::default();
+        tracing::subscriber::set_global_default(
+            tracing_subscriber::registry().with(fields.clone()),
+        )
+        .expect("the only global subscriber of this test binary");
+        fields
+    });
     let store = idem_tests::pg::store().await;
     let keys = fresh_keys("review-span", 4);
     idem_tests::fail_once(&keys[1]);
