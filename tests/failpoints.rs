@@ -271,3 +271,134 @@ async fn a_crash_before_a_batch_commit_leaves_nothing_and_the_redelivery_runs_th
     }
     scenario.teardown();
 }
+
+#[idempotent(
+    key = "order_id",
+    store = "pg",
+    strategy = "dedup_table",
+    scope = "tests.failpoints.checked",
+    fingerprint
+)]
+async fn on_checked(tx: &mut PgTx<'_>, msg: Payment) -> Result<(), AppError> {
+    record_payment(tx, &msg).await
+}
+
+#[idempotent(
+    key = "order_id",
+    store = "pg",
+    strategy = "state_machine",
+    scope = "tests.failpoints.ship",
+    table = "idem_failpoint_orders",
+    column = "status",
+    from = "paid",
+    to = "shipped"
+)]
+async fn on_ship(_tx: &mut PgTx<'_>, msg: Payment) -> Result<(), AppError> {
+    count_run(&msg.order_id);
+    Ok(())
+}
+
+async fn record_payment(tx: &mut PgTx<'_>, msg: &Payment) -> Result<(), AppError> {
+    count_run(&msg.order_id);
+    sqlx::query("INSERT INTO idem_failpoint_payments (order_id, amount) VALUES ($1, $2)")
+        .bind(&msg.order_id)
+        .bind(msg.amount)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Runs `sql` with `key` bound on a connection of its own, from a failpoint callback (which is
+/// synchronous): on a thread and a runtime of its own, joined before the callback returns.
+fn run_blocking(sql: &'static str, key: String) {
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime for the callback");
+        runtime.block_on(async move {
+            let store = idem_tests::pg::connect().await;
+            sqlx::query(sql)
+                .bind(key)
+                .execute(store.pool())
+                .await
+                .expect("the callback's statement");
+        });
+    })
+    .join()
+    .expect("the callback's thread");
+}
+
+/// With the gate in the `BEGIN`, a taken key's record is read by a second statement. A record
+/// deleted between the two (a purge, `forget`) leaves the key free: the delivery claims it on
+/// the two-step path and runs, once.
+#[tokio::test]
+async fn a_record_deleted_between_the_gate_and_its_read_leaves_the_key_to_claim() {
+    let scenario = fail::FailScenario::setup();
+    let store = store().await.with_gate_in_begin(true);
+    let key = unique_key("fp-vanish");
+    let payment = Payment::new(&key, 100);
+    idem_runtime::Store::mark_processed(
+        &store,
+        [idem_runtime::Key::new("tests.failpoints.checked", &[("order_id", &key)]).expect("key")],
+        None,
+    )
+    .await
+    .expect("an earlier delivery's record");
+    let deleted = key.clone();
+    fail::cfg_callback(failpoints::BEFORE_TAKEN_KEY_READ, move || {
+        run_blocking(
+            "DELETE FROM idem_records WHERE scope = 'tests.failpoints.checked' AND record_key = $1",
+            deleted.clone(),
+        );
+    })
+    .expect("arm the failpoint");
+    let outcome = on_checked(&store, payment, RecordingAck::new()).await;
+    fail::remove(failpoints::BEFORE_TAKEN_KEY_READ);
+    assert!(matches!(outcome, Ok(Outcome::Processed(()))), "{outcome:?}");
+    assert_eq!(runs(&key), 1);
+    assert_eq!(rows(&store, &key).await, 1);
+    scenario.teardown();
+}
+
+/// With the gate in the `BEGIN`, a step whose row did not move reads the row's state with a
+/// second statement. A row moved back into the step's `from` between the two (another
+/// process's correction) is not refused as an invalid transition: the step runs again on the
+/// two-step path, and moves it.
+#[tokio::test]
+async fn a_row_moved_back_between_the_step_and_its_read_is_moved_again() {
+    let scenario = fail::FailScenario::setup();
+    let store = store().await.with_gate_in_begin(true);
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS idem_failpoint_orders (order_id TEXT PRIMARY KEY, status TEXT NOT NULL)",
+    )
+    .execute(store.pool())
+    .await
+    .expect("create the orders table");
+    let key = unique_key("fp-moved-back");
+    sqlx::query("INSERT INTO idem_failpoint_orders (order_id, status) VALUES ($1, 'shipped')")
+        .bind(&key)
+        .execute(store.pool())
+        .await
+        .expect("an order already shipped");
+    let reset = key.clone();
+    fail::cfg_callback(failpoints::BEFORE_TAKEN_KEY_READ, move || {
+        run_blocking(
+            "UPDATE idem_failpoint_orders SET status = 'paid' WHERE order_id = $1",
+            reset.clone(),
+        );
+    })
+    .expect("arm the failpoint");
+    let outcome = on_ship(&store, Payment::new(&key, 100), RecordingAck::new()).await;
+    fail::remove(failpoints::BEFORE_TAKEN_KEY_READ);
+    assert!(matches!(outcome, Ok(Outcome::Processed(()))), "{outcome:?}");
+    assert_eq!(runs(&key), 1);
+    let status: String =
+        sqlx::query_scalar("SELECT status FROM idem_failpoint_orders WHERE order_id = $1")
+            .bind(&key)
+            .fetch_one(store.pool())
+            .await
+            .expect("read the order");
+    assert_eq!(status, "shipped");
+    scenario.teardown();
+}

@@ -312,3 +312,92 @@ async fn unique_violation_raised_at_commit_is_a_duplicate() {
         "the duplicate's ledger row rolled back"
     );
 }
+
+const TWIN_SCOPE: &str = "tests.pg.twin_snapshot";
+
+#[idem_runtime::idempotent(
+    key = "order_id",
+    store = "pg",
+    strategy = "dedup_table",
+    scope = "tests.pg.twin_snapshot",
+    fingerprint
+)]
+async fn twin_checked(
+    _tx: &mut idem_runtime::PgTx<'_>,
+    msg: idem_tests::Payment,
+) -> Result<(), idem_tests::AppError> {
+    idem_tests::count_run(&msg.order_id);
+    Ok(())
+}
+
+/// The twin race of the gate's one statement: a redelivery whose claim waits on a twin's
+/// uncommitted record, and reads it after the twin commits. The claim statement's snapshot was
+/// taken before that commit, so the record it returns in the same statement is not there: a
+/// second statement must read it (here, for the fingerprint check, whose verdict proves it was
+/// read: a payload that differs from the twin's is dead-lettered, not acked unverified). On the
+/// default path and with the gate in the `BEGIN`.
+#[tokio::test]
+async fn a_twin_committing_after_the_claims_snapshot_is_read_by_a_second_statement() {
+    use idem_runtime::store::{Claim, NewRecord};
+    use idem_runtime::{Error, Key, Store as _};
+    let base = idem_tests::pg::store().await;
+    for store in [base.clone(), base.clone().with_gate_in_begin(true)] {
+        let key = idem_tests::unique_key("twin-snapshot");
+        let first = idem_tests::Payment::new(&key, 100);
+        let fingerprint = idem_runtime::fingerprint(&first).expect("fingerprint");
+        let record_key = Key::new(TWIN_SCOPE, &[("order_id", &key)]).expect("key");
+        let mut twin = store.begin().await.expect("begin the twin");
+        let claim = store
+            .claim(
+                &mut twin,
+                &NewRecord {
+                    key: &record_key,
+                    fingerprint: Some(&fingerprint),
+                    response: None,
+                    now_ms: store.now_ms(),
+                    expires_at_ms: None,
+                },
+            )
+            .await
+            .expect("the twin claims");
+        assert_eq!(claim, Claim::Claimed);
+        let twin_xid: String = sqlx::query_scalar(
+            "SELECT backend_xid::text FROM pg_stat_activity WHERE pid = pg_backend_pid()",
+        )
+        .fetch_one(&mut *twin)
+        .await
+        .expect("the twin's transaction id");
+
+        let redelivery = tokio::spawn({
+            let store = store.clone();
+            let other = idem_tests::Payment::new(&key, 999);
+            async move { twin_checked(&store, other, idem_tests::RecordingAck::new()).await }
+        });
+        idem_tests::eventually("the redelivery waits on the twin's record", || {
+            let (pool, xid) = (base.pool().clone(), twin_xid.clone());
+            async move {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'transactionid' \
+                     AND NOT granted AND transactionid::text = $1",
+                )
+                .bind(xid)
+                .fetch_one(&pool)
+                .await
+                .expect("read pg_locks");
+                waiting > 0
+            }
+        })
+        .await;
+        store.commit(twin).await.expect("the twin commits");
+
+        let outcome = idem_tests::within("the redelivery", redelivery)
+            .await
+            .expect("the redelivery's task");
+        assert!(
+            matches!(outcome, Err(Error::PayloadMismatch { .. })),
+            "the twin's record was read and its fingerprint compared (gate in begin: {}): {outcome:?}",
+            store.gate_in_begin()
+        );
+        assert_eq!(idem_tests::runs(&key), 0, "the body never ran");
+    }
+}
