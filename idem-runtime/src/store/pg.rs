@@ -1,9 +1,28 @@
 //! PostgreSQL (`store = "pg"`, feature `pg`).
 //!
-//! What happens to a duplicate here: the gate's `INSERT … ON CONFLICT DO NOTHING` on
-//! `idem_records` finds the committed row and inserts nothing, or, when a twin's transaction is
-//! still in flight, waits on that row until the twin commits (then it is a duplicate) or rolls
-//! back (then this delivery claims the key). Read Committed, the default isolation, is enough.
+//! What happens to a duplicate here: the gate's one statement, an `INSERT … ON CONFLICT DO
+//! NOTHING` on `idem_records` that also returns the record holding a taken key, finds the
+//! committed row and inserts nothing, or, when a twin's transaction is still in flight, waits
+//! on that row until the twin commits (then it is a duplicate) or rolls back (then this
+//! delivery claims the key). Read Committed, the default isolation, is enough. A row the twin
+//! committed after the statement's snapshot is not in the statement's result; a second
+//! statement reads it.
+//!
+//! # Round trips
+//!
+//! | | default | [`with_gate_in_begin`](PgStore::with_gate_in_begin) |
+//! |---|---|---|
+//! | first delivery (`dedup_table`) | `BEGIN`; the claim; the body; the checked commit | the claim and `BEGIN`; the body; the checked commit |
+//! | duplicate | `BEGIN`; the claim, which returns the record | the claim, which fails (plus a read of the record with `fingerprint` or `replay`) |
+//! | `state_machine` step | `BEGIN`; the guarded update; the checked commit | the guarded update and `BEGIN`; the checked commit |
+//! | `unique_constraint` | `BEGIN`; the body; the checked commit | the same |
+//!
+//! The `ROLLBACK` of a duplicate's transaction, and of the empty one the checked commit leaves,
+//! travels with the ping sqlx's pool sends on every returned connection: no round trip of its
+//! own. BENCHMARKS.md counts them on the wire (`tests/pg_round_trips.rs`) and measures when
+//! sending the gate with the `BEGIN` pays.
+//!
+//! # The commit
 //!
 //! A body that ignores a failed statement leaves the transaction *aborted*; PostgreSQL then
 //! answers `COMMIT` with `ROLLBACK` and no error, so a plain commit would report success for a
@@ -60,17 +79,22 @@ pub struct PgStore {
 /// The commit, with the check that the transaction was not aborted riding on its round trip
 /// (see the [module docs](self)).
 const CHECKED_COMMIT: &str = "SELECT 1; COMMIT; BEGIN";
-// Notes for the round-trip work (issue 17), read in sqlx 0.9's sources: `Pool::begin_with(sql)`
-// sends `sql` as one *simple* query (`PgTransactionManager::begin` → `queue_simple_query`, then
-// `wait_until_ready`), so it may carry several statements (`BEGIN; INSERT …`); it fails with
-// `BeginFailed` unless the connection reports an open transaction afterwards, and a simple
-// query binds nothing, so a key there must be a literal (hence the issue's hex encoding). The
-// connection tracks the server's transaction status from every `ReadyForQuery`
-// (`PgConnection::in_transaction`), but only crate-privately: that is why `CHECKED_COMMIT` asks
-// the server instead. A dropped `Transaction` queues its `ROLLBACK` (`start_rollback`), which
-// the pool flushes with its release ping, so it adds a statement but no round trip of its own.
-// A batch (`claim_batch`) costs BEGIN, the claim, the body, this commit: one round trip per
-// step, as a hand-written inbox.
+// What sqlx 0.9 allows, read in its sources (issue 17). `Pool::begin_with(sql)` sends `sql` as
+// one *simple* query (`PgTransactionManager::begin` → `queue_simple_query`, then
+// `wait_until_ready`), so it may carry several statements, binds nothing (values must be
+// literals: see `literal`), and *discards every result*: the only things the caller learns are
+// an error, or whether the server is in a transaction afterwards (`BeginFailed` if not). A
+// taken key must therefore make the statement fail. It must fail *before* `BEGIN` (the gate
+// runs in the implicit transaction of the query string, which `BEGIN` then adopts): a failure
+// after `BEGIN` would leave the connection in an aborted transaction that sqlx does not know
+// about (its depth is still 0) and the pool would hand it out again. A failure before it rolls
+// the implicit transaction back; the pool's release ping then reads the pending
+// `ReadyForQuery`, and the connection is clean. The connection tracks the server's transaction
+// status from every `ReadyForQuery` (`PgConnection::in_transaction`), but only crate-privately:
+// that is why `CHECKED_COMMIT` asks the server instead. A dropped `Transaction` queues its
+// `ROLLBACK` (`start_rollback`), which the pool flushes with its release ping, so it adds a
+// statement but no round trip of its own. A batch (`claim_batch`) costs BEGIN, the claim, the
+// body, this commit: one round trip per step, as a hand-written inbox.
 
 /// The claim that travels with the `BEGIN` ([`Store::begin_claim`]): this head, the values as
 /// literals, [`CLAIM_AND_BEGIN_WHERE`], now, [`CLAIM_AND_BEGIN_TAIL`]. A fresh key is inserted,
