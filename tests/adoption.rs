@@ -437,6 +437,17 @@ async fn postgres_observe_mode_counts_duplicates_and_runs_the_body() {
     );
 }
 
+/// The same with the gate sent in the `BEGIN`'s round trip, whose duplicate has no transaction
+/// left to run the body in, and reads the record for when it was first seen.
+#[tokio::test]
+async fn postgres_observe_mode_with_the_gate_in_begin_runs_the_body_and_knows_the_first_delivery() {
+    observe_cases!(
+        idem_tests::pg::store().await.with_gate_in_begin(true),
+        SCOPE_OBSERVED_PG,
+        observed_pg
+    );
+}
+
 #[tokio::test]
 async fn sqlite_observe_mode_counts_duplicates_and_runs_the_body() {
     observe_cases!(

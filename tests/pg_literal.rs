@@ -39,9 +39,9 @@ fn hostile() -> impl Strategy<Value = String> {
 }
 
 /// Reads a literal of `pg_text` back, independently of it: `E'`, then only `\uXXXX` and
-/// `\UXXXXXXXX` escapes of hex digits, then `'`. `None` when anything else is there.
+/// `\UXXXXXXXX` escapes of hex digits, then `'::text`. `None` when anything else is there.
 fn decode(literal: &str) -> Option<String> {
-    let inner = literal.strip_prefix("E'")?.strip_suffix('\'')?;
+    let inner = literal.strip_prefix("E'")?.strip_suffix("'::text")?;
     let mut decoded = String::new();
     let mut rest = inner;
     while !rest.is_empty() {

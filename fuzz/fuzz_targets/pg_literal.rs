@@ -1,5 +1,5 @@
 //! The literals of `PgStore::with_gate_in_begin`'s gate, fuzzed: for any string, the literal is
-//! `E'`, escapes of hex digits only, `'` (so nothing in the value can end the string or start
+//! `E'`, escapes of hex digits only, `'::text` (so nothing in the value can end the string or start
 //! a statement, whatever the server's settings), and it decodes to exactly the value; a string
 //! with a NUL is refused. Run with `cargo +nightly fuzz run pg_literal` in `fuzz/`
 //! (`cargo install cargo-fuzz` once). `tests/pg_literal.rs` checks the same with proptest, and
@@ -22,9 +22,9 @@ fuzz_target!(|value: &str| {
     }
 });
 
-/// `E'`, then only `\uXXXX` and `\UXXXXXXXX` escapes, then `'`; `None` for anything else.
+/// `E'`, then only `\uXXXX` and `\UXXXXXXXX` escapes, then `'::text`; `None` for anything else.
 fn decode(literal: &str) -> Option<String> {
-    let mut rest = literal.strip_prefix("E'")?.strip_suffix('\'')?;
+    let mut rest = literal.strip_prefix("E'")?.strip_suffix("'::text")?;
     let mut decoded = String::new();
     while !rest.is_empty() {
         let (digits, after) = if let Some(after) = rest.strip_prefix("\\u") {

@@ -502,7 +502,8 @@ where
         let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
         now_ms.saturating_add(ttl_ms)
     });
-    let wants_record = fingerprint.is_some() || C::STORES_RESULTS;
+    // Observe mode reports when an earlier delivery was first seen: that is in the record too.
+    let wants_record = fingerprint.is_some() || C::STORES_RESULTS || spec.is_observing();
     Ok(Entered {
         strategy,
         key,

@@ -3,7 +3,9 @@
 //! the guarded `UPDATE` and classifying `SELECT` built from them in each store's dialect.
 //!
 //! The statements are built once per handler from identifiers the macro validated and the
-//! store quotes; every value (key, states) is a bound parameter.
+//! store quotes; every value (key, states) is a bound parameter, except in the guarded update
+//! that [`PgStore::with_gate_in_begin`](crate::PgStore::with_gate_in_begin) sends with the
+//! `BEGIN`, where they are literals (see [`store::literal`](crate::store::literal)).
 
 use std::sync::Arc;
 

@@ -10,19 +10,22 @@
 //! the server's lexer decodes,
 //!
 //! ```sql
-//! E'\u006f\u0072\u0064\u0065\u0072'   -- 'order'
+//! E'\u006f\u0072\u0064\u0065\u0072'::text   -- 'order'
 //! ```
 //!
-//! The literal holds only `\`, `u` or `U`, and hex digits: an escape string (`E'…'`) reads its
-//! escapes whatever `standard_conforming_strings` says, nothing in it can end the string or
-//! start another statement, and the server decodes exactly the characters given (converting
-//! them to the database's encoding, as it does a bound parameter). A property test and a fuzz
-//! target check both (`tests/pg_literal.rs`, `fuzz/fuzz_targets/pg_literal.rs`). The literal
-//! is untyped, as a bound parameter is, so it takes the type and the collation of the column
-//! it meets, and an index on that column serves the comparison. Integers are written as digits
-//! in a typed literal, UUIDs as their hyphenated hex. A text that PostgreSQL cannot hold, one
-//! with a NUL character, is refused with [`LiteralError`] (keys with one never get here:
-//! [`KeyError::Nul`] refuses them first).
+//! The literal holds only `\`, `u` or `U`, and hex digits, then `'::text`: an escape string
+//! (`E'…'`) reads its escapes whatever `standard_conforming_strings` says, nothing in it can end
+//! the string or start another statement, and the server decodes exactly the characters given.
+//! A property test and a fuzz target check both (`tests/pg_literal.rs`,
+//! `fuzz/fuzz_targets/pg_literal.rs`). It is cast to `text`, the type sqlx binds a `&str` as,
+//! so it meets a column as the bound parameter of the default path would: a `varchar` column's
+//! index serves it, and a column of another type (an integer, a UUID) refuses it alike. The
+//! store sends such literals only to a UTF-8 database: elsewhere the server may be unable to
+//! convert an escape (`SQL_ASCII`, or any other encoding before PostgreSQL 13) that it would
+//! convert in a bound parameter. Integers are written as digits in a typed literal, UUIDs as
+//! their hyphenated hex. A text that PostgreSQL cannot hold, one with a NUL character, is
+//! refused with [`LiteralError`] (keys with one never get here: [`KeyError::Nul`] refuses them
+//! first).
 //!
 //! [`KeyError::Nul`]: crate::KeyError::Nul
 
@@ -39,13 +42,13 @@ pub enum LiteralError {
     Nul,
 }
 
-/// `value` as a PostgreSQL string literal that decodes to exactly `value`: an escape string
-/// of `\uXXXX` (and, past U+FFFF, `\UXXXXXXXX`) escapes.
+/// `value` as a PostgreSQL `text` literal that decodes to exactly `value`: an escape string of
+/// `\uXXXX` (and, past U+FFFF, `\UXXXXXXXX`) escapes, cast to `text`.
 ///
 /// ```
 /// use idem_runtime::store::literal::pg_text;
 ///
-/// assert_eq!(pg_text("a'b").unwrap(), r"E'\u0061\u0027\u0062'");
+/// assert_eq!(pg_text("a'b").unwrap(), r"E'\u0061\u0027\u0062'::text");
 /// assert!(pg_text("a\0b").is_err());
 /// ```
 pub fn pg_text(value: &str) -> Result<String, LiteralError> {
@@ -70,7 +73,9 @@ pub fn push_pg_text(sql: &mut String, value: &str) -> Result<(), LiteralError> {
             write!(sql, "\\U{code:08x}")
         };
     }
-    sql.push('\'');
+    // Typed, as sqlx binds a `&str`: compared with a column of another type, the literal fails
+    // as the bound parameter would, instead of being coerced where the bound one is not.
+    sql.push_str("'::text");
     Ok(())
 }
 
@@ -113,10 +118,10 @@ mod tests {
 
     #[test]
     fn text_is_escapes_inside_a_fixed_frame() {
-        assert_eq!(pg_text("").unwrap(), "E''");
+        assert_eq!(pg_text("").unwrap(), "E''::text");
         assert_eq!(
             pg_text("é'\\$;🦀").unwrap(),
-            r"E'\u00e9\u0027\u005c\u0024\u003b\U0001f980'"
+            r"E'\u00e9\u0027\u005c\u0024\u003b\U0001f980'::text"
         );
         assert_eq!(pg_text("\0"), Err(LiteralError::Nul));
     }

@@ -74,6 +74,11 @@ pub struct PgStore {
     clock: SharedClock,
     sql: Arc<RecordsSql>,
     gate_in_begin: bool,
+    /// Whether the server's encoding is UTF-8, read once, when the gate first travels with the
+    /// `BEGIN`: elsewhere a literal's escapes may not convert (`SQL_ASCII`; before PostgreSQL
+    /// 13, any other encoding) where a bound parameter does, so the gate stays after the
+    /// `BEGIN`.
+    utf8_server: Arc<tokio::sync::OnceCell<bool>>,
 }
 
 /// The commit, with the check that the transaction was not aborted riding on its round trip
@@ -275,14 +280,18 @@ impl PgStore {
             clock: crate::clock::system(),
             sql: Arc::new(RecordsSql::new(RecordsTable::default())),
             gate_in_begin: false,
+            utf8_server: Arc::default(),
         }
     }
 
     /// Sends the gate of `dedup_table` and `state_machine` with the `BEGIN`, in one round trip,
     /// instead of after it (the default). Worth it where a round trip is expensive (a database
-    /// across a network: every delivery waits for one round trip less, and a duplicate for
-    /// three less); not on a database next to the service whose CPU is the limit, where the
-    /// extra parsing costs more than the round trip saves. BENCHMARKS.md measures both.
+    /// across a network: a first delivery and a `state_machine` step wait for one round trip
+    /// less, and so does a duplicate without `fingerprint` or `replay`); not on a database next
+    /// to the service whose CPU is the limit, where parsing the statement for every delivery
+    /// costs more than the round trip saves. BENCHMARKS.md measures both. Used only on a UTF-8
+    /// database (read once, with `SHOW server_encoding`); elsewhere the gate stays after the
+    /// `BEGIN`.
     ///
     /// What changes:
     ///
@@ -294,8 +303,15 @@ impl PgStore {
     ///   for it to tell sqlx not to open the transaction. The server logs every such failure
     ///   (`log_min_error_statement`), with the statement, so expect an `ERROR` line per
     ///   duplicate in the server log. The statement starts with a comment that says so.
-    /// - With `fingerprint` or `replay`, a duplicate's record is read with a second statement;
-    ///   under `state_machine`, a refused or duplicate step's state likewise.
+    /// - With `fingerprint`, `replay` or `mode = "observe"`, a duplicate's record is read with a
+    ///   second statement (one round trip more than the default path, which returns it from
+    ///   the claim); under `state_machine`, a refused or duplicate step's state likewise (as on
+    ///   the default path).
+    /// - On a duplicate, the claim locks the record before it fails (`ON CONFLICT DO UPDATE`
+    ///   locks the row it conflicts with, to take an expired record over in the same
+    ///   statement): a transaction id and a small WAL record per duplicate, which the default
+    ///   path's `DO NOTHING` does not spend. The statement in the server log carries the key,
+    ///   escaped but readable.
     ///
     /// ```no_run
     /// # async fn demo(pool: sqlx::PgPool) {
@@ -437,6 +453,40 @@ impl PgStore {
         })
     }
 
+    /// Whether the gate travels with the `BEGIN`: asked for, and the server's encoding is UTF-8.
+    async fn folds_gate(&self) -> Result<bool, sqlx::Error> {
+        if !self.gate_in_begin {
+            return Ok(false);
+        }
+        let utf8 = self
+            .utf8_server
+            .get_or_try_init(|| async {
+                let encoding: String = sqlx::query_scalar("SHOW server_encoding")
+                    .fetch_one(&self.pool)
+                    .await?;
+                Ok::<_, sqlx::Error>(encoding.eq_ignore_ascii_case("UTF8"))
+            })
+            .await?;
+        Ok(*utf8)
+    }
+
+    /// `BEGIN` with the gate in front of it, in one round trip, on a task of its own: once the
+    /// query is sent, the server runs it whether or not anyone waits for the answer, and a
+    /// caller dropped mid-way (a timeout, a shutdown that aborts the worker) would leave sqlx
+    /// holding a connection whose transaction it does not know about, claim included, and
+    /// handing it to the next borrower. Run to completion, the begin either fails (nothing
+    /// open) or yields a `Transaction`, which the task drops, rolling it back.
+    async fn begin_folded(&self, sql: String) -> Result<PgTx<'static>, sqlx::Error> {
+        let pool = self.pool.clone();
+        tokio::spawn(async move { pool.begin_with(AssertSqlSafe(sql)).await })
+            .await
+            .unwrap_or_else(|ended| {
+                Err(sqlx::Error::Protocol(format!(
+                    "idem: the task that opened the transaction ended: {ended}"
+                )))
+            })
+    }
+
     async fn read(
         &self,
         conn: &mut sqlx::PgConnection,
@@ -476,19 +526,19 @@ impl Store for PgStore {
         record: &NewRecord<'_>,
         wants_record: bool,
     ) -> Result<Begun<Self::Tx, Option<Claim>>, sqlx::Error> {
-        let Some(sql) = self
-            .gate_in_begin
-            .then(|| self.claim_and_begin(record))
-            .flatten()
-        else {
+        let sql = match self.folds_gate().await? {
+            true => self.claim_and_begin(record),
+            false => None,
+        };
+        let Some(sql) = sql else {
             return self.begin_then_claim(record).await;
         };
-        match self.pool.begin_with(AssertSqlSafe(sql)).await {
+        match self.begin_folded(sql).await {
             Ok(tx) => Ok(Begun {
                 tx: Some(tx),
                 verdict: Ok(Some(Claim::Claimed)),
             }),
-            Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some(GATE_CLOSED) => {
+            Err(error) if gate_closed(&error) => {
                 if !wants_record {
                     return Ok(Begun {
                         tx: None,
@@ -580,11 +630,17 @@ impl Store for PgStore {
             if inserted {
                 return Ok(Claim::Claimed);
             }
+            let mismatched =
+                record.fingerprint.is_some() && fingerprint.as_deref() != record.fingerprint;
             let row = match created_at_ms {
+                // The record as of the statement's snapshot. If the key was forgotten and claimed
+                // again since, the row that holds it now is another: before a verdict that
+                // dead-letters the delivery, read the current one.
+                Some(_) if mismatched => self.read(tx, record.key).await?,
                 Some(created_at_ms) => Some((fingerprint, response, created_at_ms, expires_at_ms)),
                 // The key's row is not in this statement's snapshot: a twin committed it after
-                // the snapshot was taken (the insert waited for that commit), or a purge
-                // deleted it after the insert conflicted. A statement of its own tells.
+                // the snapshot was taken (the insert waited for that commit). A statement of
+                // its own reads it (or finds it purged since).
                 None => self.read(tx, record.key).await?,
             };
             if row.is_none() {
@@ -806,21 +862,21 @@ impl TransitionStore for PgStore {
         transition: &Transition,
         key: &StateKey,
     ) -> Result<Begun<Self::Tx, TransitionOutcome>, sqlx::Error> {
-        let Some(sql) = self
-            .gate_in_begin
-            .then(|| transition_and_begin(transition, key))
-            .flatten()
-        else {
+        let sql = match self.folds_gate().await? {
+            true => transition_and_begin(transition, key),
+            false => None,
+        };
+        let Some(sql) = sql else {
             return self
                 .begin_then_transition(statements, transition, key)
                 .await;
         };
-        match self.pool.begin_with(AssertSqlSafe(sql)).await {
+        match self.begin_folded(sql).await {
             Ok(tx) => Ok(Begun {
                 tx: Some(tx),
                 verdict: Ok(TransitionOutcome::Moved),
             }),
-            Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some(GATE_CLOSED) => {
+            Err(error) if gate_closed(&error) => {
                 failpoint!(crate::failpoints::BEFORE_TAKEN_KEY_READ);
                 let select = sqlx::query_scalar(AssertSqlSafe(Arc::clone(&statements.select)));
                 let select = match key {
@@ -843,6 +899,17 @@ impl TransitionStore for PgStore {
             }
             Err(error) => Err(error),
         }
+    }
+}
+
+/// Whether `error` is the one-round-trip gate's own `22012`: raised by the statement itself,
+/// so with no context (a trigger or a function that divides by zero reports where it was).
+fn gate_closed(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(error) => error
+            .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+            .is_some_and(|error| error.code() == GATE_CLOSED && error.r#where().is_none()),
+        _ => false,
     }
 }
 

@@ -8,10 +8,11 @@
 //! runs twice to commit.
 //!
 //! Cost over a hand-written handler: one `INSERT` on the happy path, plus one `UPDATE` of the
-//! record with `replay`. On PostgreSQL the `INSERT` travels with the `BEGIN`, in its round
-//! trip, and a duplicate costs that one statement (plus a `SELECT` of the record with
-//! `fingerprint` or `replay`); elsewhere a duplicate costs the `INSERT` and one `SELECT`.
-//! BENCHMARKS.md lists every statement per store.
+//! record with `replay`. On PostgreSQL the claim returns a taken key's record in the same
+//! statement, so a duplicate costs `BEGIN` and that one statement (with
+//! [`PgStore::with_gate_in_begin`](crate::PgStore::with_gate_in_begin), the claim travels with
+//! the `BEGIN`); elsewhere a duplicate costs the `INSERT` and one `SELECT`. BENCHMARKS.md lists
+//! every statement per store.
 //!
 //! In a batch (`batch`), every key of the batch is claimed in one call,
 //! [`claim_batch`](crate::store::Store::claim_batch), in key order, so that two batches sharing
