@@ -401,3 +401,112 @@ async fn a_twin_committing_after_the_claims_snapshot_is_read_by_a_second_stateme
         assert_eq!(idem_tests::runs(&key), 0, "the body never ran");
     }
 }
+
+/// A delivery dropped while its gate travels with the `BEGIN` (a timeout, a shutdown that
+/// aborts the worker) leaves nothing behind: the begin runs to completion on a task of its own,
+/// and a claim it made is rolled back with it. Without that, the connection would go back to
+/// the pool inside a transaction sqlx does not know about, the claim in it, and the next
+/// delivery of the message would wait on it, or (on that very connection) find it and call
+/// itself a duplicate. A pool of one connection, so that the next delivery gets that one.
+#[tokio::test]
+async fn a_delivery_dropped_while_its_gate_travels_with_the_begin_leaves_no_claim() {
+    use idem_runtime::store::{Claim, NewRecord};
+    use idem_runtime::{Key, Store as _};
+    let options: sqlx::postgres::PgConnectOptions = idem_tests::pg::url()
+        .parse()
+        .expect("a valid IDEM_TEST_PG_URL");
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(options)
+        .await
+        .expect("connect");
+    let store = idem_runtime::PgStore::new(pool).with_gate_in_begin(true);
+    let holder = idem_tests::pg::store().await;
+    let key = idem_tests::unique_key("dropped-gate");
+    let record_key = Key::new(DROPPED_SCOPE, &[("order_id", &key)]).expect("key");
+    // A twin holds the key, so that the delivery's gate waits, sent but unanswered.
+    let mut twin = holder.begin().await.expect("begin the twin");
+    let claim = holder
+        .claim(
+            &mut twin,
+            &NewRecord {
+                key: &record_key,
+                fingerprint: None,
+                response: None,
+                now_ms: holder.now_ms(),
+                expires_at_ms: None,
+            },
+        )
+        .await
+        .expect("the twin claims");
+    assert_eq!(claim, Claim::Claimed);
+    let twin_xid: String = sqlx::query_scalar(
+        "SELECT backend_xid::text FROM pg_stat_activity WHERE pid = pg_backend_pid()",
+    )
+    .fetch_one(&mut *twin)
+    .await
+    .expect("the twin's transaction id");
+    let delivery = tokio::spawn({
+        let (store, key) = (store.clone(), key.clone());
+        async move {
+            dropped_gate(
+                &store,
+                idem_tests::Payment::new(&key, 100),
+                idem_tests::RecordingAck::new(),
+            )
+            .await
+        }
+    });
+    idem_tests::eventually("the delivery's gate waits on the twin's record", || {
+        let (pool, xid) = (holder.pool().clone(), twin_xid.clone());
+        async move {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'transactionid' \
+                 AND NOT granted AND transactionid::text = $1",
+            )
+            .bind(xid)
+            .fetch_one(&pool)
+            .await
+            .expect("read pg_locks");
+            waiting > 0
+        }
+    })
+    .await;
+    delivery.abort();
+    assert!(delivery.await.is_err_and(|ended| ended.is_cancelled()));
+    // The twin gives up: the dropped delivery's gate, still running, claims the key.
+    idem_runtime::PgStore::rollback(twin)
+        .await
+        .expect("the twin rolls back");
+
+    let outcome = idem_tests::within(
+        "the redelivery",
+        dropped_gate(
+            &store,
+            idem_tests::Payment::new(&key, 100),
+            idem_tests::RecordingAck::new(),
+        ),
+    )
+    .await;
+    assert!(
+        matches!(outcome, Ok(idem_runtime::Outcome::Processed(()))),
+        "the dropped delivery's claim did not survive it: {outcome:?}"
+    );
+    assert_eq!(idem_tests::runs(&key), 1);
+}
+
+const DROPPED_SCOPE: &str = "tests.pg.dropped_gate";
+
+#[idem_runtime::idempotent(
+    key = "order_id",
+    store = "pg",
+    strategy = "dedup_table",
+    scope = "tests.pg.dropped_gate"
+)]
+async fn dropped_gate(
+    _tx: &mut idem_runtime::PgTx<'_>,
+    msg: idem_tests::Payment,
+) -> Result<(), idem_tests::AppError> {
+    idem_tests::count_run(&msg.order_id);
+    Ok(())
+}
