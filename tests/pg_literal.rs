@@ -4,7 +4,7 @@
 //! statement returning one row, under each setting that changes how string literals are read.
 //! `fuzz/fuzz_targets/pg_literal.rs` checks the first property with a fuzzer.
 
-use std::cell::RefCell;
+use std::cell::Cell;
 
 use idem_runtime::sqlx::{self, Either, Executor as _};
 use idem_runtime::store::literal::{LiteralError, pg_text};
@@ -92,19 +92,22 @@ fn every_literal_reads_back_exactly_on_the_live_server_whatever_its_settings() {
     // The pool returns its connection from a task of this runtime when the test ends.
     let _entered = runtime.enter();
     let store = runtime.block_on(idem_tests::pg::connect());
-    let connection = RefCell::new(
+    // Taken out for each statement and put back: the proptest closure is `Fn`.
+    let connection = Cell::new(Some(
         runtime
             .block_on(store.pool().acquire())
             .expect("a connection"),
-    );
+    ));
     for settings in [
         "SET standard_conforming_strings = on; SET backslash_quote = safe_encoding",
         "SET standard_conforming_strings = off; SET backslash_quote = on; SET escape_string_warning = on",
         "SET standard_conforming_strings = off; SET backslash_quote = off",
     ] {
+        let mut session = connection.take().expect("the connection");
         runtime
-            .block_on(connection.borrow_mut().execute(settings))
+            .block_on(session.execute(settings))
             .expect("change the session's settings");
+        connection.set(Some(session));
         let mut runner = TestRunner::new(Config {
             cases: 512,
             ..Config::default()
@@ -116,14 +119,15 @@ fn every_literal_reads_back_exactly_on_the_live_server_whatever_its_settings() {
                     return Ok(());
                 };
                 let sql = format!("SELECT {literal} AS value");
+                let mut session = connection.take().expect("the connection");
                 let results = runtime.block_on(async {
                     use futures_util::TryStreamExt as _;
-                    let mut connection = connection.borrow_mut();
-                    connection
+                    session
                         .fetch_many(sqlx::raw_sql(sqlx::AssertSqlSafe(sql)))
                         .try_collect::<Vec<_>>()
                         .await
                 });
+                connection.set(Some(session));
                 let results = results.map_err(|error| {
                     TestCaseError::fail(format!("{settings}: the server refused it: {error}"))
                 })?;

@@ -468,8 +468,9 @@ pub trait Store: sealed::Sealed + Send + Sync {
     /// key and its record was not read: the caller did not ask for it (`wants_record`, for a
     /// fingerprint check or a replay) and the store could tell without a read.
     ///
-    /// PostgreSQL sends the claim with the `BEGIN`, in one round trip (see
-    /// [`PgStore`](pg::PgStore)); the other stores run the two steps.
+    /// PostgreSQL sends the claim with the `BEGIN`, in one round trip, when asked to
+    /// ([`PgStore::with_gate_in_begin`](pg::PgStore::with_gate_in_begin)); otherwise, and on
+    /// the other stores, the two steps run.
     fn begin_claim(
         &self,
         record: &NewRecord<'_>,
@@ -658,8 +659,9 @@ pub trait TransitionStore: Store {
     ) -> impl Future<Output = Result<TransitionOutcome, sqlx::Error>> + Send;
 
     /// Opens a write transaction and runs [`transition`](Self::transition) in it. PostgreSQL
-    /// sends the guarded update with the `BEGIN`, in one round trip (see
-    /// [`PgStore`](pg::PgStore)); the other stores run the two steps.
+    /// sends the guarded update with the `BEGIN`, in one round trip, when asked to
+    /// ([`PgStore::with_gate_in_begin`](pg::PgStore::with_gate_in_begin)); otherwise, and on
+    /// the other stores, the two steps run.
     fn begin_transition(
         &self,
         statements: &TransitionSql,

@@ -155,8 +155,8 @@ pub trait Strategy<S: Store>: sealed::Sealed + Send + Sync {
     /// [`Store::begin`] then [`enter`](Self::enter) do, which is the default. `dedup_table`
     /// and `state_machine` ask the store to send the gate with the `BEGIN`
     /// ([`Store::begin_claim`], [`TransitionStore::begin_transition`](crate::store::TransitionStore::begin_transition)),
-    /// one round trip on PostgreSQL. When the gate lets the delivery in, the transaction is
-    /// open.
+    /// one round trip on PostgreSQL with `with_gate_in_begin`. When the gate lets the delivery
+    /// in, the transaction is open.
     fn open(
         &self,
         store: &S,
