@@ -416,7 +416,10 @@ pub trait Store: sealed::Sealed + Send + Sync {
     /// this returns `Ok`, the effects are durable.
     fn commit(&self, tx: Self::Tx) -> impl Future<Output = Result<(), CommitFailure>> + Send;
 
-    /// Rolls back.
+    /// Rolls back. On PostgreSQL the `ROLLBACK` is queued and sent with the ping of the
+    /// connection's return to the pool (no round trip of its own): when this returns, the
+    /// transaction's locks may be held a moment longer, and nothing of it is visible or will
+    /// commit.
     fn rollback(tx: Self::Tx) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
 
     /// Checks that `tx` is still the transaction [`begin`](Self::begin) opened, before the
