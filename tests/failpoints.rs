@@ -308,6 +308,23 @@ async fn record_payment(tx: &mut PgTx<'_>, msg: &Payment) -> Result<(), AppError
     Ok(())
 }
 
+/// Runs `delivery` with [`failpoints::BEFORE_TAKEN_KEY_READ`] armed to run `sql`, with `key`
+/// bound, between the gate that travels with the `BEGIN` and its second statement.
+async fn with_statement_before_the_read<T>(
+    sql: &'static str,
+    key: &str,
+    delivery: impl std::future::Future<Output = T>,
+) -> T {
+    let key = key.to_owned();
+    fail::cfg_callback(failpoints::BEFORE_TAKEN_KEY_READ, move || {
+        run_blocking(sql, key.clone());
+    })
+    .expect("arm the failpoint");
+    let output = delivery.await;
+    fail::remove(failpoints::BEFORE_TAKEN_KEY_READ);
+    output
+}
+
 /// Runs `sql` with `key` bound on a connection of its own, from a failpoint callback (which is
 /// synchronous): on a thread and a runtime of its own, joined before the callback returns.
 fn run_blocking(sql: &'static str, key: String) {
@@ -345,16 +362,12 @@ async fn a_record_deleted_between_the_gate_and_its_read_leaves_the_key_to_claim(
     )
     .await
     .expect("an earlier delivery's record");
-    let deleted = key.clone();
-    fail::cfg_callback(failpoints::BEFORE_TAKEN_KEY_READ, move || {
-        run_blocking(
-            "DELETE FROM idem_records WHERE scope = 'tests.failpoints.checked' AND record_key = $1",
-            deleted.clone(),
-        );
-    })
-    .expect("arm the failpoint");
-    let outcome = on_checked(&store, payment, RecordingAck::new()).await;
-    fail::remove(failpoints::BEFORE_TAKEN_KEY_READ);
+    let outcome = with_statement_before_the_read(
+        "DELETE FROM idem_records WHERE scope = 'tests.failpoints.checked' AND record_key = $1",
+        &key,
+        on_checked(&store, payment, RecordingAck::new()),
+    )
+    .await;
     assert!(matches!(outcome, Ok(Outcome::Processed(()))), "{outcome:?}");
     assert_eq!(runs(&key), 1);
     assert_eq!(rows(&store, &key).await, 1);
@@ -381,16 +394,12 @@ async fn a_row_moved_back_between_the_step_and_its_read_is_moved_again() {
         .execute(store.pool())
         .await
         .expect("an order already shipped");
-    let reset = key.clone();
-    fail::cfg_callback(failpoints::BEFORE_TAKEN_KEY_READ, move || {
-        run_blocking(
-            "UPDATE idem_failpoint_orders SET status = 'paid' WHERE order_id = $1",
-            reset.clone(),
-        );
-    })
-    .expect("arm the failpoint");
-    let outcome = on_ship(&store, Payment::new(&key, 100), RecordingAck::new()).await;
-    fail::remove(failpoints::BEFORE_TAKEN_KEY_READ);
+    let outcome = with_statement_before_the_read(
+        "UPDATE idem_failpoint_orders SET status = 'paid' WHERE order_id = $1",
+        &key,
+        on_ship(&store, Payment::new(&key, 100), RecordingAck::new()),
+    )
+    .await;
     assert!(matches!(outcome, Ok(Outcome::Processed(()))), "{outcome:?}");
     assert_eq!(runs(&key), 1);
     let status: String =

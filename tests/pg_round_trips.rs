@@ -16,13 +16,7 @@ use idem_tests::{AppError, Payment, count_run, runs, unique_key};
     scope = "tests.rt.ledger"
 )]
 async fn ledger(tx: &mut PgTx<'_>, msg: Payment) -> Result<(), AppError> {
-    count_run(&msg.order_id);
-    sqlx::query("INSERT INTO idem_rt_ledger (order_id, amount) VALUES ($1, $2)")
-        .bind(&msg.order_id)
-        .bind(msg.amount)
-        .execute(&mut **tx)
-        .await?;
-    Ok(())
+    insert_ledger_row(tx, &msg).await
 }
 
 #[idempotent(
@@ -33,6 +27,11 @@ async fn ledger(tx: &mut PgTx<'_>, msg: Payment) -> Result<(), AppError> {
     fingerprint
 )]
 async fn fingerprinted(tx: &mut PgTx<'_>, msg: Payment) -> Result<(), AppError> {
+    insert_ledger_row(tx, &msg).await
+}
+
+/// The body of the `dedup_table` handlers: one business insert.
+async fn insert_ledger_row(tx: &mut PgTx<'_>, msg: &Payment) -> Result<(), AppError> {
     count_run(&msg.order_id);
     sqlx::query("INSERT INTO idem_rt_ledger (order_id, amount) VALUES ($1, $2)")
         .bind(&msg.order_id)
@@ -77,23 +76,24 @@ async fn pay(_tx: &mut PgTx<'_>, msg: Payment) -> Result<(), AppError> {
 async fn setup() -> (RoundTrips, sqlx::PgPool, PgStore) {
     // Tables and the records table through a direct connection, before anything is counted.
     let direct = idem_tests::pg::store().await;
+    let mut tx = direct.pool().begin().await.expect("begin");
+    // Tests run in parallel; DDL races on the catalog without a lock.
+    sqlx::query("SELECT pg_advisory_xact_lock(7280321149621735002)")
+        .execute(&mut *tx)
+        .await
+        .expect("lock the catalog");
     for ddl in [
         "CREATE TABLE IF NOT EXISTS idem_rt_ledger (order_id TEXT NOT NULL, amount BIGINT NOT NULL)",
         "CREATE TABLE IF NOT EXISTS idem_rt_payments (order_id TEXT NOT NULL, amount BIGINT NOT NULL, CONSTRAINT idem_rt_payments_order_id_key UNIQUE (order_id))",
         "CREATE TABLE IF NOT EXISTS idem_rt_orders (order_id TEXT PRIMARY KEY, status TEXT NOT NULL)",
         "CREATE TABLE IF NOT EXISTS idem_rt_inbox (message_id TEXT PRIMARY KEY)",
     ] {
-        let mut tx = direct.pool().begin().await.expect("begin");
-        sqlx::query("SELECT pg_advisory_xact_lock(7280321149621735002)")
-            .execute(&mut *tx)
-            .await
-            .expect("lock the catalog");
         sqlx::query(ddl)
             .execute(&mut *tx)
             .await
             .expect("create a table");
-        tx.commit().await.expect("commit");
     }
+    tx.commit().await.expect("commit");
     let proxy = RoundTrips::start().await;
     let pool = proxy.pool().await;
     (proxy, pool.clone(), PgStore::new(pool))

@@ -338,56 +338,20 @@ async fn twin_checked(
 /// default path and with the gate in the `BEGIN`.
 #[tokio::test]
 async fn a_twin_committing_after_the_claims_snapshot_is_read_by_a_second_statement() {
-    use idem_runtime::store::{Claim, NewRecord};
-    use idem_runtime::{Error, Key, Store as _};
+    use idem_runtime::{Error, Store as _};
     let base = idem_tests::pg::store().await;
     for store in [base.clone(), base.clone().with_gate_in_begin(true)] {
         let key = idem_tests::unique_key("twin-snapshot");
         let first = idem_tests::Payment::new(&key, 100);
         let fingerprint = idem_runtime::fingerprint(&first).expect("fingerprint");
-        let record_key = Key::new(TWIN_SCOPE, &[("order_id", &key)]).expect("key");
-        let mut twin = store.begin().await.expect("begin the twin");
-        let claim = store
-            .claim(
-                &mut twin,
-                &NewRecord {
-                    key: &record_key,
-                    fingerprint: Some(&fingerprint),
-                    response: None,
-                    now_ms: store.now_ms(),
-                    expires_at_ms: None,
-                },
-            )
-            .await
-            .expect("the twin claims");
-        assert_eq!(claim, Claim::Claimed);
-        let twin_xid: String = sqlx::query_scalar(
-            "SELECT backend_xid::text FROM pg_stat_activity WHERE pid = pg_backend_pid()",
-        )
-        .fetch_one(&mut *twin)
-        .await
-        .expect("the twin's transaction id");
-
+        let (twin, twin_xid) =
+            idem_tests::pg::hold_key(&store, TWIN_SCOPE, &key, Some(&fingerprint)).await;
         let redelivery = tokio::spawn({
             let store = store.clone();
             let other = idem_tests::Payment::new(&key, 999);
             async move { twin_checked(&store, other, idem_tests::RecordingAck::new()).await }
         });
-        idem_tests::eventually("the redelivery waits on the twin's record", || {
-            let (pool, xid) = (base.pool().clone(), twin_xid.clone());
-            async move {
-                let waiting: i64 = sqlx::query_scalar(
-                    "SELECT count(*) FROM pg_locks WHERE locktype = 'transactionid' \
-                     AND NOT granted AND transactionid::text = $1",
-                )
-                .bind(xid)
-                .fetch_one(&pool)
-                .await
-                .expect("read pg_locks");
-                waiting > 0
-            }
-        })
-        .await;
+        idem_tests::pg::wait_for_a_waiter_on(&base, &twin_xid).await;
         store.commit(twin).await.expect("the twin commits");
 
         let outcome = idem_tests::within("the redelivery", redelivery)
@@ -410,8 +374,7 @@ async fn a_twin_committing_after_the_claims_snapshot_is_read_by_a_second_stateme
 /// itself a duplicate. A pool of one connection, so that the next delivery gets that one.
 #[tokio::test]
 async fn a_delivery_dropped_while_its_gate_travels_with_the_begin_leaves_no_claim() {
-    use idem_runtime::store::{Claim, NewRecord};
-    use idem_runtime::{Key, Store as _};
+    use idem_runtime::Store as _;
     let options: sqlx::postgres::PgConnectOptions = idem_tests::pg::url()
         .parse()
         .expect("a valid IDEM_TEST_PG_URL");
@@ -423,29 +386,8 @@ async fn a_delivery_dropped_while_its_gate_travels_with_the_begin_leaves_no_clai
     let store = idem_runtime::PgStore::new(pool).with_gate_in_begin(true);
     let holder = idem_tests::pg::store().await;
     let key = idem_tests::unique_key("dropped-gate");
-    let record_key = Key::new(DROPPED_SCOPE, &[("order_id", &key)]).expect("key");
     // A twin holds the key, so that the delivery's gate waits, sent but unanswered.
-    let mut twin = holder.begin().await.expect("begin the twin");
-    let claim = holder
-        .claim(
-            &mut twin,
-            &NewRecord {
-                key: &record_key,
-                fingerprint: None,
-                response: None,
-                now_ms: holder.now_ms(),
-                expires_at_ms: None,
-            },
-        )
-        .await
-        .expect("the twin claims");
-    assert_eq!(claim, Claim::Claimed);
-    let twin_xid: String = sqlx::query_scalar(
-        "SELECT backend_xid::text FROM pg_stat_activity WHERE pid = pg_backend_pid()",
-    )
-    .fetch_one(&mut *twin)
-    .await
-    .expect("the twin's transaction id");
+    let (twin, twin_xid) = idem_tests::pg::hold_key(&holder, DROPPED_SCOPE, &key, None).await;
     let delivery = tokio::spawn({
         let (store, key) = (store.clone(), key.clone());
         async move {
@@ -457,21 +399,7 @@ async fn a_delivery_dropped_while_its_gate_travels_with_the_begin_leaves_no_clai
             .await
         }
     });
-    idem_tests::eventually("the delivery's gate waits on the twin's record", || {
-        let (pool, xid) = (holder.pool().clone(), twin_xid.clone());
-        async move {
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'transactionid' \
-                 AND NOT granted AND transactionid::text = $1",
-            )
-            .bind(xid)
-            .fetch_one(&pool)
-            .await
-            .expect("read pg_locks");
-            waiting > 0
-        }
-    })
-    .await;
+    idem_tests::pg::wait_for_a_waiter_on(&holder, &twin_xid).await;
     delivery.abort();
     assert!(delivery.await.is_err_and(|ended| ended.is_cancelled()));
     // The twin gives up: the dropped delivery's gate, still running, claims the key.

@@ -305,3 +305,62 @@ async fn forward_counting(
         server.write_all(&message).await?;
     }
 }
+
+/// A twin delivery in flight: claims `key` in `scope` (with `fingerprint`) in a transaction it
+/// keeps open. Returns that transaction and its id, for [`wait_for_a_waiter_on`].
+///
+/// # Panics
+///
+/// When the claim fails or finds the key taken.
+pub async fn hold_key(
+    store: &PgStore,
+    scope: &'static str,
+    key: &str,
+    fingerprint: Option<&str>,
+) -> (idem_runtime::PgTx<'static>, String) {
+    use idem_runtime::Store as _;
+    use idem_runtime::store::{Claim, NewRecord};
+    let record_key = idem_runtime::Key::new(scope, &[("order_id", &key)]).expect("a valid key");
+    let mut twin = store.begin().await.expect("begin the twin");
+    let claim = store
+        .claim(
+            &mut twin,
+            &NewRecord {
+                key: &record_key,
+                fingerprint,
+                response: None,
+                now_ms: store.now_ms(),
+                expires_at_ms: None,
+            },
+        )
+        .await
+        .expect("the twin claims");
+    assert_eq!(claim, Claim::Claimed, "the key was free");
+    let xid: String = sqlx::query_scalar(
+        "SELECT backend_xid::text FROM pg_stat_activity WHERE pid = pg_backend_pid()",
+    )
+    .fetch_one(&mut *twin)
+    .await
+    .expect("the twin's transaction id");
+    (twin, xid)
+}
+
+/// Waits until some transaction waits on the lock of transaction `xid` (from [`hold_key`]):
+/// the server's own state, read from `pg_locks`.
+pub async fn wait_for_a_waiter_on(store: &PgStore, xid: &str) {
+    crate::eventually("a transaction waiting on the twin's record", || {
+        let (pool, xid) = (store.pool().clone(), xid.to_owned());
+        async move {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'transactionid' \
+                 AND NOT granted AND transactionid::text = $1",
+            )
+            .bind(xid)
+            .fetch_one(&pool)
+            .await
+            .expect("read pg_locks");
+            waiting > 0
+        }
+    })
+    .await;
+}

@@ -483,14 +483,7 @@ pub trait Store: sealed::Sealed + Send + Sync {
         Self: Sized,
     {
         let _ = wants_record;
-        async move {
-            let mut tx = self.begin().await?;
-            let verdict = self.claim(&mut tx, record).await.map(Some);
-            Ok(Begun {
-                tx: Some(tx),
-                verdict,
-            })
-        }
+        begin_then_claim(self, record)
     }
 
     /// Claims every record of `records` inside `tx`, as [`claim`](Self::claim) would one by
@@ -674,15 +667,37 @@ pub trait TransitionStore: Store {
     where
         Self: Sized,
     {
-        async move {
-            let mut tx = self.begin().await?;
-            let verdict = self.transition(&mut tx, statements, transition, key).await;
-            Ok(Begun {
-                tx: Some(tx),
-                verdict,
-            })
-        }
+        begin_then_transition(self, statements, transition, key)
     }
+}
+
+/// [`Store::begin_claim`] in two steps, every value bound: `begin`, then `claim`.
+pub(crate) async fn begin_then_claim<S: Store>(
+    store: &S,
+    record: &NewRecord<'_>,
+) -> Result<Begun<S::Tx, Option<Claim>>, sqlx::Error> {
+    let mut tx = store.begin().await?;
+    let verdict = store.claim(&mut tx, record).await.map(Some);
+    Ok(Begun {
+        tx: Some(tx),
+        verdict,
+    })
+}
+
+/// [`TransitionStore::begin_transition`] in two steps, every value bound: `begin`, then
+/// `transition`.
+pub(crate) async fn begin_then_transition<S: TransitionStore>(
+    store: &S,
+    statements: &TransitionSql,
+    transition: &Transition,
+    key: &StateKey,
+) -> Result<Begun<S::Tx, TransitionOutcome>, sqlx::Error> {
+    let mut tx = store.begin().await?;
+    let verdict = store.transition(&mut tx, statements, transition, key).await;
+    Ok(Begun {
+        tx: Some(tx),
+        verdict,
+    })
 }
 
 /// [`Store::release_savepoint`] and [`Store::rollback_to_savepoint`] for a sqlx store whose

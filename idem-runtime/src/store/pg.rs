@@ -13,7 +13,7 @@
 //! | | default | [`with_gate_in_begin`](PgStore::with_gate_in_begin) |
 //! |---|---|---|
 //! | first delivery (`dedup_table`) | `BEGIN`; the claim; the body; the checked commit | the claim and `BEGIN`; the body; the checked commit |
-//! | duplicate | `BEGIN`; the claim, which returns the record | the claim, which fails (plus a read of the record with `fingerprint` or `replay`) |
+//! | duplicate | `BEGIN`; the claim, which returns the record | the claim, which fails (plus a read of the record with `fingerprint`, `replay` or observe mode) |
 //! | `state_machine` step | `BEGIN`; the guarded update; the checked commit | the guarded update and `BEGIN`; the checked commit |
 //! | `unique_constraint` | `BEGIN`; the body; the checked commit | the same |
 //!
@@ -425,34 +425,6 @@ impl PgStore {
         Some(sql)
     }
 
-    /// Begin, then claim: two round trips, every value bound.
-    async fn begin_then_claim(
-        &self,
-        record: &NewRecord<'_>,
-    ) -> Result<Begun<PgTx<'static>, Option<Claim>>, sqlx::Error> {
-        let mut tx = self.begin().await?;
-        let verdict = self.claim(&mut tx, record).await.map(Some);
-        Ok(Begun {
-            tx: Some(tx),
-            verdict,
-        })
-    }
-
-    /// Begin, then the guarded update: two round trips, every value bound.
-    async fn begin_then_transition(
-        &self,
-        statements: &TransitionSql,
-        transition: &Transition,
-        key: &StateKey,
-    ) -> Result<Begun<PgTx<'static>, TransitionOutcome>, sqlx::Error> {
-        let mut tx = self.begin().await?;
-        let verdict = self.transition(&mut tx, statements, transition, key).await;
-        Ok(Begun {
-            tx: Some(tx),
-            verdict,
-        })
-    }
-
     /// Whether the gate travels with the `BEGIN`: asked for, and the server's encoding is UTF-8.
     async fn folds_gate(&self) -> Result<bool, sqlx::Error> {
         if !self.gate_in_begin {
@@ -531,7 +503,7 @@ impl Store for PgStore {
             false => None,
         };
         let Some(sql) = sql else {
-            return self.begin_then_claim(record).await;
+            return super::begin_then_claim(self, record).await;
         };
         match self.begin_folded(sql).await {
             Ok(tx) => Ok(Begun {
@@ -551,7 +523,7 @@ impl Store for PgStore {
                         tx: None,
                         verdict: Ok(Some(Claim::Existing(existing))),
                     }),
-                    None => self.begin_then_claim(record).await,
+                    None => super::begin_then_claim(self, record).await,
                 }
             }
             Err(error) => Err(error),
@@ -867,9 +839,7 @@ impl TransitionStore for PgStore {
             false => None,
         };
         let Some(sql) = sql else {
-            return self
-                .begin_then_transition(statements, transition, key)
-                .await;
+            return super::begin_then_transition(self, statements, transition, key).await;
         };
         match self.begin_folded(sql).await {
             Ok(tx) => Ok(Begun {
@@ -888,9 +858,7 @@ impl TransitionStore for PgStore {
                 let current: Option<Option<String>> = select.fetch_optional(&self.pool).await?;
                 let movable = matches!(&current, Some(Some(state)) if transition.from().contains(&state.as_str()));
                 if movable {
-                    return self
-                        .begin_then_transition(statements, transition, key)
-                        .await;
+                    return super::begin_then_transition(self, statements, transition, key).await;
                 }
                 Ok(Begun {
                     tx: None,
